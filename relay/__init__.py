@@ -1,0 +1,3 @@
+"""Remote Care relay broker and agent."""
+
+__version__ = "0.1.0"

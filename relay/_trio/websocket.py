@@ -1,0 +1,510 @@
+"""A small trio WebSocket transport on websockets' sans-I/O core.
+
+Theory of operation
+===================
+websockets' ``ServerProtocol``/``ClientProtocol`` parse and serialise frames and run
+the opening and closing handshakes without touching a socket. This module drives one
+of them over a trio stream (normally a ``trio.SSLStream`` whose TLS handshake the
+caller has already done, so that the caller can check the peer certificate first).
+
+An open connection runs three tasks:
+
+* the **reader** reads the stream, feeds the protocol, assembles whole binary
+  messages and puts them on a bounded queue. It never awaits a socket write:
+  protocol-generated frames (pongs, the close echo) are moved to the outgoing queue
+  and the writer is woken. When the queue is full the reader stops reading, which
+  is TCP backpressure on the peer.
+* the **writer** sends everything queued in one ``send_all`` per wake-up, so many
+  small frames become one TLS record (trio's TLS costs about 100 us per record).
+  ``send_message`` waits while more than ``send_buffer_bytes`` are queued.
+* the **keepalive** pings every ``ping_interval_s`` and declares the peer dead when
+  nothing at all has arrived for ``ping_interval_s * ping_missed_max``.
+
+Rules:
+
+1. Only the writer writes to the stream, except during the opening handshake, which
+   happens before the tasks start.
+2. Only binary messages exist on relay channels: a text frame fails the connection
+   with 1003; a message above ``max_message_bytes`` fails it with 1009 (enforced by
+   the protocol while parsing, so the buffer never grows past the cap).
+3. No compression extension is ever offered or accepted.
+4. Every wait on the peer has a deadline from :class:`~relay.config.WebSocketLimits`;
+   the caller applies the handshake deadline around the whole opening phase.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import SEND_EOF, Protocol, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from relay.config import WebSocketLimits
+from relay.proto.close import CloseCode
+
+
+class WebSocketError(Exception):
+    """Base class of this module's errors."""
+
+
+class HandshakeFailed(WebSocketError):
+    """The opening handshake did not complete.
+
+    Attributes:
+        status: The HTTP status the server answered with, when there was one.
+        body: The response body (server's explanation), possibly empty.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class ConnectionClosed(WebSocketError):
+    """The connection is closed; ``code`` and ``reason`` say how.
+
+    ``code`` is the code the peer sent, or the one we sent when we closed first
+    (e.g. 1009 after an oversized message), or 1006 when the connection dropped.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"connection closed: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalClose:
+    code: int
+    reason: str
+
+
+class WebSocketConnection:
+    """One open WebSocket: whole binary messages in and out.
+
+    Create it with :func:`accept_websocket` or :func:`connect_websocket`, which own
+    its tasks.
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, protocol: Protocol, limits: WebSocketLimits
+    ) -> None:
+        self.stream = stream
+        self._protocol = protocol
+        self._limits = limits
+        self._outgoing: deque[bytes] = deque()
+        self._outgoing_bytes = 0
+        self._writer_wakeup = trio.Event()
+        self._space = trio.lowlevel.ParkingLot()
+        self._inbound_send, self._inbound_receive = trio.open_memory_channel[bytes](
+            limits.receive_queue_messages
+        )
+        self._fragments: list[bytes] = []
+        self._discarding = False  # set when we fail the connection ourselves
+        self._last_received = trio.current_time()
+        self._closed = trio.Event()
+        self._local_close: _LocalClose | None = None
+        self._stream_closed = False
+        # Statistics for metrics and the end-of-session byte counts.
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # Public API -----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed, whoever closed it."""
+        return self._closed.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        """How the connection closed, or None while it is open."""
+        return self._close_info()[0] if self.closed else None
+
+    @property
+    def close_reason(self) -> str | None:
+        """The close reason, or None while the connection is open."""
+        return self._close_info()[1] if self.closed else None
+
+    async def send_message(self, data: bytes) -> None:
+        """Send one binary message.
+
+        Waits while more than ``send_buffer_bytes`` are queued for the socket.
+
+        Raises:
+            ConnectionClosed: The connection is closing or closed.
+        """
+        while (
+            self._outgoing_bytes >= self._limits.send_buffer_bytes
+            and not self._stream_closed
+        ):
+            await self._space.park()
+        if self._protocol.state is not State.OPEN or self._stream_closed:
+            raise self._closed_error()
+        self._protocol.send_binary(data)
+        self._pump()
+        await trio.lowlevel.checkpoint()
+
+    async def receive_message(self) -> bytes:
+        """Receive the next binary message.
+
+        Raises:
+            ConnectionClosed: The connection closed; no more messages will come.
+        """
+        try:
+            return await self._inbound_receive.receive()
+        except trio.EndOfChannel:
+            await self._closed.wait()
+            raise self._closed_error() from None
+
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close politely: send a close frame and wait for the peer's, bounded.
+
+        Resource handling:
+            The stream is closed on return, even when the peer never answers (after
+            ``close_timeout_s``) or the call is cancelled.
+        """
+        try:
+            if self._protocol.state is State.OPEN and not self._stream_closed:
+                self._protocol.send_close(code, _truncate_reason(reason))
+                self._pump()
+            with trio.move_on_after(self._limits.close_timeout_s):
+                await self._closed.wait()
+        finally:
+            await self._abort()
+
+    # Tasks ------------------------------------------------------------------------
+
+    async def _run_reader(self) -> None:
+        protocol = self._protocol
+        try:
+            while protocol.state is not State.CLOSED:
+                try:
+                    data = await self.stream.receive_some(self._limits.read_size_bytes)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    protocol.receive_eof()
+                    self._pump()
+                    break
+                self.bytes_received += len(data)
+                self._last_received = trio.current_time()
+                protocol.receive_data(data)
+                self._pump()
+                for event in protocol.events_received():
+                    await self._handle_frame(event)
+        finally:
+            self._inbound_send.close()
+            self._closed.set()
+            self._space.unpark_all()
+            self._writer_wakeup.set()
+
+    async def _handle_frame(self, event: object) -> None:
+        if not isinstance(
+            event, Frame
+        ):  # pragma: no cover - only frames follow the handshake
+            return
+        if self._discarding:
+            return
+        if event.opcode is Opcode.TEXT:
+            self._fail(CloseCode.UNSUPPORTED_DATA, "text frames are not accepted")
+            return
+        if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+            self._fragments.append(bytes(event.data))
+            if event.fin:
+                message = b"".join(self._fragments)
+                self._fragments.clear()
+                # Messages parsed before a failure are delivered: the parser
+                # stops at the first bad frame, so everything before it is good.
+                await self._inbound_send.send(message)
+
+    async def _run_writer(self) -> None:
+        try:
+            while True:
+                await self._writer_wakeup.wait()
+                self._writer_wakeup = trio.Event()
+                if not self._outgoing:
+                    if self._closed.is_set():
+                        return
+                    continue
+                chunks = list(self._outgoing)
+                self._outgoing.clear()
+                send_eof = SEND_EOF in chunks
+                payload = b"".join(chunks)
+                if payload:
+                    await self.stream.send_all(payload)
+                    self.bytes_sent += len(payload)
+                self._outgoing_bytes = 0
+                self._space.unpark_all()
+                if send_eof:
+                    # websockets asks for a half-close; a TLS stream has none, so the
+                    # TCP connection is closed instead (what a server does anyway).
+                    await self._abort()
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort()
+
+    async def _run_keepalive(self) -> None:
+        interval = self._limits.ping_interval_s
+        dead_after = interval * self._limits.ping_missed_max
+        while not self._closed.is_set():
+            await trio.sleep(interval)
+            if self._protocol.state is not State.OPEN:
+                return
+            if trio.current_time() - self._last_received >= dead_after:
+                # The peer is silent: a close frame would most likely never be
+                # answered, so the connection is dropped at once.
+                self._local_close = _LocalClose(
+                    CloseCode.INTERNAL_ERROR, "keepalive timeout"
+                )
+                await self._abort()
+                return
+            self._protocol.send_ping(os.urandom(4))
+            self._pump()
+
+    # Internals ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Move protocol output to the writer's queue; never blocks."""
+        for chunk in self._protocol.data_to_send():
+            self._outgoing.append(chunk)
+            self._outgoing_bytes += len(chunk)
+        if self._outgoing:
+            self._writer_wakeup.set()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._discarding = True
+        self._protocol.fail(code, reason)
+        self._pump()
+
+    async def _abort(self) -> None:
+        if self._stream_closed:
+            return
+        self._stream_closed = True
+        self._space.unpark_all()
+        self._writer_wakeup.set()
+        with trio.move_on_after(self._limits.close_timeout_s, shield=True):
+            await self.stream.aclose()
+        # aclose closes the stream even when it was cancelled by the deadline.
+
+    def _close_info(self) -> tuple[int, str]:
+        protocol = self._protocol
+        received, sent = protocol.close_rcvd, protocol.close_sent
+        if received is not None and (sent is None or protocol.close_rcvd_then_sent):
+            return received.code, received.reason  # the peer closed first
+        if sent is not None:
+            return sent.code, sent.reason  # we closed first (or failed the connection)
+        if self._local_close is not None:
+            return self._local_close.code, self._local_close.reason  # dropped by us
+        return CloseCode.ABNORMAL, "connection lost"
+
+    def _closed_error(self) -> ConnectionClosed:
+        code, reason = self._close_info()
+        return ConnectionClosed(code, reason)
+
+
+def _truncate_reason(reason: str) -> str:
+    # RFC 6455 §5.5: control frame payloads are <= 125 bytes, 2 of them the code.
+    encoded = reason.encode()[:123]
+    return encoded.decode(errors="ignore")
+
+
+@asynccontextmanager
+async def _running(
+    connection: WebSocketConnection,
+) -> AsyncIterator[WebSocketConnection]:
+    """Run the connection's tasks around the body; close politely on exit."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._run_reader)
+            nursery.start_soon(connection._run_writer)
+            nursery.start_soon(connection._run_keepalive)
+            try:
+                yield connection
+            finally:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The tasks never raise; what the group holds came from the body. Give the
+        # caller the exception it raised, not a group of one.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise  # pragma: no cover - only the body can raise
+
+
+# Server side ------------------------------------------------------------------------
+
+
+class ServerHandshake:
+    """The server side of the opening handshake on an established stream.
+
+    Usage::
+
+        handshake = ServerHandshake(tls_stream, limits)
+        request = await handshake.receive_request()
+        if request.path != "/v1/device/control":
+            await handshake.reject(404, "unknown path")
+            return
+        async with handshake.accept(request) as ws:
+            ...
+    """
+
+    def __init__(self, stream: trio.abc.Stream, limits: WebSocketLimits) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._protocol = ServerProtocol(max_size=limits.max_message_bytes)
+
+    async def receive_request(self) -> Request:
+        """Read the HTTP upgrade request, at most ``max_upgrade_request_bytes``.
+
+        Raises:
+            HandshakeFailed: The peer closed, sent something that is not an HTTP
+                request, or sent too much; an error response (431) was sent where
+                one makes sense and the stream is closed.
+        """
+        received = 0
+        protocol = self._protocol
+        while True:
+            try:
+                data = await self._stream.receive_some(self._limits.read_size_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                await trio.aclose_forcefully(self._stream)
+                raise HandshakeFailed("connection closed during the upgrade request")
+            received += len(data)
+            protocol.receive_data(data)
+            for event in protocol.events_received():
+                if isinstance(event, Request):
+                    return event
+            if protocol.handshake_exc is not None:
+                await self._flush_and_close()
+                raise HandshakeFailed(
+                    f"invalid upgrade request: {protocol.handshake_exc}", status=400
+                )
+            if received > self._limits.max_upgrade_request_bytes:
+                await self.reject(431, "upgrade request too large")
+                raise HandshakeFailed("upgrade request too large", status=431)
+
+    async def reject(self, status: int, text: str) -> None:
+        """Answer with an HTTP error and close the stream."""
+        response = self._protocol.reject(status, text.rstrip("\n") + "\n")
+        self._protocol.send_response(response)
+        await self._flush_and_close()
+
+    @asynccontextmanager
+    async def accept(self, request: Request) -> AsyncIterator[WebSocketConnection]:
+        """Complete the upgrade and yield the open connection.
+
+        Raises:
+            HandshakeFailed: The request is not a valid WebSocket upgrade (missing
+                or wrong headers); a 4xx response was sent and the stream closed.
+        """
+        response = self._protocol.accept(request)
+        # The server offers no extensions at all (rule 3): drop any the protocol
+        # object might negotiate.
+        self._protocol.send_response(response)
+        if response.status_code != 101:
+            await self._flush_and_close()
+            raise HandshakeFailed(
+                f"invalid upgrade request: {self._protocol.handshake_exc}",
+                status=response.status_code,
+            )
+        connection = WebSocketConnection(self._stream, self._protocol, self._limits)
+        connection._pump()
+        async with _running(connection) as running:
+            yield running
+
+    async def _flush_and_close(self) -> None:
+        payload = b"".join(self._protocol.data_to_send())
+        with trio.move_on_after(self._limits.close_timeout_s):
+            try:
+                if payload:
+                    await self._stream.send_all(payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(self._stream)
+
+
+# Client side ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def connect_websocket(
+    stream: trio.abc.Stream,
+    url: str,
+    limits: WebSocketLimits,
+    *,
+    user_agent: str | None = None,
+) -> AsyncIterator[WebSocketConnection]:
+    """Run the client handshake for *url* over *stream* and yield the connection.
+
+    The caller has done TCP and TLS and applies the connect deadline.
+
+    Raises:
+        HandshakeFailed: The server refused (``status`` and ``body`` say why) or
+            closed the connection before answering (``status`` is None).
+    """
+    protocol = ClientProtocol(parse_uri(url), max_size=limits.max_message_bytes)
+    request = protocol.connect()
+    if user_agent is not None:
+        request.headers["User-Agent"] = user_agent
+    protocol.send_request(request)
+    response = await _client_handshake(stream, protocol, limits)
+    del response
+    connection = WebSocketConnection(stream, protocol, limits)
+    async with _running(connection) as running:
+        yield running
+
+
+async def _client_handshake(
+    stream: trio.abc.Stream, protocol: ClientProtocol, limits: WebSocketLimits
+) -> Response:
+    try:
+        await stream.send_all(b"".join(protocol.data_to_send()))
+        received = 0
+        while True:
+            try:
+                data = await stream.receive_some(limits.read_size_bytes)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                raise HandshakeFailed("connection closed before the upgrade response")
+            received += len(data)
+            protocol.receive_data(data)
+            for event in protocol.events_received():
+                if isinstance(event, Response):
+                    if isinstance(protocol.handshake_exc, InvalidStatus):
+                        raise HandshakeFailed(
+                            f"server refused the upgrade: {event.status_code}",
+                            status=event.status_code,
+                            body=bytes(event.body or b""),
+                        )
+                    if protocol.handshake_exc is not None:
+                        raise HandshakeFailed(
+                            f"invalid upgrade response: {protocol.handshake_exc}"
+                        )
+                    return event
+            if protocol.handshake_exc is not None:
+                raise HandshakeFailed(
+                    f"invalid upgrade response: {protocol.handshake_exc}"
+                )
+            if received > limits.max_upgrade_request_bytes:
+                raise HandshakeFailed("upgrade response too large")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise

@@ -1,0 +1,198 @@
+"""Broker and agent configuration: every timeout, size and queue limit lives here.
+
+Each limit is a field with the BRIEF's default, so a test can build a config with a
+short value (``dataclasses.replace(config, ping_interval_s=0.05)``) and production
+code never carries a bare number. The classes are frozen: a running component sees
+one consistent set of limits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "./relay-data"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketLimits:
+    """Limits of one WebSocket connection, on either side.
+
+    Attributes:
+        max_message_bytes: Largest message payload accepted; a larger one closes the
+            connection with 1009 (RFC 6455 §7.4.1).
+        max_upgrade_request_bytes: Largest HTTP upgrade request (or response, on the
+            client) accepted before the handshake completes.
+        ping_interval_s: Time between keepalive pings.
+        ping_missed_max: The peer is declared dead when nothing has been received for
+            ``ping_interval_s * ping_missed_max`` seconds.
+        close_timeout_s: How long a polite close waits for the peer's close frame
+            before the TCP connection is dropped.
+        send_buffer_bytes: Outgoing bytes queued before ``send_message`` waits.
+        receive_queue_messages: Received messages queued before the reader stops
+            reading the socket (TCP backpressure).
+        read_size_bytes: Bytes asked of the socket per read.
+    """
+
+    max_message_bytes: int = 64 * 1024
+    max_upgrade_request_bytes: int = 8 * 1024
+    ping_interval_s: float = 10.0
+    ping_missed_max: int = 3
+    close_timeout_s: float = 5.0
+    send_buffer_bytes: int = 256 * 1024
+    receive_queue_messages: int = 16
+    read_size_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PKIConfig:
+    """Certificate profiles.
+
+    Attributes:
+        device_cert_lifetime_days: Fixed lifetime of a signed device certificate,
+            whatever the request asks.
+        server_cert_lifetime_days: Lifetime of a dev-mode listener certificate.
+        ca_lifetime_days: Lifetime of a newly created CA.
+        max_csr_bytes: A CSR larger than this is refused before it is parsed.
+    """
+
+    device_cert_lifetime_days: int = 365
+    server_cert_lifetime_days: int = 90
+    ca_lifetime_days: int = 3650
+    max_csr_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceListenerConfig:
+    """The device listener (mTLS WebSocket, ``/v1/device/control``).
+
+    Attributes:
+        handshake_timeout_s: Deadline for TCP accept to an open WebSocket (TLS
+            handshake, certificate checks and HTTP upgrade together).
+        max_pending_handshakes: Hard cap on connections still in the handshake.
+        early_drop_pending_handshakes: From this many pending handshakes on, a new
+            connection is dropped with a probability that rises linearly to 1 at
+            ``max_pending_handshakes`` (OpenSSH ``MaxStartups`` style).
+        max_pending_per_source: Cap on pending handshakes from one source address.
+        revocation_poll_s: How often the broker re-reads revocations from the store
+            to close live connections of revoked devices (budget: <= 5 s).
+        presence_flush_s: How often the presence mirror is written to the store.
+        presence_touch_s: How often a connected device's ``last_seen`` is written.
+        heartbeat_interval_s: Application heartbeat interval the broker asks of
+            agents in ``welcome``.
+        hello_timeout_s: Deadline for the agent's ``hello`` after the upgrade.
+    """
+
+    handshake_timeout_s: float = 10.0
+    max_pending_handshakes: int = 64
+    early_drop_pending_handshakes: int = 32
+    max_pending_per_source: int = 10
+    revocation_poll_s: float = 1.0
+    presence_flush_s: float = 1.0
+    presence_touch_s: float = 30.0
+    heartbeat_interval_s: float = 30.0
+    hello_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """The device agent.
+
+    Attributes:
+        backoff_base_s: First reconnect delay ceiling (full jitter).
+        backoff_cap_s: Largest reconnect delay ceiling.
+        auth_failure_retry_s: Delay after the broker refused our certificate.
+        connect_timeout_s: Deadline for TCP connect, TLS and upgrade together.
+        eof_after_tls_as_auth_failure: Consecutive connections that the broker
+            closed right after the TLS handshake, before answering the upgrade,
+            that are taken as a refused certificate (a trio server sends no TLS
+            alert for a refused client certificate under TLS 1.3).
+        stable_after_s: A connection that lasted this long resets the backoff.
+    """
+
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    auth_failure_retry_s: float = 15 * 60.0
+    connect_timeout_s: float = 10.0
+    eof_after_tls_as_auth_failure: int = 3
+    stable_after_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenAddress:
+    """A host and a TCP port; port 0 asks the kernel for a free port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6).
+
+        Raises:
+            ValueError: The text is not HOST:PORT with a port in 0..65535.
+        """
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return cls(host=host, port=port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    """Everything ``relay serve`` needs.
+
+    Attributes:
+        data_dir: All broker state: CA, listener certificates, database.
+        device_listen: Device listener address (mTLS WebSocket).
+        engineer_listen: Engineer listener address (HTTPS).
+        metrics_listen: Metrics listener address (plain HTTP, keep it internal).
+        database_url: SQLAlchemy URL; default is a SQLite file in ``data_dir``.
+        server_names: Extra DNS names or IP addresses for dev-mode listener
+            certificates (localhost and loopback are always included).
+        tls_cert_file: Operator-provided listener certificate chain (production);
+            when unset a dev certificate is issued by the local CA.
+        tls_key_file: Key for ``tls_cert_file``.
+        shutdown_grace_s: Time given to live connections on shutdown.
+    """
+
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    device_listen: ListenAddress = field(
+        default_factory=lambda: ListenAddress(host="0.0.0.0", port=8443)  # noqa: S104 - devices connect from the network by design
+    )
+    engineer_listen: ListenAddress = field(
+        default_factory=lambda: ListenAddress(host="0.0.0.0", port=9443)  # noqa: S104 - engineers connect from the network by design
+    )
+    metrics_listen: ListenAddress = field(
+        default_factory=lambda: ListenAddress(host="127.0.0.1", port=9464)
+    )
+    database_url: str | None = None
+    server_names: tuple[str, ...] = ()
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    shutdown_grace_s: float = 5.0
+    websocket: WebSocketLimits = field(default_factory=WebSocketLimits)
+    device_listener: DeviceListenerConfig = field(default_factory=DeviceListenerConfig)
+    pki: PKIConfig = field(default_factory=PKIConfig)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database URL, or the embedded SQLite file."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'relay.sqlite3').resolve()}"
+
+
+def data_dir_from_env() -> Path:
+    """``$RELAY_DATA_DIR``, or ``./relay-data``."""
+    return Path(os.environ.get("RELAY_DATA_DIR", DEFAULT_DATA_DIR))

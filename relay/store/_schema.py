@@ -1,0 +1,159 @@
+"""Table definitions of the relay store (SQLAlchemy Core, no ORM).
+
+These objects are what the queries in :mod:`relay.store._store` are written against.
+They never create anything: the schema is created and changed only by the Alembic
+migrations in ``migrations/versions``, and a test compares the two so they cannot
+drift apart.
+
+The same definitions serve SQLite (the embedded default) and PostgreSQL (several
+broker nodes), so only portable types are used:
+
+- Timestamps are :class:`UTCDateTime`: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, a
+  text column on SQLite, always UTC-aware in Python.
+- Certificate serials are hex strings, because RFC 5280 §4.1.2.2 allows serials of up
+  to 20 octets (159 bits once the sign bit is excluded), more than any SQL integer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+)
+
+# Explicit constraint names, so that PostgreSQL and SQLite end up with the same names
+# and a later migration can drop or alter a constraint by name on both.
+NAMING_CONVENTION: Final[dict[str, str]] = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+DEVICE_ID_LENGTH: Final = 64
+SERIAL_HEX_LENGTH: Final = 64
+FINGERPRINT_LENGTH: Final = 64
+REASON_LENGTH: Final = 200
+NODE_ID_LENGTH: Final = 64
+AGENT_VERSION_LENGTH: Final = 64
+PEER_LENGTH: Final = 100
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that is stored and returned in UTC.
+
+    SQLite has no timestamp type: SQLAlchemy stores the wall-clock digits as text and
+    drops the offset, so a ``+02:00`` value written as-is would be read back two
+    hours off. Binding therefore converts to UTC first, and reading attaches UTC to
+    the naive value SQLite returns. On PostgreSQL (``timestamptz``) the same code
+    only normalises the returned offset to UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        """Convert an aware timestamp to UTC before it is written.
+
+        Args:
+            value: The timestamp to write, or ``None`` for SQL NULL.
+            dialect: The dialect in use (unused).
+
+        Returns:
+            The same instant in UTC, or ``None``.
+
+        Raises:
+            ValueError: *value* is naive; its instant would be a guess.
+        """
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}; pass a timezone-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        """Return a stored timestamp as an aware UTC datetime.
+
+        Args:
+            value: The value read: naive UTC on SQLite, aware on PostgreSQL.
+            dialect: The dialect in use (unused).
+
+        Returns:
+            The timestamp with ``tzinfo=UTC``, or ``None``.
+        """
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata: Final = MetaData(naming_convention=NAMING_CONVENTION)
+
+devices: Final = Table(
+    "devices",
+    metadata,
+    Column("device_id", String(DEVICE_ID_LENGTH), primary_key=True),
+    Column("enrolled_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revoked_reason", String(REASON_LENGTH), nullable=True),
+)
+
+certificates: Final = Table(
+    "certificates",
+    metadata,
+    Column("serial_hex", String(SERIAL_HEX_LENGTH), primary_key=True),
+    Column(
+        "device_id",
+        String(DEVICE_ID_LENGTH),
+        ForeignKey("devices.device_id"),
+        nullable=False,
+        index=True,
+    ),
+    Column("fingerprint_sha256", String(FINGERPRINT_LENGTH), nullable=False, unique=True),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+# Append-only. The id is the broker's poll cursor, so it must never be reused:
+# sqlite_autoincrement makes SQLite use AUTOINCREMENT (ids strictly increase even if
+# the newest row were ever deleted); PostgreSQL ignores the flag and uses a sequence.
+revocation_events: Final = Table(
+    "revocation_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device_id", String(DEVICE_ID_LENGTH), nullable=False),
+    Column("serial_hex", String(SERIAL_HEX_LENGTH), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# A mirror of the brokers' in-memory presence, for other processes (``relay device
+# list``). There is deliberately no foreign key to devices: a mirror write must never
+# fail because of a device row, and list_devices joins from devices anyway.
+device_presence: Final = Table(
+    "device_presence",
+    metadata,
+    Column("device_id", String(DEVICE_ID_LENGTH), primary_key=True),
+    Column("node_id", String(NODE_ID_LENGTH), nullable=False, index=True),
+    Column("connected_since", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False),
+    Column("agent_version", String(AGENT_VERSION_LENGTH), nullable=False),
+    Column("peer", String(PEER_LENGTH), nullable=False),
+)
