@@ -124,7 +124,9 @@ certificates: Final = Table(
         nullable=False,
         index=True,
     ),
-    Column("fingerprint_sha256", String(FINGERPRINT_LENGTH), nullable=False, unique=True),
+    Column(
+        "fingerprint_sha256", String(FINGERPRINT_LENGTH), nullable=False, unique=True
+    ),
     Column("not_before", UTCDateTime(), nullable=False),
     Column("not_after", UTCDateTime(), nullable=False),
     Column("issued_at", UTCDateTime(), nullable=False),

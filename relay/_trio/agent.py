@@ -1,0 +1,337 @@
+"""``relay agent run``: the device side of the control channel.
+
+Theory of operation
+===================
+The agent only ever connects out (Invariant 5). Each attempt: check our own
+certificate's dates, TCP connect, TLS (the broker's certificate is verified
+against ``--ca-file`` and its name), WebSocket upgrade on ``/v1/device/control``,
+``hello``, ``welcome``; then heartbeats until the connection ends. Every attempt
+ends in an :class:`~relay.proto.backoff.Outcome`, and
+:func:`~relay.proto.backoff.plan_retry` turns it into the wait before the next one:
+full-jitter exponential backoff for network trouble, a long fixed wait
+(``auth_failure_retry_s``, >= 15 min) when the broker refused our certificate,
+logged as an error an instrument maker can act on.
+
+The key, certificate and CA are re-read at every attempt, so replacing
+``device.crt`` (a renewed certificate) needs no restart.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import trio
+from cryptography import x509
+
+import auth
+from relay import __version__
+from relay._trio.websocket import (
+    ConnectionClosed,
+    HandshakeFailed,
+    WebSocketConnection,
+    connect_websocket,
+)
+from relay.config import AgentConfig, WebSocketLimits
+from relay.log import get_logger
+from relay.pki_files import AgentDir
+from relay.proto import control
+from relay.proto.backoff import Backoff, Outcome, plan_retry
+from relay.proto.close import CloseCode
+from relay.proto.errors import RemoteProtocolError
+from relay.tls import agent_context
+
+CONTROL_PATH: Final = "/v1/device/control"
+USER_AGENT: Final = f"relay-agent/{__version__}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSettings:
+    """What ``relay agent run`` was told."""
+
+    broker_url: str
+    agent_dir: Path
+    ca_file: Path
+    limits: AgentConfig = field(default_factory=AgentConfig)
+    websocket: WebSocketLimits = field(default_factory=WebSocketLimits)
+
+
+@dataclass(slots=True)
+class AgentStatus:
+    """Observable state, for the demo and tests."""
+
+    connected: bool = False
+    device_id: str | None = None
+    attempts: int = 0
+    last_outcome: Outcome | None = None
+    last_error: str = ""
+    heartbeat_rtt_s: float | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def parse_broker_url(url: str) -> tuple[str, int, str]:
+    """Split ``wss://HOST:PORT[/path]`` into host, port and the control URL.
+
+    Raises:
+        ValueError: Not a wss:// URL with a host.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "wss" or not parts.hostname:
+        raise ValueError(f"broker must be a wss://HOST:PORT URL, got {url!r}")
+    port = parts.port or 443
+    host = parts.hostname
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host, port, f"wss://{netloc}{CONTROL_PATH}"
+
+
+async def run_agent(
+    settings: AgentSettings,
+    *,
+    status: AgentStatus | None = None,
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    rng: random.Random | None = None,
+) -> None:
+    """Keep the control channel up until cancelled."""
+    log = get_logger("agent")
+    status = status if status is not None else AgentStatus()
+    rng = rng if rng is not None else random.SystemRandom()
+    limits = settings.limits
+    backoff = Backoff(
+        base_s=limits.backoff_base_s,
+        cap_s=limits.backoff_cap_s,
+        auth_failure_s=limits.auth_failure_retry_s,
+    )
+    eof_streak = 0
+    while True:
+        status.attempts += 1
+        started = trio.current_time()
+        try:
+            await _attempt(settings, status, wall_clock, log)
+            outcome, message = (
+                Outcome.LOST,
+                "connection ended",
+            )  # pragma: no cover - _attempt raises
+        except _AttemptFailed as exc:
+            outcome, message = exc.outcome, str(exc)
+        finally:
+            if status.connected:
+                status.connected = False
+                status._notify()
+        connected_for = trio.current_time() - started
+        eof_streak = eof_streak + 1 if outcome is Outcome.EOF_AFTER_TLS else 0
+        delay, auth_wait = plan_retry(
+            backoff,
+            outcome,
+            eof_streak=eof_streak,
+            eof_threshold=limits.eof_after_tls_as_auth_failure,
+            connected_for_s=connected_for,
+            stable_after_s=limits.stable_after_s,
+            draw=rng.random(),
+        )
+        status.last_outcome, status.last_error = outcome, message
+        status._notify()
+        if auth_wait:
+            log.error(
+                "agent.auth_failed",
+                detail=message,
+                retry_in_s=round(delay, 1),
+                hint="the broker refused this device's certificate (revoked, expired, or not issued by its CA); "
+                "re-enroll the device or renew its certificate",
+            )
+        else:
+            log.warning(
+                "agent.retry",
+                outcome=outcome.value,
+                detail=message,
+                retry_in_s=round(delay, 2),
+            )
+        await trio.sleep(delay)
+
+
+async def _attempt(
+    settings: AgentSettings,
+    status: AgentStatus,
+    wall_clock: Callable[[], datetime],
+    log: Any,
+) -> None:
+    """One connection attempt; always ends by raising :class:`_AttemptFailed`."""
+    host, port, url = parse_broker_url(settings.broker_url)
+    files = AgentDir(settings.agent_dir)
+    device_id = await trio.to_thread.run_sync(
+        _check_own_certificate, files, wall_clock()
+    )
+    status.device_id = device_id
+    try:
+        context = agent_context(
+            ca_file=settings.ca_file, cert_file=files.cert, key_file=files.key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE, f"cannot load key, certificate or CA: {exc}"
+        ) from None
+    channel = control.ControlChannel(control.Role.DEVICE)
+    with trio.move_on_after(settings.limits.connect_timeout_s) as connect_scope:
+        tls = await _open_tls(host, port, context)
+        try:
+            async with connect_websocket(
+                tls, url, settings.websocket, user_agent=USER_AGENT
+            ) as ws:
+                await ws.send_message(
+                    channel.send(
+                        control.Hello(
+                            version=control.PROTOCOL_VERSION,
+                            device_id=device_id,
+                            agent_version=__version__,
+                        )
+                    )
+                )
+                welcome = channel.next_event()
+                while welcome is control.NEED_DATA:
+                    channel.receive_message(await ws.receive_message())
+                    welcome = channel.next_event()
+                assert isinstance(welcome, control.Welcome)  # noqa: S101 - the state machine admits only Welcome
+                connect_scope.deadline = float("inf")
+                status.connected = True
+                status._notify()
+                log.info(
+                    "agent.connected", device_id=device_id, broker=f"{host}:{port}"
+                )
+                await _run_open_channel(ws, channel, welcome, status)
+        except HandshakeFailed as exc:
+            if exc.status == 403:
+                raise _AttemptFailed(
+                    Outcome.REFUSED,
+                    f"broker refused the device: {exc.body.decode(errors='replace').strip()}",
+                ) from None
+            if exc.status is None:
+                raise _AttemptFailed(
+                    Outcome.EOF_AFTER_TLS,
+                    "broker closed the connection before answering",
+                ) from None
+            raise _AttemptFailed(
+                Outcome.NETWORK, f"broker answered {exc.status}"
+            ) from None
+        except ConnectionClosed as exc:
+            if exc.code == CloseCode.REVOKED:
+                raise _AttemptFailed(
+                    Outcome.REFUSED, "broker closed the channel: certificate revoked"
+                ) from None
+            raise _AttemptFailed(
+                Outcome.LOST, f"channel closed: {exc.code} {exc.reason}".strip()
+            ) from None
+        except RemoteProtocolError as exc:
+            raise _AttemptFailed(
+                Outcome.LOST, f"protocol error from broker: {exc}"
+            ) from None
+    raise _AttemptFailed(Outcome.NETWORK, "connect timed out")
+
+
+async def _open_tls(
+    host: str, port: int, context: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream]:
+    try:
+        tcp = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise _AttemptFailed(
+            Outcome.NETWORK, f"cannot connect to {host}:{port}: {exc}"
+        ) from None
+    tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise _AttemptFailed(
+                Outcome.NETWORK,
+                f"broker certificate not trusted: {cause.verify_message}",
+            ) from None
+        if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or ""):
+            # TLS 1.2: the broker refused our certificate with an alert.
+            raise _AttemptFailed(
+                Outcome.REFUSED, f"broker refused the TLS handshake: {cause.reason}"
+            ) from None
+        raise _AttemptFailed(
+            Outcome.EOF_AFTER_TLS, f"TLS handshake failed: {cause or exc}"
+        ) from None
+    return tls
+
+
+def _check_own_certificate(files: AgentDir, now: datetime) -> str:
+    """Read our certificate and return the device id; refuse an unusable one."""
+    try:
+        certificate = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE, f"cannot read {files.cert}: {exc}"
+        ) from None
+    try:
+        identity = auth.device_identity(certificate)
+    except auth.UntrustedPeer as exc:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE,
+            f"{files.cert} is not a device certificate: {exc}",
+        ) from None
+    if now < identity.not_before:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE,
+            f"{files.cert} is not valid before {identity.not_before:%Y-%m-%d %H:%M}Z",
+        )
+    if now > identity.not_after:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE,
+            f"{files.cert} expired on {identity.not_after:%Y-%m-%d %H:%M}Z",
+        )
+    return identity.device_id
+
+
+async def _run_open_channel(
+    ws: WebSocketConnection,
+    channel: control.ControlChannel,
+    welcome: control.Welcome,
+    status: AgentStatus,
+) -> None:
+    sent_at: dict[int, float] = {}
+
+    async def heartbeats() -> None:
+        try:
+            for seq in range(1, 2**53):
+                sent_at[seq] = trio.current_time()
+                await ws.send_message(channel.send(control.Heartbeat(seq=seq)))
+                await trio.sleep(welcome.heartbeat_interval_s)
+        except ConnectionClosed:
+            return  # the receive loop sees the close and reports it
+
+    ended: ConnectionClosed | RemoteProtocolError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeats)
+        try:
+            while True:
+                channel.receive_message(await ws.receive_message())
+                event = channel.next_event()
+                if isinstance(event, control.HeartbeatAck) and event.seq in sent_at:
+                    status.heartbeat_rtt_s = trio.current_time() - sent_at.pop(
+                        event.seq
+                    )
+                    sent_at.clear()
+        except (ConnectionClosed, RemoteProtocolError) as exc:
+            # Raised after the nursery, so the caller sees it alone, not in a group.
+            ended = exc
+        nursery.cancel_scope.cancel()
+    raise ended

@@ -1,0 +1,173 @@
+"""``relay serve``: one trio process, three listeners.
+
+Theory of operation
+===================
+:func:`serve_broker` prepares what the listeners need (CA, listener certificate,
+store), starts the device, engineer and metrics listeners in one nursery, reports
+the bound ports through ``task_status`` and runs until *shutdown* is set. Then it
+stops accepting device connections, closes every live control channel with 1001
+("broker shutdown"), waits for them up to ``shutdown_grace_s`` and cancels the rest.
+Blocking work (files, key generation, the database) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+from cryptography import x509
+
+from relay._trio.device_listener import DeviceListener
+from relay._trio.http import engineer_app, metrics_app, serve_http
+from relay.config import BrokerConfig
+from relay.log import get_logger
+from relay.metrics import RelayMetrics
+from relay.pki_files import (
+    DataDir,
+    MissingCA,
+    default_server_names,
+    ensure_listener_certificate,
+)
+from relay.presence import LocalPresence
+from relay.proto.close import CloseCode
+from relay.store import Store, StoreError
+from relay.tls import device_listener_context
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerPorts:
+    """The ports the broker's listeners are bound to."""
+
+    device: int
+    engineer: int
+    metrics: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    store: Store
+    ca_certificate: x509.Certificate
+    cert_file: Any
+    key_file: Any
+    dev_certificate_issued: bool
+
+
+def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
+    data_dir = DataDir(config.data_dir)
+    if not data_dir.ca_cert.exists():
+        raise MissingCA(f"no CA in {config.data_dir}; run `relay ca init` first")
+    ca_certificate = x509.load_pem_x509_certificate(data_dir.ca_cert.read_bytes())
+    issued = False
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        cert_file, key_file = config.tls_cert_file, config.tls_key_file
+    else:
+        issued = ensure_listener_certificate(
+            data_dir,
+            names=default_server_names(config.server_names),
+            now=now,
+            lifetime=timedelta(days=config.pki.server_cert_lifetime_days),
+        )
+        cert_file, key_file = data_dir.listener_cert, data_dir.listener_key
+    store = Store.open(config.effective_database_url)
+    return _Prepared(store, ca_certificate, cert_file, key_file, issued)
+
+
+async def serve_broker(
+    config: BrokerConfig,
+    shutdown: trio.Event,
+    *,
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    metrics: RelayMetrics | None = None,
+    task_status: trio.TaskStatus[BrokerPorts] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the broker until *shutdown* is set; see the module docstring.
+
+    Raises:
+        MissingCA: The data dir has no CA.
+    """
+    log = get_logger("broker")
+    metrics = metrics if metrics is not None else RelayMetrics()
+    prepared = await trio.to_thread.run_sync(_prepare, config, wall_clock())
+    if prepared.dev_certificate_issued:
+        log.warning(
+            "tls.dev_certificate_issued",
+            path=str(prepared.cert_file),
+            detail="dev mode: listener certificate issued by the local CA",
+        )
+    store = prepared.store
+    listener = DeviceListener(
+        config=config,
+        ssl_context=device_listener_context(
+            cert_file=prepared.cert_file,
+            key_file=prepared.key_file,
+            device_ca_file=DataDir(config.data_dir).ca_cert,
+        ),
+        ca_certificate=prepared.ca_certificate,
+        store=store,
+        presence=LocalPresence(),
+        metrics=metrics,
+        log=get_logger("device_listener"),
+        node_id=socket.gethostname()[:64] or "local",
+        wall_clock=wall_clock,
+    )
+    bound = False
+
+    async def readiness() -> dict[str, bool]:
+        try:
+            await trio.to_thread.run_sync(store.ping)
+            store_ok = True
+        except StoreError:
+            store_ok = False
+        return {
+            "listeners_bound": bound,
+            "store_reachable": store_ok,
+            "data_dir_writable": os.access(config.data_dir, os.W_OK),
+        }
+
+    try:
+        async with trio.open_nursery() as nursery:
+            device_port = await nursery.start(listener.serve)
+            engineer_port = await nursery.start(
+                lambda task_status: serve_http(
+                    engineer_app(),
+                    config.engineer_listen,
+                    tls_files=(prepared.cert_file, prepared.key_file),
+                    task_status=task_status,
+                )
+            )
+            metrics_port = await nursery.start(
+                lambda task_status: serve_http(
+                    metrics_app(metrics, readiness),
+                    config.metrics_listen,
+                    task_status=task_status,
+                )
+            )
+            bound = True
+            ports = BrokerPorts(
+                device=device_port, engineer=engineer_port, metrics=metrics_port
+            )
+            log.info(
+                "broker.started",
+                device_port=ports.device,
+                engineer_port=ports.engineer,
+                metrics_port=ports.metrics,
+                data_dir=str(config.data_dir),
+                audit=True,
+            )
+            task_status.started(ports)
+            await shutdown.wait()
+            log.info("broker.stopping", live_devices=listener.live_count(), audit=True)
+            listener.accepting = False
+            listener.close_all(CloseCode.GOING_AWAY, "broker shutdown", "shutdown")
+            with trio.move_on_after(config.shutdown_grace_s):
+                await listener.wait_idle()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+        log.info("broker.stopped", audit=True)

@@ -1,0 +1,603 @@
+"""The device listener: mTLS WebSocket control channels from instruments.
+
+Theory of operation
+===================
+Each accepted TCP connection goes through, in order:
+
+1. **Admission.** Too many pending handshakes overall or from one source address:
+   the connection is closed at once (``relay_connections_dropped_total``).
+2. **TLS**, client certificate required and verified by OpenSSL against the device
+   CA. A failure is counted by reason (``relay_tls_handshake_failures_total``).
+3. **Certificate checks**, right after the handshake: the profile (client cert,
+   not a CA, device id in CN and SAN) and the store (the certificate was issued
+   by ``relay ca sign``, and neither it nor its device is revoked). The device's
+   identity comes from here and nowhere else (Invariant 6).
+4. **Upgrade** on ``/v1/device/control`` only. Refusals in 3 and 4 are HTTP
+   answers (403, 404, 503) so that the agent learns why.
+
+Steps 1-4 share one deadline (``handshake_timeout_s``). Then the control channel
+runs: ``hello`` within ``hello_timeout_s`` (its ``device_id`` must equal the
+certificate's), ``welcome``, then heartbeats until either side closes.
+
+Live channels are kept in ``_live`` by device id. A second connection of the same
+device replaces the first, which is closed with 4000. The revocation watcher polls
+the store's revocation feed and closes live channels of revoked devices with 4001
+within ``revocation_poll_s`` plus a close (budget: 5 s).
+
+Rule: every way out of a handler closes the stream, bounded and shielded.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from typing import Any, Final
+
+import trio
+from cryptography import x509
+
+import auth
+from relay import __version__
+from relay._trio.websocket import (
+    ConnectionClosed,
+    HandshakeFailed,
+    ServerHandshake,
+    WebSocketConnection,
+)
+from relay.config import BrokerConfig
+from relay.metrics import RelayMetrics
+from relay.presence import DevicePresence, LocalPresence
+from relay.proto import control
+from relay.proto.admission import Admission, AdmissionLimits, admit
+from relay.proto.close import CloseCode, close_code_label
+from relay.proto.errors import RemoteProtocolError
+from relay.store import PresenceRow, Store, StoreError
+
+CONTROL_PATH: Final = "/v1/device/control"
+LISTENER: Final = "device"
+
+
+@dataclass(slots=True)
+class _LiveChannel:
+    """A handle on one open control channel, so others can close it."""
+
+    device_id: str
+    connection_id: int
+    serial_hex: str
+    cancel_scope: trio.CancelScope
+    kicked: tuple[int, str, str] | None = (
+        None  # (close code, reason text, metric reason)
+    )
+
+    def kick(self, code: int, reason: str, label: str) -> None:
+        if self.kicked is None:
+            self.kicked = (code, reason, label)
+        self.cancel_scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    handshake: ServerHandshake
+    request: Any
+    identity: auth.DeviceIdentity
+
+
+@dataclass(slots=True)
+class DeviceListener:
+    """Serves ``/v1/device/control``; see the module docstring."""
+
+    config: BrokerConfig
+    ssl_context: ssl.SSLContext
+    ca_certificate: x509.Certificate
+    store: Store
+    presence: LocalPresence
+    metrics: RelayMetrics
+    log: Any
+    node_id: str = "local"
+    accepting: bool = True
+    wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    _live: dict[str, _LiveChannel] = field(default_factory=dict)
+    _live_changed: trio.lowlevel.ParkingLot = field(
+        default_factory=trio.lowlevel.ParkingLot
+    )
+    _pending_total: int = 0
+    _pending_by_source: Counter[str] = field(default_factory=Counter)
+    _connection_ids: Any = field(default_factory=lambda: count(1))
+    _random: random.Random = field(default_factory=random.Random)
+
+    # Serving -----------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, and run handlers until cancelled. Reports the bound port."""
+        address = self.config.device_listen
+        revocation_cursor = await trio.to_thread.run_sync(self.store.revocation_cursor)
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_revocations, revocation_cursor)
+            nursery.start_soon(self._mirror_presence)
+            task_status.started(port)
+            await trio.serve_listeners(self._handle, listeners)
+
+    def close_all(self, code: int, reason: str, label: str) -> None:
+        """Close every live channel (broker shutdown)."""
+        for channel in list(self._live.values()):
+            channel.kick(code, reason, label)
+
+    async def wait_idle(self) -> None:
+        """Return once no control channel is open."""
+        while self._live:
+            await self._live_changed.park()
+
+    def live_count(self) -> int:
+        """Open control channels held by this process."""
+        return len(self._live)
+
+    # One connection ----------------------------------------------------------------
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        peer = _peer_address(tcp)
+        if not self.accepting:
+            self.metrics.connections_dropped.labels(LISTENER, "shutdown").inc()
+            await trio.aclose_forcefully(tcp)
+            return
+        source = peer.rsplit(":", 1)[0]
+        limits = self.config.device_listener
+        decision = admit(
+            AdmissionLimits(
+                early_drop=limits.early_drop_pending_handshakes,
+                hard_cap=limits.max_pending_handshakes,
+                per_source=limits.max_pending_per_source,
+            ),
+            pending=self._pending_total,
+            pending_from_source=self._pending_by_source[source],
+            draw=self._random.random(),
+        )
+        if decision is not Admission.ADMIT:
+            self.metrics.connections_dropped.labels(LISTENER, decision.value).inc()
+            self.log.warning(
+                "device.dropped", reason=decision.value, peer=peer, audit=True
+            )
+            await trio.aclose_forcefully(tcp)
+            return
+        tls = trio.SSLStream(
+            tcp, self.ssl_context, server_side=True, https_compatible=True
+        )
+        self._pending_enter(source)
+        try:
+            opened = await self._open(tls, peer)
+        finally:
+            self._pending_exit(source)
+        if opened is None:
+            return
+        try:
+            async with opened.handshake.accept(opened.request) as ws:
+                await self._run_channel(ws, opened.identity, peer)
+        except HandshakeFailed as exc:
+            self.metrics.device_rejections.labels("bad_upgrade").inc()
+            self.log.warning(
+                "device.rejected",
+                reason="bad_upgrade",
+                detail=str(exc),
+                peer=peer,
+                device_id=opened.identity.device_id,
+                audit=True,
+            )
+
+    def _pending_enter(self, source: str) -> None:
+        self._pending_total += 1
+        self._pending_by_source[source] += 1
+        self.metrics.pending_handshakes.labels(LISTENER).set(self._pending_total)
+
+    def _pending_exit(self, source: str) -> None:
+        self._pending_total -= 1
+        self._pending_by_source[source] -= 1
+        if self._pending_by_source[source] <= 0:
+            del self._pending_by_source[source]
+        self.metrics.pending_handshakes.labels(LISTENER).set(self._pending_total)
+
+    async def _open(
+        self, tls: trio.SSLStream[trio.SocketStream], peer: str
+    ) -> _Opened | None:
+        """Steps 2-4 of the module docstring, under one deadline."""
+        handshake = ServerHandshake(tls, self.config.websocket)
+        stage = "tls"
+        with trio.move_on_after(self.config.device_listener.handshake_timeout_s):
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                reason = tls_failure_reason(exc)
+                self.metrics.tls_handshake_failures.labels(LISTENER, reason).inc()
+                self.log.warning(
+                    "device.tls_failed", reason=reason, peer=peer, audit=True
+                )
+                await trio.aclose_forcefully(tls)
+                return None
+            stage = "upgrade"
+            der = tls.getpeercert(binary_form=True)
+            certificate = x509.load_der_x509_certificate(der) if der else None
+            refusal, identity = await self._check_certificate(certificate)
+            try:
+                request = await handshake.receive_request()
+            except HandshakeFailed as exc:
+                self.metrics.device_rejections.labels("bad_upgrade").inc()
+                self.log.warning(
+                    "device.rejected",
+                    reason="bad_upgrade",
+                    detail=str(exc),
+                    peer=peer,
+                    audit=True,
+                )
+                return None
+            if refusal is not None:
+                status, reason, text = refusal
+                self.metrics.device_rejections.labels(reason).inc()
+                self.log.warning(
+                    "device.rejected",
+                    reason=reason,
+                    peer=peer,
+                    device_id=identity.device_id if identity else None,
+                    fingerprint=auth.certificate_fingerprint(certificate)
+                    if certificate
+                    else None,
+                    audit=True,
+                )
+                await handshake.reject(status, text)
+                return None
+            assert identity is not None  # noqa: S101 - refusal is None implies an identity
+            if request.path != CONTROL_PATH:
+                # The path never names a device (Invariant 6): anything else is 404.
+                self.metrics.device_rejections.labels("bad_path").inc()
+                self.log.warning(
+                    "device.rejected",
+                    reason="bad_path",
+                    path=request.path[:200],
+                    device_id=identity.device_id,
+                    peer=peer,
+                    audit=True,
+                )
+                await handshake.reject(404, "unknown path")
+                return None
+            return _Opened(handshake, request, identity)
+        # The deadline passed.
+        if stage == "tls":
+            self.metrics.tls_handshake_failures.labels(LISTENER, "timeout").inc()
+            self.log.warning(
+                "device.tls_failed", reason="timeout", peer=peer, audit=True
+            )
+        else:
+            self.metrics.device_rejections.labels("upgrade_timeout").inc()
+            self.log.warning(
+                "device.rejected", reason="upgrade_timeout", peer=peer, audit=True
+            )
+        await trio.aclose_forcefully(tls)
+        return None
+
+    async def _check_certificate(
+        self, certificate: x509.Certificate | None
+    ) -> tuple[tuple[int, str, str] | None, auth.DeviceIdentity | None]:
+        """Profile, store and revocation checks; returns (refusal, identity)."""
+        if (
+            certificate is None
+        ):  # pragma: no cover - CERT_REQUIRED makes this impossible
+            return (403, "no_certificate", "client certificate required"), None
+        try:
+            identity = auth.verify_device_certificate(
+                self.ca_certificate, certificate, now=self.wall_clock()
+            )
+        except auth.UntrustedPeer as exc:
+            return (
+                403,
+                f"certificate_{exc.reason}",
+                "certificate not acceptable",
+            ), None
+        try:
+            record = await trio.to_thread.run_sync(
+                self.store.lookup_certificate, identity.serial_hex
+            )
+        except StoreError as exc:
+            self.metrics.store_errors.labels("lookup_certificate").inc()
+            self.log.error(
+                "store.failed", operation="lookup_certificate", error=str(exc)
+            )
+            return (503, "store_unavailable", "try again later"), identity
+        if record is None:
+            return (403, "unknown_certificate", "certificate not on record"), identity
+        if (
+            record.device_id != identity.device_id
+        ):  # pragma: no cover - the CA signs one id per cert
+            return (403, "id_mismatch", "certificate not on record"), identity
+        if record.revoked:
+            return (403, "revoked", "certificate revoked"), identity
+        return None, identity
+
+    async def _run_channel(
+        self, ws: WebSocketConnection, identity: auth.DeviceIdentity, peer: str
+    ) -> None:
+        device_id = identity.device_id
+        channel = control.ControlChannel(control.Role.BROKER)
+        listener = self.config.device_listener
+        hello: control.Hello | None = None
+        with trio.move_on_after(listener.hello_timeout_s):
+            try:
+                channel.receive_message(await ws.receive_message())
+                event = channel.next_event()
+            except ConnectionClosed:
+                return
+            except RemoteProtocolError as exc:
+                await self._refuse_channel(
+                    ws, "protocol_error", exc.close_code, str(exc), device_id, peer
+                )
+                return
+            assert isinstance(event, control.Hello)  # noqa: S101 - the state machine admits only Hello here
+            hello = event
+        if hello is None:
+            await self._refuse_channel(
+                ws,
+                "hello_timeout",
+                CloseCode.HELLO_TIMEOUT,
+                "no hello",
+                device_id,
+                peer,
+            )
+            return
+        if hello.device_id != device_id:
+            await self._refuse_channel(
+                ws,
+                "id_mismatch",
+                CloseCode.POLICY_VIOLATION,
+                "device id does not match certificate",
+                device_id,
+                peer,
+                claimed=hello.device_id,
+            )
+            return
+        await ws.send_message(
+            channel.send(
+                control.Welcome(
+                    version=control.PROTOCOL_VERSION,
+                    heartbeat_interval_s=listener.heartbeat_interval_s,
+                    broker_version=__version__,
+                )
+            )
+        )
+        await self._serve_open_channel(ws, channel, identity, hello, peer)
+
+    async def _serve_open_channel(
+        self,
+        ws: WebSocketConnection,
+        channel: control.ControlChannel,
+        identity: auth.DeviceIdentity,
+        hello: control.Hello,
+        peer: str,
+    ) -> None:
+        device_id = identity.device_id
+        connection_id = next(self._connection_ids)
+        now = self.wall_clock()
+        live = _LiveChannel(
+            device_id, connection_id, identity.serial_hex, trio.CancelScope()
+        )
+        previous = self._live.get(device_id)
+        self._live[device_id] = live
+        self.presence.connected(
+            DevicePresence(
+                device_id=device_id,
+                connection_id=connection_id,
+                node_id=self.node_id,
+                connected_since=now,
+                last_seen=now,
+                agent_version=hello.agent_version,
+                peer=peer,
+            )
+        )
+        if previous is not None:
+            previous.kick(
+                CloseCode.REPLACED, "replaced by a newer connection", "replaced"
+            )
+        self.metrics.device_connects.inc()
+        self.metrics.devices_connected.set(len(self._live))
+        self.log.info(
+            "device.connected",
+            device_id=device_id,
+            peer=peer,
+            agent_version=hello.agent_version,
+            fingerprint=identity.fingerprint_sha256,
+            replaced=previous is not None,
+            audit=True,
+        )
+        label, reason = "peer_closed", ""
+        code: int = CloseCode.NORMAL
+        try:
+            with live.cancel_scope:
+                while True:
+                    channel.receive_message(await ws.receive_message())
+                    event = channel.next_event()
+                    self.presence.touched(device_id, connection_id, self.wall_clock())
+                    if isinstance(event, control.Heartbeat):
+                        await ws.send_message(
+                            channel.send(control.HeartbeatAck(seq=event.seq))
+                        )
+        except ConnectionClosed as exc:
+            label = (
+                "keepalive_timeout"
+                if exc.reason == "keepalive timeout"
+                else "peer_closed"
+            )
+            code, reason = exc.code, exc.reason
+        except RemoteProtocolError as exc:
+            label, code, reason = "protocol_error", exc.close_code, str(exc)[:120]
+        finally:
+            if live.kicked is not None:
+                code, reason, label = live.kicked
+            # Close before the bookkeeping: shutdown waits for _live to empty, and
+            # the close frame must be on the wire by then.
+            with trio.CancelScope(shield=True):
+                await ws.aclose(code, reason)
+            if self._live.get(device_id) is live:
+                del self._live[device_id]
+                self._live_changed.unpark_all()
+            self.presence.disconnected(device_id, connection_id)
+            self.metrics.devices_connected.set(len(self._live))
+            self.metrics.device_disconnects.labels(label).inc()
+            self.metrics.websocket_closes.labels(LISTENER, close_code_label(code)).inc()
+            self.log.info(
+                "device.disconnected",
+                device_id=device_id,
+                reason=label,
+                code=int(code),
+                peer=peer,
+                audit=True,
+            )
+
+    async def _refuse_channel(
+        self,
+        ws: WebSocketConnection,
+        label: str,
+        code: int,
+        text: str,
+        device_id: str,
+        peer: str,
+        **fields: Any,
+    ) -> None:
+        self.metrics.device_rejections.labels(label).inc()
+        self.metrics.websocket_closes.labels(LISTENER, close_code_label(code)).inc()
+        self.log.warning(
+            "device.rejected",
+            reason=label,
+            device_id=device_id,
+            peer=peer,
+            detail=text[:200],
+            audit=True,
+            **fields,
+        )
+        await ws.aclose(code, text)
+
+    # Background tasks ----------------------------------------------------------------
+
+    async def _watch_revocations(self, cursor: int) -> None:
+        """Close live channels of devices revoked by ``relay device revoke``.
+
+        *cursor* was read before the listener accepted anything, so a revocation
+        is either seen by a handshake's own store check or by this feed.
+        """
+        while True:
+            await trio.sleep(self.config.device_listener.revocation_poll_s)
+            try:
+                revocations, cursor = await trio.to_thread.run_sync(
+                    self.store.revocations_after, cursor
+                )
+            except StoreError as exc:
+                self.metrics.store_errors.labels("revocations_after").inc()
+                self.log.error(
+                    "store.failed", operation="revocations_after", error=str(exc)
+                )
+                continue
+            for revocation in revocations:
+                live = self._live.get(revocation.device_id)
+                if live is not None:
+                    self.log.warning(
+                        "device.revoked_disconnect",
+                        device_id=revocation.device_id,
+                        serial=revocation.serial_hex,
+                        audit=True,
+                    )
+                    live.kick(CloseCode.REVOKED, "certificate revoked", "revoked")
+
+    async def _mirror_presence(self) -> None:
+        """Write presence changes to the store for ``relay device list``."""
+        flush_s = self.config.device_listener.presence_flush_s
+        touch_every = max(
+            1, round(self.config.device_listener.presence_touch_s / flush_s)
+        )
+        try:
+            await trio.to_thread.run_sync(self.store.clear_presence, self.node_id)
+            for tick in count(1):
+                await trio.sleep(flush_s)
+                upserts, deletes = self.presence.take_changes(
+                    include_touched=tick % touch_every == 0
+                )
+                await self._write_presence(upserts, deletes)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(flush_s * 5):
+                await trio.to_thread.run_sync(self.store.clear_presence, self.node_id)
+
+    async def _write_presence(
+        self, upserts: list[DevicePresence], deletes: list[str]
+    ) -> None:
+        rows = [
+            PresenceRow(
+                device_id=p.device_id,
+                node_id=p.node_id,
+                connected_since=p.connected_since,
+                last_seen=p.last_seen,
+                agent_version=p.agent_version,
+                peer=p.peer,
+            )
+            for p in upserts
+        ]
+        try:
+            if rows:
+                await trio.to_thread.run_sync(
+                    self.store.replace_presence, self.node_id, rows
+                )
+            if deletes:
+                await trio.to_thread.run_sync(
+                    self.store.remove_presence, self.node_id, deletes
+                )
+        except StoreError as exc:
+            self.metrics.store_errors.labels("presence").inc()
+            self.log.error("store.failed", operation="presence", error=str(exc))
+
+
+def _peer_address(tcp: trio.SocketStream) -> str:
+    try:
+        host, port = tcp.socket.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
+
+
+# OpenSSL's verify messages and reasons, mapped to bounded metric labels.
+_VERIFY_REASONS: Final = (
+    ("certificate has expired", "expired"),
+    ("certificate is not yet valid", "not_yet_valid"),
+    ("unable to get local issuer certificate", "unknown_ca"),
+    ("self-signed certificate", "unknown_ca"),
+    ("self signed certificate", "unknown_ca"),
+    ("unsupported certificate purpose", "bad_certificate"),
+)
+_SSL_REASONS: Final = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "HTTP_REQUEST": "not_tls",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
+    "CERTIFICATE_VERIFY_FAILED": "bad_certificate",
+}
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """A bounded label for a failed server-side TLS handshake."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        message = (cause.verify_message or "").lower()
+        for needle, label in _VERIFY_REASONS:
+            if needle in message:
+                return label
+        return "bad_certificate"
+    if isinstance(cause, ssl.SSLError):
+        return _SSL_REASONS.get(cause.reason or "", "tls_error")
+    return "eof"
+
+
+def presence_stale_after(config: BrokerConfig) -> timedelta:
+    """How old a mirrored ``last_seen`` may be before ``device list`` says offline."""
+    return timedelta(seconds=config.device_listener.presence_touch_s * 3)

@@ -1,0 +1,107 @@
+"""HTTP listeners on Hypercorn's trio worker: the metrics listener and the engineer
+listener.
+
+The metrics listener is plain HTTP and meant for an internal address (default
+127.0.0.1:9464): ``/metrics`` (Prometheus text format), ``/healthz`` (the process
+is alive) and ``/readyz`` (listeners bound, store reachable, data dir writable;
+503 with the failing checks otherwise). Nothing else answers there, and none of
+these routes exist on the device or engineer listeners.
+
+The engineer listener is HTTPS. Engineer login, the API and the console arrive
+with the engineer-auth and console issues; until then it answers ``GET /`` with
+the service name and version, and 404 for everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from relay import __version__
+from relay.config import ListenAddress
+from relay.metrics import RelayMetrics
+from relay.tls import TLS12_CIPHERS
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+def metrics_app(metrics: RelayMetrics, readiness: ReadinessCheck) -> Starlette:
+    """The metrics listener's routes."""
+
+    async def metrics_route(_request: Request) -> Response:
+        return Response(
+            generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    async def healthz(_request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_request: Request) -> Response:
+        checks = await readiness()
+        status = 200 if all(checks.values()) else 503
+        return JSONResponse(
+            {"ready": status == 200, "checks": checks}, status_code=status
+        )
+
+    return Starlette(
+        routes=[
+            Route("/metrics", metrics_route),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ]
+    )
+
+
+def engineer_app() -> Starlette:
+    """The engineer listener's routes (grows with the engineer-auth issue)."""
+
+    async def index(_request: Request) -> Response:
+        return JSONResponse({"service": "remote-care-relay", "version": __version__})
+
+    return Starlette(routes=[Route("/", index)])
+
+
+async def serve_http(
+    app: Starlette,
+    bind: ListenAddress,
+    *,
+    tls_files: tuple[Path, Path] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve *app* with Hypercorn until cancelled; reports the bound port.
+
+    Args:
+        app: The ASGI application.
+        bind: Address to listen on; port 0 picks a free port.
+        tls_files: (certificate chain, key) to serve HTTPS, or None for HTTP.
+    """
+    config = HypercornConfig()
+    config.bind = [str(bind)]
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = 5
+    config.graceful_timeout = 1
+    if tls_files is not None:
+        config.certfile = str(tls_files[0])
+        config.keyfile = str(tls_files[1])
+        config.ciphers = TLS12_CIPHERS
+        config.alpn_protocols = ["http/1.1"]
+    # Hypercorn's ASGI types and Starlette's describe the same protocol but are
+    # distinct classes to mypy.
+    asgi_app: Any = app
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn_serve, asgi_app, config, mode="asgi")
+        )
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

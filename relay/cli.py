@@ -1,0 +1,537 @@
+"""The ``relay`` command line.
+
+Exit codes: 0 success; 1 the command ran but was refused or failed (unknown device,
+revoked device, broker could not start); 2 bad usage or bad input (argparse errors,
+an invalid CSR, a malformed address). Messages for people go to stderr as
+``relay: error: ...``; structured JSON logs go to stderr too, so stdout carries only
+what a script would parse (``relay ca cert``, ``--json`` output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+import auth
+from relay import __version__
+from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
+from relay.log import configure_logging, get_logger
+from relay.pki_files import (
+    AgentDir,
+    DataDir,
+    KeyExists,
+    MissingCA,
+    enroll_agent,
+    init_ca,
+    load_ca,
+    write_public,
+)
+from relay.store import DeviceRevoked, Store, UnknownDevice
+
+DEMO_DEVICE_ID = "demo-0001"
+
+
+class CLIError(Exception):
+    """A failure to report as ``relay: error: ...`` with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _address(text: str) -> ListenAddress:
+    try:
+        return ListenAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _broker_config(args: argparse.Namespace) -> BrokerConfig:
+    config = BrokerConfig(data_dir=data_dir_from_env())
+    overrides: dict[str, Any] = {}
+    for name in ("device_listen", "engineer_listen", "metrics_listen"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "server_name", None):
+        overrides["server_names"] = tuple(args.server_name)
+    if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
+        if not (args.tls_cert and args.tls_key):
+            raise CLIError("--tls-cert and --tls-key go together", exit_code=2)
+        overrides["tls_cert_file"], overrides["tls_key_file"] = (
+            args.tls_cert,
+            args.tls_key,
+        )
+    return replace(config, **overrides)
+
+
+# ca ---------------------------------------------------------------------------------
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    config = BrokerConfig(data_dir=data_dir_from_env())
+    data_dir = DataDir(config.data_dir)
+    created = init_ca(
+        data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days)
+    )
+    if created:
+        get_logger("cli").info("pki.ca_created", path=str(data_dir.ca_cert), audit=True)
+        print(f"created device CA in {data_dir.ca_cert.parent}", file=sys.stderr)
+    else:
+        print(
+            f"device CA already exists in {data_dir.ca_cert.parent}; not overwritten",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_ca_cert(args: argparse.Namespace) -> int:
+    data_dir = DataDir(data_dir_from_env())
+    if not data_dir.ca_cert.exists():
+        raise CLIError(f"no CA in {data_dir.root}; run `relay ca init` first")
+    sys.stdout.write(data_dir.ca_cert.read_text())
+    return 0
+
+
+def cmd_ca_sign(args: argparse.Namespace) -> int:
+    config = BrokerConfig(data_dir=data_dir_from_env())
+    csr_path: Path = args.csr
+    out: Path = args.out
+    try:
+        with csr_path.open("rb") as handle:
+            # Read one byte past the cap: enough to refuse, never the whole file.
+            csr = handle.read(config.pki.max_csr_bytes + 1)
+    except OSError as exc:
+        raise CLIError(f"cannot read {csr_path}: {exc.strerror}", exit_code=2) from None
+    ca = load_ca(DataDir(config.data_dir))
+    log = get_logger("cli")
+    try:
+        signed = auth.sign_device_csr(
+            ca,
+            csr,
+            now=_now(),
+            lifetime=timedelta(days=config.pki.device_cert_lifetime_days),
+            max_csr_bytes=config.pki.max_csr_bytes,
+        )
+    except auth.CertificateRequestError as exc:
+        log.warning(
+            "pki.csr_refused",
+            reason=exc.reason,
+            path=str(csr_path),
+            detail=str(exc),
+            audit=True,
+        )
+        raise CLIError(
+            f"certificate request refused ({exc.reason}): {exc}", exit_code=2
+        ) from None
+    identity = signed.identity
+    with closing(Store.open(config.effective_database_url)) as store:
+        try:
+            store.record_enrollment(
+                device_id=identity.device_id,
+                serial_hex=identity.serial_hex,
+                fingerprint_sha256=identity.fingerprint_sha256,
+                not_before=identity.not_before,
+                not_after=identity.not_after,
+                issued_at=_now(),
+            )
+        except DeviceRevoked:
+            log.warning(
+                "pki.csr_refused",
+                reason="device_revoked",
+                device_id=identity.device_id,
+                audit=True,
+            )
+            raise CLIError(
+                f"device {identity.device_id} is revoked; revoked device ids are not reused"
+            ) from None
+    write_public(out, signed.certificate_pem())
+    for item in signed.ignored_requests:
+        print(
+            f"warning: the request asked for {item}; not granted (fixed device profile)",
+            file=sys.stderr,
+        )
+    log.info(
+        "pki.device_signed",
+        device_id=identity.device_id,
+        serial=identity.serial_hex,
+        fingerprint=identity.fingerprint_sha256,
+        not_after=identity.not_after.isoformat(),
+        ignored_requests=list(signed.ignored_requests),
+        audit=True,
+    )
+    print(
+        f"signed device {identity.device_id}: serial {identity.serial_hex}, "
+        f"valid until {identity.not_after:%Y-%m-%d}, written to {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# agent --------------------------------------------------------------------------------
+
+
+def cmd_agent_enroll(args: argparse.Namespace) -> int:
+    agent_dir = AgentDir(args.dir)
+    try:
+        enroll_agent(agent_dir, args.device_id)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+    print(f"wrote {agent_dir.key} (mode 0600) and {agent_dir.csr}", file=sys.stderr)
+    print(
+        f"next: have the operator run `relay ca sign {agent_dir.csr} --out {agent_dir.cert}`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from relay._trio.agent import AgentSettings, parse_broker_url, run_agent
+
+    try:
+        parse_broker_url(args.broker)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+    settings = AgentSettings(
+        broker_url=args.broker,
+        agent_dir=args.dir,
+        ca_file=args.ca_file,
+        limits=AgentConfig(),
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope.cancel)
+            await run_agent(settings)
+
+    trio.run(main)
+    return 0
+
+
+# device -------------------------------------------------------------------------------
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    from relay._trio.device_listener import presence_stale_after
+
+    config = BrokerConfig(data_dir=data_dir_from_env())
+    with closing(Store.open(config.effective_database_url)) as store:
+        devices = store.list_devices(
+            now=_now(), stale_after=presence_stale_after(config)
+        )
+    rows = [
+        {
+            "device_id": d.device_id,
+            "online": d.online,
+            "revoked": d.revoked_at is not None,
+            "enrolled_at": d.enrolled_at.isoformat(),
+            "revoked_at": d.revoked_at.isoformat() if d.revoked_at else None,
+            "last_seen": d.presence.last_seen.isoformat() if d.presence else None,
+            "agent_version": d.presence.agent_version if d.presence else None,
+            "peer": d.presence.peer if d.presence and d.online else None,
+        }
+        for d in devices
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'DEVICE':<24} {'ONLINE':<7} {'REVOKED':<8} {'ENROLLED':<20} PEER")
+    for row in rows:
+        print(
+            f"{row['device_id']:<24} {'yes' if row['online'] else 'no':<7} "
+            f"{'yes' if row['revoked'] else 'no':<8} {str(row['enrolled_at'])[:19]:<20} {row['peer'] or '-'}"
+        )
+    return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    config = BrokerConfig(data_dir=data_dir_from_env())
+    with closing(Store.open(config.effective_database_url)) as store:
+        try:
+            revoked = store.revoke_device(args.device_id, at=_now(), reason=args.reason)
+        except UnknownDevice:
+            raise CLIError(f"unknown device {args.device_id!r}") from None
+    get_logger("cli").warning(
+        "device.revoked",
+        device_id=args.device_id,
+        reason=args.reason,
+        serials=[r.serial_hex for r in revoked],
+        audit=True,
+    )
+    if revoked:
+        print(
+            f"revoked device {args.device_id} ({len(revoked)} certificate(s)); a live connection closes within seconds",
+            file=sys.stderr,
+        )
+    else:
+        print(f"device {args.device_id} was already revoked", file=sys.stderr)
+    return 0
+
+
+# serve and demo --------------------------------------------------------------------------
+
+
+async def _cancel_on_signal(stop: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop()
+            return
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay._trio.broker import serve_broker
+
+    config = _broker_config(args)
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, shutdown.set)
+            await serve_broker(config, shutdown)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relay._trio.agent import AgentSettings, AgentStatus, run_agent
+    from relay._trio.broker import serve_broker
+
+    config = _broker_config(args)
+    data_dir = DataDir(config.data_dir)
+    init_ca(data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days))
+    agent_dir = AgentDir(config.data_dir / "demo-device")
+    _enroll_demo_device(config, agent_dir)
+    out = sys.stdout
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, shutdown.set)
+            ports = await nursery.start(serve_broker, config, shutdown)
+            device_url = f"wss://127.0.0.1:{ports.device}"
+            print("Remote Care relay demo", file=out)
+            print(f"  data dir           {config.data_dir.resolve()}", file=out)
+            print(
+                f"  device listener    {device_url}/v1/device/control (mTLS)", file=out
+            )
+            print(f"  engineer listener  https://127.0.0.1:{ports.engineer}/", file=out)
+            print(
+                f"  metrics            http://127.0.0.1:{ports.metrics}/metrics",
+                file=out,
+            )
+            print(f"  device CA          {data_dir.ca_cert}", file=out)
+            status = AgentStatus()
+            settings = AgentSettings(
+                broker_url=device_url,
+                agent_dir=agent_dir.root,
+                ca_file=data_dir.ca_cert,
+            )
+            agent_scope = trio.CancelScope()
+
+            async def agent() -> None:
+                with agent_scope:
+                    await run_agent(settings, status=status)
+
+            nursery.start_soon(agent)
+            reported = False
+            while not shutdown.is_set():
+                if status.connected and not reported:
+                    print(
+                        f"  simulated device   {status.device_id} connected (relay device list shows it)",
+                        file=out,
+                    )
+                    print("Press Ctrl-C to stop.", file=out, flush=True)
+                    reported = True
+                elif not status.connected and reported:
+                    print(
+                        f"  simulated device   disconnected: {status.last_error}",
+                        file=out,
+                        flush=True,
+                    )
+                    reported = False
+                with trio.move_on_after(1):
+                    await status.changed.wait()
+            agent_scope.cancel()
+            print("stopping...", file=out, flush=True)
+
+    trio.run(main)
+    print("stopped", file=out)
+    return 0
+
+
+def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
+    if agent_dir.cert.exists():
+        return
+    if not agent_dir.key.exists():
+        enroll_agent(agent_dir, DEMO_DEVICE_ID)
+    ca = load_ca(DataDir(config.data_dir))
+    signed = auth.sign_device_csr(
+        ca,
+        agent_dir.csr.read_bytes(),
+        now=_now(),
+        lifetime=timedelta(days=config.pki.device_cert_lifetime_days),
+        max_csr_bytes=config.pki.max_csr_bytes,
+    )
+    with closing(Store.open(config.effective_database_url)) as store:
+        identity = signed.identity
+        store.record_enrollment(
+            device_id=identity.device_id,
+            serial_hex=identity.serial_hex,
+            fingerprint_sha256=identity.fingerprint_sha256,
+            not_before=identity.not_before,
+            not_after=identity.not_after,
+            issued_at=_now(),
+        )
+    write_public(agent_dir.cert, signed.certificate_pem())
+
+
+# parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Remote Care relay. Broker state lives in $RELAY_DATA_DIR (default ./relay-data).",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def listen_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--device-listen",
+            type=_address,
+            metavar="HOST:PORT",
+            help="device listener (default 0.0.0.0:8443)",
+        )
+        p.add_argument(
+            "--engineer-listen",
+            type=_address,
+            metavar="HOST:PORT",
+            help="engineer listener (default 0.0.0.0:9443)",
+        )
+        p.add_argument(
+            "--metrics-listen",
+            type=_address,
+            metavar="HOST:PORT",
+            help="metrics listener (default 127.0.0.1:9464)",
+        )
+        p.add_argument(
+            "--server-name",
+            action="append",
+            metavar="NAME",
+            help="extra DNS name or IP for the dev listener certificate (repeatable)",
+        )
+        p.add_argument(
+            "--tls-cert",
+            type=Path,
+            metavar="FILE",
+            help="operator-provided listener certificate chain (PEM)",
+        )
+        p.add_argument(
+            "--tls-key", type=Path, metavar="FILE", help="key for --tls-cert (PEM)"
+        )
+
+    demo = commands.add_parser(
+        "demo", help="broker + one simulated device, embedded defaults"
+    )
+    listen_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    serve = commands.add_parser("serve", help="run the broker")
+    listen_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    ca = commands.add_parser("ca", help="the device CA").add_subparsers(
+        dest="ca_command", required=True, metavar="ACTION"
+    )
+    ca.add_parser(
+        "init", help="create the device CA (idempotent; never overwrites)"
+    ).set_defaults(func=cmd_ca_init)
+    ca.add_parser("cert", help="print the device CA certificate (PEM)").set_defaults(
+        func=cmd_ca_cert
+    )
+    sign = ca.add_parser("sign", help="sign a device CSR with the fixed device profile")
+    sign.add_argument("csr", type=Path, metavar="CSR")
+    sign.add_argument("--out", type=Path, required=True, metavar="CERT")
+    sign.set_defaults(func=cmd_ca_sign)
+
+    agent = commands.add_parser("agent", help="the device agent").add_subparsers(
+        dest="agent_command", required=True, metavar="ACTION"
+    )
+    enroll = agent.add_parser("enroll", help="generate the device key and CSR")
+    enroll.add_argument("--device-id", required=True, metavar="ID")
+    enroll.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    enroll.set_defaults(func=cmd_agent_enroll)
+    run = agent.add_parser("run", help="connect out to the broker and stay connected")
+    run.add_argument("--broker", required=True, metavar="wss://HOST:PORT")
+    run.add_argument(
+        "--dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="holds device.key and device.crt",
+    )
+    run.add_argument(
+        "--ca-file",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="CA that signed the broker's certificate",
+    )
+    run.set_defaults(func=cmd_agent_run)
+
+    device = commands.add_parser("device", help="enrolled devices").add_subparsers(
+        dest="device_command", required=True, metavar="ACTION"
+    )
+    device_list = device.add_parser(
+        "list", help="enrolled devices, revoked and online flags"
+    )
+    device_list.add_argument("--json", action="store_true")
+    device_list.set_defaults(func=cmd_device_list)
+    revoke = device.add_parser(
+        "revoke",
+        help="revoke a device: refused at once, live connection closed within 5 s",
+    )
+    revoke.add_argument("device_id", metavar="ID")
+    revoke.add_argument(
+        "--reason", default="revoked by operator", help="recorded with the revocation"
+    )
+    revoke.set_defaults(func=cmd_device_revoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``relay`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        code = args.func(args)
+    except CLIError as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except (MissingCA, KeyExists) as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        code = 1
+    except OSError as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.exit(code)

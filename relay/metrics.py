@@ -1,0 +1,79 @@
+"""Prometheus metrics of one broker process.
+
+One :class:`RelayMetrics` per broker instance, each with its own registry, so that
+tests can run several brokers in one process. Labels are bounded enums only: never
+a device id, user name, session id or token (a label per device would make
+10,000 series per broker).
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+from relay import __version__
+
+LISTENERS = ("device", "engineer")
+
+
+class RelayMetrics:
+    """The broker's metrics, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.devices_connected = Gauge(
+            "relay_devices_connected",
+            "Devices with an open control channel.",
+            registry=r,
+        )
+        self.device_connects = Counter(
+            "relay_device_connects_total", "Control channels opened.", registry=r
+        )
+        self.device_disconnects = Counter(
+            "relay_device_disconnects_total",
+            "Control channels closed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.device_rejections = Counter(
+            "relay_device_rejections_total",
+            "Device connections refused after the TLS handshake, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "relay_tls_handshake_failures_total",
+            "TLS handshakes that failed, by listener and reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.pending_handshakes = Gauge(
+            "relay_pending_handshakes",
+            "Connections between accept and an open WebSocket.",
+            ["listener"],
+            registry=r,
+        )
+        self.connections_dropped = Counter(
+            "relay_connections_dropped_total",
+            "Connections dropped at accept by admission control, by reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.websocket_closes = Counter(
+            "relay_websocket_closes_total",
+            "WebSocket connections closed, by listener and close code.",
+            ["listener", "code"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "relay_store_errors_total",
+            "Store operations that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        build = Info("relay_build", "Build information.", registry=r)
+        build.info({"version": __version__, "python": platform.python_version()})
+        for listener in LISTENERS:
+            self.pending_handshakes.labels(listener)

@@ -1,0 +1,850 @@
+"""The relay store: devices, certificates, revocations and a presence mirror.
+
+Theory of operation
+===================
+The Store is the only code that touches the relay database. It is synchronous on
+purpose: the trio shells call each method through ``trio.to_thread.run_sync``, and the
+data plane never waits on it. A Store holds nothing but an Engine (thread-safe, with
+its own connection pool), so one Store serves every worker thread of the broker, and
+another process (the ``relay device revoke`` CLI) opens its own Store on the same
+database file.
+
+Rule 1: every public method runs in exactly one short transaction (``_transaction``)
+        that is committed or rolled back before the method returns.
+Rule 2: a method that writes declares it up front (``write=True``). On SQLite that
+        starts the transaction with ``BEGIN IMMEDIATE``: a deferred transaction that
+        reads and then writes fails at once with "database is locked" when another
+        connection wrote in between (WAL mode cannot upgrade a stale snapshot, and
+        the busy timeout does not apply), whereas ``BEGIN IMMEDIATE`` waits up to
+        ``SQLITE_BUSY_TIMEOUT_MS`` for the single writer lock. On PostgreSQL the rows
+        that decide a write are read with ``SELECT ... FOR UPDATE``.
+Rule 3: timestamps go in and come out as aware UTC datetimes (``UTCDateTime``);
+        naive ones are refused with ValueError before any SQL runs.
+Rule 4: database failures surface as StoreError, never as SQLAlchemy or driver
+        exceptions, so the shells have a single exception type to handle.
+Rule 5: the schema changes only through the Alembic migrations (``migrate()``).
+
+The revocation feed: ``revoke_device`` appends one ``revocation_events`` row per
+certificate, and each broker polls ``revocations_after(cursor)`` to close the live
+connections of revoked devices. The feed is only correct if ids become visible in
+increasing order. SQLite has a single writer, so they do. On PostgreSQL a sequence
+hands out ids at INSERT time but transactions commit in any order, so a poller could
+move its cursor past an id whose transaction commits later; ``revoke_device``
+therefore takes an EXCLUSIVE lock on the table (readers are not blocked) so that
+event writers commit one after the other. Revocations are rare, so this costs nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, cast
+
+from alembic import command
+from alembic.config import Config
+from alembic.util import CommandError
+from sqlalchemy import (
+    Connection,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from ._records import (
+    CertificateRecord,
+    DeviceRecord,
+    DeviceRevoked,
+    PresenceRow,
+    Revocation,
+    StoreError,
+    UnknownDevice,
+)
+from ._schema import (
+    AGENT_VERSION_LENGTH,
+    DEVICE_ID_LENGTH,
+    NODE_ID_LENGTH,
+    PEER_LENGTH,
+    REASON_LENGTH,
+    SERIAL_HEX_LENGTH,
+    certificates,
+    device_presence,
+    devices,
+    revocation_events,
+)
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+# How long a SQLite writer waits for the file's single write lock before giving up
+# with "database is locked". Transactions here last milliseconds; 5 s covers a CLI
+# write racing the broker with a wide margin.
+SQLITE_BUSY_TIMEOUT_MS: Final = 5000
+
+# Execution option carried by the writer engine; the SQLite "begin" hook reads it.
+_WRITER_OPTION: Final = "relay_store_writer"
+
+# Rows deleted per statement in remove_presence. SQLite before 3.32 allows at most
+# 999 bound parameters per statement; 500 stays well under on every engine.
+_DELETE_CHUNK: Final = 500
+
+# PostgreSQL advisory lock id that serialises migrations ("relay" in ASCII).
+_MIGRATION_LOCK_KEY: Final = 0x72656C6179
+
+_HEX: Final = re.compile(r"[0-9a-fA-F]+")
+
+
+class Store:
+    """Devices, certificates, the revocation feed and the presence mirror.
+
+    Thread safety:
+        Every method may be called from any thread, concurrently. The Store holds
+        only an Engine; each call checks a connection out of the pool for one
+        transaction and returns it.
+
+    Supported databases:
+        SQLite files (``sqlite:////abs/path/relay.sqlite3``, driver ``pysqlite``)
+        and PostgreSQL. In-memory SQLite is refused: every pooled connection would
+        see its own empty database.
+    """
+
+    def __init__(self, url: str) -> None:
+        """Create the engine; nothing is connected or migrated yet.
+
+        Args:
+            url: SQLAlchemy database URL.
+
+        Raises:
+            ValueError: The URL names an in-memory SQLite database or a SQLite
+                driver other than the standard library's.
+        """
+        parsed = make_url(url)
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.get_driver_name() != "pysqlite":
+                raise ValueError(f"unsupported SQLite driver in {url!r}")
+            if _sqlite_file(url) is None:
+                raise ValueError(f"in-memory SQLite is not supported: {url!r}")
+            # The pool hands connections to whichever worker thread asks; sqlite3's
+            # same-thread check would refuse that, though it is safe because a
+            # connection is only ever used by one thread at a time.
+            connect_args["check_same_thread"] = False
+        # pool_pre_ping replaces connections that a PostgreSQL restart has cut.
+        self._engine: Final = create_engine(
+            parsed, connect_args=connect_args, pool_pre_ping=True
+        )
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_on_connect)
+            event.listen(self._engine, "begin", _sqlite_on_begin)
+        self._writer: Final = self._engine.execution_options(**{_WRITER_OPTION: True})
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Open the database at *url* and bring its schema to the newest version.
+
+        For a SQLite file, its directory is created first (mode 0700, so other
+        local users cannot read device ids or presence); an existing directory is
+        left as it is.
+
+        Args:
+            url: SQLAlchemy database URL.
+
+        Returns:
+            A migrated Store; the caller must :meth:`close` it.
+
+        Raises:
+            StoreError: The database could not be opened or migrated.
+            ValueError: See :meth:`__init__`.
+        """
+        sqlite_path = _sqlite_file(url)
+        if sqlite_path is not None:
+            try:
+                sqlite_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {sqlite_path.parent}: {exc}") from exc
+        store = cls(url)
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def migrate(self) -> None:
+        """Apply every pending Alembic migration (``upgrade head``), in one transaction.
+
+        Safe to run concurrently from several processes (broker nodes starting
+        together, or a CLI next to the broker): on SQLite the transaction holds the
+        write lock from its start, on PostgreSQL it first takes a transaction-level
+        advisory lock, and a migration that finds the schema at head does nothing.
+
+        Raises:
+            StoreError: The migration failed, or the database carries a schema
+                revision this version of the relay does not know (it was written
+                by a newer relay).
+        """
+        config = Config()
+        # ConfigParser interpolates "%", which a directory name may contain.
+        config.set_main_option(
+            "script_location", str(MIGRATIONS_DIR).replace("%", "%%")
+        )
+        try:
+            with self._transaction(write=True) as connection:
+                if connection.dialect.name == "postgresql":
+                    # Without it, two nodes migrating an empty database would both
+                    # CREATE TABLE and one would fail on the duplicate.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"),
+                        {"key": _MIGRATION_LOCK_KEY},
+                    )
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except CommandError as exc:
+            raise StoreError(f"cannot migrate the database: {exc}") from exc
+
+    def close(self) -> None:
+        """Close every pooled connection; the Store must not be used afterwards."""
+        self._engine.dispose()
+
+    def ping(self) -> None:
+        """Check that the database answers (readiness probe).
+
+        Not checked: that the schema is migrated, or that a write would succeed.
+
+        Raises:
+            StoreError: The database cannot be reached or opened.
+        """
+        with self._transaction(write=False) as connection:
+            connection.execute(text("SELECT 1"))
+
+    def record_enrollment(
+        self,
+        *,
+        device_id: str,
+        serial_hex: str,
+        fingerprint_sha256: str,
+        not_before: datetime,
+        not_after: datetime,
+        issued_at: datetime,
+    ) -> None:
+        """Record a certificate issued to *device_id*, creating the device if new.
+
+        The device's ``enrolled_at`` is the *issued_at* of its first certificate.
+        Recording the same certificate again is a no-op, so a retried enrollment
+        is harmless.
+
+        Revoked device ids are never reused: once a device is revoked, no new
+        certificate is recorded for it, and a replacement instrument must be
+        enrolled under a new id. This keeps the audit trail of an id unambiguous.
+
+        Args:
+            device_id: The device id from the certificate subject.
+            serial_hex: Certificate serial in hex; stored lowercase without leading
+                zeros.
+            fingerprint_sha256: SHA-256 of the DER certificate, 64 hex digits.
+            not_before: Start of validity (aware).
+            not_after: End of validity (aware).
+            issued_at: When the CA signed it (aware).
+
+        Raises:
+            DeviceRevoked: *device_id* is revoked.
+            StoreError: The serial is already recorded for a different certificate,
+                the fingerprint is already recorded under another serial, or the
+                database failed.
+            ValueError: A malformed id, serial or fingerprint, or a naive datetime.
+        """
+        _check_text(device_id, "device_id", DEVICE_ID_LENGTH)
+        serial = _canonical_serial(serial_hex)
+        fingerprint = _canonical_fingerprint(fingerprint_sha256)
+        for name, value in (
+            ("not_before", not_before),
+            ("not_after", not_after),
+            ("issued_at", issued_at),
+        ):
+            _check_aware(value, name)
+        with self._transaction(write=True) as connection:
+            _upsert(
+                connection,
+                devices,
+                [{"device_id": device_id, "enrolled_at": issued_at}],
+                key="device_id",
+                update_columns=(),
+            )
+            # FOR UPDATE (a no-op on SQLite, which already holds the write lock)
+            # serialises this with a concurrent revoke_device on PostgreSQL, so a
+            # certificate can never slip in after the revocation swept them.
+            revoked_at = connection.execute(
+                select(devices.c.revoked_at)
+                .where(devices.c.device_id == device_id)
+                .with_for_update()
+            ).scalar_one()
+            if revoked_at is not None:
+                raise DeviceRevoked(f"device {device_id!r} is revoked")
+            existing = connection.execute(
+                select(
+                    certificates.c.device_id, certificates.c.fingerprint_sha256
+                ).where(certificates.c.serial_hex == serial)
+            ).one_or_none()
+            if existing is not None:
+                if (
+                    existing.device_id == device_id
+                    and existing.fingerprint_sha256 == fingerprint
+                ):
+                    return
+                raise StoreError(
+                    f"certificate serial {serial} is already recorded for another certificate"
+                )
+            connection.execute(
+                insert(certificates).values(
+                    serial_hex=serial,
+                    device_id=device_id,
+                    fingerprint_sha256=fingerprint,
+                    not_before=not_before,
+                    not_after=not_after,
+                    issued_at=issued_at,
+                    revoked_at=None,
+                )
+            )
+
+    def lookup_certificate(self, serial_hex: str) -> CertificateRecord | None:
+        """Find a certificate by serial, with its effective revocation status.
+
+        Args:
+            serial_hex: Certificate serial in hex (any case, leading zeros allowed).
+
+        Returns:
+            The record, or ``None`` if this serial was never recorded (the caller
+            should refuse such a certificate: the store did not see it issued).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *serial_hex* is not a hex serial.
+        """
+        serial = _canonical_serial(serial_hex)
+        with self._transaction(write=False) as connection:
+            row = connection.execute(
+                select(
+                    certificates.c.serial_hex,
+                    certificates.c.device_id,
+                    certificates.c.fingerprint_sha256,
+                    certificates.c.not_after,
+                    certificates.c.revoked_at,
+                    devices.c.revoked_at.label("device_revoked_at"),
+                )
+                .join(devices, devices.c.device_id == certificates.c.device_id)
+                .where(certificates.c.serial_hex == serial)
+            ).one_or_none()
+        if row is None:
+            return None
+        return CertificateRecord(
+            serial_hex=row.serial_hex,
+            device_id=row.device_id,
+            fingerprint_sha256=row.fingerprint_sha256,
+            not_after=row.not_after,
+            revoked=row.revoked_at is not None or row.device_revoked_at is not None,
+        )
+
+    def revoke_device(
+        self, device_id: str, *, at: datetime, reason: str
+    ) -> list[Revocation]:
+        """Revoke a device and every certificate of it not revoked yet.
+
+        Idempotent: revoking a revoked device keeps the first ``revoked_at`` and
+        reason and returns ``[]``.
+
+        Args:
+            device_id: The device to revoke.
+            at: Time of revocation (aware).
+            reason: Why, for operators; at most 200 characters.
+
+        Returns:
+            One :class:`Revocation` per certificate revoked by this call, oldest
+            certificate first; each is also appended to the revocation feed.
+
+        Raises:
+            UnknownDevice: *device_id* was never enrolled.
+            StoreError: The database failed.
+            ValueError: *reason* is too long, or *at* is naive.
+        """
+        _check_text(device_id, "device_id", DEVICE_ID_LENGTH)
+        _check_aware(at, "at")
+        if len(reason) > REASON_LENGTH:
+            raise ValueError(f"reason is longer than {REASON_LENGTH} characters")
+        with self._transaction(write=True) as connection:
+            if connection.dialect.name == "postgresql":
+                # See "The revocation feed" at the top of this module.
+                connection.execute(
+                    text("LOCK TABLE revocation_events IN EXCLUSIVE MODE")
+                )
+            device_revoked_at = connection.execute(
+                select(devices.c.revoked_at)
+                .where(devices.c.device_id == device_id)
+                .with_for_update()
+            ).one_or_none()
+            if device_revoked_at is None:
+                raise UnknownDevice(f"no device {device_id!r}")
+            if device_revoked_at.revoked_at is None:
+                connection.execute(
+                    update(devices)
+                    .where(devices.c.device_id == device_id)
+                    .values(revoked_at=at, revoked_reason=reason)
+                )
+            # Swept even when the device was already revoked: record_enrollment
+            # refuses revoked devices, so this normally finds nothing, but if a
+            # certificate ever got in it is revoked here rather than left live.
+            live = (
+                certificates.c.device_id == device_id,
+                certificates.c.revoked_at.is_(None),
+            )
+            serials = list(
+                connection.execute(
+                    select(certificates.c.serial_hex)
+                    .where(*live)
+                    .order_by(certificates.c.issued_at, certificates.c.serial_hex)
+                ).scalars()
+            )
+            if not serials:
+                return []
+            connection.execute(update(certificates).where(*live).values(revoked_at=at))
+            connection.execute(
+                insert(revocation_events),
+                [
+                    {"device_id": device_id, "serial_hex": s, "revoked_at": at}
+                    for s in serials
+                ],
+            )
+        return [Revocation(device_id=device_id, serial_hex=s) for s in serials]
+
+    def revocations_after(
+        self, cursor: int, *, limit: int = 1000
+    ) -> tuple[list[Revocation], int]:
+        """Read the revocation feed after *cursor*.
+
+        Args:
+            cursor: The last event id already handled (``0`` for the beginning).
+            limit: At most this many events are returned; call again with the new
+                cursor to read on.
+
+        Returns:
+            The events with an id greater than *cursor*, oldest first, and the
+            cursor to pass next time (*cursor* itself when there are none).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *cursor* is negative or *limit* is not positive.
+        """
+        if cursor < 0:
+            raise ValueError("cursor must not be negative")
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        with self._transaction(write=False) as connection:
+            rows = connection.execute(
+                select(
+                    revocation_events.c.id,
+                    revocation_events.c.device_id,
+                    revocation_events.c.serial_hex,
+                )
+                .where(revocation_events.c.id > cursor)
+                .order_by(revocation_events.c.id)
+                .limit(limit)
+            ).all()
+        events = [
+            Revocation(device_id=r.device_id, serial_hex=r.serial_hex) for r in rows
+        ]
+        return events, (rows[-1].id if rows else cursor)
+
+    def revocation_cursor(self) -> int:
+        """Return the id of the newest revocation event, or ``0`` if there is none.
+
+        A starting broker polls from here: it checks every new handshake against
+        the store itself, and has no live connections yet, so older events do not
+        concern it.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._transaction(write=False) as connection:
+            newest = connection.execute(
+                select(func.coalesce(func.max(revocation_events.c.id), 0))
+            ).scalar_one()
+        return int(newest)
+
+    def list_devices(
+        self, *, now: datetime, stale_after: timedelta
+    ) -> list[DeviceRecord]:
+        """List every enrolled device with its presence, ordered by device id.
+
+        Args:
+            now: The current time (aware), to judge presence freshness.
+            stale_after: A presence row whose ``last_seen`` is older than this is
+                shown but not counted as online (its broker node may have died
+                without clearing it).
+
+        Returns:
+            One record per device. ``online`` needs a presence row with
+            ``now - last_seen <= stale_after`` and a device that is not revoked.
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *now* is naive.
+        """
+        _check_aware(now, "now")
+        p = device_presence.c
+        with self._transaction(write=False) as connection:
+            rows = connection.execute(
+                select(
+                    devices.c.device_id,
+                    devices.c.enrolled_at,
+                    devices.c.revoked_at,
+                    p.node_id,
+                    p.connected_since,
+                    p.last_seen,
+                    p.agent_version,
+                    p.peer,
+                )
+                .select_from(
+                    devices.outerjoin(
+                        device_presence, p.device_id == devices.c.device_id
+                    )
+                )
+                .order_by(devices.c.device_id)
+            ).all()
+        records = []
+        for row in rows:
+            presence = None
+            if row.node_id is not None:
+                presence = PresenceRow(
+                    device_id=row.device_id,
+                    node_id=row.node_id,
+                    connected_since=row.connected_since,
+                    last_seen=row.last_seen,
+                    agent_version=row.agent_version,
+                    peer=row.peer,
+                )
+            online = (
+                presence is not None
+                and row.revoked_at is None
+                and now - presence.last_seen <= stale_after
+            )
+            records.append(
+                DeviceRecord(
+                    device_id=row.device_id,
+                    enrolled_at=row.enrolled_at,
+                    revoked_at=row.revoked_at,
+                    online=online,
+                    presence=presence,
+                )
+            )
+        return records
+
+    def replace_presence(self, node_id: str, rows: Sequence[PresenceRow]) -> None:
+        """Write the presence of devices connected to broker node *node_id*.
+
+        Each row is upserted by device id, so a device that moved to this node
+        takes its row over. A row is only overwritten by a connection at least as
+        new as the stored one: a node that has not yet noticed that its device
+        reconnected elsewhere cannot overwrite the newer node's row. Devices
+        missing from *rows* are left alone (see :meth:`remove_presence`).
+
+        ``agent_version`` and ``peer`` come from the device and are informational;
+        they are cut to their column size instead of failing the whole batch.
+
+        Args:
+            node_id: This broker node.
+            rows: The devices to record; each must carry *node_id*.
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: A row names another node, or a datetime is naive.
+        """
+        _check_text(node_id, "node_id", NODE_ID_LENGTH)
+        values = []
+        for row in rows:
+            if row.node_id != node_id:
+                raise ValueError(
+                    f"presence row of {row.device_id!r} names node {row.node_id!r}"
+                )
+            _check_text(row.device_id, "device_id", DEVICE_ID_LENGTH)
+            _check_aware(row.connected_since, "connected_since")
+            _check_aware(row.last_seen, "last_seen")
+            values.append(
+                {
+                    "device_id": row.device_id,
+                    "node_id": node_id,
+                    "connected_since": row.connected_since,
+                    "last_seen": row.last_seen,
+                    "agent_version": row.agent_version[:AGENT_VERSION_LENGTH],
+                    "peer": row.peer[:PEER_LENGTH],
+                }
+            )
+        if not values:
+            return
+        with self._transaction(write=True) as connection:
+            _upsert(
+                connection,
+                device_presence,
+                values,
+                key="device_id",
+                update_columns=(
+                    "node_id",
+                    "connected_since",
+                    "last_seen",
+                    "agent_version",
+                    "peer",
+                ),
+                keep_newer="connected_since",
+            )
+
+    def remove_presence(self, node_id: str, device_ids: Sequence[str]) -> None:
+        """Delete the presence rows of *device_ids*, where *node_id* still owns them.
+
+        Example: device D reconnects to node B before node A notices its old
+        connection died. When A finally removes D, B's row must survive, so the
+        delete matches the node as well as the device.
+
+        Args:
+            node_id: The broker node whose devices disconnected.
+            device_ids: The disconnected devices.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        if not device_ids:
+            return
+        ids = list(device_ids)
+        with self._transaction(write=True) as connection:
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                connection.execute(
+                    delete(device_presence).where(
+                        device_presence.c.node_id == node_id,
+                        device_presence.c.device_id.in_(
+                            ids[start : start + _DELETE_CHUNK]
+                        ),
+                    )
+                )
+
+    def clear_presence(self, node_id: str) -> None:
+        """Delete every presence row of broker node *node_id*.
+
+        Called when the node starts (rows left by a crash are stale) and when it
+        stops cleanly.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._transaction(write=True) as connection:
+            connection.execute(
+                delete(device_presence).where(device_presence.c.node_id == node_id)
+            )
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        """Run one transaction, committed on success and rolled back on error.
+
+        Args:
+            write: The transaction will write; on SQLite it then takes the write
+                lock at BEGIN (see Rule 2).
+
+        Yields:
+            The connection, inside the transaction.
+
+        Raises:
+            StoreError: Any database error, chained to the original. SQLAlchemy
+                wraps driver errors, including those of the "connect" hook.
+        """
+        engine = self._writer if write else self._engine
+        try:
+            with engine.begin() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            # Show the driver's own message ("database is locked", "unable to open
+            # database file"), not the SQL statement with its parameters.
+            raise StoreError(str(getattr(exc, "orig", None) or exc)) from exc
+
+
+def _sqlite_on_connect(
+    dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry
+) -> None:
+    """Prepare a new SQLite connection for concurrent use by several processes.
+
+    Args:
+        dbapi_connection: The new ``sqlite3`` connection.
+        record: The pool entry (unused).
+    """
+    connection = cast(sqlite3.Connection, dbapi_connection)
+    # sqlite3's legacy transaction control sends no BEGIN before SELECT or DDL, which
+    # breaks read-then-write transactions and transactional migrations. Switch it off;
+    # _sqlite_on_begin sends BEGIN itself (SQLAlchemy's documented recipe).
+    connection.isolation_level = None
+    cursor = connection.cursor()
+    try:
+        # busy_timeout first: switching to WAL needs a lock another process may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+        # WAL lets readers (relay device list, handshake lookups) run while the
+        # broker or the CLI writes. It is a property of the file and persists.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # SQLite ignores foreign keys unless asked, PostgreSQL always enforces them.
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    """Start a SQLite transaction, taking the write lock at once for writers.
+
+    Args:
+        connection: The connection whose transaction begins.
+    """
+    if connection.get_execution_options().get(_WRITER_OPTION, False):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+def _upsert(
+    connection: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str,
+    update_columns: Sequence[str],
+    keep_newer: str | None = None,
+) -> None:
+    """Insert *rows*, or update the existing row with the same *key*.
+
+    The only dialect-specific statement of the store: ``INSERT ... ON CONFLICT``
+    is spelled the same on SQLite (3.24+) and PostgreSQL (9.5+), but SQLAlchemy
+    builds it from each dialect's own ``insert``.
+
+    Args:
+        connection: Connection inside a write transaction.
+        table: The table.
+        rows: Column values, one mapping per row.
+        key: The primary-key column the conflict is detected on.
+        update_columns: Columns overwritten on conflict; empty means the existing
+            row is kept as is (``DO NOTHING``).
+        keep_newer: If given, the existing row is only updated when the new value
+            of this column is greater than or equal to the stored one.
+
+    Raises:
+        StoreError: The database is neither SQLite nor PostgreSQL.
+    """
+    name = connection.dialect.name
+    if name == "sqlite":
+        sqlite_stmt = sqlite.insert(table)
+        excluded = sqlite_stmt.excluded
+        if not update_columns:
+            connection.execute(
+                sqlite_stmt.on_conflict_do_nothing(index_elements=[key]), rows
+            )
+            return
+        connection.execute(
+            sqlite_stmt.on_conflict_do_update(
+                index_elements=[key],
+                set_={column: excluded[column] for column in update_columns},
+                where=None
+                if keep_newer is None
+                else table.c[keep_newer] <= excluded[keep_newer],
+            ),
+            rows,
+        )
+    elif name == "postgresql":
+        pg_stmt = postgresql.insert(table)
+        excluded = pg_stmt.excluded
+        if not update_columns:
+            connection.execute(
+                pg_stmt.on_conflict_do_nothing(index_elements=[key]), rows
+            )
+            return
+        connection.execute(
+            pg_stmt.on_conflict_do_update(
+                index_elements=[key],
+                set_={column: excluded[column] for column in update_columns},
+                where=None
+                if keep_newer is None
+                else table.c[keep_newer] <= excluded[keep_newer],
+            ),
+            rows,
+        )
+    else:
+        raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """Return the database file of a SQLite *url*, or ``None``.
+
+    Args:
+        url: SQLAlchemy database URL.
+
+    Returns:
+        The file path, or ``None`` for other databases and in-memory SQLite.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _check_aware(value: datetime, name: str) -> None:
+    """Refuse a naive datetime, whose instant would be a guess.
+
+    Raises:
+        ValueError: *value* has no UTC offset.
+    """
+    if value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got {value!r}")
+
+
+def _check_text(value: str, name: str, max_length: int) -> None:
+    """Refuse an empty or over-long identifier.
+
+    SQLite does not enforce ``VARCHAR(n)`` and PostgreSQL does, so the length is
+    checked here to behave the same on both.
+
+    Raises:
+        ValueError: *value* is empty or longer than *max_length*.
+    """
+    if not value or len(value) > max_length:
+        raise ValueError(f"{name} must be 1 to {max_length} characters, got {value!r}")
+
+
+def _canonical_serial(serial_hex: str) -> str:
+    """Return a certificate serial as lowercase hex without leading zeros.
+
+    Example: ``"00AB12"`` and ``"ab12"`` are the same serial, and both are stored
+    and looked up as ``"ab12"``, so formatting differences between callers cannot
+    hide a revoked certificate.
+
+    Raises:
+        ValueError: *serial_hex* is not 1 to 64 hex digits.
+    """
+    if len(serial_hex) > SERIAL_HEX_LENGTH or not _HEX.fullmatch(serial_hex):
+        raise ValueError(f"serial_hex must be 1 to {SERIAL_HEX_LENGTH} hex digits")
+    return format(int(serial_hex, 16), "x")
+
+
+def _canonical_fingerprint(fingerprint_sha256: str) -> str:
+    """Return a SHA-256 fingerprint as 64 lowercase hex digits.
+
+    Raises:
+        ValueError: *fingerprint_sha256* is not 64 hex digits.
+    """
+    if len(fingerprint_sha256) != 64 or not _HEX.fullmatch(fingerprint_sha256):
+        raise ValueError("fingerprint_sha256 must be 64 hex digits")
+    return fingerprint_sha256.lower()
