@@ -175,7 +175,7 @@ def validate_device_id(text: str) -> str:
     """
     if DEVICE_ID_PATTERN.fullmatch(text) is None:
         raise ValueError(
-            f"invalid device id {_printable(text)!r}: use 1 to 64 characters "
+            f"invalid device id '{_printable(text)}': use 1 to 64 characters "
             "(ASCII letters, digits, '.', '_' or '-'), starting with a letter or digit"
         )
     return text
@@ -270,7 +270,7 @@ def create_ca(
         ValueError: *now* is naive, *lifetime* is not positive, or *common_name*
             is empty or longer than 64 characters.
     """
-    not_before, not_after = _validity(now, lifetime, issuer=None)
+    not_before, not_after = _validity(now, lifetime)
     key = generate_private_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     certificate = (
@@ -308,8 +308,8 @@ def create_ca(
 def load_ca(*, key_pem: bytes, certificate_pem: bytes) -> CertificateAuthority:
     """Load a CA from its PEM private key and PEM certificate.
 
-    Not checked: the certificate's validity period (an expired CA still loads,
-    so that an operator can inspect it; signing refuses to outlive it).
+    Not checked: the certificate's validity period. An expired CA still loads, so
+    that an operator can inspect it; see :func:`sign_device_csr` for signing.
 
     Raises:
         ValueError: Either input does not parse, the key is not an elliptic-curve
@@ -319,11 +319,12 @@ def load_ca(*, key_pem: bytes, certificate_pem: bytes) -> CertificateAuthority:
     key = load_private_key(key_pem)
     try:
         certificate = x509.load_pem_x509_certificate(certificate_pem)
-    except (ValueError, x509.InvalidVersion) as error:
+        public_key = certificate.public_key()
+        constraints = _find_extension(certificate.extensions, x509.BasicConstraints)
+    except (*_DECODE_ERRORS, x509.InvalidVersion, UnsupportedAlgorithm) as error:
         raise ValueError(f"cannot load CA certificate: {error}") from None
-    if certificate.public_key() != key.public_key():
+    if public_key != key.public_key():
         raise ValueError("the CA private key does not match the CA certificate")
-    constraints = _find_extension(certificate.extensions, x509.BasicConstraints)
     if constraints is None or not constraints.ca:
         raise ValueError(
             "the CA certificate is not a CA certificate (no BasicConstraints CA:TRUE)"
@@ -434,17 +435,19 @@ def sign_device_csr(
             (not ECDSA P-256/P-384/P-521 or RSA >= 2048 bits) or
             ``'bad_device_id'`` (no single valid CN, or a SAN URI naming another
             device).
-        ValueError: *now* is naive, *lifetime* is not positive, or the
-            certificate would outlive the CA. These are the caller's mistakes,
-            not the requester's.
+        ValueError: *now* is naive or *lifetime* is not positive. These are the
+            caller's mistakes, not the requester's.
 
     Not checked: whether the device id is already enrolled or revoked, or whether
-    the requester may enroll it. That is the caller's decision, made before
-    calling this.
+    the requester may enroll it (the caller decides that before calling this).
+    Nor whether the CA is valid at *now* or outlives the new certificate: the
+    lifetime is exactly what was asked, and a certificate that outlives its CA
+    stops verifying when the CA expires. Callers that care compare
+    ``ca.certificate.not_valid_after_utc`` with ``now + lifetime`` first.
     """
     # Check the caller's arguments first: a misconfigured lifetime is not the
     # requester's fault and must not be reported as a refused request.
-    not_before, not_after = _validity(now, lifetime, issuer=ca.certificate)
+    not_before, not_after = _validity(now, lifetime)
     # Bounded work: measure before parsing, so a huge upload costs a len().
     if len(csr_pem) > max_csr_bytes:
         raise CertificateRequestError(
@@ -526,10 +529,13 @@ def issue_server_certificate(
 
     Raises:
         ValueError: *names* is empty or has an empty or non-ASCII entry, the first
-            name is longer than 64 characters, *now* is naive, *lifetime* is not
-            positive, or the certificate would outlive the CA.
+            name is longer than 64 characters, *now* is naive, or *lifetime* is
+            not positive.
+
+    Not checked: whether the CA outlives the certificate (as for
+    :func:`sign_device_csr`).
     """
-    not_before, not_after = _validity(now, lifetime, issuer=ca.certificate)
+    not_before, not_after = _validity(now, lifetime)
     if not names:
         raise ValueError("a server certificate needs at least one name")
     alt_names: list[x509.GeneralName] = []
@@ -730,9 +736,7 @@ def _require_aware(now: datetime) -> None:
         raise ValueError("now must be a timezone-aware datetime (UTC)")
 
 
-def _validity(
-    now: datetime, lifetime: timedelta, *, issuer: x509.Certificate | None
-) -> tuple[datetime, datetime]:
+def _validity(now: datetime, lifetime: timedelta) -> tuple[datetime, datetime]:
     _require_aware(now)
     if lifetime <= timedelta(0):
         raise ValueError(f"certificate lifetime must be positive, got {lifetime}")
@@ -741,14 +745,6 @@ def _validity(
     # lifetimes, as the caller asked.
     start = now.astimezone(UTC).replace(microsecond=0)
     not_after = (start + lifetime).replace(microsecond=0)
-    if issuer is not None and not_after > issuer.not_valid_after_utc:
-        # Such a certificate would stop verifying when the CA expires anyway;
-        # say so now instead of issuing a lifetime that is not real.
-        raise ValueError(
-            f"a certificate valid until {not_after} would outlive the CA, which "
-            f"expires at {issuer.not_valid_after_utc}; renew the CA or shorten "
-            "the lifetime"
-        )
     return start - _CLOCK_SKEW, not_after
 
 
@@ -943,7 +939,7 @@ def _ignored_in_extension(
                     raise CertificateRequestError(
                         "bad_device_id",
                         f"the request names device {device_id!r} in its subject "
-                        f"but {_printable(claimed)!r} in its subjectAltName",
+                        f"but '{_printable(claimed)}' in its subjectAltName",
                     )
                 continue  # The one name we do grant.
             yield f"subjectAltName {_general_name_description(name)}"

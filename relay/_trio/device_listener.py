@@ -581,6 +581,7 @@ _SSL_REASONS: Final = {
     "NO_SHARED_CIPHER": "no_shared_cipher",
     "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
     "CERTIFICATE_VERIFY_FAILED": "bad_certificate",
+    "UNEXPECTED_EOF_WHILE_READING": "eof",
 }
 
 

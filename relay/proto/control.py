@@ -140,7 +140,9 @@ def encode(event: Event) -> bytes:
     body: dict[str, Any] = {"type": event.TYPE}
     for item in fields(event):  # type: ignore[arg-type]
         body[item.name] = getattr(event, item.name)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(
+        body, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def decode(data: bytes) -> Event:
@@ -154,9 +156,16 @@ def decode(data: bytes) -> Event:
             "control message too large", close_code=CloseCode.MESSAGE_TOO_BIG
         )
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        body = json.loads(
+            data.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_reject_duplicate_keys,
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"control message is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        # Valid messages are flat; deep nesting is an attack on the parser.
+        raise RemoteProtocolError("control message nests too deeply") from None
     if not isinstance(body, dict):
         raise RemoteProtocolError("control message is not a JSON object")
     type_name = body.pop("type", None)
@@ -179,6 +188,21 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; the first would be data that
+    # nobody checks, so a repeated key is refused.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise ValueError("duplicate key")
+    return body
+
+
+def _check_event(event: Event) -> None:
+    """Check an event's field values against the same rules as :func:`decode`."""
+    for item in fields(event):  # type: ignore[arg-type]
+        _check_field(event.TYPE, item.name, item.type, getattr(event, item.name))
+
+
 def _check_field(type_name: str, name: str, annotation: object, value: object) -> None:
     # Annotations are strings (from __future__ import annotations).
     if annotation == "int":
@@ -188,17 +212,32 @@ def _check_field(type_name: str, name: str, annotation: object, value: object) -
             and 0 <= value < _MAX_INT
         )
     elif annotation == "float":
+        # Every float field is an interval: positive and finite.
         ok = (
             isinstance(value, int | float)
             and not isinstance(value, bool)
-            and 0 <= value < _MAX_INT
+            and 0 < value < _MAX_INT
         )
     elif annotation == "str":
-        ok = isinstance(value, str) and len(value) <= _MAX_STRING_CHARS
+        ok = (
+            isinstance(value, str)
+            and len(value) <= _MAX_STRING_CHARS
+            and _is_utf8(value)
+        )
     else:  # pragma: no cover - every field type is listed above
         ok = False
     if not ok:
         raise RemoteProtocolError(f"{type_name}.{name}: bad value {_shorten(value)}")
+
+
+def _is_utf8(text: str) -> bool:
+    # Lone surrogates ("\ud800") decode from JSON escapes but cannot be encoded
+    # again; they would break whatever logs or stores the string later.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shorten(value: object) -> str:
@@ -251,7 +290,15 @@ class ControlChannel:
         Raises:
             LocalProtocolError: We may not send this event in this state.
         """
-        self._transition(event, sender=self.our_role)
+        try:
+            _check_event(event)
+            self._transition(event, sender=self.our_role)
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            raise LocalProtocolError(str(exc), close_code=exc.close_code) from None
+        except LocalProtocolError:
+            self.state = State.ERROR
+            raise
         return encode(event)
 
     def _transition(self, event: Event, *, sender: Role) -> None:

@@ -25,12 +25,16 @@ from relay._trio.websocket import (
 from relay.config import WebSocketLimits
 from relay.proto.close import CloseCode
 
-LIMITS = WebSocketLimits(max_message_bytes=1024, ping_interval_s=1.0, close_timeout_s=1.0)
+LIMITS = WebSocketLimits(
+    max_message_bytes=1024, ping_interval_s=1.0, close_timeout_s=1.0
+)
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 
 
-async def _serve_one(stream: trio.abc.Stream, handler: Handler, limits: WebSocketLimits = LIMITS) -> None:
+async def _serve_one(
+    stream: trio.abc.Stream, handler: Handler, limits: WebSocketLimits = LIMITS
+) -> None:
     handshake = ServerHandshake(stream, limits)
     request = await handshake.receive_request()
     if request.path != "/echo":
@@ -55,7 +59,9 @@ async def _pair(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_serve_one, server_stream, handler, limits)
-        async with connect_websocket(client_stream, f"ws://relay.test{path}", limits) as ws:
+        async with connect_websocket(
+            client_stream, f"ws://relay.test{path}", limits
+        ) as ws:
             yield ws
 
 
@@ -117,7 +123,9 @@ async def test_oversized_message_closes_with_1009() -> None:
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_one, server_stream, handler)
-            async with connect_websocket(client_stream, "ws://relay.test/echo", big_client) as ws:
+            async with connect_websocket(
+                client_stream, "ws://relay.test/echo", big_client
+            ) as ws:
                 await ws.send_message(b"x" * 2000)
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.receive_message()
@@ -170,7 +178,9 @@ async def test_unknown_path_is_rejected_with_status_and_body() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_one, server_stream, _echo)
             with pytest.raises(HandshakeFailed) as info:
-                async with connect_websocket(client_stream, "ws://relay.test/elsewhere", LIMITS):
+                async with connect_websocket(
+                    client_stream, "ws://relay.test/elsewhere", LIMITS
+                ):
                     pass  # pragma: no cover - the handshake fails
     assert info.value.status == 404
     assert info.value.body == b"unknown path\n"
@@ -191,7 +201,10 @@ async def test_oversized_upgrade_request_gets_431() -> None:
 
             nursery.start_soon(server)
             await client_stream.send_all(
-                b"GET /echo HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 4000 + b"\r\n" * 1
+                b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+                + b"X-Pad: "
+                + b"p" * 4000
+                + b"\r\n" * 1
                 + (b"X-More: " + b"q" * 4000 + b"\r\n") * 2
             )
             answer = b""
@@ -223,7 +236,9 @@ async def test_garbage_before_upgrade_is_closed() -> None:
     assert len(failures) == 1
 
 
-async def test_silent_peer_is_dropped_by_keepalive(autojump_clock: trio.testing.MockClock) -> None:
+async def test_silent_peer_is_dropped_by_keepalive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """A peer that stops answering is declared dead after ping_missed_max intervals."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     closed: list[tuple[int, float]] = []
@@ -249,7 +264,9 @@ async def test_silent_peer_is_dropped_by_keepalive(autojump_clock: trio.testing.
     assert dead_after <= elapsed <= dead_after + LIMITS.ping_interval_s
 
 
-async def test_answering_peer_stays_connected(autojump_clock: trio.testing.MockClock) -> None:
+async def test_answering_peer_stays_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Pings are answered automatically, so an idle but live connection stays open."""
     async with _pair(_echo) as ws:
         await trio.sleep(LIMITS.ping_interval_s * 20)
@@ -258,7 +275,9 @@ async def test_answering_peer_stays_connected(autojump_clock: trio.testing.MockC
         assert await ws.receive_message() == b"still here"
 
 
-async def test_close_without_answer_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
+async def test_close_without_answer_is_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """aclose() returns after close_timeout_s even when the peer never answers the close."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     protocol = ClientProtocol(parse_uri("ws://relay.test/echo"))
@@ -282,7 +301,9 @@ async def test_close_without_answer_is_bounded(autojump_clock: trio.testing.Mock
 
 async def test_sender_waits_when_peer_does_not_read() -> None:
     """send_message() blocks once send_buffer_bytes are queued and the peer does not read."""
-    limits = dataclasses.replace(LIMITS, send_buffer_bytes=4096, receive_queue_messages=1)
+    limits = dataclasses.replace(
+        LIMITS, send_buffer_bytes=4096, receive_queue_messages=1
+    )
     client_stream, server_stream = trio.testing.lockstep_stream_pair()
     stalled = trio.Event()
 
@@ -292,7 +313,9 @@ async def test_sender_waits_when_peer_does_not_read() -> None:
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_one, server_stream, handler, limits)
-            async with connect_websocket(client_stream, "ws://relay.test/echo", limits) as ws:
+            async with connect_websocket(
+                client_stream, "ws://relay.test/echo", limits
+            ) as ws:
                 sent = 0
                 with trio.move_on_after(0.5):
                     while True:
@@ -306,7 +329,9 @@ async def test_sender_waits_when_peer_does_not_read() -> None:
 # Interoperability with independent implementations, over real TCP on loopback.
 
 
-async def _serve_echo_tcp(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_echo_tcp(
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
     async def on_connection(stream: trio.SocketStream) -> None:
         try:
             await _serve_one(stream, _echo)
@@ -324,7 +349,9 @@ async def test_trio_websocket_client_talks_to_our_server() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_echo_tcp)
         with trio.fail_after(10):
-            async with trio_websocket.open_websocket("127.0.0.1", port, "/echo", use_ssl=False) as ws:
+            async with trio_websocket.open_websocket(
+                "127.0.0.1", port, "/echo", use_ssl=False
+            ) as ws:
                 await ws.send_message(b"\x00\x01binary")
                 assert await ws.get_message() == b"\x00\x01binary"
         nursery.cancel_scope.cancel()
@@ -346,7 +373,9 @@ async def test_websockets_asyncio_client_talks_to_our_server() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_echo_tcp)
         with trio.fail_after(10):
-            reply = await trio.to_thread.run_sync(lambda: asyncio.run(asyncio_client(port)))
+            reply = await trio.to_thread.run_sync(
+                lambda: asyncio.run(asyncio_client(port))
+            )
         assert reply == b"from asyncio"
         nursery.cancel_scope.cancel()
 
@@ -364,12 +393,15 @@ async def test_our_client_talks_to_trio_websocket_server() -> None:
             pass
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        server = await nursery.start(
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None
+        )
         port = server.port
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with connect_websocket(stream, f"ws://127.0.0.1:{port}/", LIMITS) as ws:
+            async with connect_websocket(
+                stream, f"ws://127.0.0.1:{port}/", LIMITS
+            ) as ws:
                 await ws.send_message(b"\xffours")
                 assert await ws.receive_message() == b"\xffours"
         nursery.cancel_scope.cancel()
-
