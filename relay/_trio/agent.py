@@ -277,7 +277,7 @@ def _check_own_certificate(files: AgentDir, now: datetime) -> str:
     """Read our certificate and return the device id; refuse an unusable one."""
     try:
         certificate = x509.load_pem_x509_certificate(files.cert.read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, x509.InvalidVersion) as exc:
         raise _AttemptFailed(
             Outcome.LOCAL_CERTIFICATE, f"cannot read {files.cert}: {exc}"
         ) from None

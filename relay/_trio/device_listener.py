@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import ssl
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ class DeviceListener:
                 return None
             stage = "upgrade"
             der = tls.getpeercert(binary_form=True)
-            certificate = x509.load_der_x509_certificate(der) if der else None
+            certificate = _load_peer_certificate(der)
             refusal, identity = await self._check_certificate(certificate)
             try:
                 request = await handshake.receive_request()
@@ -284,10 +285,10 @@ class DeviceListener:
         self, certificate: x509.Certificate | None
     ) -> tuple[tuple[int, str, str] | None, auth.DeviceIdentity | None]:
         """Profile, store and revocation checks; returns (refusal, identity)."""
-        if (
-            certificate is None
-        ):  # pragma: no cover - CERT_REQUIRED makes this impossible
-            return (403, "no_certificate", "client certificate required"), None
+        if certificate is None:
+            # OpenSSL verified it, but cryptography cannot parse it (e.g. an
+            # unknown version): nothing trustworthy can be read from it.
+            return (403, "certificate_unparsable", "certificate not acceptable"), None
         try:
             identity = auth.verify_device_certificate(
                 self.ca_certificate, certificate, now=self.wall_clock()
@@ -554,6 +555,19 @@ class DeviceListener:
         except StoreError as exc:
             self.metrics.store_errors.labels("presence").inc()
             self.log.error("store.failed", operation="presence", error=str(exc))
+
+
+def _load_peer_certificate(der: bytes | None) -> x509.Certificate | None:
+    if not der:  # pragma: no cover - CERT_REQUIRED guarantees a certificate
+        return None
+    try:
+        with warnings.catch_warnings():
+            # Odd-but-valid encodings (e.g. a negative serial) only warn; the
+            # profile checks decide, so the warning must not become an error.
+            warnings.simplefilter("ignore")
+            return x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion):
+        return None
 
 
 def _peer_address(tcp: trio.SocketStream) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -333,10 +334,8 @@ async def _serve_echo_tcp(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def on_connection(stream: trio.SocketStream) -> None:
-        try:
+        with contextlib.suppress(HandshakeFailed):
             await _serve_one(stream, _echo)
-        except HandshakeFailed:
-            pass
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])

@@ -1,0 +1,29 @@
+# Two commands for people and CI (see README):
+#   make demo   broker + one simulated device on embedded defaults
+#   make test   format check, lint, type check, tests
+# Each creates .venv on first use (and again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/relay demo
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/check
+
+lint: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/check --lint-only
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,502 @@
+"""The ``relay`` command line, run as a real subprocess on a temporary data dir.
+
+Each test runs ``python -m relay ...`` with ``RELAY_DATA_DIR`` pointing into
+``tmp_path`` and checks the exit code and what the command printed (stdout for what
+a script parses, stderr for people and for the JSON log lines). Every run also
+checks that no private key material was printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import auth
+
+DEVICE_ID = "pump-7"
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Runs the ``relay`` command line against one data dir."""
+
+    workdir: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.data_dir / "ca" / "ca.key"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "ca" / "ca.crt"
+
+    def __call__(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        """Run ``relay ARGS`` and return the finished process.
+
+        Fails the test if stdout or stderr carries private key material.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", *(str(arg) for arg in args)],
+            env={**os.environ, "RELAY_DATA_DIR": str(self.data_dir)},
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "PRIVATE KEY" not in result.stdout, result.stdout
+        assert "PRIVATE KEY" not in result.stderr, result.stderr
+        return result
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Relay:
+    """The command line on a fresh, not yet created data dir."""
+    return Relay(tmp_path)
+
+
+@pytest.fixture
+def ca(relay: Relay) -> Relay:
+    """The command line on a data dir with a device CA."""
+    result = relay("ca", "init")
+    assert result.returncode == 0, result.stderr
+    return relay
+
+
+@pytest.fixture
+def agent_dir(ca: Relay) -> Path:
+    """An agent directory enrolled as DEVICE_ID (key and CSR, not signed yet)."""
+    directory = ca.workdir / "agent"
+    result = ca("agent", "enroll", "--device-id", DEVICE_ID, "--dir", directory)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture
+def signed(ca: Relay, agent_dir: Path) -> Path:
+    """DEVICE_ID enrolled and signed; returns the issued certificate's path."""
+    out = agent_dir / "device.crt"
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def json_logs(stderr: str) -> list[dict[str, Any]]:
+    """The structured log lines in *stderr* (JSON objects), in order."""
+    events: list[dict[str, Any]] = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            value = json.loads(line)
+            assert isinstance(value, dict)
+            events.append(value)
+    return events
+
+
+def device_rows(relay: Relay) -> dict[str, dict[str, Any]]:
+    """``relay device list --json`` as a dict keyed by device id."""
+    result = relay("device", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list)
+    return {row["device_id"]: row for row in rows}
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """The PEM certificate at *path*."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def write_csr(
+    path: Path,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    device_id: str,
+    extensions: list[x509.ExtensionType] | None = None,
+) -> Path:
+    """Write a PEM CSR with CN=*device_id* and *extensions* to *path*."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    )
+    for extension in extensions or []:
+        builder = builder.add_extension(extension, critical=False)
+    csr = builder.sign(key, hashes.SHA256())
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+# ca init / ca cert ------------------------------------------------------------------
+
+
+def test_ca_init_creates_private_key_and_certificate(relay: Relay) -> None:
+    """`relay ca init` creates ca/ca.key with mode 0600 and ca/ca.crt, a CA certificate."""
+    result = relay("ca", "init")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "created device CA" in result.stderr
+    assert stat.S_IMODE(relay.ca_key.stat().st_mode) == 0o600
+    certificate = load_certificate(relay.ca_cert)
+    constraints = certificate.extensions.get_extension_for_class(
+        x509.BasicConstraints
+    ).value
+    assert constraints.ca
+
+
+def test_ca_init_twice_keeps_the_existing_ca(ca: Relay) -> None:
+    """A second `relay ca init` exits 0, says the CA exists, and changes no byte."""
+    key_before = ca.ca_key.read_bytes()
+    cert_before = ca.ca_cert.read_bytes()
+
+    result = ca("ca", "init")
+
+    assert result.returncode == 0, result.stderr
+    assert "already exists" in result.stderr
+    assert ca.ca_key.read_bytes() == key_before
+    assert ca.ca_cert.read_bytes() == cert_before
+
+
+def test_ca_cert_prints_exactly_the_ca_pem(ca: Relay) -> None:
+    """`relay ca cert` prints the CA certificate PEM on stdout and nothing else."""
+    result = ca("ca", "cert")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ca.ca_cert.read_text()
+    assert result.stdout.startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_ca_cert_without_ca_is_an_error(relay: Relay) -> None:
+    """`relay ca cert` without a CA exits 1 and tells the operator to run `relay ca init`."""
+    result = relay("ca", "cert")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "relay: error:" in result.stderr
+    assert "relay ca init" in result.stderr
+
+
+# agent enroll ---------------------------------------------------------------------------
+
+
+def test_agent_enroll_writes_key_and_csr(relay: Relay) -> None:
+    """`relay agent enroll` writes device.key (0600) and a PEM CSR with CN=<device id>."""
+    directory = relay.workdir / "agent"
+
+    result = relay("agent", "enroll", "--device-id", DEVICE_ID, "--dir", directory)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "relay ca sign" in result.stderr
+    assert stat.S_IMODE((directory / "device.key").stat().st_mode) == 0o600
+    csr_pem = (directory / "device.csr").read_bytes()
+    assert csr_pem.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
+    common_names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert [name.value for name in common_names] == [DEVICE_ID]
+
+
+def test_agent_enroll_twice_keeps_the_key(agent_dir: Path, ca: Relay) -> None:
+    """A second `relay agent enroll` in the same dir fails and leaves key and CSR as they were."""
+    key_before = (agent_dir / "device.key").read_bytes()
+    csr_before = (agent_dir / "device.csr").read_bytes()
+
+    result = ca("agent", "enroll", "--device-id", DEVICE_ID, "--dir", agent_dir)
+
+    assert result.returncode != 0
+    assert "relay: error:" in result.stderr
+    assert "device.key" in result.stderr
+    assert (agent_dir / "device.key").read_bytes() == key_before
+    assert (agent_dir / "device.csr").read_bytes() == csr_before
+
+
+@pytest.mark.parametrize("device_id", ["bad/id", "x" * 65])
+def test_agent_enroll_refuses_an_invalid_device_id(
+    relay: Relay, device_id: str
+) -> None:
+    """`relay agent enroll` with an invalid device id exits 2 and writes nothing."""
+    directory = relay.workdir / "agent"
+
+    result = relay("agent", "enroll", "--device-id", device_id, "--dir", directory)
+
+    assert result.returncode == 2
+    assert "relay: error: invalid device id" in result.stderr
+    assert not (directory / "device.key").exists()
+    assert not (directory / "device.csr").exists()
+
+
+# ca sign and device list ----------------------------------------------------------------
+
+
+def test_ca_sign_issues_a_device_client_certificate(ca: Relay, agent_dir: Path) -> None:
+    """`relay ca sign` writes a certificate that verifies against the CA, CA:FALSE and clientAuth."""
+    out = agent_dir / "device.crt"
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert f"signed device {DEVICE_ID}" in result.stderr
+    certificate = load_certificate(out)
+    identity = auth.verify_device_certificate(
+        load_certificate(ca.ca_cert), certificate, now=datetime.now(UTC)
+    )
+    assert identity.device_id == DEVICE_ID
+    constraints = certificate.extensions.get_extension_for_class(
+        x509.BasicConstraints
+    ).value
+    assert not constraints.ca
+    usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_device_list_json_shows_a_signed_device(ca: Relay, signed: Path) -> None:
+    """After `relay ca sign`, `relay device list --json` lists the device, not revoked, offline."""
+    row = device_rows(ca)[DEVICE_ID]
+
+    assert row["revoked"] is False
+    assert row["online"] is False
+    assert row["revoked_at"] is None
+
+
+def test_device_list_plain_shows_header_and_id(ca: Relay, signed: Path) -> None:
+    """The plain `relay device list` prints a header line and a row with the device id."""
+    result = ca("device", "list")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["DEVICE", "ONLINE", "REVOKED"]
+    assert [line.split()[0] for line in lines[1:]] == [DEVICE_ID]
+
+
+def test_device_list_on_an_empty_data_dir_has_no_devices(relay: Relay) -> None:
+    """`relay device list --json` on a fresh data dir prints an empty JSON list."""
+    result = relay("device", "list", "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_ca_sign_logs_an_audit_event(ca: Relay, agent_dir: Path) -> None:
+    """`relay ca sign` logs a JSON `pki.device_signed` event with audit true on stderr."""
+    result = ca(
+        "ca", "sign", agent_dir / "device.csr", "--out", agent_dir / "device.crt"
+    )
+
+    assert result.returncode == 0, result.stderr
+    signed_events = [
+        event
+        for event in json_logs(result.stderr)
+        if event.get("event") == "pki.device_signed"
+    ]
+    assert len(signed_events) == 1
+    assert signed_events[0]["audit"] is True
+    assert signed_events[0]["device_id"] == DEVICE_ID
+
+
+def test_no_command_prints_private_key_material(relay: Relay) -> None:
+    """No command of the enrollment flow prints private key material on stdout or stderr."""
+    directory = relay.workdir / "agent"
+    results = [
+        relay("ca", "init"),
+        relay("ca", "init"),
+        relay("ca", "cert"),
+        relay("agent", "enroll", "--device-id", DEVICE_ID, "--dir", directory),
+        relay("agent", "enroll", "--device-id", DEVICE_ID, "--dir", directory),
+        relay(
+            "ca", "sign", directory / "device.csr", "--out", directory / "device.crt"
+        ),
+        relay("device", "list"),
+        relay("device", "list", "--json"),
+        relay("device", "revoke", DEVICE_ID),
+    ]
+
+    assert [result.returncode for result in results] == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    for result in results:
+        output = result.stdout + result.stderr
+        assert "PRIVATE KEY" not in output
+        assert "BEGIN EC" not in output
+
+
+# bad CSRs --------------------------------------------------------------------------------
+
+
+def test_ca_sign_refuses_a_garbage_file(ca: Relay) -> None:
+    """`relay ca sign` on a file that is no CSR exits 2 and names the reason `malformed`."""
+    garbage = ca.workdir / "garbage.csr"
+    garbage.write_bytes(b"this is not a certificate request\n")
+    out = ca.workdir / "out.crt"
+
+    result = ca("ca", "sign", garbage, "--out", out)
+
+    assert result.returncode == 2
+    assert "relay: error: certificate request refused (malformed)" in result.stderr
+    assert not out.exists()
+
+
+def test_ca_sign_refuses_a_huge_file_quickly(ca: Relay) -> None:
+    """`relay ca sign` on a 1 MiB file exits 2 with `too_large`, without parsing it."""
+    huge = ca.workdir / "huge.csr"
+    huge.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\n" + b"A" * (1024 * 1024))
+    out = ca.workdir / "out.crt"
+
+    started = time.monotonic()
+    result = ca("ca", "sign", huge, "--out", out)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 2
+    assert "relay: error: certificate request refused (too_large)" in result.stderr
+    assert not out.exists()
+    # Generous: interpreter start-up dominates; a parse of the whole file is not
+    # needed to see this, but a hang or a quadratic scan would show.
+    assert elapsed < 20
+
+
+def test_ca_sign_refuses_a_weak_rsa_key(ca: Relay) -> None:
+    """`relay ca sign` on a CSR with an RSA-1024 key exits 2 with `weak_key`."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the weak key is the point of the test
+    csr = write_csr(ca.workdir / "weak.csr", key, DEVICE_ID)
+    out = ca.workdir / "out.crt"
+
+    result = ca("ca", "sign", csr, "--out", out)
+
+    assert result.returncode == 2
+    assert "relay: error: certificate request refused (weak_key)" in result.stderr
+    assert "RSA-1024" in result.stderr
+    assert not out.exists()
+    assert DEVICE_ID not in device_rows(ca)
+
+
+def test_ca_sign_ignores_what_the_profile_does_not_grant(ca: Relay) -> None:
+    """A CSR asking CA:TRUE, serverAuth and a DNS SAN still gets the fixed device profile, with warnings."""
+    csr = write_csr(
+        ca.workdir / "greedy.csr",
+        ec.generate_private_key(ec.SECP256R1()),
+        DEVICE_ID,
+        [
+            x509.BasicConstraints(ca=True, path_length=None),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+            x509.SubjectAlternativeName([x509.DNSName("evil.example")]),
+        ],
+    )
+    out = ca.workdir / "greedy.crt"
+
+    result = ca("ca", "sign", csr, "--out", out)
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 3, result.stderr
+    assert any("basicConstraints CA:TRUE" in line for line in warnings)
+    assert any("extendedKeyUsage serverAuth" in line for line in warnings)
+    assert any("subjectAltName DNS:evil.example" in line for line in warnings)
+    certificate = load_certificate(out)
+    extensions = certificate.extensions
+    assert not extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert list(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    assert list(
+        extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ) == [x509.UniformResourceIdentifier(f"urn:relay:device:{DEVICE_ID}")]
+
+
+def test_ca_sign_with_a_missing_csr_file_is_a_usage_error(ca: Relay) -> None:
+    """`relay ca sign` on a path that does not exist exits 2 and names the path."""
+    missing = ca.workdir / "nowhere.csr"
+    out = ca.workdir / "out.crt"
+
+    result = ca("ca", "sign", missing, "--out", out)
+
+    assert result.returncode == 2
+    assert f"relay: error: cannot read {missing}" in result.stderr
+    assert not out.exists()
+
+
+# revocation -------------------------------------------------------------------------------
+
+
+def test_device_revoke_marks_the_device_revoked(ca: Relay, signed: Path) -> None:
+    """`relay device revoke ID` exits 0 and `device list --json` then shows revoked true."""
+    result = ca("device", "revoke", DEVICE_ID)
+
+    assert result.returncode == 0, result.stderr
+    assert f"revoked device {DEVICE_ID}" in result.stderr
+    row = device_rows(ca)[DEVICE_ID]
+    assert row["revoked"] is True
+    assert row["revoked_at"] is not None
+
+
+def test_device_revoke_twice_says_already_revoked(ca: Relay, signed: Path) -> None:
+    """Revoking a revoked device again exits 0 and says it was already revoked."""
+    first = ca("device", "revoke", DEVICE_ID)
+    revoked_at = device_rows(ca)[DEVICE_ID]["revoked_at"]
+
+    second = ca("device", "revoke", DEVICE_ID)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "already revoked" in second.stderr
+    assert device_rows(ca)[DEVICE_ID]["revoked_at"] == revoked_at
+
+
+def test_device_revoke_unknown_device_is_an_error(ca: Relay) -> None:
+    """`relay device revoke` of an id never enrolled exits 1 with `unknown device`."""
+    result = ca("device", "revoke", "no-such-device")
+
+    assert result.returncode == 1
+    assert "relay: error: unknown device 'no-such-device'" in result.stderr
+
+
+def test_ca_sign_refuses_a_revoked_device_id(ca: Relay, signed: Path) -> None:
+    """Signing a new CSR for a revoked device id exits 1: revoked ids are not reused."""
+    revoke = ca("device", "revoke", DEVICE_ID)
+    replacement = ca.workdir / "replacement"
+    enroll = ca("agent", "enroll", "--device-id", DEVICE_ID, "--dir", replacement)
+    out = replacement / "device.crt"
+
+    result = ca("ca", "sign", replacement / "device.csr", "--out", out)
+
+    assert revoke.returncode == 0, revoke.stderr
+    assert enroll.returncode == 0, enroll.stderr
+    assert result.returncode == 1
+    assert "relay: error:" in result.stderr
+    assert "revoked device ids are not reused" in result.stderr
+    assert not out.exists()
+
+
+# agent run --------------------------------------------------------------------------------
+
+
+def test_agent_run_refuses_a_non_wss_broker_url(ca: Relay, signed: Path) -> None:
+    """`relay agent run --broker http://x` exits 2 without connecting anywhere."""
+    result = ca(
+        "agent",
+        "run",
+        "--broker",
+        "http://x",
+        "--dir",
+        signed.parent,
+        "--ca-file",
+        ca.ca_cert,
+    )
+
+    assert result.returncode == 2
+    assert "relay: error:" in result.stderr
+    assert "wss://" in result.stderr
