@@ -349,6 +349,14 @@ def test_ca_sign_refuses_a_garbage_file(ca: Relay) -> None:
     assert result.returncode == 2
     assert "relay: error: certificate request refused (malformed)" in result.stderr
     assert not out.exists()
+    refusals = [
+        event
+        for event in json_logs(result.stderr)
+        if event.get("event") == "pki.csr_refused"
+    ]
+    assert [(event["reason"], event["audit"]) for event in refusals] == [
+        ("malformed", True)
+    ]
 
 
 def test_ca_sign_refuses_a_huge_file_quickly(ca: Relay) -> None:
