@@ -13,7 +13,7 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -217,8 +217,9 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope.cancel)
             await run_agent(settings)
+            nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    _run_trio(main)
     return 0
 
 
@@ -286,6 +287,24 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
 # serve and demo --------------------------------------------------------------------------
 
 
+def _run_trio(main: Callable[[], Awaitable[None]]) -> None:
+    """trio.run(main), turning expected start-up failures into a CLI error.
+
+    Inside a nursery an error arrives wrapped in an exception group; a port in use
+    or a missing CA should still read as one line, not a traceback.
+    """
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        expected, unexpected = group.split((OSError, MissingCA))
+        if unexpected is not None or expected is None:
+            raise
+        first = expected.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise CLIError(str(first)) from None
+
+
 async def _cancel_on_signal(stop: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
@@ -305,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await serve_broker(config, shutdown)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    _run_trio(main)
     return 0
 
 
@@ -371,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             agent_scope.cancel()
             print("stopping...", file=out, flush=True)
 
-    trio.run(main)
+    _run_trio(main)
     print("stopped", file=out)
     return 0
 

@@ -379,7 +379,8 @@ def test_ca_sign_refuses_a_huge_file_quickly(ca: Relay) -> None:
 
 def test_ca_sign_refuses_a_weak_rsa_key(ca: Relay) -> None:
     """`relay ca sign` on a CSR with an RSA-1024 key exits 2 with `weak_key`."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the weak key is the point of the test
+    # A weak key is the point of this test.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
     csr = write_csr(ca.workdir / "weak.csr", key, DEVICE_ID)
     out = ca.workdir / "out.crt"
 
@@ -435,6 +436,22 @@ def test_ca_sign_with_a_missing_csr_file_is_a_usage_error(ca: Relay) -> None:
     assert result.returncode == 2
     assert f"relay: error: cannot read {missing}" in result.stderr
     assert not out.exists()
+
+
+def test_ca_sign_without_ca_is_an_error(relay: Relay) -> None:
+    """`relay ca sign` without a CA exits 1, points at `relay ca init` and writes nothing."""
+    directory = relay.workdir / "agent"
+    enroll = relay("agent", "enroll", "--device-id", DEVICE_ID, "--dir", directory)
+    out = directory / "device.crt"
+
+    result = relay("ca", "sign", directory / "device.csr", "--out", out)
+
+    assert enroll.returncode == 0, enroll.stderr
+    assert result.returncode == 1
+    assert "relay: error:" in result.stderr
+    assert "relay ca init" in result.stderr
+    assert not out.exists()
+    assert not relay.ca_key.exists()
 
 
 # revocation -------------------------------------------------------------------------------
