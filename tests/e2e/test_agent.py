@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
 
+import auth
 from relay._trio.agent import AgentSettings, AgentStatus, run_agent
 from relay._trio.broker import BrokerPorts, serve_broker
 from relay.config import ListenAddress
@@ -175,3 +177,50 @@ def test_agent_context_requires_tls12(pki: PKI) -> None:
     )
     assert context.minimum_version >= context.minimum_version.TLSv1_2
     assert context.check_hostname
+
+
+async def test_operator_provided_listener_certificate(
+    pki: PKI, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """With --tls-cert/--tls-key the broker serves the operator's certificate; agents trust the operator's CA."""
+    operator_ca = foreign_ca()
+    key, certificate = auth.issue_server_certificate(
+        operator_ca,
+        names=["localhost", LOOPBACK],
+        now=datetime.now(UTC),
+        lifetime=timedelta(days=30),
+    )
+    cert_file, key_file, ca_file = (
+        tmp_path / "op.crt",
+        tmp_path / "op.key",
+        tmp_path / "op-ca.crt",
+    )
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(auth.private_key_pem(key))
+    ca_file.write_bytes(operator_ca.certificate_pem())
+    config = dataclasses.replace(
+        pki.config, tls_cert_file=cert_file, tls_key_file=key_file
+    )
+    shutdown = trio.Event()
+    ports: BrokerPorts = await nursery.start(
+        lambda task_status: serve_broker(config, shutdown, task_status=task_status)
+    )
+    assert not (pki.data_dir / "tls" / "listener.crt").exists(), (
+        "no dev certificate in production mode"
+    )
+    device = pki.enroll("dev-prod")
+    status = await _start_agent(
+        nursery, _settings(f"wss://{LOOPBACK}:{ports.device}", device, ca_file)
+    )
+    await wait_until(lambda: status.connected)
+    # The device CA alone no longer verifies the broker.
+    wrong = await _start_agent(
+        nursery,
+        _settings(
+            f"wss://{LOOPBACK}:{ports.device}", pki.enroll("dev-wrong"), pki.ca_file
+        ),
+    )
+    await wait_until(lambda: wrong.attempts >= 2)
+    assert "broker certificate not trusted" in wrong.last_error
+    shutdown.set()
+    nursery.cancel_scope.cancel()

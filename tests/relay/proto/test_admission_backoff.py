@@ -149,3 +149,12 @@ def test_short_connection_keeps_backing_off() -> None:
         draw=0.5,
     )
     assert delay == 30.0
+
+
+def test_close_code_labels_are_bounded() -> None:
+    """Known close codes are their own label; anything else is "other"."""
+    from relay.proto.close import CloseCode, close_code_label
+
+    assert close_code_label(CloseCode.REVOKED) == "4001"
+    assert close_code_label(1000) == "1000"
+    assert close_code_label(4999) == "other"

@@ -778,3 +778,19 @@ def test_channel_either_yields_or_errors_for_good(
             continue
         assert channel.state is not State.ERROR
         assert event is NEED_DATA or isinstance(event, Event)
+
+
+def test_lone_surrogate_is_refused_on_the_wire() -> None:
+    """A string with a lone surrogate (valid JSON escape, invalid UTF-8) is a protocol error."""
+    with pytest.raises(RemoteProtocolError):
+        decode(
+            b'{"type":"hello","version":1,"device_id":"\\ud800","agent_version":"x"}'
+        )
+
+
+def test_sending_an_invalid_value_is_refused_and_errors_the_channel() -> None:
+    """send() checks values like decode() does: a bad value is ours to fix, and ERRORs the channel."""
+    device = ControlChannel(Role.DEVICE)
+    with pytest.raises(LocalProtocolError):
+        device.send(Hello(version=1, device_id="x" * 1000, agent_version=""))
+    assert device.state is State.ERROR
