@@ -25,16 +25,16 @@ import trio
 import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
+from relay.enrollment import sign_and_record
 from relay.log import configure_logging, get_logger
 from relay.pki_files import (
     AgentDir,
     DataDir,
+    IncompleteCA,
     KeyExists,
     MissingCA,
     enroll_agent,
     init_ca,
-    load_ca,
-    write_public,
 )
 from relay.store import DeviceRevoked, Store, UnknownDevice
 
@@ -117,16 +117,9 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
             csr = handle.read(config.pki.max_csr_bytes + 1)
     except OSError as exc:
         raise CLIError(f"cannot read {csr_path}: {exc.strerror}", exit_code=2) from None
-    ca = load_ca(DataDir(config.data_dir))
     log = get_logger("cli")
     try:
-        signed = auth.sign_device_csr(
-            ca,
-            csr,
-            now=_now(),
-            lifetime=timedelta(days=config.pki.device_cert_lifetime_days),
-            max_csr_bytes=config.pki.max_csr_bytes,
-        )
+        signed = sign_and_record(config, csr, out, now=_now())
     except auth.CertificateRequestError as exc:
         log.warning(
             "pki.csr_refused",
@@ -138,28 +131,12 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
         raise CLIError(
             f"certificate request refused ({exc.reason}): {exc}", exit_code=2
         ) from None
+    except DeviceRevoked as exc:
+        log.warning(
+            "pki.csr_refused", reason="device_revoked", detail=str(exc), audit=True
+        )
+        raise CLIError(f"{exc}; revoked device ids are not reused") from None
     identity = signed.identity
-    with closing(Store.open(config.effective_database_url)) as store:
-        try:
-            store.record_enrollment(
-                device_id=identity.device_id,
-                serial_hex=identity.serial_hex,
-                fingerprint_sha256=identity.fingerprint_sha256,
-                not_before=identity.not_before,
-                not_after=identity.not_after,
-                issued_at=_now(),
-            )
-        except DeviceRevoked:
-            log.warning(
-                "pki.csr_refused",
-                reason="device_revoked",
-                device_id=identity.device_id,
-                audit=True,
-            )
-            raise CLIError(
-                f"device {identity.device_id} is revoked; revoked device ids are not reused"
-            ) from None
-    write_public(out, signed.certificate_pem())
     for item in signed.ignored_requests:
         print(
             f"warning: the request asked for {item}; not granted (fixed device profile)",
@@ -268,7 +245,7 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
         except UnknownDevice:
             raise CLIError(f"unknown device {args.device_id!r}") from None
     get_logger("cli").warning(
-        "device.revoked",
+        "device.revoked" if revoked else "device.revoke_repeated",
         device_id=args.device_id,
         reason=args.reason,
         serials=[r.serial_hex for r in revoked],
@@ -296,7 +273,7 @@ def _run_trio(main: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
-        expected, unexpected = group.split((OSError, MissingCA))
+        expected, unexpected = group.split((OSError, MissingCA, IncompleteCA))
         if unexpected is not None or expected is None:
             raise
         first = expected.exceptions[0]
@@ -400,25 +377,7 @@ def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
         return
     if not agent_dir.key.exists():
         enroll_agent(agent_dir, DEMO_DEVICE_ID)
-    ca = load_ca(DataDir(config.data_dir))
-    signed = auth.sign_device_csr(
-        ca,
-        agent_dir.csr.read_bytes(),
-        now=_now(),
-        lifetime=timedelta(days=config.pki.device_cert_lifetime_days),
-        max_csr_bytes=config.pki.max_csr_bytes,
-    )
-    with closing(Store.open(config.effective_database_url)) as store:
-        identity = signed.identity
-        store.record_enrollment(
-            device_id=identity.device_id,
-            serial_hex=identity.serial_hex,
-            fingerprint_sha256=identity.fingerprint_sha256,
-            not_before=identity.not_before,
-            not_after=identity.not_after,
-            issued_at=_now(),
-        )
-    write_public(agent_dir.cert, signed.certificate_pem())
+    sign_and_record(config, agent_dir.csr.read_bytes(), agent_dir.cert, now=_now())
 
 
 # parser -----------------------------------------------------------------------------------
@@ -546,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except CLIError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except (MissingCA, KeyExists) as exc:
+    except (MissingCA, IncompleteCA, KeyExists) as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         code = 1
     except OSError as exc:

@@ -37,6 +37,10 @@ class MissingCA(Exception):
     """The data dir has no CA yet (run ``relay ca init``)."""
 
 
+class IncompleteCA(Exception):
+    """Only one of the CA's key and certificate exists; a person must look."""
+
+
 @dataclass(frozen=True, slots=True)
 class DataDir:
     """Paths inside the broker's data dir."""
@@ -107,9 +111,25 @@ def init_ca(data_dir: DataDir, *, now: datetime, lifetime: timedelta) -> bool:
 
     Returns:
         True when a CA was created, False when one was already there (kept as is).
+
+    Raises:
+        IncompleteCA: Only the key or only the certificate exists (an interrupted
+            init, or a restore gone wrong). Nothing is overwritten or completed
+            automatically: a CA key is not something to guess about.
     """
-    if data_dir.ca_key.exists() or data_dir.ca_cert.exists():
+    key_exists, cert_exists = data_dir.ca_key.exists(), data_dir.ca_cert.exists()
+    if key_exists and cert_exists:
         return False
+    if key_exists or cert_exists:
+        present, missing = (
+            (data_dir.ca_key, data_dir.ca_cert)
+            if key_exists
+            else (data_dir.ca_cert, data_dir.ca_key)
+        )
+        raise IncompleteCA(
+            f"incomplete CA: {present} exists but {missing} does not; restore the missing "
+            "file, or move the directory away to create a new CA"
+        )
     ca = auth.create_ca(common_name="Remote Care device CA", now=now, lifetime=lifetime)
     write_private(data_dir.ca_key, ca.key_pem())
     write_public(data_dir.ca_cert, ca.certificate_pem())
@@ -123,6 +143,10 @@ def load_ca(data_dir: DataDir) -> auth.CertificateAuthority:
         MissingCA: There is no CA in the data dir.
     """
     if not data_dir.ca_key.exists() or not data_dir.ca_cert.exists():
+        if data_dir.ca_key.exists() or data_dir.ca_cert.exists():
+            raise IncompleteCA(
+                f"incomplete CA in {data_dir.root / 'ca'}; see `relay ca init`"
+            )
         raise MissingCA(f"no CA in {data_dir.root}; run `relay ca init` first")
     return auth.load_ca(
         key_pem=data_dir.ca_key.read_bytes(),
