@@ -743,44 +743,29 @@ def _upsert(
         StoreError: The database is neither SQLite nor PostgreSQL.
     """
     name = connection.dialect.name
-    if name == "sqlite":
-        sqlite_stmt = sqlite.insert(table)
-        excluded = sqlite_stmt.excluded
-        if not update_columns:
-            connection.execute(
-                sqlite_stmt.on_conflict_do_nothing(index_elements=[key]), rows
-            )
-            return
-        connection.execute(
-            sqlite_stmt.on_conflict_do_update(
-                index_elements=[key],
-                set_={column: excluded[column] for column in update_columns},
-                where=None
-                if keep_newer is None
-                else table.c[keep_newer] <= excluded[keep_newer],
-            ),
-            rows,
-        )
-    elif name == "postgresql":
-        pg_stmt = postgresql.insert(table)
-        excluded = pg_stmt.excluded
-        if not update_columns:
-            connection.execute(
-                pg_stmt.on_conflict_do_nothing(index_elements=[key]), rows
-            )
-            return
-        connection.execute(
-            pg_stmt.on_conflict_do_update(
-                index_elements=[key],
-                set_={column: excluded[column] for column in update_columns},
-                where=None
-                if keep_newer is None
-                else table.c[keep_newer] <= excluded[keep_newer],
-            ),
-            rows,
-        )
-    else:
+    # Both dialects spell upserts the same way (ON CONFLICT), from different
+    # modules; pick the module, then build one statement.
+    dialect_insert: Any = {
+        "sqlite": sqlite.insert,
+        "postgresql": postgresql.insert,
+    }.get(name)
+    if dialect_insert is None:
         raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")
+    statement = dialect_insert(table)
+    if not update_columns:
+        connection.execute(statement.on_conflict_do_nothing(index_elements=[key]), rows)
+        return
+    excluded = statement.excluded
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=[key],
+            set_={column: excluded[column] for column in update_columns},
+            where=None
+            if keep_newer is None
+            else table.c[keep_newer] <= excluded[keep_newer],
+        ),
+        rows,
+    )
 
 
 def _sqlite_file(url: str) -> Path | None:
