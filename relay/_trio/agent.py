@@ -254,8 +254,11 @@ async def _open_tls(
     tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
     try:
         await tls.do_handshake()
-    except trio.BrokenResourceError as exc:
+    except BaseException as exc:
+        # Includes cancellation: the socket is ours until the handshake is done.
         await trio.aclose_forcefully(tls)
+        if not isinstance(exc, trio.BrokenResourceError):
+            raise
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
             raise _AttemptFailed(

@@ -174,6 +174,10 @@ class DeviceListener:
         self._pending_enter(source)
         try:
             opened = await self._open(tls, peer)
+        except BaseException:
+            # Cancelled mid-handshake (shutdown): the stream is still ours.
+            await trio.aclose_forcefully(tls)
+            raise
         finally:
             self._pending_exit(source)
         if opened is None:

@@ -6,8 +6,9 @@ and limits are shortened so that deadline tests take fractions of a second.
 
 from __future__ import annotations
 
+import gc
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -118,6 +119,13 @@ class PKI:
         if agent_dir is not None:
             context.load_cert_chain(str(agent_dir.cert), str(agent_dir.key))
         return context
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Collect garbage after each test, so a leaked socket fails the test that leaked it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
