@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -100,9 +100,17 @@ class WebSocketConnection:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, protocol: Protocol, limits: WebSocketLimits
+        self,
+        stream: trio.abc.Stream,
+        protocol: Protocol,
+        limits: WebSocketLimits,
+        *,
+        early_events: Sequence[object] = (),
     ) -> None:
         self.stream = stream
+        # Frames that arrived in the same read as the handshake (a peer that
+        # speaks first); the reader handles them before reading more.
+        self._early_events = list(early_events)
         self._protocol = protocol
         self._limits = limits
         self._outgoing: deque[bytes] = deque()
@@ -115,7 +123,9 @@ class WebSocketConnection:
         self._fragments: list[bytes] = []
         self._discarding = False  # set when we fail the connection ourselves
         self._last_received = trio.current_time()
+        self._delivering = False  # the reader waits for the application to read
         self._closed = trio.Event()
+        self._closing = trio.Event()  # set once the state has left OPEN
         self._local_close: _LocalClose | None = None
         self._stream_closed = False
         # Statistics for metrics and the end-of-session byte counts.
@@ -191,6 +201,9 @@ class WebSocketConnection:
     async def _run_reader(self) -> None:
         protocol = self._protocol
         try:
+            for event in self._early_events:
+                await self._handle_frame(event)
+            self._early_events.clear()
             while protocol.state is not State.CLOSED:
                 try:
                     data = await self.stream.receive_some(self._limits.read_size_bytes)
@@ -204,6 +217,14 @@ class WebSocketConnection:
                 self._last_received = trio.current_time()
                 protocol.receive_data(data)
                 self._pump()
+                if self._outgoing_bytes > self._hard_cap_bytes():
+                    # Only frames the peer provokes (pongs, close echoes) can grow
+                    # the queue past the cap: it sends and never reads.
+                    self._local_close = _LocalClose(
+                        CloseCode.POLICY_VIOLATION, "peer does not read"
+                    )
+                    await self._abort()
+                    break
                 for event in protocol.events_received():
                     await self._handle_frame(event)
         finally:
@@ -229,7 +250,14 @@ class WebSocketConnection:
                 self._fragments.clear()
                 # Messages parsed before a failure are delivered: the parser
                 # stops at the first bad frame, so everything before it is good.
-                await self._inbound_send.send(message)
+                # While the application is slow to read, the reader stops reading
+                # (backpressure); that silence is ours, not the peer's.
+                self._delivering = True
+                try:
+                    await self._inbound_send.send(message)
+                finally:
+                    self._delivering = False
+                    self._last_received = trio.current_time()
 
     async def _run_writer(self) -> None:
         try:
@@ -247,7 +275,9 @@ class WebSocketConnection:
                 if payload:
                     await self.stream.send_all(payload)
                     self.bytes_sent += len(payload)
-                self._outgoing_bytes = 0
+                # Frames queued during send_all are still waiting: subtract only
+                # what was written.
+                self._outgoing_bytes -= len(payload)
                 self._space.unpark_all()
                 if send_eof:
                     # websockets asks for a half-close; a TLS stream has none, so the
@@ -258,13 +288,27 @@ class WebSocketConnection:
             await self._abort()
 
     async def _run_keepalive(self) -> None:
+        """Ping on schedule; drop a silent peer; bound the closing handshake.
+
+        The peer is dead when nothing at all has arrived for ``ping_interval_s *
+        ping_missed_max`` (checked at that exact deadline, not on the next ping
+        tick). Once either side has started closing, the close must finish within
+        ``close_timeout_s``: a client waits for the server to close TCP, and a peer
+        that never does would otherwise hold the connection forever.
+        """
         interval = self._limits.ping_interval_s
         dead_after = interval * self._limits.ping_missed_max
-        while not self._closed.is_set():
-            await trio.sleep(interval)
-            if self._protocol.state is not State.OPEN:
-                return
-            if trio.current_time() - self._last_received >= dead_after:
+        next_ping = trio.current_time() + interval
+        while self._is_open():
+            dead_at = self._last_received + dead_after
+            # While the application is slow to read, silence is not the peer's.
+            wake = next_ping if self._delivering else min(next_ping, dead_at)
+            with trio.move_on_at(wake):
+                await self._closing.wait()
+            if not self._is_open():
+                break
+            now = trio.current_time()
+            if now - self._last_received >= dead_after and not self._delivering:
                 # The peer is silent: a close frame would most likely never be
                 # answered, so the connection is dropped at once.
                 self._local_close = _LocalClose(
@@ -272,8 +316,13 @@ class WebSocketConnection:
                 )
                 await self._abort()
                 return
-            self._protocol.send_ping(os.urandom(4))
-            self._pump()
+            if now >= next_ping:
+                self._protocol.send_ping(os.urandom(4))
+                self._pump()
+                next_ping = now + interval
+        with trio.move_on_after(self._limits.close_timeout_s):
+            await self._closed.wait()
+        await self._abort()
 
     # Internals ------------------------------------------------------------------
 
@@ -284,6 +333,16 @@ class WebSocketConnection:
             self._outgoing_bytes += len(chunk)
         if self._outgoing:
             self._writer_wakeup.set()
+        if self._protocol.state is not State.OPEN:
+            self._closing.set()
+
+    def _is_open(self) -> bool:
+        return self._protocol.state is State.OPEN and not self._stream_closed
+
+    def _hard_cap_bytes(self) -> int:
+        # send_message keeps application data under send_buffer_bytes plus one
+        # message; twice that is room no well-behaved peer can make us use.
+        return 2 * (self._limits.send_buffer_bytes + self._limits.max_message_bytes)
 
     def _fail(self, code: int, reason: str) -> None:
         self._discarding = True
@@ -294,6 +353,7 @@ class WebSocketConnection:
         if self._stream_closed:
             return
         self._stream_closed = True
+        self._closing.set()
         self._space.unpark_all()
         self._writer_wakeup.set()
         with trio.move_on_after(self._limits.close_timeout_s, shield=True):
@@ -367,6 +427,7 @@ class ServerHandshake:
         self._stream = stream
         self._limits = limits
         self._protocol = ServerProtocol(max_size=limits.max_message_bytes)
+        self._early_events: Sequence[object] = ()
 
     async def receive_request(self) -> Request:
         """Read the HTTP upgrade request, at most ``max_upgrade_request_bytes``.
@@ -377,28 +438,34 @@ class ServerHandshake:
                 one makes sense and the stream is closed.
         """
         received = 0
+        cap = self._limits.max_upgrade_request_bytes
         protocol = self._protocol
         while True:
+            # Never ask for more than one byte past the cap: a request that fits
+            # in one read is still measured (a TLS record holds up to 16 KiB).
+            want = min(self._limits.read_size_bytes, cap + 1 - received)
             try:
-                data = await self._stream.receive_some(self._limits.read_size_bytes)
+                data = await self._stream.receive_some(want)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 await trio.aclose_forcefully(self._stream)
                 raise HandshakeFailed("connection closed during the upgrade request")
             received += len(data)
+            if received > cap:
+                await self.reject(431, "upgrade request too large")
+                raise HandshakeFailed("upgrade request too large", status=431)
             protocol.receive_data(data)
-            for event in protocol.events_received():
+            events = protocol.events_received()
+            for index, event in enumerate(events):
                 if isinstance(event, Request):
+                    self._early_events = events[index + 1 :]
                     return event
             if protocol.handshake_exc is not None:
                 await self._flush_and_close()
                 raise HandshakeFailed(
                     f"invalid upgrade request: {protocol.handshake_exc}", status=400
                 )
-            if received > self._limits.max_upgrade_request_bytes:
-                await self.reject(431, "upgrade request too large")
-                raise HandshakeFailed("upgrade request too large", status=431)
 
     async def reject(self, status: int, text: str) -> None:
         """Answer with an HTTP error and close the stream."""
@@ -424,7 +491,9 @@ class ServerHandshake:
                 f"invalid upgrade request: {self._protocol.handshake_exc}",
                 status=response.status_code,
             )
-        connection = WebSocketConnection(self._stream, self._protocol, self._limits)
+        connection = WebSocketConnection(
+            self._stream, self._protocol, self._limits, early_events=self._early_events
+        )
         connection._pump()
         async with _running(connection) as running:
             yield running
@@ -464,16 +533,18 @@ async def connect_websocket(
     if user_agent is not None:
         request.headers["User-Agent"] = user_agent
     protocol.send_request(request)
-    response = await _client_handshake(stream, protocol, limits)
-    del response
-    connection = WebSocketConnection(stream, protocol, limits)
+    early_events = await _client_handshake(stream, protocol, limits)
+    connection = WebSocketConnection(
+        stream, protocol, limits, early_events=early_events
+    )
     async with _running(connection) as running:
         yield running
 
 
 async def _client_handshake(
     stream: trio.abc.Stream, protocol: ClientProtocol, limits: WebSocketLimits
-) -> Response:
+) -> Sequence[object]:
+    """Send the request, read the response; return frames that came with it."""
     try:
         await stream.send_all(b"".join(protocol.data_to_send()))
         received = 0
@@ -486,7 +557,8 @@ async def _client_handshake(
                 raise HandshakeFailed("connection closed before the upgrade response")
             received += len(data)
             protocol.receive_data(data)
-            for event in protocol.events_received():
+            events = protocol.events_received()
+            for index, event in enumerate(events):
                 if isinstance(event, Response):
                     if isinstance(protocol.handshake_exc, InvalidStatus):
                         raise HandshakeFailed(
@@ -498,7 +570,7 @@ async def _client_handshake(
                         raise HandshakeFailed(
                             f"invalid upgrade response: {protocol.handshake_exc}"
                         )
-                    return event
+                    return events[index + 1 :]
             if protocol.handshake_exc is not None:
                 raise HandshakeFailed(
                     f"invalid upgrade response: {protocol.handshake_exc}"
