@@ -82,6 +82,10 @@ class DeviceListenerConfig:
         heartbeat_interval_s: Application heartbeat interval the broker asks of
             agents in ``welcome``.
         hello_timeout_s: Deadline for the agent's ``hello`` after the upgrade.
+        kick_close_grace_s: How long a channel closed by the broker (revoked,
+            replaced, shutdown) waits for the device's close frame before the TCP
+            connection is dropped; with ``revocation_poll_s`` it makes the 5 s
+            revocation budget.
     """
 
     handshake_timeout_s: float = 10.0
@@ -93,6 +97,7 @@ class DeviceListenerConfig:
     presence_touch_s: float = 30.0
     heartbeat_interval_s: float = 30.0
     hello_timeout_s: float = 10.0
+    kick_close_grace_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -67,6 +67,12 @@ class RelayMetrics:
             ["listener", "code"],
             registry=r,
         )
+        self.handler_errors = Counter(
+            "relay_handler_errors_total",
+            "Connection handlers that failed unexpectedly (a bug; see the logs).",
+            ["listener"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "relay_store_errors_total",
             "Store operations that failed, by operation.",

@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -178,8 +179,14 @@ async def _attempt(
     )
     status.device_id = device_id
     try:
-        context = agent_context(
-            ca_file=settings.ca_file, cert_file=files.cert, key_file=files.key
+        # Reads three files and parses a key: off the event loop.
+        context = await trio.to_thread.run_sync(
+            partial(
+                agent_context,
+                ca_file=settings.ca_file,
+                cert_file=files.cert,
+                key_file=files.key,
+            )
         )
     except (OSError, ssl.SSLError) as exc:
         raise _AttemptFailed(
@@ -270,8 +277,12 @@ async def _open_tls(
             raise _AttemptFailed(
                 Outcome.REFUSED, f"broker refused the TLS handshake: {cause.reason}"
             ) from None
+        # The connection ended before TLS completed. That is what a broker's
+        # admission control (pending-handshake caps, shutdown) looks like, so it
+        # is a network problem: a refused certificate under TLS 1.3 shows up only
+        # after the handshake (EOF_AFTER_TLS, in _attempt).
         raise _AttemptFailed(
-            Outcome.EOF_AFTER_TLS, f"TLS handshake failed: {cause or exc}"
+            Outcome.NETWORK, f"TLS handshake failed: {cause or 'connection closed'}"
         ) from None
     return tls
 

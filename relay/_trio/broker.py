@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,6 +53,7 @@ class BrokerPorts:
 class _Prepared:
     store: Store
     ca_certificate: x509.Certificate
+    device_context: ssl.SSLContext
     cert_file: Any
     key_file: Any
     dev_certificate_issued: bool
@@ -73,8 +75,11 @@ def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
             lifetime=timedelta(days=config.pki.server_cert_lifetime_days),
         )
         cert_file, key_file = data_dir.listener_cert, data_dir.listener_key
+    device_context = device_listener_context(
+        cert_file=cert_file, key_file=key_file, device_ca_file=data_dir.ca_cert
+    )
     store = Store.open(config.effective_database_url)
-    return _Prepared(store, ca_certificate, cert_file, key_file, issued)
+    return _Prepared(store, ca_certificate, device_context, cert_file, key_file, issued)
 
 
 async def serve_broker(
@@ -102,11 +107,7 @@ async def serve_broker(
     store = prepared.store
     listener = DeviceListener(
         config=config,
-        ssl_context=device_listener_context(
-            cert_file=prepared.cert_file,
-            key_file=prepared.key_file,
-            device_ca_file=DataDir(config.data_dir).ca_cert,
-        ),
+        ssl_context=prepared.device_context,
         ca_certificate=prepared.ca_certificate,
         store=store,
         presence=LocalPresence(),

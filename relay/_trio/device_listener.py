@@ -52,7 +52,7 @@ from relay._trio.websocket import (
 )
 from relay.config import BrokerConfig
 from relay.metrics import RelayMetrics
-from relay.presence import DevicePresence, LocalPresence
+from relay.presence import DevicePresence, LocalPresence, PresenceRegistry
 from relay.proto import control
 from relay.proto.admission import Admission, AdmissionLimits, admit
 from relay.proto.close import CloseCode, close_code_label
@@ -96,13 +96,14 @@ class DeviceListener:
     ssl_context: ssl.SSLContext
     ca_certificate: x509.Certificate
     store: Store
-    presence: LocalPresence
+    presence: PresenceRegistry
     metrics: RelayMetrics
     log: Any
     node_id: str = "local"
     accepting: bool = True
     wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     _live: dict[str, _LiveChannel] = field(default_factory=dict)
+    _revoked_devices: set[str] = field(default_factory=set)
     _live_changed: trio.lowlevel.ParkingLot = field(
         default_factory=trio.lowlevel.ParkingLot
     )
@@ -144,6 +145,23 @@ class DeviceListener:
     # One connection ----------------------------------------------------------------
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
+        """One connection; nothing it does may take the listener down."""
+        try:
+            await self._handle_connection(tcp)
+        except Exception as exc:
+            # A bug or an unforeseen peer behaviour: this connection ends, the
+            # listener and every other device carry on.
+            self.metrics.handler_errors.labels(LISTENER).inc()
+            self.log.error(
+                "device.handler_failed",
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+                peer=_peer_address(tcp),
+                exc_info=True,
+            )
+            await trio.aclose_forcefully(tcp)
+
+    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
         peer = _peer_address(tcp)
         if not self.accepting:
             self.metrics.connections_dropped.labels(LISTENER, "shutdown").inc()
@@ -304,8 +322,12 @@ class DeviceListener:
                 "certificate not acceptable",
             ), None
         try:
+            # abandon_on_cancel: the handshake deadline must bound this too; a
+            # read-only lookup can finish in its thread unobserved.
             record = await trio.to_thread.run_sync(
-                self.store.lookup_certificate, identity.serial_hex
+                self.store.lookup_certificate,
+                identity.serial_hex,
+                abandon_on_cancel=True,
             )
         except StoreError as exc:
             self.metrics.store_errors.labels("lookup_certificate").inc()
@@ -364,15 +386,18 @@ class DeviceListener:
                 claimed=hello.device_id,
             )
             return
-        await ws.send_message(
-            channel.send(
-                control.Welcome(
-                    version=control.PROTOCOL_VERSION,
-                    heartbeat_interval_s=listener.heartbeat_interval_s,
-                    broker_version=__version__,
+        try:
+            await ws.send_message(
+                channel.send(
+                    control.Welcome(
+                        version=control.PROTOCOL_VERSION,
+                        heartbeat_interval_s=listener.heartbeat_interval_s,
+                        broker_version=__version__,
+                    )
                 )
             )
-        )
+        except ConnectionClosed:
+            return  # the device left right after its hello
         await self._serve_open_channel(ws, channel, identity, hello, peer)
 
     async def _serve_open_channel(
@@ -384,6 +409,13 @@ class DeviceListener:
         peer: str,
     ) -> None:
         device_id = identity.device_id
+        if device_id in self._revoked_devices:
+            # Revoked after this connection's store check but before its hello:
+            # the watcher has seen it, so it must not go live now.
+            await self._refuse_channel(
+                ws, "revoked", CloseCode.REVOKED, "certificate revoked", device_id, peer
+            )
+            return
         connection_id = next(self._connection_ids)
         now = self.wall_clock()
         live = _LiveChannel(
@@ -419,6 +451,11 @@ class DeviceListener:
         )
         label, reason = "peer_closed", ""
         code: int = CloseCode.NORMAL
+        # A certificate that expires while connected ends the channel then
+        # (the wall clock decides validity; trio's clock measures the wait).
+        live.cancel_scope.deadline = trio.current_time() + max(
+            0.0, (identity.not_after - now).total_seconds()
+        )
         try:
             with live.cancel_scope:
                 while True:
@@ -441,9 +478,22 @@ class DeviceListener:
         finally:
             if live.kicked is not None:
                 code, reason, label = live.kicked
+            elif live.cancel_scope.cancelled_caught:
+                code, reason, label = (
+                    CloseCode.CERTIFICATE_EXPIRED,
+                    "certificate expired",
+                    "certificate_expired",
+                )
             # Close before the bookkeeping: shutdown waits for _live to empty, and
             # the close frame must be on the wire by then.
-            with trio.CancelScope(shield=True):
+            # A kicked device (revoked, replaced, shutdown) gets a short grace
+            # for the close handshake, so the budgets hold even if it ignores it.
+            grace = (
+                self.config.device_listener.kick_close_grace_s
+                if live.kicked is not None
+                else self.config.websocket.close_timeout_s
+            )
+            with trio.CancelScope(shield=True), trio.move_on_after(grace):
                 await ws.aclose(code, reason)
             if self._live.get(device_id) is live:
                 del self._live[device_id]
@@ -505,6 +555,7 @@ class DeviceListener:
                 )
                 continue
             for revocation in revocations:
+                self._revoked_devices.add(revocation.device_id)
                 live = self._live.get(revocation.device_id)
                 if live is not None:
                     self.log.warning(
@@ -516,22 +567,44 @@ class DeviceListener:
                     live.kick(CloseCode.REVOKED, "certificate revoked", "revoked")
 
     async def _mirror_presence(self) -> None:
-        """Write presence changes to the store for ``relay device list``."""
+        """Write presence changes to the store for ``relay device list``.
+
+        Only the in-process registry needs this: it is invisible to other
+        processes. A shared registry (Redis) is its own mirror.
+        """
+        presence = self.presence
+        if not isinstance(presence, LocalPresence):
+            return
         flush_s = self.config.device_listener.presence_flush_s
         touch_every = max(
             1, round(self.config.device_listener.presence_touch_s / flush_s)
         )
         try:
-            await trio.to_thread.run_sync(self.store.clear_presence, self.node_id)
+            await self._store_call(
+                "clear_presence", self.store.clear_presence, self.node_id
+            )
             for tick in count(1):
                 await trio.sleep(flush_s)
-                upserts, deletes = self.presence.take_changes(
+                upserts, deletes = presence.take_changes(
                     include_touched=tick % touch_every == 0
                 )
                 await self._write_presence(upserts, deletes)
         finally:
+            # Bounded even if the database hangs: the thread is abandoned.
             with trio.CancelScope(shield=True), trio.move_on_after(flush_s * 5):
-                await trio.to_thread.run_sync(self.store.clear_presence, self.node_id)
+                await self._store_call(
+                    "clear_presence", self.store.clear_presence, self.node_id
+                )
+
+    async def _store_call(
+        self, operation: str, function: Callable[..., object], *args: object
+    ) -> None:
+        """Run a store write in a thread; a failure is logged and counted, not raised."""
+        try:
+            await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+        except StoreError as exc:
+            self.metrics.store_errors.labels(operation).inc()
+            self.log.error("store.failed", operation=operation, error=str(exc))
 
     async def _write_presence(
         self, upserts: list[DevicePresence], deletes: list[str]
@@ -547,18 +620,14 @@ class DeviceListener:
             )
             for p in upserts
         ]
-        try:
-            if rows:
-                await trio.to_thread.run_sync(
-                    self.store.replace_presence, self.node_id, rows
-                )
-            if deletes:
-                await trio.to_thread.run_sync(
-                    self.store.remove_presence, self.node_id, deletes
-                )
-        except StoreError as exc:
-            self.metrics.store_errors.labels("presence").inc()
-            self.log.error("store.failed", operation="presence", error=str(exc))
+        if rows:
+            await self._store_call(
+                "presence", self.store.replace_presence, self.node_id, rows
+            )
+        if deletes:
+            await self._store_call(
+                "presence", self.store.remove_presence, self.node_id, deletes
+            )
 
 
 def _load_peer_certificate(der: bytes | None) -> x509.Certificate | None:

@@ -14,6 +14,7 @@ the service name and version, and 404 for everything else.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -31,9 +32,25 @@ from starlette.routing import Route
 from relay import __version__
 from relay.config import ListenAddress
 from relay.metrics import RelayMetrics
-from relay.tls import TLS12_CIPHERS
+from relay.tls import engineer_listener_context
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class _HypercornConfig(HypercornConfig):
+    """Hypercorn's config, with our TLS context instead of its own.
+
+    Hypercorn's ``create_ssl_context`` assigns ``options = OP_NO_COMPRESSION``,
+    which drops every other option (session tickets come back on); ours keeps
+    the same settings as the device listener (relay/tls.py).
+    """
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        if self.certfile is None or self.keyfile is None:
+            return None
+        return engineer_listener_context(
+            cert_file=Path(self.certfile), key_file=Path(self.keyfile)
+        )
 
 
 def metrics_app(metrics: RelayMetrics, readiness: ReadinessCheck) -> Starlette:
@@ -86,7 +103,7 @@ async def serve_http(
         bind: Address to listen on; port 0 picks a free port.
         tls_files: (certificate chain, key) to serve HTTPS, or None for HTTP.
     """
-    config = HypercornConfig()
+    config = _HypercornConfig()
     config.bind = [str(bind)]
     config.accesslog = None
     config.errorlog = None
@@ -95,8 +112,6 @@ async def serve_http(
     if tls_files is not None:
         config.certfile = str(tls_files[0])
         config.keyfile = str(tls_files[1])
-        config.ciphers = TLS12_CIPHERS
-        config.alpn_protocols = ["http/1.1"]
     # Hypercorn's ASGI types and Starlette's describe the same protocol but are
     # distinct classes to mypy.
     asgi_app: Any = app

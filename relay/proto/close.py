@@ -25,6 +25,7 @@ class CloseCode(IntEnum):
     REPLACED = 4000  # a newer connection of the same device took over
     REVOKED = 4001  # the device certificate was revoked: slow retry
     HELLO_TIMEOUT = 4002  # no hello within the deadline
+    CERTIFICATE_EXPIRED = 4003  # the device certificate expired while connected
 
 
 def close_code_label(code: int) -> str:
