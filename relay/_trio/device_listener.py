@@ -386,18 +386,6 @@ class DeviceListener:
                 claimed=hello.device_id,
             )
             return
-        try:
-            await ws.send_message(
-                channel.send(
-                    control.Welcome(
-                        version=control.PROTOCOL_VERSION,
-                        heartbeat_interval_s=listener.heartbeat_interval_s,
-                        broker_version=__version__,
-                    )
-                )
-            )
-        except ConnectionClosed:
-            return  # the device left right after its hello
         await self._serve_open_channel(ws, channel, identity, hello, peer)
 
     async def _serve_open_channel(
@@ -458,6 +446,17 @@ class DeviceListener:
         )
         try:
             with live.cancel_scope:
+                # Registered first, welcomed second: from here on the revocation
+                # watcher can find this channel, so no revocation slips between.
+                await ws.send_message(
+                    channel.send(
+                        control.Welcome(
+                            version=control.PROTOCOL_VERSION,
+                            heartbeat_interval_s=self.config.device_listener.heartbeat_interval_s,
+                            broker_version=__version__,
+                        )
+                    )
+                )
                 while True:
                     channel.receive_message(await ws.receive_message())
                     event = channel.next_event()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
 
@@ -223,4 +224,45 @@ async def test_operator_provided_listener_certificate(
     await wait_until(lambda: wrong.attempts >= 2)
     assert "broker certificate not trusted" in wrong.last_error
     shutdown.set()
+    nursery.cancel_scope.cancel()
+
+
+async def test_drops_at_accept_are_not_taken_for_a_refused_certificate(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A broker shedding load (closing at accept) keeps the agent on fast backoff, never the 15 min wait."""
+
+    async def drop(stream: trio.SocketStream) -> None:
+        await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, drop, listeners)
+    device = pki.enroll("dev-storm")
+    with structlog.testing.capture_logs() as events:
+        status = await _start_agent(
+            nursery, _settings(f"wss://{LOOPBACK}:{port}", device, pki.ca_file)
+        )
+        await wait_until(lambda: status.attempts >= 6)
+    assert status.last_outcome is Outcome.NETWORK
+    assert not any(e["event"] == "agent.auth_failed" for e in events)
+    nursery.cancel_scope.cancel()
+
+
+async def test_auth_failure_is_logged_with_a_hint(
+    broker: RunningBroker, pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A refused certificate is logged as agent.auth_failed with the >= 15 min wait and a hint."""
+    device = pki.enroll("dev-hint")
+    with pki.store() as store:
+        store.revoke_device("dev-hint", at=datetime.now(UTC), reason="test")
+    with structlog.testing.capture_logs() as events:
+        status = await _start_agent(
+            nursery, _settings(broker.device_url, device, pki.ca_file)
+        )
+        await wait_until(lambda: any(e["event"] == "agent.auth_failed" for e in events))
+    failed = next(e for e in events if e["event"] == "agent.auth_failed")
+    assert failed["retry_in_s"] >= 15 * 60
+    assert "re-enroll" in failed["hint"]
+    assert status.attempts == 1
     nursery.cancel_scope.cancel()

@@ -9,8 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import structlog
 import trio
 import trio_websocket
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
 
 from relay import __version__
 from relay._trio.websocket import (
@@ -469,3 +472,169 @@ async def test_metrics_listener_routes(broker: RunningBroker, pki: PKI) -> None:
         assert (await client.get(f"{engineer}/")).json()[
             "service"
         ] == "remote-care-relay"
+
+
+async def test_hello_and_close_in_one_write_do_not_crash_the_listener(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """A device that sends hello and closes at once is handled; the next device still connects."""
+    device = pki.enroll("dev-hasty")
+    with trio.fail_after(10):
+        tls = await _open_tls(broker, pki.client_context(device))
+        protocol = ClientProtocol(
+            parse_uri(f"wss://localhost:{broker.ports.device}/v1/device/control")
+        )
+        protocol.send_request(protocol.connect())
+        await tls.send_all(b"".join(protocol.data_to_send()))
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += await tls.receive_some(4096)
+        protocol.receive_data(response)
+        channel = control.ControlChannel(control.Role.DEVICE)
+        protocol.send_binary(
+            channel.send(
+                control.Hello(version=1, device_id="dev-hasty", agent_version="t")
+            )
+        )
+        protocol.send_close(CloseCode.NORMAL, "")
+        await tls.send_all(b"".join(protocol.data_to_send()))
+        await trio.aclose_forcefully(tls)
+        # The listener survived: a well-behaved device is served afterwards.
+        other = pki.enroll("dev-after")
+        async with open_device(broker, pki, other) as ws:
+            await say_hello(ws, "dev-after")
+            await ws.aclose()
+    assert broker.sample("relay_handler_errors_total", listener="device") == 0
+
+
+async def test_revocation_between_handshake_and_hello_keeps_the_device_out(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """A device revoked after its certificate check but before its hello never goes live."""
+    device = pki.enroll("dev-sneaky")
+    with trio.fail_after(10):
+        async with open_device(broker, pki, device) as ws:
+            with pki.store() as store:
+                store.revoke_device("dev-sneaky", at=datetime.now(UTC), reason="stolen")
+            # Let the revocation watcher see it (poll 0.1 s) before saying hello.
+            await trio.sleep(broker.config.device_listener.revocation_poll_s * 4)
+            channel = control.ControlChannel(control.Role.DEVICE)
+            await ws.send_message(
+                channel.send(
+                    control.Hello(version=1, device_id="dev-sneaky", agent_version="t")
+                )
+            )
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.receive_message()
+    assert info.value.code == CloseCode.REVOKED
+    assert broker.sample("relay_device_connects_total") == 0
+
+
+async def test_revocation_closes_a_device_that_ignores_the_close(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """A revoked device that never answers the close frame is still cut off within the budget."""
+    device = pki.enroll("dev-deaf")
+    budget = (
+        broker.config.device_listener.revocation_poll_s
+        + broker.config.device_listener.kick_close_grace_s
+        + 0.5
+    )
+    with trio.fail_after(10):
+        tls = await _open_tls(broker, pki.client_context(device))
+        protocol = ClientProtocol(
+            parse_uri(f"wss://localhost:{broker.ports.device}/v1/device/control")
+        )
+        protocol.send_request(protocol.connect())
+        await tls.send_all(b"".join(protocol.data_to_send()))
+        protocol.receive_data(await tls.receive_some(4096))
+        channel = control.ControlChannel(control.Role.DEVICE)
+        protocol.send_binary(
+            channel.send(
+                control.Hello(version=1, device_id="dev-deaf", agent_version="t")
+            )
+        )
+        await tls.send_all(b"".join(protocol.data_to_send()))
+        await wait_until(lambda: broker.sample("relay_devices_connected") == 1)
+        with pki.store() as store:
+            store.revoke_device("dev-deaf", at=datetime.now(UTC), reason="test")
+        start = trio.current_time()
+        # Read raw bytes and never answer the close: wait for the TCP close.
+        try:
+            while await tls.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        elapsed = trio.current_time() - start
+        await trio.aclose_forcefully(tls)
+    assert elapsed < budget
+    assert broker.sample("relay_device_disconnects_total", reason="revoked") == 1
+
+
+async def test_certificate_expiring_while_connected_ends_the_channel(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """A channel whose certificate expires while connected is closed with 4003."""
+    now = datetime.now(UTC)
+    # Issued 5 min in the past (skew allowance) with a lifetime ending ~1.5 s from now.
+    device = pki.enroll("dev-ephemeral", now=now, lifetime=timedelta(seconds=1.5))
+    with trio.fail_after(10):
+        async with open_device(broker, pki, device) as ws:
+            await say_hello(ws, "dev-ephemeral")
+            # No heartbeats are sent, so the first thing to arrive is the close.
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.receive_message()
+    assert info.value.code == CloseCode.CERTIFICATE_EXPIRED
+    assert (
+        broker.sample("relay_device_disconnects_total", reason="certificate_expired")
+        == 1
+    )
+
+
+async def test_refusals_are_audit_ready_log_events(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """Each refusal is a structured event with its reason, peer and audit flag."""
+    device = pki.enroll("dev-logged")
+    with pki.store() as store:
+        store.revoke_device("dev-logged", at=datetime.now(UTC), reason="test")
+    with structlog.testing.capture_logs() as events:
+        with trio.fail_after(5), pytest.raises(HandshakeFailed):
+            async with open_device(broker, pki, device):
+                pass  # pragma: no cover - refused
+        await _expect_tls_refusal(broker, pki.client_context(None))
+        await wait_until(lambda: any(e["event"] == "device.tls_failed" for e in events))
+    rejected = [e for e in events if e["event"] == "device.rejected"]
+    assert rejected[0]["reason"] == "revoked"
+    assert rejected[0]["device_id"] == "dev-logged"
+    assert rejected[0]["audit"] is True
+    assert rejected[0]["peer"].startswith("127.0.0.1:")
+    assert len(rejected[0]["fingerprint"]) == 64
+    tls_failed = [e for e in events if e["event"] == "device.tls_failed"]
+    assert tls_failed[0]["reason"] == "no_certificate"
+    assert tls_failed[0]["audit"] is True
+
+
+async def test_engineer_listener_issues_no_session_tickets(
+    broker: RunningBroker, pki: PKI
+) -> None:
+    """The engineer listener's TLS has no session tickets, like the device listener."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    context.maximum_version = (
+        ssl.TLSVersion.TLSv1_2
+    )  # tickets are visible right after a 1.2 handshake
+    with trio.fail_after(5):
+        tcp = await trio.open_tcp_stream(LOOPBACK, broker.ports.engineer)
+        tls = trio.SSLStream(
+            tcp, context, server_hostname="localhost", https_compatible=True
+        )
+        await tls.do_handshake()
+        await tls.send_all(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        while await tls.receive_some(4096):
+            pass
+        session = tls.session
+        await tls.aclose()
+    assert session is not None
+    assert not session.has_ticket
