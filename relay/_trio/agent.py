@@ -152,8 +152,9 @@ async def run_agent(
                 "agent.auth_failed",
                 detail=message,
                 retry_in_s=round(delay, 1),
-                hint="the broker refused this device's certificate (revoked, expired, or not issued by its CA); "
-                "re-enroll the device or renew its certificate",
+                hint="the certificate is revoked, expired, or not from the broker's device CA; "
+                "ask the operator (`relay device list`): renew it, or re-enroll under a new id "
+                "if it was revoked (revoked ids are not reused)",
             )
         else:
             log.warning(
