@@ -1,15 +1,18 @@
 """The ``relay`` command line.
 
 Exit codes: 0 success; 1 the command ran but was refused or failed (unknown device,
-revoked device, broker could not start); 2 bad usage or bad input (argparse errors,
-an invalid CSR, a malformed address). Messages for people go to stderr as
-``relay: error: ...``; structured JSON logs go to stderr too, so stdout carries only
-what a script would parse (``relay ca cert``, ``--json`` output).
+revoked device, broker could not start, unusable CA, store failure); 2 bad usage or
+bad input (argparse errors, an invalid CSR, a malformed address, an unsafe
+``--out``). Messages for people go to stderr as ``relay: error: ...``, never as a
+traceback: :func:`main` and :func:`_run_trio` turn the expected failures
+(``_FAILURES``) into that one line. Structured JSON logs go to stderr too, so stdout
+carries only what a script would parse (``relay ca cert``, ``--json`` output).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -25,20 +28,26 @@ import trio
 import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
-from relay.enrollment import sign_and_record
+from relay.enrollment import UnsafeDestination, sign_and_record
 from relay.log import configure_logging, get_logger
 from relay.pki_files import (
     AgentDir,
+    CAError,
     DataDir,
-    IncompleteCA,
     KeyExists,
-    MissingCA,
     enroll_agent,
     init_ca,
 )
-from relay.store import DeviceRevoked, Store, UnknownDevice
+from relay.store import DeviceRevoked, Store, StoreError, UnknownDevice
 
 DEMO_DEVICE_ID = "demo-0001"
+# The store keeps at most this many characters of a revocation reason.
+MAX_REVOKE_REASON_CHARS = 200
+
+# What a command may fail with for reasons outside the program (a missing or broken
+# CA, a locked or unreachable database, a port in use, a file that cannot be read):
+# reported as one line with exit code 1, never as a traceback.
+_FAILURES: tuple[type[Exception], ...] = (CAError, KeyExists, StoreError, OSError)
 
 
 class CLIError(Exception):
@@ -49,8 +58,57 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors worded like every other error (``relay: error:``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"relay: error: {message}\n")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _data_dir() -> Path:
+    """``$RELAY_DATA_DIR``, refused when it exists and is not a directory."""
+    path = data_dir_from_env()
+    if path.exists() and not path.is_dir():
+        raise CLIError(
+            f"RELAY_DATA_DIR {path} is not a directory; point it at a directory "
+            "(it is created if missing)"
+        )
+    return path
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for *exc*, one of ``_FAILURES``, for ``relay: error: ...``."""
+    if isinstance(exc, StoreError):
+        text = f"cannot use the store: {exc}"
+        if "locked" in str(exc):
+            text += " (another process holds the database's write lock; try again)"
+        return text
+    if isinstance(exc, OSError) and exc.strerror:
+        # "[Errno 98] Address already in use" reads better without the number.
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror}"
+        return exc.strerror
+    return str(exc)
+
+
+def _reason(text: str) -> str:
+    """argparse type of ``--reason``: what the store records and logs show verbatim."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(text) > MAX_REVOKE_REASON_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_REVOKE_REASON_CHARS} characters, got {len(text)}"
+        )
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            "only printable characters (no control characters or line breaks)"
+        )
+    return text
 
 
 def _address(text: str) -> ListenAddress:
@@ -61,7 +119,7 @@ def _address(text: str) -> ListenAddress:
 
 
 def _broker_config(args: argparse.Namespace) -> BrokerConfig:
-    config = BrokerConfig(data_dir=data_dir_from_env())
+    config = BrokerConfig(data_dir=_data_dir())
     overrides: dict[str, Any] = {}
     for name in ("device_listen", "engineer_listen", "metrics_listen"):
         value = getattr(args, name, None)
@@ -83,7 +141,7 @@ def _broker_config(args: argparse.Namespace) -> BrokerConfig:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=data_dir_from_env())
+    config = BrokerConfig(data_dir=_data_dir())
     data_dir = DataDir(config.data_dir)
     created = init_ca(
         data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days)
@@ -100,7 +158,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_cert(args: argparse.Namespace) -> int:
-    data_dir = DataDir(data_dir_from_env())
+    data_dir = DataDir(_data_dir())
     if not data_dir.ca_cert.exists():
         raise CLIError(f"no CA in {data_dir.root}; run `relay ca init` first")
     sys.stdout.write(data_dir.ca_cert.read_text())
@@ -108,7 +166,7 @@ def cmd_ca_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_sign(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=data_dir_from_env())
+    config = BrokerConfig(data_dir=_data_dir())
     csr_path: Path = args.csr
     out: Path = args.out
     try:
@@ -136,6 +194,8 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
             "pki.csr_refused", reason="device_revoked", detail=str(exc), audit=True
         )
         raise CLIError(f"{exc}; revoked device ids are not reused") from None
+    except UnsafeDestination as exc:
+        raise CLIError(f"--out refused: {exc}", exit_code=2) from None
     identity = signed.identity
     for item in signed.ignored_requests:
         print(
@@ -206,7 +266,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 def cmd_device_list(args: argparse.Namespace) -> int:
     from relay._trio.device_listener import presence_stale_after
 
-    config = BrokerConfig(data_dir=data_dir_from_env())
+    config = BrokerConfig(data_dir=_data_dir())
     with closing(Store.open(config.effective_database_url)) as store:
         devices = store.list_devices(
             now=_now(), stale_after=presence_stale_after(config)
@@ -238,7 +298,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=data_dir_from_env())
+    config = BrokerConfig(data_dir=_data_dir())
     with closing(Store.open(config.effective_database_url)) as store:
         try:
             revoked = store.revoke_device(args.device_id, at=_now(), reason=args.reason)
@@ -264,22 +324,44 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
 # serve and demo --------------------------------------------------------------------------
 
 
-def _run_trio(main: Callable[[], Awaitable[None]]) -> None:
-    """trio.run(main), turning expected start-up failures into a CLI error.
+def _run_trio(
+    main: Callable[[], Awaitable[None]], *, listening: Sequence[ListenAddress] = ()
+) -> None:
+    """trio.run(main), turning expected failures (``_FAILURES``) into a CLI error.
 
-    Inside a nursery an error arrives wrapped in an exception group; a port in use
-    or a missing CA should still read as one line, not a traceback.
+    Inside a nursery an error arrives wrapped in an exception group; a port in use,
+    a broken CA or a locked database should still read as one line, not a
+    traceback. A group with anything unexpected in it is re-raised as is.
+
+    Args:
+        main: The async main function.
+        listening: The addresses *main* listens on, named when one is in use
+            (the error itself does not say which).
     """
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
-        expected, unexpected = group.split((OSError, MissingCA, IncompleteCA))
+        expected, unexpected = group.split(_FAILURES)
         if unexpected is not None or expected is None:
             raise
-        first = expected.exceptions[0]
+        first: BaseException = expected
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        raise CLIError(str(first)) from None
+        raise CLIError(_start_failure(first, listening)) from None
+    except _FAILURES as exc:
+        raise CLIError(_start_failure(exc, listening)) from None
+
+
+def _start_failure(exc: BaseException, listening: Sequence[ListenAddress]) -> str:
+    text = _describe(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE and listening:
+        addresses = ", ".join(str(address) for address in listening)
+        text += f": another process listens on one of {addresses}"
+    return text
+
+
+def _listen_addresses(config: BrokerConfig) -> tuple[ListenAddress, ...]:
+    return (config.device_listen, config.engineer_listen, config.metrics_listen)
 
 
 async def _cancel_on_signal(stop: Callable[[], None]) -> None:
@@ -301,7 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await serve_broker(config, shutdown)
             nursery.cancel_scope.cancel()
 
-    _run_trio(main)
+    _run_trio(main, listening=_listen_addresses(config))
     return 0
 
 
@@ -367,24 +449,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
             agent_scope.cancel()
             print("stopping...", file=out, flush=True)
 
-    _run_trio(main)
+    _run_trio(main, listening=_listen_addresses(config))
     print("stopped", file=out)
     return 0
 
 
 def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
+    """Enroll and sign the demo device on first run; refuse a revoked one.
+
+    Raises:
+        CLIError: The demo device is revoked in this data dir. Its id is never
+            signed again, and with its old certificate it would only be refused,
+            so the demo could never show a connected device.
+    """
+    revoked = CLIError(
+        f"the demo device {DEMO_DEVICE_ID} is revoked in {config.data_dir} (revoked "
+        "ids are never reused); use a fresh RELAY_DATA_DIR for the demo"
+    )
     if agent_dir.cert.exists():
+        from relay._trio.device_listener import presence_stale_after
+
+        with closing(Store.open(config.effective_database_url)) as store:
+            devices = store.list_devices(
+                now=_now(), stale_after=presence_stale_after(config)
+            )
+        if any(d.device_id == DEMO_DEVICE_ID and d.revoked_at for d in devices):
+            raise revoked
         return
     if not agent_dir.key.exists():
         enroll_agent(agent_dir, DEMO_DEVICE_ID)
-    sign_and_record(config, agent_dir.csr.read_bytes(), agent_dir.cert, now=_now())
+    try:
+        sign_and_record(config, agent_dir.csr.read_bytes(), agent_dir.cert, now=_now())
+    except DeviceRevoked:
+        raise revoked from None
 
 
 # parser -----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="relay",
         description="Remote Care relay. Broker state lives in $RELAY_DATA_DIR (default ./relay-data).",
     )
@@ -489,7 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("device_id", metavar="ID")
     revoke.add_argument(
-        "--reason", default="revoked by operator", help="recorded with the revocation"
+        "--reason",
+        type=_reason,
+        default="revoked by operator",
+        help=f"recorded with the revocation (printable, at most {MAX_REVOKE_REASON_CHARS} characters)",
     )
     revoke.set_defaults(func=cmd_device_revoke)
     return parser
@@ -505,11 +612,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except CLIError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except (MissingCA, IncompleteCA, KeyExists) as exc:
-        print(f"relay: error: {exc}", file=sys.stderr)
-        code = 1
-    except OSError as exc:
-        print(f"relay: error: {exc}", file=sys.stderr)
+    except _FAILURES as exc:
+        print(f"relay: error: {_describe(exc)}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.exit(code)

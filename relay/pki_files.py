@@ -33,11 +33,20 @@ class KeyExists(Exception):
     """A private key is already at the path; it is never overwritten."""
 
 
-class MissingCA(Exception):
+class CAError(Exception):
+    """The device CA in the data dir cannot be used; the message says why and where.
+
+    Raised as is when a CA file cannot be read or parsed, or the key and the
+    certificate do not belong together; the subclasses name the states that have a
+    standard remedy.
+    """
+
+
+class MissingCA(CAError):
     """The data dir has no CA yet (run ``relay ca init``)."""
 
 
-class IncompleteCA(Exception):
+class IncompleteCA(CAError):
     """Only one of the CA's key and certificate exists; a person must look."""
 
 
@@ -137,21 +146,114 @@ def init_ca(data_dir: DataDir, *, now: datetime, lifetime: timedelta) -> bool:
 
 
 def load_ca(data_dir: DataDir) -> auth.CertificateAuthority:
-    """Load the device CA.
+    """Load the device CA (key and certificate).
 
     Raises:
         MissingCA: There is no CA in the data dir.
+        IncompleteCA: Only the key or only the certificate exists.
+        CAError: A CA file cannot be read or parsed, the certificate is not a CA
+            certificate, or the key does not belong to it. The message names the
+            file.
     """
-    if not data_dir.ca_key.exists() or not data_dir.ca_cert.exists():
-        if data_dir.ca_key.exists() or data_dir.ca_cert.exists():
-            raise IncompleteCA(
-                f"incomplete CA in {data_dir.root / 'ca'}; see `relay ca init`"
-            )
-        raise MissingCA(f"no CA in {data_dir.root}; run `relay ca init` first")
-    return auth.load_ca(
-        key_pem=data_dir.ca_key.read_bytes(),
-        certificate_pem=data_dir.ca_cert.read_bytes(),
-    )
+    _check_ca_present(data_dir)
+    certificate = _parse_ca_certificate(data_dir.ca_cert)
+    key_pem = _read_ca_file(data_dir.ca_key)
+    try:
+        auth.load_private_key(key_pem)
+    except ValueError as exc:
+        raise CAError(
+            f"cannot use the CA key {data_dir.ca_key}: {_detail(exc)}"
+        ) from None
+    try:
+        return auth.load_ca(
+            key_pem=key_pem,
+            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM),
+        )
+    except ValueError as exc:
+        raise CAError(f"cannot use the CA in {data_dir.ca_key.parent}: {exc}") from None
+
+
+def load_ca_certificate(data_dir: DataDir) -> x509.Certificate:
+    """Load the device CA certificate only (what the broker verifies devices with).
+
+    Not checked: the CA key (a broker with an operator-provided listener
+    certificate never signs anything) and the certificate's validity period.
+
+    Raises:
+        MissingCA: There is no CA in the data dir.
+        IncompleteCA: The key exists but the certificate does not.
+        CAError: ``ca/ca.crt`` cannot be read, is not a PEM certificate, or is not
+            a CA certificate (BasicConstraints CA:TRUE). The message names the file.
+    """
+    if not data_dir.ca_cert.exists():
+        _check_ca_present(data_dir)
+    return _parse_ca_certificate(data_dir.ca_cert)
+
+
+def _check_ca_present(data_dir: DataDir) -> None:
+    """Raise MissingCA or IncompleteCA unless both CA files exist."""
+    key_exists, cert_exists = data_dir.ca_key.exists(), data_dir.ca_cert.exists()
+    if key_exists and cert_exists:
+        return
+    if key_exists or cert_exists:
+        raise IncompleteCA(
+            f"incomplete CA in {data_dir.root / 'ca'}; see `relay ca init`"
+        )
+    raise MissingCA(f"no CA in {data_dir.root}; run `relay ca init` first")
+
+
+def _read_ca_file(path: Path) -> bytes:
+    """The bytes of a CA file; CAError naming *path* when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CAError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _parse_ca_certificate(path: Path) -> x509.Certificate:
+    """The CA certificate at *path*, checked to be a CA certificate.
+
+    Raises:
+        CAError: *path* cannot be read or parsed, or is no CA certificate.
+    """
+    data = _read_ca_file(path)
+    try:
+        certificate = x509.load_pem_x509_certificate(data)
+        constraints = certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        raise CAError(
+            f"{path} is not a CA certificate (no BasicConstraints CA:TRUE)"
+        ) from None
+    except (
+        ValueError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
+        # cryptography raises ValueError for anything that is not a well-formed PEM
+        # certificate and the others for an unknown version or malformed
+        # extensions; the detail is kept for whoever restores the file.
+        raise CAError(
+            f"{path} is not a valid PEM certificate: {_detail(exc)}"
+        ) from None
+    if not constraints.ca:
+        raise CAError(f"{path} is not a CA certificate (no BasicConstraints CA:TRUE)")
+    return certificate
+
+
+def _detail(exc: Exception) -> str:
+    """cryptography's message for *exc*, without its FAQ link for unparsable PEM.
+
+    Example: "Unable to load PEM file. See https://cryptography.io/... for more
+    details. MalformedFraming" becomes "no well-formed PEM block (MalformedFraming)".
+    """
+    text = str(exc)
+    if text.startswith("Unable to load PEM file"):
+        reason = text.rpartition("for more details.")[2].strip()
+        return f"no well-formed PEM block ({reason})" if reason else "no PEM block"
+    return text
 
 
 def default_server_names(extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -168,14 +270,22 @@ def ensure_listener_certificate(
     A new one is issued when there is none, when the present one expires within a
     third of *lifetime*, or when it does not cover every name in *names*.
 
+    A certificate that does not parse is replaced too: it is a dev certificate this
+    function made, with a key nobody else uses, so there is nothing to keep.
+
     Returns:
         True when a certificate was issued.
+
+    Raises:
+        MissingCA, IncompleteCA, CAError: A certificate is needed and the CA
+            cannot be used.
     """
     if data_dir.listener_cert.exists() and data_dir.listener_key.exists():
-        current = x509.load_pem_x509_certificate(data_dir.listener_cert.read_bytes())
-        fresh = current.not_valid_after_utc - now > lifetime / 3
-        if fresh and set(names) <= _certificate_names(current):
-            return False
+        current = _load_listener_certificate(data_dir.listener_cert)
+        if current is not None:
+            fresh = current.not_valid_after_utc - now > lifetime / 3
+            if fresh and set(names) <= _certificate_names(current):
+                return False
     ca = load_ca(data_dir)
     key, certificate = auth.issue_server_certificate(
         ca, names=names, now=now, lifetime=lifetime
@@ -187,6 +297,14 @@ def ensure_listener_certificate(
         data_dir.listener_cert, certificate.public_bytes(serialization.Encoding.PEM)
     )
     return True
+
+
+def _load_listener_certificate(path: Path) -> x509.Certificate | None:
+    """The certificate at *path*, or None when it does not parse."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (ValueError, x509.InvalidVersion):
+        return None
 
 
 def _certificate_names(certificate: x509.Certificate) -> set[str]:

@@ -30,9 +30,9 @@ from relay.log import get_logger
 from relay.metrics import RelayMetrics
 from relay.pki_files import (
     DataDir,
-    MissingCA,
     default_server_names,
     ensure_listener_certificate,
+    load_ca_certificate,
 )
 from relay.presence import LocalPresence
 from relay.proto.close import CloseCode
@@ -61,9 +61,7 @@ class _Prepared:
 
 def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
     data_dir = DataDir(config.data_dir)
-    if not data_dir.ca_cert.exists():
-        raise MissingCA(f"no CA in {config.data_dir}; run `relay ca init` first")
-    ca_certificate = x509.load_pem_x509_certificate(data_dir.ca_cert.read_bytes())
+    ca_certificate = load_ca_certificate(data_dir)
     issued = False
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         cert_file, key_file = config.tls_cert_file, config.tls_key_file
@@ -93,7 +91,7 @@ async def serve_broker(
     """Run the broker until *shutdown* is set; see the module docstring.
 
     Raises:
-        MissingCA: The data dir has no CA.
+        CAError: The data dir has no usable CA.
     """
     log = get_logger("broker")
     metrics = metrics if metrics is not None else RelayMetrics()

@@ -3,13 +3,15 @@
 Each test runs ``python -m relay ...`` with ``RELAY_DATA_DIR`` pointing into
 ``tmp_path`` and checks the exit code and what the command printed (stdout for what
 a script parses, stderr for people and for the JSON log lines). Every run also
-checks that no private key material was printed.
+checks that no private key material and no Python traceback was printed: a failure
+is always one ``relay: error: ...`` line and an exit code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -52,7 +54,8 @@ class Relay:
     def __call__(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
         """Run ``relay ARGS`` and return the finished process.
 
-        Fails the test if stdout or stderr carries private key material.
+        Fails the test if stdout or stderr carries private key material, or stderr
+        a Python traceback (bad input and failures get a message, not a crash).
         """
         result = subprocess.run(
             [sys.executable, "-m", "relay", *(str(arg) for arg in args)],
@@ -66,6 +69,7 @@ class Relay:
         )
         assert "PRIVATE KEY" not in result.stdout, result.stdout
         assert "PRIVATE KEY" not in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
         return result
 
 
@@ -557,3 +561,289 @@ def test_agent_run_refuses_a_non_wss_broker_url(ca: Relay, signed: Path) -> None
     assert result.returncode == 2
     assert "relay: error:" in result.stderr
     assert "wss://" in result.stderr
+
+
+# revoke --reason ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["x" * 201, "first line\nsecond line", "bell\a", "tab\there", "", "   "],
+    ids=["201-chars", "newline", "control", "tab", "empty", "blank"],
+)
+def test_device_revoke_refuses_a_bad_reason(
+    ca: Relay, signed: Path, reason: str
+) -> None:
+    """`relay device revoke --reason` that is too long, empty or not printable exits 2 and revokes nothing."""
+    result = ca("device", "revoke", DEVICE_ID, "--reason", reason)
+
+    assert result.returncode == 2
+    assert "relay: error: argument --reason:" in result.stderr
+    assert device_rows(ca)[DEVICE_ID]["revoked"] is False
+
+
+def test_device_revoke_says_why_a_long_reason_is_refused(
+    ca: Relay, signed: Path
+) -> None:
+    """A 300-character `--reason` is refused with exit 2, naming the 200-character limit."""
+    result = ca("device", "revoke", DEVICE_ID, "--reason", "x" * 300)
+
+    assert result.returncode == 2
+    assert "at most 200 characters, got 300" in result.stderr
+
+
+def test_device_revoke_keeps_a_200_character_reason(ca: Relay, signed: Path) -> None:
+    """A printable `--reason` of exactly 200 characters is accepted and logged verbatim."""
+    reason = "ticket 4711: " + "é" * 187
+
+    result = ca("device", "revoke", DEVICE_ID, "--reason", reason)
+
+    assert result.returncode == 0, result.stderr
+    events = [
+        event
+        for event in json_logs(result.stderr)
+        if event.get("event") == "device.revoked"
+    ]
+    assert [event["reason"] for event in events] == [reason]
+    assert device_rows(ca)[DEVICE_ID]["revoked"] is True
+
+
+# unusable data dir, CA or store ------------------------------------------------------------
+
+
+def test_ca_sign_with_a_corrupt_ca_certificate_is_an_error(
+    ca: Relay, agent_dir: Path
+) -> None:
+    """`relay ca sign` with a ca/ca.crt that does not parse exits 1 naming the file, and records nothing."""
+    ca.ca_cert.write_text("not a certificate\n")
+    out = agent_dir / "device.crt"
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+
+    assert result.returncode == 1
+    assert f"relay: error: {ca.ca_cert} is not a valid PEM certificate" in result.stderr
+    assert not out.exists()
+    assert device_rows(ca) == {}
+
+
+def test_ca_sign_with_a_corrupt_ca_key_is_an_error(ca: Relay, agent_dir: Path) -> None:
+    """`relay ca sign` with a ca/ca.key that does not parse exits 1 naming the key file."""
+    ca.ca_key.write_text("garbage\n")
+    out = agent_dir / "device.crt"
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+
+    assert result.returncode == 1
+    assert "relay: error: cannot use the CA key" in result.stderr
+    assert "ca.key" in result.stderr
+    assert not out.exists()
+
+
+def test_ca_sign_with_a_non_ca_certificate_as_ca_is_an_error(
+    ca: Relay, signed: Path, agent_dir: Path
+) -> None:
+    """A device certificate copied over ca/ca.crt is refused: exit 1, "not a CA certificate"."""
+    ca.ca_cert.write_bytes(signed.read_bytes())
+    out = ca.workdir / "other.crt"
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+
+    assert result.returncode == 1
+    assert "is not a CA certificate" in result.stderr
+    assert "ca.crt" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("device", "list"), ("device", "revoke", DEVICE_ID), ("ca", "init")],
+    ids=["device-list", "device-revoke", "ca-init"],
+)
+def test_a_data_dir_that_is_a_file_is_an_error(
+    relay: Relay, args: tuple[str, ...]
+) -> None:
+    """With RELAY_DATA_DIR pointing at a file, commands exit 1 saying it is not a directory."""
+    relay.data_dir.write_text("not a directory\n")
+
+    result = relay(*args)
+
+    assert result.returncode == 1
+    assert "relay: error: RELAY_DATA_DIR" in result.stderr
+    assert "is not a directory" in result.stderr
+
+
+def test_a_store_that_cannot_be_opened_is_an_error(ca: Relay) -> None:
+    """With relay.sqlite3 being a directory, `relay device list` exits 1 with a store message."""
+    (ca.data_dir / "relay.sqlite3").mkdir()
+
+    result = ca("device", "list")
+
+    assert result.returncode == 1
+    assert "relay: error: cannot use the store:" in result.stderr
+    assert result.stdout == ""
+
+
+def test_device_revoke_while_the_database_is_locked_is_an_error(
+    ca: Relay, signed: Path
+) -> None:
+    """`relay device revoke` while another process holds the SQLite write lock exits 1 within 15 s."""
+    connection = sqlite3.connect(ca.data_dir / "relay.sqlite3", isolation_level=None)
+    try:
+        connection.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        result = ca("device", "revoke", DEVICE_ID)
+        elapsed = time.monotonic() - started
+    finally:
+        connection.close()
+
+    assert result.returncode == 1
+    assert "relay: error: cannot use the store: database is locked" in result.stderr
+    assert elapsed < 15
+    assert device_rows(ca)[DEVICE_ID]["revoked"] is False
+
+
+# ca sign --out never replaces a key --------------------------------------------------------
+
+
+def test_ca_sign_refuses_to_overwrite_a_private_key(ca: Relay, agent_dir: Path) -> None:
+    """`relay ca sign --out device.key` exits 2, leaves the key as it was and records nothing."""
+    key = agent_dir / "device.key"
+    before = key.read_bytes()
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", key)
+
+    assert result.returncode == 2
+    assert "relay: error: --out refused:" in result.stderr
+    assert "contains a private key" in result.stderr
+    assert key.read_bytes() == before
+    assert device_rows(ca) == {}
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["ca/ca.crt", "ca/ca.key", "ca/device.crt", "tls/device.crt"],
+)
+def test_ca_sign_refuses_the_broker_key_directories(
+    ca: Relay, agent_dir: Path, target: str
+) -> None:
+    """`relay ca sign --out` into $RELAY_DATA_DIR/ca or /tls exits 2, writes there nothing and records nothing."""
+    out = ca.data_dir / target
+    ca_files = {path: path.read_bytes() for path in (ca.ca_key, ca.ca_cert)}
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", out)
+
+    assert result.returncode == 2
+    assert "relay: error: --out refused:" in result.stderr
+    assert "holds the broker's keys" in result.stderr
+    assert {path: path.read_bytes() for path in ca_files} == ca_files
+    assert not (ca.data_dir / "ca" / "device.crt").exists()
+    assert not (ca.data_dir / "tls" / "device.crt").exists()
+    assert device_rows(ca) == {}
+
+
+def test_ca_sign_refuses_a_symlink_into_the_ca_directory(
+    ca: Relay, agent_dir: Path
+) -> None:
+    """An `--out` path that resolves into $RELAY_DATA_DIR/ca through a symlink is refused with exit 2."""
+    link = ca.workdir / "innocent.crt"
+    link.symlink_to(ca.ca_cert)
+    before = ca.ca_cert.read_bytes()
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", link)
+
+    assert result.returncode == 2
+    assert "holds the broker's keys" in result.stderr
+    assert ca.ca_cert.read_bytes() == before
+    assert device_rows(ca) == {}
+
+
+def test_ca_sign_refuses_to_overwrite_a_file_that_is_no_certificate(
+    ca: Relay, signed: Path, agent_dir: Path
+) -> None:
+    """`relay ca sign --out` onto an existing non-certificate file (the store) exits 2 and keeps it."""
+    store_file = ca.data_dir / "relay.sqlite3"
+    before = store_file.read_bytes()
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", store_file)
+
+    assert result.returncode == 2
+    assert "is not a PEM certificate" in result.stderr
+    assert store_file.read_bytes() == before
+    assert list(device_rows(ca)) == [DEVICE_ID]
+
+
+def test_ca_sign_refuses_a_directory_as_out(ca: Relay, agent_dir: Path) -> None:
+    """`relay ca sign --out DIR` exits 2 before anything is recorded."""
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", agent_dir)
+
+    assert result.returncode == 2
+    assert "is not a regular file" in result.stderr
+    assert device_rows(ca) == {}
+
+
+def test_ca_sign_replaces_an_older_certificate(
+    ca: Relay, signed: Path, agent_dir: Path
+) -> None:
+    """Signing again onto an existing certificate replaces it (renewal) and leaves no temporary file."""
+    before = load_certificate(signed).serial_number
+
+    result = ca("ca", "sign", agent_dir / "device.csr", "--out", signed)
+
+    assert result.returncode == 0, result.stderr
+    assert load_certificate(signed).serial_number != before
+    assert sorted(path.name for path in agent_dir.iterdir()) == [
+        "device.crt",
+        "device.csr",
+        "device.key",
+    ]
+
+
+# demo with a revoked demo device -------------------------------------------------------------
+
+
+@pytest.fixture
+def revoked_demo_device(ca: Relay) -> Path:
+    """The state `relay demo` leaves, with demo-0001 then revoked; returns its directory."""
+    directory = ca.data_dir / "demo-device"
+    steps = [
+        ca("agent", "enroll", "--device-id", "demo-0001", "--dir", directory),
+        ca("ca", "sign", directory / "device.csr", "--out", directory / "device.crt"),
+        ca("device", "revoke", "demo-0001"),
+    ]
+    assert [step.returncode for step in steps] == [0, 0, 0], steps
+    return directory
+
+
+DEMO_LISTEN_FLAGS = (
+    "--device-listen",
+    "127.0.0.1:0",
+    "--engineer-listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "127.0.0.1:0",
+)
+
+
+def test_demo_with_a_revoked_device_and_no_certificate_is_an_error(
+    ca: Relay, revoked_demo_device: Path
+) -> None:
+    """`relay demo` after demo-0001 was revoked and its device.crt removed exits 1: use a fresh data dir."""
+    (revoked_demo_device / "device.crt").unlink()
+
+    result = ca("demo", *DEMO_LISTEN_FLAGS)
+
+    assert result.returncode == 1
+    assert "relay: error: the demo device demo-0001 is revoked" in result.stderr
+    assert "use a fresh RELAY_DATA_DIR" in result.stderr
+    assert not (revoked_demo_device / "device.crt").exists()
+
+
+def test_demo_with_a_revoked_device_is_an_error(
+    ca: Relay, revoked_demo_device: Path
+) -> None:
+    """`relay demo` with demo-0001 revoked (certificate still there) exits 1 instead of never connecting."""
+    result = ca("demo", *DEMO_LISTEN_FLAGS)
+
+    assert result.returncode == 1
+    assert "relay: error: the demo device demo-0001 is revoked" in result.stderr
+    assert "use a fresh RELAY_DATA_DIR" in result.stderr
