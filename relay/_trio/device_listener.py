@@ -61,6 +61,11 @@ from relay.store import PresenceRow, Store, StoreError
 
 CONTROL_PATH: Final = "/v1/device/control"
 LISTENER: Final = "device"
+# Connections the transport dropped itself, by the reason it gives (metric labels).
+_LOCAL_DROP_LABELS: Final = {
+    "keepalive timeout": "keepalive_timeout",
+    "peer does not read": "peer_not_reading",
+}
 
 
 @dataclass(slots=True)
@@ -466,11 +471,7 @@ class DeviceListener:
                             channel.send(control.HeartbeatAck(seq=event.seq))
                         )
         except ConnectionClosed as exc:
-            label = (
-                "keepalive_timeout"
-                if exc.reason == "keepalive timeout"
-                else "peer_closed"
-            )
+            label = _LOCAL_DROP_LABELS.get(exc.reason, "peer_closed")
             code, reason = exc.code, exc.reason
         except RemoteProtocolError as exc:
             label, code, reason = "protocol_error", exc.close_code, str(exc)[:120]
