@@ -209,15 +209,19 @@ class DeviceListener:
             async with opened.handshake.accept(opened.request) as ws:
                 await self._run_channel(ws, opened.identity, peer)
         except HandshakeFailed as exc:
-            self.metrics.device_rejections.labels("bad_upgrade").inc()
-            self.log.warning(
-                "device.rejected",
-                reason="bad_upgrade",
+            self._record_rejection(
+                "bad_upgrade",
+                peer,
                 detail=str(exc),
-                peer=peer,
                 device_id=opened.identity.device_id,
-                audit=True,
             )
+
+    def _record_rejection(self, reason: str, peer: str, **fields: Any) -> None:
+        """Count a refused device connection and log it as an audit-ready event."""
+        self.metrics.device_rejections.labels(reason).inc()
+        self.log.warning(
+            "device.rejected", reason=reason, peer=peer, audit=True, **fields
+        )
 
     def _pending_enter(self, source: str) -> None:
         self._pending_total += 1
@@ -255,41 +259,28 @@ class DeviceListener:
             try:
                 request = await handshake.receive_request()
             except HandshakeFailed as exc:
-                self.metrics.device_rejections.labels("bad_upgrade").inc()
-                self.log.warning(
-                    "device.rejected",
-                    reason="bad_upgrade",
-                    detail=str(exc),
-                    peer=peer,
-                    audit=True,
-                )
+                self._record_rejection("bad_upgrade", peer, detail=str(exc))
                 return None
             if refusal is not None:
                 status, reason, text = refusal
-                self.metrics.device_rejections.labels(reason).inc()
-                self.log.warning(
-                    "device.rejected",
-                    reason=reason,
-                    peer=peer,
+                self._record_rejection(
+                    reason,
+                    peer,
                     device_id=identity.device_id if identity else None,
                     fingerprint=auth.certificate_fingerprint(certificate)
                     if certificate
                     else None,
-                    audit=True,
                 )
                 await handshake.reject(status, text)
                 return None
             assert identity is not None  # noqa: S101 - refusal is None implies an identity
             if request.path != CONTROL_PATH:
                 # The path never names a device (Invariant 6): anything else is 404.
-                self.metrics.device_rejections.labels("bad_path").inc()
-                self.log.warning(
-                    "device.rejected",
-                    reason="bad_path",
+                self._record_rejection(
+                    "bad_path",
+                    peer,
                     path=request.path[:200],
                     device_id=identity.device_id,
-                    peer=peer,
-                    audit=True,
                 )
                 await handshake.reject(404, "unknown path")
                 return None
@@ -301,10 +292,7 @@ class DeviceListener:
                 "device.tls_failed", reason="timeout", peer=peer, audit=True
             )
         else:
-            self.metrics.device_rejections.labels("upgrade_timeout").inc()
-            self.log.warning(
-                "device.rejected", reason="upgrade_timeout", peer=peer, audit=True
-            )
+            self._record_rejection("upgrade_timeout", peer)
         await trio.aclose_forcefully(tls)
         return None
 
@@ -521,16 +509,9 @@ class DeviceListener:
         peer: str,
         **fields: Any,
     ) -> None:
-        self.metrics.device_rejections.labels(label).inc()
         self.metrics.websocket_closes.labels(LISTENER, close_code_label(code)).inc()
-        self.log.warning(
-            "device.rejected",
-            reason=label,
-            device_id=device_id,
-            peer=peer,
-            detail=text[:200],
-            audit=True,
-            **fields,
+        self._record_rejection(
+            label, peer, device_id=device_id, detail=text[:200], **fields
         )
         await ws.aclose(code, text)
 
