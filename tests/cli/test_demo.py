@@ -14,15 +14,16 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+
+from tests.cli.lines import LineReader
 
 DEMO_DEVICE_ID = "demo-0001"
 CONNECT_TIMEOUT_S = 30.0
@@ -58,21 +59,16 @@ class Demo:
     process: subprocess.Popen[str]
     stderr_path: Path
     lines: list[str] = field(default_factory=list)
-    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    _reader: threading.Thread | None = None
+    _reader: LineReader | None = None
 
     def start_reading(self) -> None:
-        """Copy stdout lines into a queue from a daemon thread, then None at EOF."""
-        stdout = self.process.stdout
-        assert stdout is not None
+        """Start copying stdout lines (see LineReader)."""
+        assert self.process.stdout is not None
+        self._reader = LineReader(self.process.stdout)
 
-        def pump(stream: IO[str]) -> None:
-            for line in stream:
-                self._queue.put(line.rstrip("\n"))
-            self._queue.put(None)
-
-        self._reader = threading.Thread(target=pump, args=(stdout,), daemon=True)
-        self._reader.start()
+    def _lines(self) -> LineReader:
+        assert self._reader is not None
+        return self._reader
 
     def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> str:
         """Return the next stdout line matching *pattern*; fail after *timeout* s."""
@@ -85,7 +81,7 @@ class Demo:
                     f"stdout so far: {self.lines!r}; stderr: {self.stderr()[-2000:]}"
                 )
             try:
-                line = self._queue.get(timeout=remaining)
+                line = self._lines().get(remaining)
             except queue.Empty:
                 continue
             if line is None:
@@ -106,9 +102,8 @@ class Demo:
         """
         self.process.send_signal(signal.SIGINT)
         code = self.process.wait(timeout=STOP_TIMEOUT_S)
-        assert self._reader is not None
-        self._reader.join(timeout=STOP_TIMEOUT_S)
-        while (line := self._queue.get(timeout=STOP_TIMEOUT_S)) is not None:
+        self._lines().join(timeout=STOP_TIMEOUT_S)
+        while (line := self._lines().get(STOP_TIMEOUT_S)) is not None:
             self.lines.append(line)
         return code
 

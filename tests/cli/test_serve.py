@@ -16,15 +16,16 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+
+from tests.cli.lines import LineReader
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -81,21 +82,16 @@ class Broker:
 
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
-    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    _reader: threading.Thread | None = None
+    _reader: LineReader | None = None
 
     def start_reading(self) -> None:
-        """Copy stderr lines into a queue from a daemon thread, then None at EOF."""
-        stderr = self.process.stderr
-        assert stderr is not None
+        """Start copying stderr lines (see LineReader)."""
+        assert self.process.stderr is not None
+        self._reader = LineReader(self.process.stderr)
 
-        def pump(stream: IO[str]) -> None:
-            for line in stream:
-                self._queue.put(line.rstrip("\n"))
-            self._queue.put(None)
-
-        self._reader = threading.Thread(target=pump, args=(stderr,), daemon=True)
-        self._reader.start()
+    def _lines(self) -> LineReader:
+        assert self._reader is not None
+        return self._reader
 
     def wait_for_event(self, name: str, timeout: float) -> dict[str, Any]:
         """Return the next JSON log line with ``"event": name``; fail after *timeout* s."""
@@ -105,7 +101,7 @@ class Broker:
             if remaining <= 0:
                 pytest.fail(f"no {name!r} log line within {timeout} s: {self.lines!r}")
             try:
-                line = self._queue.get(timeout=remaining)
+                line = self._lines().get(remaining)
             except queue.Empty:
                 continue
             if line is None:
@@ -126,7 +122,7 @@ class Broker:
         """
         self.process.send_signal(sig)
         code = self.process.wait(timeout=STOP_TIMEOUT_S)
-        while (line := self._queue.get(timeout=STOP_TIMEOUT_S)) is not None:
+        while (line := self._lines().get(STOP_TIMEOUT_S)) is not None:
             self.lines.append(line)
         return code
 
