@@ -1,28 +1,43 @@
-"""Relay storage: devices, certificates, revocations and presence (SQLAlchemy Core).
+"""Relay storage: devices, certificates, revocations, presence, users and login
+sessions (SQLAlchemy Core).
 
 Synchronous and thread-safe; the trio shells call it through
 ``trio.to_thread.run_sync``. SQLite by default, PostgreSQL for several broker nodes.
 """
 
 from ._records import (
+    USER_ROLES as USER_ROLES,
     CertificateRecord as CertificateRecord,
     DeviceRecord as DeviceRecord,
     DeviceRevoked as DeviceRevoked,
+    LoginSessionRecord as LoginSessionRecord,
     PresenceRow as PresenceRow,
     Revocation as Revocation,
+    SessionRevocation as SessionRevocation,
     StoreError as StoreError,
     UnknownDevice as UnknownDevice,
+    UnknownUser as UnknownUser,
+    UserDisabled as UserDisabled,
+    UserExists as UserExists,
+    UserRecord as UserRecord,
 )
 from ._store import MIGRATIONS_DIR as MIGRATIONS_DIR, Store as Store
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "USER_ROLES",
     "CertificateRecord",
     "DeviceRecord",
     "DeviceRevoked",
+    "LoginSessionRecord",
     "PresenceRow",
     "Revocation",
+    "SessionRevocation",
     "Store",
     "StoreError",
     "UnknownDevice",
+    "UnknownUser",
+    "UserDisabled",
+    "UserExists",
+    "UserRecord",
 ]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Final
+
+# The roles a user can have; anything else is refused before it reaches the database.
+USER_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
 
 
 class StoreError(Exception):
@@ -20,6 +24,18 @@ class UnknownDevice(StoreError):
 
 class DeviceRevoked(StoreError):
     """The device is revoked, and a revoked device id is never enrolled again."""
+
+
+class UnknownUser(StoreError):
+    """No user with this name exists."""
+
+
+class UserExists(StoreError):
+    """A user with this name exists already."""
+
+
+class UserDisabled(StoreError):
+    """The user is disabled, and a disabled user gets no new login session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +110,63 @@ class Revocation:
 
     device_id: str
     serial_hex: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """One user account.
+
+    Attributes:
+        username: The login name.
+        role: One of :data:`USER_ROLES`.
+        password_hash: The password hash (argon2id), as the auth layer wrote it.
+        totp_secret_sealed: The TOTP secret, sealed by the auth layer; the store
+            cannot open it.
+        totp_last_step: The newest accepted TOTP time step, or ``None`` when no
+            code was accepted since the secret was set.
+        created_at: When the user was added, aware UTC.
+        disabled_at: When the user was disabled, or ``None``.
+    """
+
+    username: str
+    role: str
+    password_hash: str
+    totp_secret_sealed: str
+    totp_last_step: int | None
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSessionRecord:
+    """One login session, found by the hash of its bearer token.
+
+    Attributes:
+        token_hash: SHA-256 of the bearer token, 64 lowercase hex digits.
+        username: The user who logged in.
+        created_at: Login time, aware UTC.
+        last_used_at: When the token was last used, aware UTC.
+        revoked_at: When it was revoked (logout, user disabled, TOTP reset), or
+            ``None`` while it is live.
+        source: The client address at login (informational).
+    """
+
+    token_hash: str
+    username: str
+    created_at: datetime
+    last_used_at: datetime
+    revoked_at: datetime | None
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRevocation:
+    """One revoked login session: the broker closes its live WebSockets.
+
+    Attributes:
+        token_hash: The revoked session's token hash.
+        username: The user it belonged to.
+    """
+
+    token_hash: str
+    username: str

@@ -12,6 +12,8 @@ broker nodes), so only portable types are used:
   text column on SQLite, always UTC-aware in Python.
 - Certificate serials are hex strings, because RFC 5280 §4.1.2.2 allows serials of up
   to 20 octets (159 bits once the sign bit is excluded), more than any SQL integer.
+- TOTP time steps are ``BIGINT``: a step is Unix time / 30, which outgrows nothing
+  soon, but a 32-bit column would be a needless limit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Dialect,
@@ -47,6 +50,12 @@ REASON_LENGTH: Final = 200
 NODE_ID_LENGTH: Final = 64
 AGENT_VERSION_LENGTH: Final = 64
 PEER_LENGTH: Final = 100
+USERNAME_LENGTH: Final = 64
+ROLE_LENGTH: Final = 16
+PASSWORD_HASH_LENGTH: Final = 200
+SEALED_SECRET_LENGTH: Final = 200
+TOKEN_HASH_LENGTH: Final = 64
+SOURCE_LENGTH: Final = 100
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -158,4 +167,54 @@ device_presence: Final = Table(
     Column("last_seen", UTCDateTime(), nullable=False),
     Column("agent_version", String(AGENT_VERSION_LENGTH), nullable=False),
     Column("peer", String(PEER_LENGTH), nullable=False),
+)
+
+# Engineer, auditor and admin accounts. The store never sees a plain password or TOTP
+# secret: password_hash is an argon2id string and totp_secret_sealed is the secret
+# encrypted by the auth layer with a key kept outside the database. totp_last_step
+# is the newest accepted TOTP time step; a code of that step or an older one is never
+# accepted again (see Store.accept_totp_step).
+users: Final = Table(
+    "users",
+    metadata,
+    Column("username", String(USERNAME_LENGTH), primary_key=True),
+    Column("role", String(ROLE_LENGTH), nullable=False),
+    Column("password_hash", String(PASSWORD_HASH_LENGTH), nullable=False),
+    Column("totp_secret_sealed", String(SEALED_SECRET_LENGTH), nullable=False),
+    Column("totp_last_step", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("disabled_at", UTCDateTime(), nullable=True),
+    Column("password_changed_at", UTCDateTime(), nullable=False),
+)
+
+# One row per login. The key is the SHA-256 of the bearer token: the token itself is
+# never stored, so a copy of the database lets nobody in.
+login_sessions: Final = Table(
+    "login_sessions",
+    metadata,
+    Column("token_hash", String(TOKEN_HASH_LENGTH), primary_key=True),
+    Column(
+        "username",
+        String(USERNAME_LENGTH),
+        ForeignKey("users.username"),
+        nullable=False,
+        index=True,
+    ),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_used_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revoked_reason", String(REASON_LENGTH), nullable=True),
+    Column("source", String(SOURCE_LENGTH), nullable=False),
+)
+
+# Append-only, like revocation_events: every broker node polls it to close the live
+# WebSockets of revoked login sessions, so the id must never be reused.
+login_session_revocations: Final = Table(
+    "login_session_revocations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("token_hash", String(TOKEN_HASH_LENGTH), nullable=False),
+    Column("username", String(USERNAME_LENGTH), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=False),
+    sqlite_autoincrement=True,
 )

@@ -1,4 +1,4 @@
-"""The relay store: devices, certificates, revocations and a presence mirror.
+"""The relay store: devices, certificates, revocations, a presence mirror, users.
 
 Theory of operation
 ===================
@@ -24,14 +24,22 @@ Rule 4: database failures surface as StoreError, never as SQLAlchemy or driver
         exceptions, so the shells have a single exception type to handle.
 Rule 5: the schema changes only through the Alembic migrations (``migrate()``).
 
-The revocation feed: ``revoke_device`` appends one ``revocation_events`` row per
+The revocation feeds: ``revoke_device`` appends one ``revocation_events`` row per
 certificate, and each broker polls ``revocations_after(cursor)`` to close the live
-connections of revoked devices. The feed is only correct if ids become visible in
+connections of revoked devices. Likewise every path that revokes login sessions
+(logout, ``revoke_user_sessions``, ``disable_user``, ``reset_totp``) appends to
+``login_session_revocations``, polled with ``session_revocations_after(cursor)`` to
+close engineers' WebSockets. A feed is only correct if ids become visible in
 increasing order. SQLite has a single writer, so they do. On PostgreSQL a sequence
 hands out ids at INSERT time but transactions commit in any order, so a poller could
-move its cursor past an id whose transaction commits later; ``revoke_device``
-therefore takes an EXCLUSIVE lock on the table (readers are not blocked) so that
-event writers commit one after the other. Revocations are rare, so this costs nothing.
+move its cursor past an id whose transaction commits later; the writers therefore
+take an EXCLUSIVE lock on the feed table (readers are not blocked) so that event
+writers commit one after the other. Revocations are rare, so this costs nothing.
+
+Users and login sessions: the store keeps password hashes, sealed TOTP secrets and
+SHA-256 hashes of bearer tokens, never a plain password, secret or token. TOTP
+replay is refused by ``accept_totp_step``, one conditional UPDATE that lets exactly
+one of several racing logins with the same code win.
 """
 
 from __future__ import annotations
@@ -48,13 +56,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
 from sqlalchemy import (
+    ColumnElement,
     Connection,
+    Row,
     Table,
     create_engine,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -62,29 +73,44 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ._records import (
+    USER_ROLES,
     CertificateRecord,
     DeviceRecord,
     DeviceRevoked,
+    LoginSessionRecord,
     PresenceRow,
     Revocation,
+    SessionRevocation,
     StoreError,
     UnknownDevice,
+    UnknownUser,
+    UserDisabled,
+    UserExists,
+    UserRecord,
 )
 from ._schema import (
     AGENT_VERSION_LENGTH,
     DEVICE_ID_LENGTH,
     NODE_ID_LENGTH,
+    PASSWORD_HASH_LENGTH,
     PEER_LENGTH,
     REASON_LENGTH,
+    SEALED_SECRET_LENGTH,
     SERIAL_HEX_LENGTH,
+    SOURCE_LENGTH,
+    TOKEN_HASH_LENGTH,
+    USERNAME_LENGTH,
     certificates,
     device_presence,
     devices,
+    login_session_revocations,
+    login_sessions,
     revocation_events,
+    users,
 )
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -106,9 +132,23 @@ _MIGRATION_LOCK_KEY: Final = 0x72656C6179
 
 _HEX: Final = re.compile(r"[0-9a-fA-F]+")
 
+# The revoked_reason of the sessions that reset_totp revokes.
+_TOTP_RESET_REASON: Final = "TOTP secret reset"
+
+# What get_user and list_users read: everything but password_changed_at.
+_USER_COLUMNS: Final = (
+    users.c.username,
+    users.c.role,
+    users.c.password_hash,
+    users.c.totp_secret_sealed,
+    users.c.totp_last_step,
+    users.c.created_at,
+    users.c.disabled_at,
+)
+
 
 class Store:
-    """Devices, certificates, the revocation feed and the presence mirror.
+    """Devices, certificates, the revocation feeds, presence, users and sessions.
 
     Thread safety:
         Every method may be called from any thread, concurrently. The Store holds
@@ -650,6 +690,407 @@ class Store:
                 delete(device_presence).where(device_presence.c.node_id == node_id)
             )
 
+    # Users and login sessions
+
+    def add_user(
+        self,
+        *,
+        username: str,
+        role: str,
+        password_hash: str,
+        totp_secret_sealed: str,
+        at: datetime,
+    ) -> None:
+        """Add a user; no TOTP step is accepted yet and no session exists.
+
+        Args:
+            username: The login name, 1 to 64 characters.
+            role: One of :data:`USER_ROLES`.
+            password_hash: The password hash made by the auth layer.
+            totp_secret_sealed: The TOTP secret, sealed by the auth layer.
+            at: Creation time (aware); also the password change time.
+
+        Raises:
+            UserExists: *username* is taken (also when that user is disabled).
+            StoreError: The database failed.
+            ValueError: A bad role, an empty or over-long field, or a naive *at*.
+        """
+        _check_text(username, "username", USERNAME_LENGTH)
+        _check_role(role)
+        _check_text(password_hash, "password_hash", PASSWORD_HASH_LENGTH)
+        _check_text(totp_secret_sealed, "totp_secret_sealed", SEALED_SECRET_LENGTH)
+        _check_aware(at, "at")
+        with self._transaction(write=True) as connection:
+            # No SELECT first: the primary key decides, so two concurrent adds of
+            # one name on PostgreSQL also end in exactly one UserExists. All other
+            # constraints are checked above, so a violation here is the key.
+            try:
+                connection.execute(
+                    insert(users).values(
+                        username=username,
+                        role=role,
+                        password_hash=password_hash,
+                        totp_secret_sealed=totp_secret_sealed,
+                        totp_last_step=None,
+                        created_at=at,
+                        disabled_at=None,
+                        password_changed_at=at,
+                    )
+                )
+            except IntegrityError as exc:
+                raise UserExists(f"user {username!r} exists already") from exc
+
+    def get_user(self, username: str) -> UserRecord | None:
+        """Find a user by name.
+
+        Returns:
+            The user, disabled or not, or ``None`` if there is no such user.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._transaction(write=False) as connection:
+            row = connection.execute(
+                select(*_USER_COLUMNS).where(users.c.username == username)
+            ).one_or_none()
+        return None if row is None else _user_record(row)
+
+    def list_users(self) -> list[UserRecord]:
+        """List every user, disabled ones included, ordered by username.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._transaction(write=False) as connection:
+            rows = connection.execute(
+                select(*_USER_COLUMNS).order_by(users.c.username)
+            ).all()
+        return [_user_record(row) for row in rows]
+
+    def disable_user(self, username: str, *, at: datetime, reason: str) -> list[str]:
+        """Disable a user and revoke all its live login sessions, in one transaction.
+
+        Idempotent: disabling a disabled user keeps the first ``disabled_at``.
+        A disabled user is refused new sessions (:meth:`create_login_session`)
+        and TOTP steps (:meth:`accept_totp_step`).
+
+        Args:
+            username: The user to disable.
+            at: Time of disabling (aware).
+            reason: Why, for operators; recorded on each revoked session; at most
+                200 characters.
+
+        Returns:
+            The token hashes of the sessions revoked by this call, oldest first;
+            each is also appended to the session revocation feed.
+
+        Raises:
+            UnknownUser: There is no such user.
+            StoreError: The database failed.
+            ValueError: *reason* is too long, or *at* is naive.
+        """
+        _check_aware(at, "at")
+        _check_reason(reason)
+        with self._transaction(write=True) as connection:
+            _lock_session_feed(connection)
+            disabled_at = _lock_user(connection, username, users.c.disabled_at)
+            if disabled_at is None:
+                connection.execute(
+                    update(users)
+                    .where(users.c.username == username)
+                    .values(disabled_at=at)
+                )
+            return _revoke_sessions(
+                connection, login_sessions.c.username == username, at=at, reason=reason
+            )
+
+    def reset_totp(
+        self, username: str, *, totp_secret_sealed: str, at: datetime
+    ) -> list[str]:
+        """Give a user a new TOTP secret, and revoke all its live login sessions.
+
+        The accepted step is cleared, since steps of the old secret say nothing
+        about the new one.
+
+        Args:
+            username: The user.
+            totp_secret_sealed: The new secret, sealed by the auth layer.
+            at: Time of the reset (aware).
+
+        Returns:
+            The token hashes of the sessions revoked by this call, oldest first;
+            each is also appended to the session revocation feed.
+
+        Raises:
+            UnknownUser: There is no such user.
+            StoreError: The database failed.
+            ValueError: An empty or over-long secret, or a naive *at*.
+        """
+        _check_text(totp_secret_sealed, "totp_secret_sealed", SEALED_SECRET_LENGTH)
+        _check_aware(at, "at")
+        with self._transaction(write=True) as connection:
+            _lock_session_feed(connection)
+            _lock_user(connection, username, users.c.username)
+            connection.execute(
+                update(users)
+                .where(users.c.username == username)
+                .values(totp_secret_sealed=totp_secret_sealed, totp_last_step=None)
+            )
+            return _revoke_sessions(
+                connection,
+                login_sessions.c.username == username,
+                at=at,
+                reason=_TOTP_RESET_REASON,
+            )
+
+    def accept_totp_step(self, username: str, step: int) -> bool:
+        """Record TOTP time step *step* as used, if it is newer than the last one.
+
+        The compare-and-set is a single UPDATE, so of several logins racing with
+        the same code exactly one gets ``True``, on SQLite and PostgreSQL alike.
+        A code of the last accepted step or an older one is refused: no reuse.
+
+        Args:
+            username: The user whose code was verified.
+            step: The time step of the verified code (Unix time // 30).
+
+        Returns:
+            ``True`` if the step was accepted; ``False`` if it is not newer than
+            the last accepted step, or the user is disabled or does not exist.
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *step* is not an integer from 0 to 2**63 - 1.
+        """
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"step must be an int, got {step!r}")
+        if not 0 <= step < 2**63:
+            raise ValueError(f"step must be from 0 to 2**63 - 1, got {step}")
+        with self._transaction(write=True) as connection:
+            result = connection.execute(
+                update(users)
+                .where(
+                    users.c.username == username,
+                    users.c.disabled_at.is_(None),
+                    or_(
+                        users.c.totp_last_step.is_(None),
+                        users.c.totp_last_step < step,
+                    ),
+                )
+                .values(totp_last_step=step)
+            )
+            return result.rowcount == 1
+
+    def create_login_session(
+        self, *, token_hash: str, username: str, at: datetime, source: str
+    ) -> None:
+        """Record a new login session of *username*.
+
+        The user is checked in the same transaction, so a session can never be
+        created for a user that :meth:`disable_user` has just disabled.
+
+        Args:
+            token_hash: SHA-256 of the bearer token, 64 hex digits (stored
+                lowercase).
+            username: The user who logged in.
+            at: Login time (aware); also the first ``last_used_at``.
+            source: The client address; informational, cut to 100 characters.
+
+        Raises:
+            UnknownUser: There is no such user.
+            UserDisabled: The user is disabled.
+            StoreError: The token hash is already recorded, or the database failed.
+            ValueError: A malformed token hash, or a naive *at*.
+        """
+        digest = _canonical_token_hash(token_hash)
+        _check_aware(at, "at")
+        with self._transaction(write=True) as connection:
+            if _lock_user(connection, username, users.c.disabled_at) is not None:
+                raise UserDisabled(f"user {username!r} is disabled")
+            connection.execute(
+                insert(login_sessions).values(
+                    token_hash=digest,
+                    username=username,
+                    created_at=at,
+                    last_used_at=at,
+                    revoked_at=None,
+                    revoked_reason=None,
+                    source=source[:SOURCE_LENGTH],
+                )
+            )
+
+    def get_login_session(self, token_hash: str) -> LoginSessionRecord | None:
+        """Find a login session, live or revoked, by its token hash.
+
+        Idle and absolute expiry are the caller's to judge from ``created_at`` and
+        ``last_used_at``; the store only records revocation.
+
+        Returns:
+            The session, or ``None`` if this hash was never recorded.
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *token_hash* is not 64 hex digits.
+        """
+        digest = _canonical_token_hash(token_hash)
+        s = login_sessions.c
+        with self._transaction(write=False) as connection:
+            row = connection.execute(
+                select(
+                    s.token_hash,
+                    s.username,
+                    s.created_at,
+                    s.last_used_at,
+                    s.revoked_at,
+                    s.source,
+                ).where(s.token_hash == digest)
+            ).one_or_none()
+        if row is None:
+            return None
+        return LoginSessionRecord(
+            token_hash=row.token_hash,
+            username=row.username,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+            source=row.source,
+        )
+
+    def touch_login_session(self, token_hash: str, *, at: datetime) -> None:
+        """Move a live session's ``last_used_at`` forward to *at*.
+
+        A revoked or unknown session is left alone, and so is one already used
+        at or after *at* (concurrent requests cannot move it back).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: A malformed token hash, or a naive *at*.
+        """
+        digest = _canonical_token_hash(token_hash)
+        _check_aware(at, "at")
+        s = login_sessions.c
+        with self._transaction(write=True) as connection:
+            connection.execute(
+                update(login_sessions)
+                .where(
+                    s.token_hash == digest,
+                    s.revoked_at.is_(None),
+                    s.last_used_at < at,
+                )
+                .values(last_used_at=at)
+            )
+
+    def revoke_login_session(
+        self, token_hash: str, *, at: datetime, reason: str
+    ) -> bool:
+        """Revoke one login session (logout), and append it to the revocation feed.
+
+        Args:
+            token_hash: The session's token hash.
+            at: Time of revocation (aware).
+            reason: Why, for operators; at most 200 characters.
+
+        Returns:
+            ``True`` if the session was live; ``False`` if it was revoked already
+            or never recorded (nothing is written then).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: A malformed token hash, a too long *reason*, or a naive *at*.
+        """
+        digest = _canonical_token_hash(token_hash)
+        _check_aware(at, "at")
+        _check_reason(reason)
+        with self._transaction(write=True) as connection:
+            _lock_session_feed(connection)
+            revoked = _revoke_sessions(
+                connection, login_sessions.c.token_hash == digest, at=at, reason=reason
+            )
+        return bool(revoked)
+
+    def revoke_user_sessions(
+        self, username: str, *, at: datetime, reason: str
+    ) -> list[str]:
+        """Revoke every live login session of *username*; the user stays enabled.
+
+        Args:
+            username: The user.
+            at: Time of revocation (aware).
+            reason: Why, for operators; at most 200 characters.
+
+        Returns:
+            The token hashes revoked by this call, oldest session first; each is
+            also appended to the session revocation feed.
+
+        Raises:
+            UnknownUser: There is no such user.
+            StoreError: The database failed.
+            ValueError: *reason* is too long, or *at* is naive.
+        """
+        _check_aware(at, "at")
+        _check_reason(reason)
+        with self._transaction(write=True) as connection:
+            _lock_session_feed(connection)
+            _lock_user(connection, username, users.c.username)
+            return _revoke_sessions(
+                connection, login_sessions.c.username == username, at=at, reason=reason
+            )
+
+    def session_revocations_after(
+        self, cursor: int, *, limit: int = 1000
+    ) -> tuple[list[SessionRevocation], int]:
+        """Read the login session revocation feed after *cursor*.
+
+        Every revocation path (logout, :meth:`revoke_user_sessions`,
+        :meth:`disable_user`, :meth:`reset_totp`) appends to it, in any process;
+        each broker polls it to close the WebSockets of revoked sessions.
+
+        Args:
+            cursor: The last event id already handled (``0`` for the beginning).
+            limit: At most this many events are returned; call again with the new
+                cursor to read on.
+
+        Returns:
+            The events with an id greater than *cursor*, oldest first, and the
+            cursor to pass next time (*cursor* itself when there are none).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *cursor* is negative or *limit* is not positive.
+        """
+        if cursor < 0:
+            raise ValueError("cursor must not be negative")
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        r = login_session_revocations.c
+        with self._transaction(write=False) as connection:
+            rows = connection.execute(
+                select(r.id, r.token_hash, r.username)
+                .where(r.id > cursor)
+                .order_by(r.id)
+                .limit(limit)
+            ).all()
+        events = [
+            SessionRevocation(token_hash=row.token_hash, username=row.username)
+            for row in rows
+        ]
+        return events, (rows[-1].id if rows else cursor)
+
+    def session_revocation_cursor(self) -> int:
+        """Return the id of the newest session revocation event, or ``0``.
+
+        A starting broker polls from here: it has no live WebSockets yet, and
+        checks every request's session against the store itself.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        with self._transaction(write=False) as connection:
+            newest = connection.execute(
+                select(func.coalesce(func.max(login_session_revocations.c.id), 0))
+            ).scalar_one()
+        return int(newest)
+
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:
         """Run one transaction, committed on success and rolled back on error.
@@ -833,3 +1274,131 @@ def _canonical_fingerprint(fingerprint_sha256: str) -> str:
     if len(fingerprint_sha256) != 64 or not _HEX.fullmatch(fingerprint_sha256):
         raise ValueError("fingerprint_sha256 must be 64 hex digits")
     return fingerprint_sha256.lower()
+
+
+def _lock_session_feed(connection: Connection) -> None:
+    """Serialise writers of the session revocation feed on PostgreSQL.
+
+    Called first in every transaction that may append to
+    ``login_session_revocations``, for the same reason as the lock on
+    ``revocation_events`` (see "The revocation feeds" at the top of this module).
+    Taking it before any row lock also gives every revoking transaction the same
+    lock order, so they cannot deadlock. SQLite needs nothing: it has one writer.
+
+    Args:
+        connection: Connection inside a write transaction.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("LOCK TABLE login_session_revocations IN EXCLUSIVE MODE")
+        )
+
+
+def _lock_user(
+    connection: Connection, username: str, column: ColumnElement[Any]
+) -> Any:
+    """Read one column of a user's row, locking the row on PostgreSQL.
+
+    Args:
+        connection: Connection inside a write transaction.
+        username: The user.
+        column: The column of ``users`` to read.
+
+    Returns:
+        The column's value.
+
+    Raises:
+        UnknownUser: There is no such user.
+    """
+    row = connection.execute(
+        select(column).where(users.c.username == username).with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise UnknownUser(f"no user {username!r}")
+    return row[0]
+
+
+def _revoke_sessions(
+    connection: Connection,
+    condition: ColumnElement[bool],
+    *,
+    at: datetime,
+    reason: str,
+) -> list[str]:
+    """Revoke the live login sessions matching *condition* and feed them out.
+
+    Args:
+        connection: Connection inside a write transaction that has called
+            :func:`_lock_session_feed`.
+        condition: A WHERE clause on ``login_sessions``.
+        at: Time of revocation.
+        reason: Recorded on each revoked session.
+
+    Returns:
+        The revoked token hashes, oldest session first.
+    """
+    s = login_sessions.c
+    live = (condition, s.revoked_at.is_(None))
+    rows = connection.execute(
+        select(s.token_hash, s.username)
+        .where(*live)
+        .order_by(s.created_at, s.token_hash)
+        .with_for_update()
+    ).all()
+    if not rows:
+        return []
+    connection.execute(
+        update(login_sessions).where(*live).values(revoked_at=at, revoked_reason=reason)
+    )
+    connection.execute(
+        insert(login_session_revocations),
+        [
+            {"token_hash": row.token_hash, "username": row.username, "revoked_at": at}
+            for row in rows
+        ],
+    )
+    return [row.token_hash for row in rows]
+
+
+def _user_record(row: Row[*tuple[Any, ...]]) -> UserRecord:
+    """Build a UserRecord from a row selected with ``_USER_COLUMNS``."""
+    return UserRecord(
+        username=row.username,
+        role=row.role,
+        password_hash=row.password_hash,
+        totp_secret_sealed=row.totp_secret_sealed,
+        totp_last_step=row.totp_last_step,
+        created_at=row.created_at,
+        disabled_at=row.disabled_at,
+    )
+
+
+def _check_role(role: str) -> None:
+    """Refuse a role that is not one of USER_ROLES.
+
+    Raises:
+        ValueError: *role* is unknown.
+    """
+    if role not in USER_ROLES:
+        raise ValueError(f"role must be one of {sorted(USER_ROLES)}, got {role!r}")
+
+
+def _check_reason(reason: str) -> None:
+    """Refuse a reason longer than its column.
+
+    Raises:
+        ValueError: *reason* is longer than REASON_LENGTH.
+    """
+    if len(reason) > REASON_LENGTH:
+        raise ValueError(f"reason is longer than {REASON_LENGTH} characters")
+
+
+def _canonical_token_hash(token_hash: str) -> str:
+    """Return a token hash (SHA-256) as 64 lowercase hex digits.
+
+    Raises:
+        ValueError: *token_hash* is not 64 hex digits.
+    """
+    if len(token_hash) != TOKEN_HASH_LENGTH or not _HEX.fullmatch(token_hash):
+        raise ValueError(f"token_hash must be {TOKEN_HASH_LENGTH} hex digits")
+    return token_hash.lower()
