@@ -1,14 +1,38 @@
 """Authentication for the relay: pure functions, no I/O.
 
-Bytes, certificate objects and the current time go in; verified identities come out,
-or an :class:`AuthError` subclass is raised. Nothing here imports trio, sockets or
-ssl, reads the clock or touches files.
+Bytes, certificate objects, passwords, codes, tokens and the current time go in;
+verified identities (or accepted TOTP steps) come out, or an :class:`AuthError`
+subclass is raised. Nothing here imports trio, sockets or ssl, reads the clock or
+touches files.
 """
 
 from .errors import (
     AuthError as AuthError,
     CertificateRequestError as CertificateRequestError,
+    InvalidCredentials as InvalidCredentials,
+    InvalidToken as InvalidToken,
+    SealedValueError as SealedValueError,
     UntrustedPeer as UntrustedPeer,
+)
+from .limits import (
+    DEFAULT_LOGIN_LIMITS as DEFAULT_LOGIN_LIMITS,
+    UNAUTHENTICATED_RATE_LIMIT as UNAUTHENTICATED_RATE_LIMIT,
+    LoginLimits as LoginLimits,
+    LoginThrottle as LoginThrottle,
+    RateLimit as RateLimit,
+    RateLimiter as RateLimiter,
+    ThrottleDecision as ThrottleDecision,
+    ThrottleReason as ThrottleReason,
+    retry_after_s as retry_after_s,
+)
+from .passwords import (
+    DEFAULT_MEMORY_COST as DEFAULT_MEMORY_COST,
+    DEFAULT_PARALLELISM as DEFAULT_PARALLELISM,
+    DEFAULT_TIME_COST as DEFAULT_TIME_COST,
+    MAX_PASSWORD_CHARS as MAX_PASSWORD_CHARS,
+    MIN_PASSWORD_CHARS as MIN_PASSWORD_CHARS,
+    PasswordHasher as PasswordHasher,
+    validate_new_password as validate_new_password,
 )
 from .pki import (
     DEVICE_ID_PATTERN as DEVICE_ID_PATTERN,
@@ -29,26 +53,95 @@ from .pki import (
     validate_device_id as validate_device_id,
     verify_device_certificate as verify_device_certificate,
 )
+from .sealed import (
+    MAX_SEALED_PLAINTEXT_BYTES as MAX_SEALED_PLAINTEXT_BYTES,
+    SEALED_KEY_BYTES as SEALED_KEY_BYTES,
+    SecretSealer as SecretSealer,
+    generate_sealing_key as generate_sealing_key,
+    key_from_text as key_from_text,
+    key_to_text as key_to_text,
+)
+from .tokens import (
+    TOKEN_BYTES as TOKEN_BYTES,
+    TOKEN_CHARS as TOKEN_CHARS,
+    SessionLifetime as SessionLifetime,
+    new_token as new_token,
+    session_expiry as session_expiry,
+    token_hash as token_hash,
+    verify_session_times as verify_session_times,
+    verify_token_format as verify_token_format,
+)
+from .totp import (
+    TOTP_DIGITS as TOTP_DIGITS,
+    TOTP_ISSUER as TOTP_ISSUER,
+    TOTP_MAX_TRIES as TOTP_MAX_TRIES,
+    TOTP_STEP_S as TOTP_STEP_S,
+    TotpAttempts as TotpAttempts,
+    generate_secret as generate_secret,
+    provisioning_uri as provisioning_uri,
+    verify_totp as verify_totp,
+)
 
 __all__ = [
+    "DEFAULT_LOGIN_LIMITS",
+    "DEFAULT_MEMORY_COST",
+    "DEFAULT_PARALLELISM",
+    "DEFAULT_TIME_COST",
     "DEVICE_ID_PATTERN",
     "DEVICE_URI_PREFIX",
+    "MAX_PASSWORD_CHARS",
+    "MAX_SEALED_PLAINTEXT_BYTES",
+    "MIN_PASSWORD_CHARS",
+    "SEALED_KEY_BYTES",
+    "TOKEN_BYTES",
+    "TOKEN_CHARS",
+    "TOTP_DIGITS",
+    "TOTP_ISSUER",
+    "TOTP_MAX_TRIES",
+    "TOTP_STEP_S",
+    "UNAUTHENTICATED_RATE_LIMIT",
     "AuthError",
     "CertificateAuthority",
     "CertificateRequestError",
     "DeviceIdentity",
+    "InvalidCredentials",
+    "InvalidToken",
+    "LoginLimits",
+    "LoginThrottle",
+    "PasswordHasher",
+    "RateLimit",
+    "RateLimiter",
+    "SealedValueError",
+    "SecretSealer",
+    "SessionLifetime",
     "SignedDevice",
+    "ThrottleDecision",
+    "ThrottleReason",
+    "TotpAttempts",
     "UntrustedPeer",
     "build_device_csr",
     "certificate_fingerprint",
     "create_ca",
     "device_identity",
     "generate_private_key",
+    "generate_sealing_key",
+    "generate_secret",
     "issue_server_certificate",
+    "key_from_text",
+    "key_to_text",
     "load_ca",
     "load_private_key",
+    "new_token",
     "private_key_pem",
+    "provisioning_uri",
+    "retry_after_s",
+    "session_expiry",
     "sign_device_csr",
+    "token_hash",
     "validate_device_id",
+    "validate_new_password",
     "verify_device_certificate",
+    "verify_session_times",
+    "verify_token_format",
+    "verify_totp",
 ]

@@ -8,7 +8,14 @@ ones rather than renaming old ones.
 
 from __future__ import annotations
 
-__all__ = ["AuthError", "CertificateRequestError", "UntrustedPeer"]
+__all__ = [
+    "AuthError",
+    "CertificateRequestError",
+    "InvalidCredentials",
+    "InvalidToken",
+    "SealedValueError",
+    "UntrustedPeer",
+]
 
 
 class AuthError(Exception):
@@ -62,4 +69,62 @@ class UntrustedPeer(_ReasonedError):
             ``'bad_device_id'`` or ``'id_mismatch'``.
 
     ``str(error)`` is a human-readable explanation.
+    """
+
+
+class InvalidCredentials(_ReasonedError):
+    """A login attempt failed: one class for every cause.
+
+    Attributes:
+        reason: A short machine code for metrics and audit, one of
+            ``'unknown_user'``, ``'bad_password'``, ``'bad_totp'``,
+            ``'totp_reused'`` or ``'too_many_totp_tries'``.
+
+    The login answer (HTTP status, body, timing) must not depend on ``reason``:
+    telling the caller which factor failed would let an attacker find valid user
+    names, or confirm a guessed password before guessing the code. ``reason`` is
+    for counters and audit events only. ``str(error)`` defaults to the same text
+    for every cause, so it is safe to show.
+    """
+
+    def __init__(
+        self, reason: str, message: str = "invalid username, password or code"
+    ) -> None:
+        super().__init__(reason, message)
+
+
+class InvalidToken(_ReasonedError):
+    """A session token is not acceptable.
+
+    Attributes:
+        reason: A short machine code for metrics and audit, one of
+            ``'malformed'`` (not a token this relay could have issued),
+            ``'unknown'`` (well-formed, but no session has it), ``'expired'``
+            (idle or absolute lifetime over) or ``'revoked'`` (logout, or the
+            user was disabled).
+
+    ``str(error)`` defaults to one text for every cause; it never contains the
+    token.
+    """
+
+    def __init__(
+        self, reason: str, message: str = "invalid or expired session token"
+    ) -> None:
+        super().__init__(reason, message)
+
+
+class SealedValueError(_ReasonedError):
+    """A sealed (encrypted at rest) value cannot be opened.
+
+    Attributes:
+        reason: A short machine code for metrics and audit, one of
+            ``'malformed'`` (not the text form :meth:`auth.SecretSealer.seal`
+            produces), ``'unsupported_version'`` (a format version this code does
+            not know) or ``'not_authentic'`` (the authentication tag does not
+            match: the value was changed, was sealed with another key, or belongs
+            to another context such as another user's row; AES-GCM cannot tell
+            these apart, by design).
+
+    ``str(error)`` is a human-readable explanation; it never contains the sealed
+    value or the key.
     """

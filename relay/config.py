@@ -125,6 +125,45 @@ class AgentConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EngineerAuthConfig:
+    """Engineer login, sessions and abuse limits (the engineer listener).
+
+    Attributes:
+        session_idle_s: A login session unused this long expires (ASVS L3: 15 min).
+        session_absolute_s: No login session lives longer than this (12 h).
+        totp_tries_per_login: Wrong TOTP codes allowed in one login transaction.
+        login_free_failures: Failed logins in a row (per account and address)
+            before each further attempt from that address is delayed.
+        login_base_delay_s: First delay after the free failures; it doubles.
+        login_max_delay_s: Largest delay.
+        login_failures_per_hour: Failed logins per account per sliding hour, all
+            addresses together; beyond it every login for the account is refused.
+        unauthenticated_per_minute: Rate limit per client address on endpoints that
+            need no login (the login itself).
+        unauthenticated_burst: Burst allowance for the same.
+        session_revocation_poll_s: How often the broker reads the store's session
+            revocation feed to close WebSockets of logged-out or disabled engineers
+            (budget: 5 s).
+        totp_sealing_key: Base64 of the 32-byte key that seals TOTP secrets in the
+            store (production: from config or ``RELAY_TOTP_SEALING_KEY``). When
+            unset, a key is generated on first use into its own 0600 file in the
+            data dir, away from the database file.
+    """
+
+    session_idle_s: float = 15 * 60.0
+    session_absolute_s: float = 12 * 3600.0
+    totp_tries_per_login: int = 5
+    login_free_failures: int = 5
+    login_base_delay_s: float = 1.0
+    login_max_delay_s: float = 15 * 60.0
+    login_failures_per_hour: int = 100
+    unauthenticated_per_minute: float = 20.0
+    unauthenticated_burst: int = 40
+    session_revocation_poll_s: float = 1.0
+    totp_sealing_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenAddress:
     """A host and a TCP port; port 0 asks the kernel for a free port."""
 
@@ -189,6 +228,7 @@ class BrokerConfig:
     websocket: WebSocketLimits = field(default_factory=WebSocketLimits)
     device_listener: DeviceListenerConfig = field(default_factory=DeviceListenerConfig)
     pki: PKIConfig = field(default_factory=PKIConfig)
+    engineer_auth: EngineerAuthConfig = field(default_factory=EngineerAuthConfig)
 
     @property
     def effective_database_url(self) -> str:

@@ -1,0 +1,219 @@
+"""TOTP second factor (RFC 6238): secrets, provisioning URIs, code checks.
+
+Pure: the caller passes the current time and the user's last accepted time step,
+and stores the step this module returns. pyotp computes the codes; the window,
+the reuse rule and the input checks are ours.
+"""
+
+# Theory of operation
+# ===================
+# A code belongs to a time step: step = floor(unix_time / 30). At server step t a
+# code is accepted for step t or t-1 only. RFC 6238 §5.2: "We RECOMMEND that at
+# most one time step is allowed as the network delay"; we allow it backwards
+# only (a code typed just before the step changed), never forwards, so a client
+# clock ahead of the server's is refused (see the tests for exact cases).
+#
+# Rule 1: a code is single-use. verify_totp() refuses any code whose step is not
+#         greater than the user's last accepted step, and returns the step it
+#         accepted. The caller must store it with an atomic compare-and-set
+#         (UPDATE ... SET last_step = :step WHERE last_step < :step, success only
+#         if one row changed), so that two logins racing with one code cannot
+#         both win. pyotp alone accepts a code any number of times in its window.
+# Rule 2: the code is checked for shape (exactly six ASCII digits) before any
+#         comparison. pyotp NFKC-normalises both sides before comparing, so its
+#         own verify() would accept full-width digits (U+FF11 U+FF12 ... for
+#         "12..."); we never give it the chance.
+# Rule 3: comparisons are constant-time (hmac.compare_digest), and both window
+#         steps are always compared, so the time taken does not depend on which
+#         step (if any) matched.
+# TotpAttempts is the only stateful object here: one per login transaction, it
+# counts failed codes and refuses once the limit is reached.
+
+from __future__ import annotations
+
+import hmac
+import math
+from datetime import datetime
+from typing import Final
+
+import pyotp
+
+from .errors import InvalidCredentials
+
+__all__ = [
+    "TOTP_DIGITS",
+    "TOTP_ISSUER",
+    "TOTP_MAX_TRIES",
+    "TOTP_STEP_S",
+    "TotpAttempts",
+    "generate_secret",
+    "provisioning_uri",
+    "verify_totp",
+]
+
+#: Length of a TOTP time step, in seconds (RFC 6238's default; what every
+#: authenticator app assumes when the URI does not say otherwise).
+TOTP_STEP_S: Final = 30
+#: Digits per code.
+TOTP_DIGITS: Final = 6
+#: Default issuer shown in authenticator apps.
+TOTP_ISSUER: Final = "Remote Care relay"
+#: Default number of wrong codes allowed per login transaction.
+TOTP_MAX_TRIES: Final = 5
+
+# Steps accepted relative to the server's current step t: t-1 and t.
+_WINDOW: Final = (-1, 0)
+# pyotp.random_base32's default: 32 base32 characters = 160 bits, the HMAC-SHA1
+# key length RFC 4226 §4 recommends.
+_SECRET_CHARS: Final = 32
+
+
+def generate_secret() -> str:
+    """Make a new random TOTP secret.
+
+    Returns:
+        32 base32 characters (160 bits from :class:`secrets.SystemRandom`). It is
+        a secret: store it sealed (:class:`auth.SecretSealer`), show it only in
+        the provisioning URI, never log it.
+    """
+    return pyotp.random_base32(_SECRET_CHARS)
+
+
+def provisioning_uri(secret: str, *, username: str, issuer: str = TOTP_ISSUER) -> str:
+    """Build the ``otpauth://totp/...`` URI an authenticator app scans.
+
+    The URI states SHA-1, 6 digits and 30 s implicitly (the Key URI Format's
+    defaults), which is what this module checks. It contains the secret: show it
+    to the new user once, never log it.
+
+    Args:
+        secret: The user's base32 secret.
+        username: The account name shown in the app.
+        issuer: The issuer shown in the app.
+
+    Raises:
+        ValueError: *secret* is not base32 of at least 112 bits, or *username* or
+            *issuer* is empty or contains ``:`` (the Key URI Format uses ``:`` to
+            separate them in the label).
+    """
+    for what, value in (("username", username), ("issuer", issuer)):
+        if not value or ":" in value:
+            raise ValueError(f"TOTP {what} must be non-empty and contain no ':'")
+    return _totp(secret).provisioning_uri(name=username, issuer_name=issuer)
+
+
+def verify_totp(
+    secret: str, code: str, *, now: datetime, last_accepted_step: int | None
+) -> int:
+    """Check a TOTP *code* and return the time step it was accepted for.
+
+    A code is accepted if it is six ASCII digits, matches step t or t-1 (where
+    t = floor(now / 30 s)), and that step is greater than *last_accepted_step*.
+    If it matches both steps (possible only by chance), the newest step that is
+    still unused wins.
+
+    Not checked: how many codes this login already tried (see
+    :class:`TotpAttempts`), and races between logins (the caller's compare-and-set
+    on the returned step, see the module's theory of operation).
+
+    Args:
+        secret: The user's base32 secret (unsealed).
+        code: The code as the user typed it; no spaces are stripped.
+        now: The current time, timezone-aware.
+        last_accepted_step: The step stored at the user's last successful login,
+            or ``None`` if there was none.
+
+    Returns:
+        The accepted step; store it as the user's new last accepted step.
+
+    Raises:
+        InvalidCredentials: ``reason='bad_totp'`` if the code is malformed or
+            matches neither step; ``reason='totp_reused'`` if it matches, but only
+            for a step at or before *last_accepted_step*.
+        ValueError: *now* is naive or before 1970-01-01 00:00:30 UTC, or *secret*
+            is not a usable base32 secret (a store problem, not a login failure).
+    """
+    if now.utcoffset() is None:
+        raise ValueError("now must be a timezone-aware datetime")
+    step = math.floor(now.timestamp()) // TOTP_STEP_S
+    if step + _WINDOW[0] < 0:
+        raise ValueError("now must be at or after 1970-01-01T00:00:30Z")
+    # Built before the shape check, so that a broken secret is reported the same
+    # way whatever code was typed.
+    totp = _totp(secret)
+    if len(code) != TOTP_DIGITS or not (code.isascii() and code.isdigit()):
+        raise InvalidCredentials("bad_totp")
+
+    candidate = code.encode("ascii")
+    # A list, not a generator with any(): every step is compared (Rule 3).
+    matched = [
+        step + offset
+        for offset in _WINDOW
+        if hmac.compare_digest(candidate, totp.generate_otp(step + offset).encode())
+    ]
+    if not matched:
+        raise InvalidCredentials("bad_totp")
+    unused = [
+        s for s in matched if last_accepted_step is None or s > last_accepted_step
+    ]
+    if not unused:
+        raise InvalidCredentials("totp_reused")
+    return max(unused)
+
+
+class TotpAttempts:
+    """Count wrong TOTP codes within one login transaction.
+
+    Call :meth:`record_failure` after every refused code (whatever the reason);
+    the call that reaches the limit raises, and so does every later one. The
+    caller then ends the transaction: the user starts over with the password.
+
+    Not covered: failures across transactions or per account over time (the
+    caller's rate limits).
+
+    Args:
+        limit: Failures allowed, at least 1; the *limit*-th failure raises.
+
+    Raises:
+        ValueError: *limit* is below 1.
+    """
+
+    __slots__ = ("_failures", "_limit")
+
+    def __init__(self, limit: int = TOTP_MAX_TRIES) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self._limit = limit
+        self._failures = 0
+
+    def __repr__(self) -> str:
+        return f"TotpAttempts(limit={self._limit}, remaining={self.remaining})"
+
+    @property
+    def remaining(self) -> int:
+        """How many more failures this transaction may have before it is refused."""
+        return self._limit - self._failures
+
+    def record_failure(self) -> None:
+        """Count one wrong code.
+
+        Raises:
+            InvalidCredentials: ``reason='too_many_totp_tries'`` once *limit*
+                failures have been recorded (on that call and every later one).
+        """
+        if self._failures < self._limit:
+            self._failures += 1
+        if self._failures >= self._limit:
+            raise InvalidCredentials("too_many_totp_tries")
+
+
+def _totp(secret: str) -> pyotp.TOTP:
+    # pyotp checks the secret here: base32 (case-insensitive, padding optional)
+    # and at least 112 bits (NIST SP 800-63B-4 §3.1.4.1). Both kinds of failure
+    # become one ValueError (binascii.Error is already a subclass).
+    try:
+        return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_STEP_S)
+    except ValueError:
+        raise ValueError(
+            "TOTP secret is not a base32 secret of 112 bits or more"
+        ) from None
