@@ -72,6 +72,12 @@ class DataDir:
     def listener_cert(self) -> Path:
         return self.root / "tls" / "listener.crt"
 
+    @property
+    def totp_sealing_key(self) -> Path:
+        # Its own directory, away from the database file: a copy of the database
+        # alone (a backup, a support bundle) does not unseal the TOTP secrets.
+        return self.root / "secrets" / "totp-sealing.key"
+
 
 @dataclass(frozen=True, slots=True)
 class AgentDir:
@@ -332,3 +338,27 @@ def enroll_agent(agent_dir: AgentDir, device_id: str) -> None:
     key = auth.generate_private_key()
     write_private(agent_dir.key, auth.private_key_pem(key))
     write_public(agent_dir.csr, auth.build_device_csr(key, device_id))
+
+
+def load_or_create_sealing_key(
+    data_dir: DataDir, configured: str | None
+) -> tuple[bytes, str]:
+    """The key that seals TOTP secrets in the store, and where it came from.
+
+    Production passes the key from config or ``RELAY_TOTP_SEALING_KEY``
+    (*configured*, base64 of 32 bytes). Otherwise the key lives in its own 0600
+    file in the data dir, created on first use; the caller logs which it was.
+
+    Raises:
+        ValueError: The configured or stored key is not base64 of 32 bytes.
+    """
+    if configured:
+        return auth.key_from_text(configured), "configuration"
+    path = data_dir.totp_sealing_key
+    if not path.exists():
+        # Another process may create it first; then theirs is used.
+        with contextlib.suppress(KeyExists):
+            write_private(
+                path, auth.key_to_text(auth.generate_sealing_key()).encode() + b"\n"
+            )
+    return auth.key_from_text(path.read_text()), str(path)

@@ -215,3 +215,30 @@ def test_corrupt_listener_certificate_is_reissued(tmp_path: Path) -> None:
     x509.load_pem_x509_certificate(data_dir.listener_cert.read_bytes())
     assert data_dir.listener_key.read_bytes() != old_key
     assert stat.S_IMODE(data_dir.listener_key.stat().st_mode) == 0o600
+
+
+def test_sealing_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    """Without a configured key, one is created in its own 0600 file and reused."""
+    from relay.pki_files import load_or_create_sealing_key
+
+    data_dir = DataDir(tmp_path)
+    key, source = load_or_create_sealing_key(data_dir, None)
+    assert len(key) == 32
+    assert source == str(data_dir.totp_sealing_key)
+    assert stat.S_IMODE(data_dir.totp_sealing_key.stat().st_mode) == 0o600
+    assert data_dir.totp_sealing_key.parent != (tmp_path / "relay.sqlite3").parent
+    again, _ = load_or_create_sealing_key(data_dir, None)
+    assert again == key
+
+
+def test_configured_sealing_key_wins_and_writes_nothing(tmp_path: Path) -> None:
+    """A configured key is used as given and no key file is created."""
+    import base64
+
+    from relay.pki_files import load_or_create_sealing_key
+
+    configured = base64.b64encode(bytes(range(32))).decode()
+    key, source = load_or_create_sealing_key(DataDir(tmp_path), configured)
+    assert key == bytes(range(32))
+    assert source == "configuration"
+    assert not DataDir(tmp_path).totp_sealing_key.exists()
