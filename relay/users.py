@@ -1,0 +1,117 @@
+"""Engineer accounts: creating them and resetting their second factor.
+
+The sync glue between the pure credential code (``auth``) and the store, shared by
+``relay user ...`` and the engineer API. Passwords are hashed with argon2id, TOTP
+secrets are sealed with the data dir's sealing key before they reach the store,
+and the plain secret leaves this module only inside the ``otpauth://`` URI that
+the new user scans once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import auth
+from relay.store import USER_ROLES, Store
+
+USERNAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def validate_username(text: str) -> str:
+    """Return *text* if it is a valid login name.
+
+    Names are lower case so that "Alice" and "alice" can never be two accounts
+    (or two throttles).
+
+    Raises:
+        ValueError: Not 1-64 characters of ``a-z 0-9 . _ -`` starting with a letter
+            or digit.
+    """
+    if not USERNAME_PATTERN.fullmatch(text):
+        raise ValueError(
+            "user names are 1-64 characters: lower-case letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return text
+
+
+def validate_role(text: str) -> str:
+    """Return *text* if it is a known role.
+
+    Raises:
+        ValueError: Not one of engineer, auditor, admin.
+    """
+    if text not in USER_ROLES:
+        raise ValueError(f"role must be one of {', '.join(sorted(USER_ROLES))}")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    """What a person needs after an account was created or its TOTP reset."""
+
+    username: str
+    role: str
+    otpauth_uri: str
+
+
+def totp_context(username: str) -> str:
+    """Associated data for a user's sealed TOTP secret (binds it to the row)."""
+    return f"totp:{username}"
+
+
+def create_user(
+    store: Store,
+    hasher: auth.PasswordHasher,
+    sealer: auth.SecretSealer,
+    *,
+    username: str,
+    role: str,
+    password: str,
+    now: datetime,
+) -> NewUser:
+    """Create an account with a new TOTP secret.
+
+    Raises:
+        ValueError: Invalid name, role or password (too short or too long).
+        relay.store.UserExists: The name is taken.
+    """
+    validate_username(username)
+    validate_role(role)
+    auth.validate_new_password(password)
+    secret = auth.generate_secret()
+    store.add_user(
+        username=username,
+        role=role,
+        password_hash=hasher.hash(password),
+        totp_secret_sealed=sealer.seal(secret, context=totp_context(username)),
+        at=now,
+    )
+    return NewUser(username, role, auth.provisioning_uri(secret, username=username))
+
+
+def reset_totp(
+    store: Store, sealer: auth.SecretSealer, *, username: str, now: datetime
+) -> tuple[NewUser, list[str]]:
+    """Give *username* a new TOTP secret; their sessions end.
+
+    Returns:
+        The new enrolment, and the token hashes of the sessions that were revoked.
+
+    Raises:
+        relay.store.UnknownUser: No such user.
+    """
+    secret = auth.generate_secret()
+    revoked = store.reset_totp(
+        username,
+        totp_secret_sealed=sealer.seal(secret, context=totp_context(username)),
+        at=now,
+    )
+    user = store.get_user(username)
+    role = user.role if user is not None else ""
+    return NewUser(
+        username, role, auth.provisioning_uri(secret, username=username)
+    ), revoked
