@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import getpass
+import io
 import json
+import os
 import signal
 import sys
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from dataclasses import replace
@@ -23,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+import segno
 import trio
 
 import auth
@@ -37,8 +42,23 @@ from relay.pki_files import (
     KeyExists,
     enroll_agent,
     init_ca,
+    load_or_create_sealing_key,
 )
-from relay.store import DeviceRevoked, Store, StoreError, UnknownDevice
+from relay.store import (
+    DeviceRevoked,
+    Store,
+    StoreError,
+    UnknownDevice,
+    UnknownUser,
+    UserExists,
+)
+from relay.users import (
+    NewUser,
+    create_user,
+    reset_totp,
+    validate_role,
+    validate_username,
+)
 
 DEMO_DEVICE_ID = "demo-0001"
 # The store keeps at most this many characters of a revocation reason.
@@ -321,6 +341,219 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# user ---------------------------------------------------------------------------------
+
+# Recorded with the sessions that `relay user disable` ends.
+_DISABLE_REASON = "user disabled by operator"
+
+
+def _user_name(text: str) -> str:
+    try:
+        return validate_username(text)
+    except ValueError as exc:
+        raise CLIError(f"invalid user name {text!r}: {exc}", exit_code=2) from None
+
+
+def _totp_sealer(config: BrokerConfig) -> auth.SecretSealer:
+    """The sealer for TOTP secrets: key from ``RELAY_TOTP_SEALING_KEY`` or its file.
+
+    Logs ``secrets.sealing_key`` with the key's source (never the key), and says
+    when the key file was created by this call.
+    """
+    data_dir = DataDir(config.data_dir)
+    configured = os.environ.get("RELAY_TOTP_SEALING_KEY")
+    existed = data_dir.totp_sealing_key.exists()
+    try:
+        key, source = load_or_create_sealing_key(data_dir, configured)
+    except ValueError as exc:
+        where = (
+            "RELAY_TOTP_SEALING_KEY" if configured else str(data_dir.totp_sealing_key)
+        )
+        raise CLIError(f"unusable TOTP sealing key in {where}: {exc}") from None
+    created = not configured and not existed
+    get_logger("cli").info("secrets.sealing_key", source=source, created=created)
+    if created:
+        print(
+            f"created the TOTP sealing key {source} (mode 0600); keep it with the "
+            "database's backups but apart from them, or set RELAY_TOTP_SEALING_KEY",
+            file=sys.stderr,
+        )
+    return auth.SecretSealer(key)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new user's password: one line of stdin, or typed twice without echo."""
+    try:
+        if args.password_stdin:
+            line = sys.stdin.readline()
+            if not line:
+                raise CLIError("--password-stdin: no password on stdin", exit_code=2)
+            return line.removesuffix("\n").removesuffix("\r")
+        with warnings.catch_warnings():
+            # Without a terminal getpass reads stdin and prints its own one-line
+            # warning; the Python warning with a source line would only be noise.
+            warnings.simplefilter("ignore", getpass.GetPassWarning)
+            first = getpass.getpass("Password for the new user: ")
+            second = getpass.getpass("Repeat the password: ")
+    except EOFError:
+        raise CLIError(
+            "no password: input ended (use --password-stdin to pipe one in)",
+            exit_code=2,
+        ) from None
+    except UnicodeDecodeError:
+        raise CLIError("the password is not valid text", exit_code=2) from None
+    except KeyboardInterrupt:
+        raise CLIError("interrupted; no user added") from None
+    if first != second:
+        raise CLIError("passwords do not match; no user added", exit_code=2)
+    return first
+
+
+def _print_enrolment(new_user: NewUser) -> None:
+    """The otpauth URI, its QR code, and that they are shown only now (stdout)."""
+    qr = io.StringIO()
+    segno.make(new_user.otpauth_uri).terminal(out=qr, compact=True)
+    out = sys.stdout
+    print(f"TOTP for {new_user.username}: {new_user.otpauth_uri}", file=out)
+    try:
+        out.write(qr.getvalue())
+    except UnicodeEncodeError:
+        print(
+            "(this terminal's encoding cannot draw the QR code; enter the URI above)",
+            file=out,
+        )
+    print(
+        "Scan this QR code (or enter the URI) into an authenticator app now: it is "
+        f"not shown again. `relay user reset-totp {new_user.username}` makes a new one.",
+        file=out,
+    )
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    username = _user_name(args.name)
+    try:
+        role = validate_role(args.role)
+    except ValueError as exc:
+        raise CLIError(f"invalid role {args.role!r}: {exc}", exit_code=2) from None
+    config = BrokerConfig(data_dir=_data_dir())
+    exists = CLIError(f"user {username} exists")
+    with closing(Store.open(config.effective_database_url)) as store:
+        # Checked before the prompt too, so nobody types a password for nothing.
+        if store.get_user(username) is not None:
+            raise exists
+        password = _read_password(args)
+        try:
+            auth.validate_new_password(password)
+        except ValueError as exc:
+            raise CLIError(str(exc), exit_code=2) from None
+        sealer = _totp_sealer(config)
+        try:
+            new_user = create_user(
+                store,
+                auth.PasswordHasher(),
+                sealer,
+                username=username,
+                role=role,
+                password=password,
+                now=_now(),
+            )
+        except UserExists:
+            raise exists from None
+    get_logger("cli").info("user.added", username=username, role=role, audit=True)
+    if args.json:
+        json.dump(
+            {
+                "username": new_user.username,
+                "role": new_user.role,
+                "otpauth_uri": new_user.otpauth_uri,
+            },
+            sys.stdout,
+        )
+        sys.stdout.write("\n")
+        return 0
+    print(f"added user {username} (role {role})")
+    _print_enrolment(new_user)
+    return 0
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    username = _user_name(args.name)
+    config = BrokerConfig(data_dir=_data_dir())
+    with closing(Store.open(config.effective_database_url)) as store:
+        before = store.get_user(username)
+        try:
+            revoked = store.disable_user(username, at=_now(), reason=_DISABLE_REASON)
+        except UnknownUser:
+            raise CLIError(f"unknown user {username!r}") from None
+    already = before is not None and before.disabled_at is not None
+    get_logger("cli").warning(
+        "user.disabled",
+        username=username,
+        sessions_revoked=len(revoked),
+        already_disabled=already,
+        audit=True,
+    )
+    if already:
+        print(
+            f"user {username} was already disabled ({len(revoked)} session(s) ended)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"disabled {username} ({len(revoked)} session(s) ended)", file=sys.stderr)
+    return 0
+
+
+def cmd_user_reset_totp(args: argparse.Namespace) -> int:
+    username = _user_name(args.name)
+    config = BrokerConfig(data_dir=_data_dir())
+    unknown = CLIError(f"unknown user {username!r}")
+    with closing(Store.open(config.effective_database_url)) as store:
+        # Checked first, so that a typo creates no sealing key file.
+        if store.get_user(username) is None:
+            raise unknown
+        sealer = _totp_sealer(config)
+        try:
+            new_user, revoked = reset_totp(store, sealer, username=username, now=_now())
+        except UnknownUser:
+            raise unknown from None
+    get_logger("cli").warning(
+        "user.totp_reset",
+        username=username,
+        sessions_revoked=len(revoked),
+        audit=True,
+    )
+    print(f"new TOTP secret for {username} ({len(revoked)} session(s) ended)")
+    _print_enrolment(new_user)
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    config = BrokerConfig(data_dir=_data_dir())
+    with closing(Store.open(config.effective_database_url)) as store:
+        users = store.list_users()
+    # Built field by field: hashes and sealed secrets never reach the output.
+    rows = [
+        {
+            "username": user.username,
+            "role": user.role,
+            "created_at": user.created_at.isoformat(),
+            "disabled": user.disabled_at is not None,
+        }
+        for user in users
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} DISABLED")
+    for row in rows:
+        print(
+            f"{row['username']:<24} {row['role']:<9} {str(row['created_at'])[:19]:<20} "
+            f"{'yes' if row['disabled'] else 'no'}"
+        )
+    return 0
+
+
 # serve and demo --------------------------------------------------------------------------
 
 
@@ -599,6 +832,42 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"recorded with the revocation (printable, at most {MAX_REVOKE_REASON_CHARS} characters)",
     )
     revoke.set_defaults(func=cmd_device_revoke)
+
+    user = commands.add_parser("user", help="engineer accounts").add_subparsers(
+        dest="user_command", required=True, metavar="ACTION"
+    )
+    user_add = user.add_parser(
+        "add", help="add a user; prints the TOTP URI and QR code (shown once)"
+    )
+    user_add.add_argument("name", metavar="NAME")
+    user_add.add_argument(
+        "--role", required=True, metavar="ROLE", help="engineer, auditor or admin"
+    )
+    user_add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin instead of prompting",
+    )
+    user_add.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"username","role","otpauth_uri"} instead of the QR code',
+    )
+    user_add.set_defaults(func=cmd_user_add)
+    user_disable = user.add_parser(
+        "disable", help="disable a user and end its sessions at once"
+    )
+    user_disable.add_argument("name", metavar="NAME")
+    user_disable.set_defaults(func=cmd_user_disable)
+    user_reset = user.add_parser(
+        "reset-totp",
+        help="give a user a new TOTP secret (prints URI and QR); its sessions end",
+    )
+    user_reset.add_argument("name", metavar="NAME")
+    user_reset.set_defaults(func=cmd_user_reset_totp)
+    user_list = user.add_parser("list", help="users: role, created, disabled")
+    user_list.add_argument("--json", action="store_true")
+    user_list.set_defaults(func=cmd_user_list)
     return parser
 
 
