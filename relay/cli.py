@@ -33,6 +33,12 @@ import trio
 import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
+from relay.engineer_client import (
+    LoginFailed,
+    login as engineer_login,
+    parse_broker_url as parse_engineer_broker_url,
+    save_credentials,
+)
 from relay.enrollment import UnsafeDestination, sign_and_record
 from relay.log import configure_logging, get_logger
 from relay.pki_files import (
@@ -407,6 +413,52 @@ def _read_password(args: argparse.Namespace) -> str:
     if first != second:
         raise CLIError("passwords do not match; no user added", exit_code=2)
     return first
+
+
+def _ask(prompt: str, *, secret: bool) -> str:
+    """One answer from the person at the terminal (no echo when *secret*)."""
+    try:
+        if secret:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", getpass.GetPassWarning)
+                return getpass.getpass(prompt)
+        print(prompt, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.strip()
+    except EOFError:
+        raise CLIError(
+            "input ended before the login was complete", exit_code=2
+        ) from None
+    except KeyboardInterrupt:
+        raise CLIError("interrupted; not logged in") from None
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    try:
+        broker = parse_engineer_broker_url(args.broker)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+    username = args.username or _ask("Username: ", secret=False)
+    password = _ask("Password: ", secret=True)
+    code = _ask("Authenticator code: ", secret=True)
+    try:
+        credentials = engineer_login(
+            broker,
+            username=username,
+            password=password,
+            totp=code.strip(),
+            ca_file=args.ca_file,
+        )
+    except LoginFailed as exc:
+        raise CLIError(f"login failed: {exc}") from None
+    path = save_credentials(credentials)
+    print(
+        f"logged in to {broker} as {username} until {credentials.expires_at}; token in {path} (0600)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _print_enrolment(new_user: NewUser) -> None:
@@ -832,6 +884,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"recorded with the revocation (printable, at most {MAX_REVOKE_REASON_CHARS} characters)",
     )
     revoke.set_defaults(func=cmd_device_revoke)
+
+    login = commands.add_parser(
+        "login", help="log in to a broker as an engineer (password + TOTP)"
+    )
+    login.add_argument("--broker", required=True, metavar="https://HOST:PORT")
+    login.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="CA that signed the broker's certificate (dev: `relay ca cert`)",
+    )
+    login.add_argument("--username", metavar="NAME", help="asked for when not given")
+    login.set_defaults(func=cmd_login)
 
     user = commands.add_parser("user", help="engineer accounts").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"

@@ -141,9 +141,8 @@ class EngineerAuthConfig:
         unauthenticated_per_minute: Rate limit per client address on endpoints that
             need no login (the login itself).
         unauthenticated_burst: Burst allowance for the same.
-        session_revocation_poll_s: How often the broker reads the store's session
-            revocation feed to close WebSockets of logged-out or disabled engineers
-            (budget: 5 s).
+        max_concurrent_password_hashes: argon2 hashes (64 MiB each) allowed to
+            run at once; further logins wait for a slot.
         totp_sealing_key: Base64 of the 32-byte key that seals TOTP secrets in the
             store (production: from config or ``RELAY_TOTP_SEALING_KEY``). When
             unset, a key is generated on first use into its own 0600 file in the
@@ -159,7 +158,7 @@ class EngineerAuthConfig:
     login_failures_per_hour: int = 100
     unauthenticated_per_minute: float = 20.0
     unauthenticated_burst: int = 40
-    session_revocation_poll_s: float = 1.0
+    max_concurrent_password_hashes: int = 4
     totp_sealing_key: str | None = None
 
 

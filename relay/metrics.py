@@ -79,6 +79,33 @@ class RelayMetrics:
             ["operation"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "relay_auth_failures_total",
+            "Failed engineer logins, by factor (user, password, totp) and reason.",
+            ["factor", "reason"],
+            registry=r,
+        )
+        self.auth_logins = Counter(
+            "relay_auth_logins_total", "Successful engineer logins.", registry=r
+        )
+        self.auth_throttled = Counter(
+            "relay_auth_throttled_total",
+            "Requests refused with 429 on the engineer listener, by reason "
+            "(rate_limit, source_delay, account_hourly_cap).",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_token_rejections = Counter(
+            "relay_auth_token_rejections_total",
+            "Requests refused for their session token, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_forbidden = Counter(
+            "relay_auth_forbidden_total",
+            "Authenticated requests refused because of the user's role.",
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:

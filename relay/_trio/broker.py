@@ -23,7 +23,9 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from relay._trio.device_listener import DeviceListener
+import auth
+from relay._trio.device_listener import DeviceListener, presence_stale_after
+from relay._trio.engineer_api import LoginService
 from relay._trio.http import engineer_app, metrics_app, serve_http
 from relay.config import BrokerConfig
 from relay.log import get_logger
@@ -33,6 +35,7 @@ from relay.pki_files import (
     default_server_names,
     ensure_listener_certificate,
     load_ca_certificate,
+    load_or_create_sealing_key,
 )
 from relay.presence import LocalPresence
 from relay.proto.close import CloseCode
@@ -57,10 +60,18 @@ class _Prepared:
     cert_file: Any
     key_file: Any
     dev_certificate_issued: bool
+    sealer: auth.SecretSealer
+    sealing_key_origin: str
+    hasher: auth.PasswordHasher
 
 
 def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
     data_dir = DataDir(config.data_dir)
+    sealing_key, sealing_key_origin = load_or_create_sealing_key(
+        data_dir,
+        config.engineer_auth.totp_sealing_key
+        or os.environ.get("RELAY_TOTP_SEALING_KEY"),
+    )
     ca_certificate = load_ca_certificate(data_dir)
     issued = False
     if config.tls_cert_file is not None and config.tls_key_file is not None:
@@ -76,8 +87,20 @@ def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
     device_context = device_listener_context(
         cert_file=cert_file, key_file=key_file, device_ca_file=data_dir.ca_cert
     )
+    # Computes one argon2 hash (the unknown-user dummy): worker thread work too.
+    hasher = auth.PasswordHasher()
     store = Store.open(config.effective_database_url)
-    return _Prepared(store, ca_certificate, device_context, cert_file, key_file, issued)
+    return _Prepared(
+        store,
+        ca_certificate,
+        device_context,
+        cert_file,
+        key_file,
+        issued,
+        auth.SecretSealer(sealing_key),
+        sealing_key_origin,
+        hasher,
+    )
 
 
 async def serve_broker(
@@ -102,7 +125,21 @@ async def serve_broker(
             path=str(prepared.cert_file),
             detail="dev mode: listener certificate issued by the local CA",
         )
+    log.info(
+        "auth.totp_sealing_key_loaded",
+        origin=prepared.sealing_key_origin,
+        audit=True,
+    )
     store = prepared.store
+    login_service = LoginService(
+        store=store,
+        hasher=prepared.hasher,
+        sealer=prepared.sealer,
+        config=config.engineer_auth,
+        metrics=metrics,
+        log=get_logger("engineer_api"),
+        wall_clock=wall_clock,
+    )
     listener = DeviceListener(
         config=config,
         ssl_context=prepared.device_context,
@@ -133,7 +170,10 @@ async def serve_broker(
             device_port = await nursery.start(listener.serve)
             engineer_port = await nursery.start(
                 lambda task_status: serve_http(
-                    engineer_app(),
+                    engineer_app(
+                        login_service,
+                        presence_stale_after=presence_stale_after(config),
+                    ),
                     config.engineer_listen,
                     tls_files=(prepared.cert_file, prepared.key_file),
                     task_status=task_status,

@@ -7,15 +7,17 @@ is alive) and ``/readyz`` (listeners bound, store reachable, data dir writable;
 503 with the failing checks otherwise). Nothing else answers there, and none of
 these routes exist on the device or engineer listeners.
 
-The engineer listener is HTTPS. Engineer login, the API and the console arrive
-with the engineer-auth and console issues; until then it answers ``GET /`` with
-the service name and version, and 404 for everything else.
+The engineer listener is HTTPS: ``GET /`` answers the service name and version,
+and the engineer login and API live under ``/api/v1/`` (see
+:mod:`relay._trio.engineer_api`, which also adds the security headers). The
+console arrives with its own issue.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,13 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from relay import __version__
+from relay._trio.engineer_api import LoginService, SecurityHeaders, api_routes
 from relay.config import ListenAddress
 from relay.metrics import RelayMetrics
 from relay.tls import engineer_listener_context
@@ -80,13 +84,20 @@ def metrics_app(metrics: RelayMetrics, readiness: ReadinessCheck) -> Starlette:
     )
 
 
-def engineer_app() -> Starlette:
-    """The engineer listener's routes (grows with the engineer-auth issue)."""
+def engineer_app(
+    service: LoginService, *, presence_stale_after: timedelta
+) -> Starlette:
+    """The engineer listener: the banner, login and the API (relay._trio.engineer_api)."""
 
-    async def index(_request: Request) -> Response:
-        return JSONResponse({"service": "remote-care-relay", "version": __version__})
+    def banner() -> dict[str, str]:
+        return {"service": "remote-care-relay", "version": __version__}
 
-    return Starlette(routes=[Route("/", index)])
+    return Starlette(
+        routes=api_routes(
+            service, banner=banner, presence_stale_after=presence_stale_after
+        ),
+        middleware=[Middleware(SecurityHeaders)],
+    )
 
 
 async def serve_http(

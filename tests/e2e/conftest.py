@@ -6,6 +6,7 @@ and limits are shortened so that deadline tests take fractions of a second.
 
 from __future__ import annotations
 
+import functools
 import gc
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyotp
 import pytest
 import trio
 
@@ -32,10 +34,12 @@ from relay.pki_files import (
     DataDir,
     init_ca,
     load_ca,
+    load_or_create_sealing_key,
     write_private,
     write_public,
 )
 from relay.store import Store
+from relay.users import create_user
 
 LOOPBACK = "127.0.0.1"
 
@@ -198,3 +202,33 @@ async def wait_until(
     with trio.fail_after(timeout_s):
         while not predicate():  # noqa: ASYNC110 - state owned by another component
             await trio.sleep(step_s)
+
+
+def add_engineer(
+    pki: PKI,
+    username: str,
+    *,
+    role: str = "engineer",
+    password: str = "correct horse battery",  # noqa: S107 - test account
+) -> str:
+    """Create a user directly in the store (as ``relay user add`` does); return the
+    TOTP secret. The sealing key is the data dir's, which a broker started on
+    *pki* loads as well."""
+    key, _origin = load_or_create_sealing_key(DataDir(pki.data_dir), None)
+    with pki.store() as store:
+        new_user = create_user(
+            store,
+            _test_hasher(),
+            auth.SecretSealer(key),
+            username=username,
+            role=role,
+            password=password,
+            now=datetime.now(UTC),
+        )
+    secret: str = pyotp.parse_uri(new_user.otpauth_uri).secret
+    return secret
+
+
+@functools.cache
+def _test_hasher() -> auth.PasswordHasher:
+    return auth.PasswordHasher()
