@@ -213,6 +213,9 @@ class LoginService:
         self._sealer = sealer
         self._metrics = metrics
         self._log = log
+        # Public for the app's error handlers, which count and log what they answer.
+        self.metrics = metrics
+        self.log = log
         self._wall_clock = wall_clock
         self._monotonic = monotonic
         # Each argon2 hash takes 64 MiB: a login flood must not take the memory.

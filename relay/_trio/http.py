@@ -36,6 +36,7 @@ from relay import __version__
 from relay._trio.engineer_api import LoginService, SecurityHeaders, api_routes
 from relay.config import ListenAddress
 from relay.metrics import RelayMetrics
+from relay.store import StoreError
 from relay.tls import engineer_listener_context
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
@@ -92,11 +93,28 @@ def engineer_app(
     def banner() -> dict[str, str]:
         return {"service": "remote-care-relay", "version": __version__}
 
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        # The database is down or locked: say so plainly (503, retry later) instead
+        # of a bare 500; the operator gets the error in the log and a metric.
+        service.metrics.store_errors.labels("engineer_api").inc()
+        service.log.error(
+            "store.failed",
+            operation="engineer_api",
+            path=request.url.path,
+            error=str(exc),
+        )
+        return JSONResponse(
+            {"error": "service unavailable"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
     return Starlette(
         routes=api_routes(
             service, banner=banner, presence_stale_after=presence_stale_after
         ),
         middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={StoreError: store_unavailable},
     )
 
 
