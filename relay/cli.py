@@ -700,6 +700,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 file=out,
             )
             print(f"  device CA          {data_dir.ca_cert}", file=out)
+            print(
+                "  engineers          add one with `relay user add NAME --role engineer`, then "
+                f"`relay login --broker https://localhost:{ports.engineer} --ca-file {data_dir.ca_cert}`",
+                file=out,
+            )
             status = AgentStatus()
             settings = AgentSettings(
                 broker_url=device_url,
