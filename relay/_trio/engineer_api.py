@@ -9,11 +9,16 @@ call in worker threads, counts every refusal and writes audit events. It holds n
 rules of its own beyond the order of the checks.
 
 :func:`api_routes` turns the service into Starlette routes. Every route is listed
-in :data:`ROUTE_ROLES` with the roles it allows (:data:`PUBLIC` for the login and
-the service banner); a route that is not in the table is refused to everybody, so
-the default is deny. :class:`SecurityHeaders` adds HSTS, CSP, nosniff and
-no-referrer to every response of the listener, and ``Cache-Control: no-store`` to
-everything under ``/api/``.
+in :data:`ROUTE_ROLES` with the roles it allows (:data:`PUBLIC` for the login, the
+service banner and the OpenAPI document); a route that is not in the table is
+refused to everybody, so the default is deny. :class:`SecurityHeaders` adds HSTS,
+CSP, nosniff and no-referrer to every response of the listener, and
+``Cache-Control: no-store`` to everything under ``/api/``.
+
+:data:`OPENAPI`, written by hand beside the routes, is the OpenAPI 3.1 document of
+the ``/api/v1`` routes (bodies, answers, the bearer and cookie schemes); it is
+served at :data:`OPENAPI_PATH`. Like the banner, it is a fixed document and not
+counted against the per-address rate limit.
 
 Login (``POST /api/v1/login``), in this order:
 
@@ -55,6 +60,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import auth
+from relay import __version__
 from relay.config import EngineerAuthConfig
 from relay.metrics import RelayMetrics
 from relay.store import DeviceRecord, Store, UnknownUser, UserDisabled, UserRecord
@@ -63,6 +69,8 @@ from relay.users import totp_context
 __all__ = [
     "ALL_ROLES",
     "MAX_LOGIN_BODY_BYTES",
+    "OPENAPI",
+    "OPENAPI_PATH",
     "PUBLIC",
     "ROUTE_ROLES",
     "SESSION_COOKIE",
@@ -81,11 +89,14 @@ MAX_LOGGED_USERNAME_CHARS: Final = 64
 ALL_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
 #: Marker in :data:`ROUTE_ROLES` for a route that needs no login.
 PUBLIC: Final = frozenset({"*public*"})
+#: Where the listener serves :data:`OPENAPI`.
+OPENAPI_PATH: Final = "/api/v1/openapi.json"
 
 #: Every route of the engineer listener and the roles it allows; default deny.
 ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     ("GET", "/"): PUBLIC,
     ("POST", "/api/v1/login"): PUBLIC,
+    ("GET", OPENAPI_PATH): PUBLIC,
     ("POST", "/api/v1/logout"): ALL_ROLES,
     ("GET", "/api/v1/me"): ALL_ROLES,
     ("GET", "/api/v1/devices"): frozenset({"engineer", "admin"}),
@@ -526,6 +537,270 @@ async def _read_login_body(request: Request) -> tuple[str, str, str]:
     return str(username), str(password), str(code)
 
 
+# --- the OpenAPI document ----------------------------------------------------
+#
+# Hand-written, next to the routes it describes: a change to a route, its body, its
+# answers or ROUTE_ROLES changes this document in the same review. The tests check
+# that it documents exactly the /api/v1 routes of ROUTE_ROLES, that 403 is listed
+# exactly where a role can be refused, and run schemathesis against it.
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _answer(
+    description: str, ref: str, *, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": _json_content({"$ref": f"#/components/schemas/{ref}"}),
+    }
+    if headers:
+        answer["headers"] = {
+            name: {"$ref": f"#/components/headers/{name}"} for name in headers
+        }
+    return answer
+
+
+_ERROR_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
+    "400": _answer(
+        "The body is not a JSON object of exactly username, password and totp, "
+        "each a non-empty string.",
+        "Error",
+    ),
+    "401": _answer(
+        "No valid session: the token or cookie is missing, malformed, unknown, "
+        "revoked or expired, or its user is disabled.",
+        "Error",
+    ),
+    "403": _answer("The session's role is not allowed on this route.", "Error"),
+    "413": _answer(f"The body is larger than {MAX_LOGIN_BODY_BYTES} bytes.", "Error"),
+    "415": _answer("The body is not application/json.", "Error"),
+    "429": _answer(
+        "Too many requests from this address or for this account; retry after "
+        "Retry-After seconds.",
+        "Error",
+        headers=("Retry-After",),
+    ),
+    "503": _answer(
+        "The store is unavailable; retry after Retry-After seconds.",
+        "Error",
+        headers=("Retry-After",),
+    ),
+}
+
+
+def _errors(*statuses: str) -> dict[str, dict[str, Any]]:
+    return {status: _ERROR_ANSWERS[status] for status in statuses}
+
+
+_SESSION_SECURITY: Final[list[dict[str, list[str]]]] = [
+    {"bearer": []},
+    {"session_cookie": []},
+]
+
+#: The OpenAPI 3.1 document of the engineer API, served at :data:`OPENAPI_PATH`.
+OPENAPI: Final[Mapping[str, Any]] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Remote Care relay engineer API",
+        "version": __version__,
+        "description": (
+            "The engineer listener's API. Authenticated routes take "
+            "`Authorization: Bearer TOKEN` or the session cookie (the header wins "
+            "when both are sent); a token in the query string is ignored. "
+            "`x-roles` lists the roles a route allows; every other role gets 403."
+        ),
+    },
+    "paths": {
+        "/api/v1/login": {
+            "post": {
+                "operationId": "login",
+                "summary": "Log in with password and TOTP code; open a session.",
+                "description": (
+                    "Every wrong username, password or code answers the same 401. "
+                    "Unauthenticated requests are rate-limited per address, and "
+                    "failed logins per account and address (429)."
+                ),
+                "x-roles": ["public"],
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "description": f"At most {MAX_LOGIN_BODY_BYTES} bytes.",
+                    "content": _json_content(
+                        {"$ref": "#/components/schemas/LoginRequest"}
+                    ),
+                },
+                "responses": {
+                    "200": _answer(
+                        "Logged in: a new token (also set as the session cookie).",
+                        "LoginResponse",
+                        headers=("Set-Cookie",),
+                    ),
+                    **_errors("400", "401", "413", "415", "429", "503"),
+                },
+            }
+        },
+        "/api/v1/logout": {
+            "post": {
+                "operationId": "logout",
+                "summary": "Revoke this session at once and clear the cookie.",
+                "x-roles": sorted(ALL_ROLES),
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer(
+                        "Logged out.", "LogoutResponse", headers=("Set-Cookie",)
+                    ),
+                    **_errors("401", "503"),
+                },
+            }
+        },
+        "/api/v1/me": {
+            "get": {
+                "operationId": "me",
+                "summary": "Who this session belongs to.",
+                "x-roles": sorted(ALL_ROLES),
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer("The session's user.", "Me"),
+                    **_errors("401", "503"),
+                },
+            }
+        },
+        "/api/v1/devices": {
+            "get": {
+                "operationId": "listDevices",
+                "summary": "Every enrolled device with its presence.",
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": {
+                        "description": "The devices.",
+                        "content": _json_content(
+                            {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Device"},
+                            }
+                        ),
+                    },
+                    **_errors("401", "403", "503"),
+                },
+            }
+        },
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "x-roles": ["public"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI document.",
+                        "content": _json_content({"type": "object"}),
+                    }
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The token answered by POST /api/v1/login.",
+            },
+            "session_cookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": SESSION_COOKIE,
+                "description": (
+                    "Set by POST /api/v1/login: Secure; HttpOnly; "
+                    "SameSite=Strict; Path=/."
+                ),
+            },
+        },
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+            "Set-Cookie": {
+                "description": (
+                    f"{SESSION_COOKIE}=TOKEN; Secure; HttpOnly; SameSite=Strict; "
+                    "Path=/; Max-Age=SECONDS (empty value and Max-Age=0 on logout)."
+                ),
+                "schema": {"type": "string"},
+            },
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+                "additionalProperties": False,
+            },
+            "LoginRequest": {
+                "type": "object",
+                "properties": {
+                    "username": {"type": "string", "minLength": 1},
+                    "password": {"type": "string", "minLength": 1},
+                    "totp": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "The current code of the authenticator.",
+                    },
+                },
+                "required": ["username", "password", "totp"],
+                "additionalProperties": False,
+            },
+            "LoginResponse": {
+                "type": "object",
+                "properties": {
+                    "token": {"type": "string"},
+                    "expires_at": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": (
+                            "Absolute end of the session; the idle timeout may "
+                            "end it earlier."
+                        ),
+                    },
+                },
+                "required": ["token", "expires_at"],
+                "additionalProperties": False,
+            },
+            "LogoutResponse": {
+                "type": "object",
+                "properties": {"ok": {"const": True}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            },
+            "Me": {
+                "type": "object",
+                "properties": {
+                    "username": {"type": "string"},
+                    "role": {"enum": sorted(ALL_ROLES)},
+                },
+                "required": ["username", "role"],
+                "additionalProperties": False,
+            },
+            "Device": {
+                "type": "object",
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "online": {"type": "boolean"},
+                    "revoked": {"type": "boolean"},
+                    "in_session": {"type": "boolean"},
+                },
+                "required": ["device_id", "online", "revoked", "in_session"],
+                "additionalProperties": False,
+            },
+        },
+    },
+}
+
+
 def api_routes(
     service: LoginService,
     *,
@@ -552,6 +827,9 @@ def api_routes(
 
     async def index(_request: Request) -> Response:
         return JSONResponse(banner())
+
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(OPENAPI)
 
     async def login(request: Request) -> Response:
         source = _source(request)
@@ -606,6 +884,7 @@ def api_routes(
     public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
         ("GET", "/"): index,
         ("POST", "/api/v1/login"): login,
+        ("GET", OPENAPI_PATH): openapi,
     }
     routes = [
         Route(path, endpoint, methods=[method])

@@ -412,4 +412,4 @@ def test_every_route_states_its_roles() -> None:
     for route, roles in ROUTE_ROLES.items():
         assert roles is PUBLIC or roles <= known, route
     public = {route for route, roles in ROUTE_ROLES.items() if roles is PUBLIC}
-    assert public == {("GET", "/"), ("POST", LOGIN)}
+    assert public == {("GET", "/"), ("POST", LOGIN), ("GET", "/api/v1/openapi.json")}
