@@ -486,25 +486,41 @@ class Store:
             StoreError: The database failed.
             ValueError: *cursor* is negative or *limit* is not positive.
         """
+        rows, new_cursor = self._read_feed(
+            revocation_events,
+            (revocation_events.c.device_id, revocation_events.c.serial_hex),
+            cursor,
+            limit,
+        )
+        return [
+            Revocation(device_id=r.device_id, serial_hex=r.serial_hex) for r in rows
+        ], new_cursor
+
+    def _read_feed(
+        self,
+        table: Table,
+        columns: tuple[ColumnElement[Any], ...],
+        cursor: int,
+        limit: int,
+    ) -> tuple[Sequence[Row[Any]], int]:
+        """Rows of an append-only feed with ``id > cursor``, oldest first, and the next cursor.
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: *cursor* is negative or *limit* is not positive.
+        """
         if cursor < 0:
             raise ValueError("cursor must not be negative")
         if limit <= 0:
             raise ValueError("limit must be positive")
         with self._transaction(write=False) as connection:
             rows = connection.execute(
-                select(
-                    revocation_events.c.id,
-                    revocation_events.c.device_id,
-                    revocation_events.c.serial_hex,
-                )
-                .where(revocation_events.c.id > cursor)
-                .order_by(revocation_events.c.id)
+                select(table.c.id, *columns)
+                .where(table.c.id > cursor)
+                .order_by(table.c.id)
                 .limit(limit)
             ).all()
-        events = [
-            Revocation(device_id=r.device_id, serial_hex=r.serial_hex) for r in rows
-        ]
-        return events, (rows[-1].id if rows else cursor)
+        return rows, (rows[-1].id if rows else cursor)
 
     def revocation_cursor(self) -> int:
         """Return the id of the newest revocation event, or ``0`` if there is none.
@@ -1058,23 +1074,15 @@ class Store:
             StoreError: The database failed.
             ValueError: *cursor* is negative or *limit* is not positive.
         """
-        if cursor < 0:
-            raise ValueError("cursor must not be negative")
-        if limit <= 0:
-            raise ValueError("limit must be positive")
         r = login_session_revocations.c
-        with self._transaction(write=False) as connection:
-            rows = connection.execute(
-                select(r.id, r.token_hash, r.username)
-                .where(r.id > cursor)
-                .order_by(r.id)
-                .limit(limit)
-            ).all()
+        rows, new_cursor = self._read_feed(
+            login_session_revocations, (r.token_hash, r.username), cursor, limit
+        )
         events = [
             SessionRevocation(token_hash=row.token_hash, username=row.username)
             for row in rows
         ]
-        return events, (rows[-1].id if rows else cursor)
+        return events, new_cursor
 
     def session_revocation_cursor(self) -> int:
         """Return the id of the newest session revocation event, or ``0``.
