@@ -6,15 +6,18 @@ and limits are shortened so that deadline tests take fractions of a second.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pyotp
 import pytest
 import trio
@@ -232,3 +235,38 @@ def add_engineer(
 @functools.cache
 def _test_hasher() -> auth.PasswordHasher:
     return auth.PasswordHasher()
+
+
+def api_client(pki: PKI, port: int) -> httpx.AsyncClient:
+    """An HTTPS client for the engineer listener on *port*, trusting the dev CA."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    return httpx.AsyncClient(
+        base_url=f"https://{LOOPBACK}:{port}", verify=context, timeout=30.0
+    )
+
+
+@asynccontextmanager
+async def broker_with(
+    pki: PKI,
+    nursery: trio.Nursery,
+    *,
+    wall_clock: Callable[[], datetime] | None = None,
+    **engineer_auth: Any,
+) -> AsyncIterator[tuple[RunningBroker, httpx.AsyncClient]]:
+    """A broker of its own with changed engineer-auth limits, and a client for it."""
+    config = dataclasses.replace(
+        pki.config,
+        engineer_auth=dataclasses.replace(pki.config.engineer_auth, **engineer_auth),
+    )
+    metrics, shutdown = RelayMetrics(), trio.Event()
+    clock = wall_clock if wall_clock is not None else (lambda: datetime.now(UTC))
+    ports = await nursery.start(
+        lambda task_status: serve_broker(
+            config, shutdown, wall_clock=clock, metrics=metrics, task_status=task_status
+        )
+    )
+    try:
+        async with api_client(pki, ports.engineer) as api:
+            yield RunningBroker(ports, config, metrics, shutdown), api
+    finally:
+        shutdown.set()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pyotp
@@ -18,10 +14,15 @@ import structlog
 import trio
 
 import auth
-from relay._trio.broker import serve_broker
 from relay._trio.engineer_api import PUBLIC, ROUTE_ROLES, SESSION_COOKIE
-from relay.metrics import RelayMetrics
-from tests.e2e.conftest import LOOPBACK, PKI, RunningBroker, add_engineer
+from tests.e2e.conftest import (
+    LOOPBACK,
+    PKI,
+    RunningBroker,
+    add_engineer,
+    api_client,
+    broker_with,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,44 +39,10 @@ SECURITY_HEADERS = {
 }
 
 
-def _client(pki: PKI, port: int) -> httpx.AsyncClient:
-    context = ssl.create_default_context(cafile=str(pki.ca_file))
-    return httpx.AsyncClient(
-        base_url=f"https://{LOOPBACK}:{port}", verify=context, timeout=30.0
-    )
-
-
 @pytest.fixture
 async def client(broker: RunningBroker, pki: PKI) -> AsyncIterator[httpx.AsyncClient]:
-    async with _client(pki, broker.ports.engineer) as api:
+    async with api_client(pki, broker.ports.engineer) as api:
         yield api
-
-
-@asynccontextmanager
-async def _broker_with(
-    pki: PKI,
-    nursery: trio.Nursery,
-    *,
-    wall_clock: Callable[[], datetime] | None = None,
-    **engineer_auth: Any,
-) -> AsyncIterator[tuple[RunningBroker, httpx.AsyncClient]]:
-    """A broker of its own with changed engineer-auth limits, and a client for it."""
-    config = dataclasses.replace(
-        pki.config,
-        engineer_auth=dataclasses.replace(pki.config.engineer_auth, **engineer_auth),
-    )
-    metrics, shutdown = RelayMetrics(), trio.Event()
-    clock = wall_clock if wall_clock is not None else (lambda: datetime.now(UTC))
-    ports = await nursery.start(
-        lambda task_status: serve_broker(
-            config, shutdown, wall_clock=clock, metrics=metrics, task_status=task_status
-        )
-    )
-    try:
-        async with _client(pki, ports.engineer) as api:
-            yield RunningBroker(ports, config, metrics, shutdown), api
-    finally:
-        shutdown.set()
 
 
 def _code(secret: str, *, steps: int = 0) -> str:
@@ -224,7 +191,7 @@ async def test_code_from_two_steps_ago_is_refused(
 async def test_sixth_wrong_password_must_wait(pki: PKI, nursery: trio.Nursery) -> None:
     """After 5 wrong passwords from one address, the 6th attempt (even a right one) gets 429 with Retry-After."""
     secret = add_engineer(pki, "alice")
-    async with _broker_with(pki, nursery, login_base_delay_s=30.0) as (broker, api):
+    async with broker_with(pki, nursery, login_base_delay_s=30.0) as (broker, api):
         for _ in range(5):
             failed = await _login(api, "alice", _code(secret), password=WRONG_PASSWORD)
             assert failed.status_code == 401
@@ -237,7 +204,7 @@ async def test_sixth_wrong_password_must_wait(pki: PKI, nursery: trio.Nursery) -
 
 async def test_per_address_rate_limit(pki: PKI, nursery: trio.Nursery) -> None:
     """An address over its unauthenticated allowance gets 429 with Retry-After before its body is read."""
-    async with _broker_with(
+    async with broker_with(
         pki, nursery, unauthenticated_per_minute=1.0, unauthenticated_burst=3
     ) as (broker, api):
         for _ in range(3):
@@ -257,7 +224,7 @@ async def test_parallel_logins_with_one_code_have_one_winner(
     secret = add_engineer(pki, "alice")
     code = _code(secret)
     statuses: list[int] = []
-    async with _broker_with(pki, nursery, login_free_failures=50) as (broker, api):
+    async with broker_with(pki, nursery, login_free_failures=50) as (broker, api):
 
         async def attempt() -> None:
             response = await api.post(
@@ -341,7 +308,7 @@ async def test_idle_session_expires(pki: PKI, nursery: trio.Nursery) -> None:
     """A token unused for longer than the idle lifetime is refused."""
     secret = add_engineer(pki, "alice")
     skew = [timedelta(0)]
-    async with _broker_with(
+    async with broker_with(
         pki, nursery, wall_clock=lambda: datetime.now(UTC) + skew[0]
     ) as (_broker, api):
         token = await _token(api, "alice", secret)
