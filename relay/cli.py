@@ -289,6 +289,14 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 # device -------------------------------------------------------------------------------
 
 
+def _print_json(rows: list[dict[str, Any]], *, enabled: bool) -> bool:
+    """Print *rows* as JSON on stdout when ``--json`` was given; say whether it was."""
+    if enabled:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return enabled
+
+
 def cmd_device_list(args: argparse.Namespace) -> int:
     from relay._trio.device_listener import presence_stale_after
 
@@ -310,9 +318,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         }
         for d in devices
     ]
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if _print_json(rows, enabled=args.json):
         return 0
     print(f"{'DEVICE':<24} {'ONLINE':<7} {'REVOKED':<8} {'ENROLLED':<20} PEER")
     for row in rows:
@@ -593,9 +599,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         }
         for user in users
     ]
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+    if _print_json(rows, enabled=args.json):
         return 0
     print(f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} DISABLED")
     for row in rows:
