@@ -25,8 +25,8 @@ from cryptography import x509
 
 import auth
 from relay._trio.device_listener import DeviceListener, presence_stale_after
-from relay._trio.engineer_api import LoginService
 from relay._trio.http import engineer_app, metrics_app, serve_http
+from relay._trio.login_service import LoginService
 from relay.config import BrokerConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics

@@ -33,7 +33,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from relay import __version__
-from relay._trio.engineer_api import LoginService, SecurityHeaders, api_routes
+from relay._trio.engineer_api import SecurityHeaders, api_routes
+from relay._trio.login_service import LoginService
 from relay.config import ListenAddress
 from relay.metrics import RelayMetrics
 from relay.store import StoreError

@@ -14,7 +14,7 @@ import structlog
 import trio
 
 import auth
-from relay._trio.engineer_api import PUBLIC, ROUTE_ROLES, SESSION_COOKIE
+from relay.api_contract import PUBLIC, ROUTE_ROLES, SESSION_COOKIE
 from tests.e2e.conftest import (
     LOOPBACK,
     PKI,

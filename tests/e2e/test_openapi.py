@@ -14,13 +14,8 @@ import pyotp
 import pytest
 import trio
 
-from relay._trio.engineer_api import (
-    ALL_ROLES,
-    OPENAPI,
-    OPENAPI_PATH,
-    PUBLIC,
-    ROUTE_ROLES,
-)
+from relay.api_contract import ALL_ROLES, OPENAPI_PATH, PUBLIC, ROUTE_ROLES
+from relay.openapi import OPENAPI
 from tests.e2e.conftest import LOOPBACK, PKI, RunningBroker, add_engineer
 
 PASSWORD = "correct horse battery"  # noqa: S105 - test account

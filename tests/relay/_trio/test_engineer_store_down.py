@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 
 import auth
-from relay._trio.engineer_api import LoginService
 from relay._trio.http import engineer_app
+from relay._trio.login_service import LoginService
 from relay.config import EngineerAuthConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics

@@ -1,0 +1,39 @@
+"""What the engineer listener's API promises: its routes, the roles each allows,
+the session cookie and the size limits.
+
+Plain constants, shared by the routes (:mod:`relay._trio.engineer_api`), the
+OpenAPI document (:mod:`relay.openapi`) and the tests that hold the two together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+__all__ = [
+    "ALL_ROLES",
+    "MAX_LOGIN_BODY_BYTES",
+    "OPENAPI_PATH",
+    "PUBLIC",
+    "ROUTE_ROLES",
+    "SESSION_COOKIE",
+]
+
+SESSION_COOKIE: Final = "__Host-relay_session"
+MAX_LOGIN_BODY_BYTES: Final = 4 * 1024
+
+ALL_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
+#: Marker in :data:`ROUTE_ROLES` for a route that needs no login.
+PUBLIC: Final = frozenset({"*public*"})
+#: Where the listener serves :data:`OPENAPI`.
+OPENAPI_PATH: Final = "/api/v1/openapi.json"
+
+#: Every route of the engineer listener and the roles it allows; default deny.
+ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
+    ("GET", "/"): PUBLIC,
+    ("POST", "/api/v1/login"): PUBLIC,
+    ("GET", OPENAPI_PATH): PUBLIC,
+    ("POST", "/api/v1/logout"): ALL_ROLES,
+    ("GET", "/api/v1/me"): ALL_ROLES,
+    ("GET", "/api/v1/devices"): frozenset({"engineer", "admin"}),
+}

@@ -1,0 +1,279 @@
+"""The OpenAPI 3.1 document of the engineer listener's ``/api/v1`` routes.
+
+Hand-written, next to the routes it describes: a change to a route, its body, its
+answers or :data:`relay.api_contract.ROUTE_ROLES` changes this document in the same
+review. The tests check that it documents exactly the ``/api/v1`` routes of
+``ROUTE_ROLES``, that 403 is listed exactly where a role can be refused, and run
+schemathesis against the real listener.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from relay import __version__
+from relay.api_contract import (
+    ALL_ROLES,
+    MAX_LOGIN_BODY_BYTES,
+    OPENAPI_PATH,
+    SESSION_COOKIE,
+)
+
+__all__ = ["OPENAPI"]
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _answer(
+    description: str, ref: str, *, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": _json_content({"$ref": f"#/components/schemas/{ref}"}),
+    }
+    if headers:
+        answer["headers"] = {
+            name: {"$ref": f"#/components/headers/{name}"} for name in headers
+        }
+    return answer
+
+
+_ERROR_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
+    "400": _answer(
+        "The body is not a JSON object of exactly username, password and totp, "
+        "each a non-empty string.",
+        "Error",
+    ),
+    "401": _answer(
+        "No valid session: the token or cookie is missing, malformed, unknown, "
+        "revoked or expired, or its user is disabled.",
+        "Error",
+    ),
+    "403": _answer("The session's role is not allowed on this route.", "Error"),
+    "413": _answer(f"The body is larger than {MAX_LOGIN_BODY_BYTES} bytes.", "Error"),
+    "415": _answer("The body is not application/json.", "Error"),
+    "429": _answer(
+        "Too many requests from this address or for this account; retry after "
+        "Retry-After seconds.",
+        "Error",
+        headers=("Retry-After",),
+    ),
+    "503": _answer(
+        "The store is unavailable; retry after Retry-After seconds.",
+        "Error",
+        headers=("Retry-After",),
+    ),
+}
+
+
+def _errors(*statuses: str) -> dict[str, dict[str, Any]]:
+    return {status: _ERROR_ANSWERS[status] for status in statuses}
+
+
+_SESSION_SECURITY: Final[list[dict[str, list[str]]]] = [
+    {"bearer": []},
+    {"session_cookie": []},
+]
+
+#: The OpenAPI 3.1 document of the engineer API, served at :data:`OPENAPI_PATH`.
+OPENAPI: Final[Mapping[str, Any]] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Remote Care relay engineer API",
+        "version": __version__,
+        "description": (
+            "The engineer listener's API. Authenticated routes take "
+            "`Authorization: Bearer TOKEN` or the session cookie (the header wins "
+            "when both are sent); a token in the query string is ignored. "
+            "`x-roles` lists the roles a route allows; every other role gets 403."
+        ),
+    },
+    "paths": {
+        "/api/v1/login": {
+            "post": {
+                "operationId": "login",
+                "summary": "Log in with password and TOTP code; open a session.",
+                "description": (
+                    "Every wrong username, password or code answers the same 401. "
+                    "Unauthenticated requests are rate-limited per address, and "
+                    "failed logins per account and address (429)."
+                ),
+                "x-roles": ["public"],
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "description": f"At most {MAX_LOGIN_BODY_BYTES} bytes.",
+                    "content": _json_content(
+                        {"$ref": "#/components/schemas/LoginRequest"}
+                    ),
+                },
+                "responses": {
+                    "200": _answer(
+                        "Logged in: a new token (also set as the session cookie).",
+                        "LoginResponse",
+                        headers=("Set-Cookie",),
+                    ),
+                    **_errors("400", "401", "413", "415", "429", "503"),
+                },
+            }
+        },
+        "/api/v1/logout": {
+            "post": {
+                "operationId": "logout",
+                "summary": "Revoke this session at once and clear the cookie.",
+                "x-roles": sorted(ALL_ROLES),
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer(
+                        "Logged out.", "LogoutResponse", headers=("Set-Cookie",)
+                    ),
+                    **_errors("401", "503"),
+                },
+            }
+        },
+        "/api/v1/me": {
+            "get": {
+                "operationId": "me",
+                "summary": "Who this session belongs to.",
+                "x-roles": sorted(ALL_ROLES),
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer("The session's user.", "Me"),
+                    **_errors("401", "503"),
+                },
+            }
+        },
+        "/api/v1/devices": {
+            "get": {
+                "operationId": "listDevices",
+                "summary": "Every enrolled device with its presence.",
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": {
+                        "description": "The devices.",
+                        "content": _json_content(
+                            {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Device"},
+                            }
+                        ),
+                    },
+                    **_errors("401", "403", "503"),
+                },
+            }
+        },
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "x-roles": ["public"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI document.",
+                        "content": _json_content({"type": "object"}),
+                    }
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The token answered by POST /api/v1/login.",
+            },
+            "session_cookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": SESSION_COOKIE,
+                "description": (
+                    "Set by POST /api/v1/login: Secure; HttpOnly; "
+                    "SameSite=Strict; Path=/."
+                ),
+            },
+        },
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+            "Set-Cookie": {
+                "description": (
+                    f"{SESSION_COOKIE}=TOKEN; Secure; HttpOnly; SameSite=Strict; "
+                    "Path=/; Max-Age=SECONDS (empty value and Max-Age=0 on logout)."
+                ),
+                "schema": {"type": "string"},
+            },
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+                "additionalProperties": False,
+            },
+            "LoginRequest": {
+                "type": "object",
+                "properties": {
+                    "username": {"type": "string", "minLength": 1},
+                    "password": {"type": "string", "minLength": 1},
+                    "totp": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "The current code of the authenticator.",
+                    },
+                },
+                "required": ["username", "password", "totp"],
+                "additionalProperties": False,
+            },
+            "LoginResponse": {
+                "type": "object",
+                "properties": {
+                    "token": {"type": "string"},
+                    "expires_at": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": (
+                            "Absolute end of the session; the idle timeout may "
+                            "end it earlier."
+                        ),
+                    },
+                },
+                "required": ["token", "expires_at"],
+                "additionalProperties": False,
+            },
+            "LogoutResponse": {
+                "type": "object",
+                "properties": {"ok": {"const": True}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            },
+            "Me": {
+                "type": "object",
+                "properties": {
+                    "username": {"type": "string"},
+                    "role": {"enum": sorted(ALL_ROLES)},
+                },
+                "required": ["username", "role"],
+                "additionalProperties": False,
+            },
+            "Device": {
+                "type": "object",
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "online": {"type": "boolean"},
+                    "revoked": {"type": "boolean"},
+                    "in_session": {"type": "boolean"},
+                },
+                "required": ["device_id", "online", "revoked", "in_session"],
+                "additionalProperties": False,
+            },
+        },
+    },
+}
