@@ -78,7 +78,8 @@ class InvalidCredentials(_ReasonedError):
     Attributes:
         reason: A short machine code for metrics and audit, one of
             ``'unknown_user'``, ``'bad_password'``, ``'bad_totp'``,
-            ``'totp_reused'`` or ``'too_many_totp_tries'``.
+            ``'totp_reused'`` or ``'totp_reset'``; the shell adds its own
+            (``'user_disabled'``, ``'password_hash_unreadable'`` ...).
 
     The login answer (HTTP status, body, timing) must not depend on ``reason``:
     telling the caller which factor failed would let an attacker find valid user

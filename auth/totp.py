@@ -26,8 +26,9 @@ the reuse rule and the input checks are ours.
 # Rule 3: comparisons are constant-time (hmac.compare_digest), and both window
 #         steps are always compared, so the time taken does not depend on which
 #         step (if any) matched.
-# TotpAttempts is the only stateful object here: one per login transaction, it
-# counts failed codes and refuses once the limit is reached.
+# Nothing here is stateful. How many codes one client may try is the login
+# throttle's business (auth/limits.py): a login request carries one code, and
+# after five failures in a row from one address each further try waits.
 
 from __future__ import annotations
 
@@ -43,9 +44,7 @@ from .errors import InvalidCredentials
 __all__ = [
     "TOTP_DIGITS",
     "TOTP_ISSUER",
-    "TOTP_MAX_TRIES",
     "TOTP_STEP_S",
-    "TotpAttempts",
     "generate_secret",
     "provisioning_uri",
     "verify_totp",
@@ -58,8 +57,6 @@ TOTP_STEP_S: Final = 30
 TOTP_DIGITS: Final = 6
 #: Default issuer shown in authenticator apps.
 TOTP_ISSUER: Final = "Remote Care relay"
-#: Default number of wrong codes allowed per login transaction.
-TOTP_MAX_TRIES: Final = 5
 
 # Steps accepted relative to the server's current step t: t-1 and t.
 _WINDOW: Final = (-1, 0)
@@ -112,9 +109,9 @@ def verify_totp(
     If it matches both steps (possible only by chance), the newest step that is
     still unused wins.
 
-    Not checked: how many codes this login already tried (see
-    :class:`TotpAttempts`), and races between logins (the caller's compare-and-set
-    on the returned step, see the module's theory of operation).
+    Not checked: how many codes this client already tried (the login
+    throttle's job, auth/limits.py), and races between logins (the caller's
+    compare-and-set on the returned step, see the module's theory of operation).
 
     Args:
         secret: The user's base32 secret (unsealed).
@@ -159,52 +156,6 @@ def verify_totp(
     if not unused:
         raise InvalidCredentials("totp_reused")
     return max(unused)
-
-
-class TotpAttempts:
-    """Count wrong TOTP codes within one login transaction.
-
-    Call :meth:`record_failure` after every refused code (whatever the reason);
-    the call that reaches the limit raises, and so does every later one. The
-    caller then ends the transaction: the user starts over with the password.
-
-    Not covered: failures across transactions or per account over time (the
-    caller's rate limits).
-
-    Args:
-        limit: Failures allowed, at least 1; the *limit*-th failure raises.
-
-    Raises:
-        ValueError: *limit* is below 1.
-    """
-
-    __slots__ = ("_failures", "_limit")
-
-    def __init__(self, limit: int = TOTP_MAX_TRIES) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self._limit = limit
-        self._failures = 0
-
-    def __repr__(self) -> str:
-        return f"TotpAttempts(limit={self._limit}, remaining={self.remaining})"
-
-    @property
-    def remaining(self) -> int:
-        """How many more failures this transaction may have before it is refused."""
-        return self._limit - self._failures
-
-    def record_failure(self) -> None:
-        """Count one wrong code.
-
-        Raises:
-            InvalidCredentials: ``reason='too_many_totp_tries'`` once *limit*
-                failures have been recorded (on that call and every later one).
-        """
-        if self._failures < self._limit:
-            self._failures += 1
-        if self._failures >= self._limit:
-            raise InvalidCredentials("too_many_totp_tries")
 
 
 def _totp(secret: str) -> pyotp.TOTP:

@@ -131,9 +131,10 @@ class EngineerAuthConfig:
     Attributes:
         session_idle_s: A login session unused this long expires (ASVS L3: 15 min).
         session_absolute_s: No login session lives longer than this (12 h).
-        totp_tries_per_login: Wrong TOTP codes allowed in one login transaction.
         login_free_failures: Failed logins in a row (per account and address)
-            before each further attempt from that address is delayed.
+            before each further attempt from that address is delayed. A login
+            request carries one TOTP code, so this is also how many codes one
+            address may try in a row, the password being right, before waiting.
         login_base_delay_s: First delay after the free failures; it doubles.
         login_max_delay_s: Largest delay.
         login_failures_per_hour: Failed logins per account per sliding hour, all
@@ -151,7 +152,6 @@ class EngineerAuthConfig:
 
     session_idle_s: float = 15 * 60.0
     session_absolute_s: float = 12 * 3600.0
-    totp_tries_per_login: int = 5
     login_free_failures: int = 5
     login_base_delay_s: float = 1.0
     login_max_delay_s: float = 15 * 60.0

@@ -31,9 +31,14 @@ Login (``POST /api/v1/login``), in this order:
 
 Every failure of step 4 answers the same 401 (status, body, headers); the reason
 goes only to ``relay_auth_failures_total{factor,reason}`` and the audit event
-``auth.login_failed``. One login request carries one TOTP code, so a login
-transaction has exactly one TOTP try (within the limit of
-``totp_tries_per_login``); brute force across requests is what the throttle stops.
+``auth.login_failed``.
+
+"At most 5 TOTP tries per login transaction": a login is one request with the
+password and one code, so a transaction has exactly one try, and every retry
+sends the password again. Guessing codes across requests is what the throttle
+stops: after ``login_free_failures`` (5) failures in a row for one account from
+one address each further try waits (1 s, doubling, up to 15 min), and an account
+takes at most 100 failures an hour from all addresses together.
 
 Authenticated routes take ``Authorization: Bearer TOKEN`` or the session cookie
 (the header wins when both are sent); a token in the query string is ignored.

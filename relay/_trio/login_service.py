@@ -25,7 +25,14 @@ import auth
 from relay.api_contract import SESSION_COOKIE
 from relay.config import EngineerAuthConfig
 from relay.metrics import RelayMetrics
-from relay.store import DeviceRecord, Store, UnknownUser, UserDisabled, UserRecord
+from relay.store import (
+    DeviceRecord,
+    Store,
+    TotpSecretChanged,
+    UnknownUser,
+    UserDisabled,
+    UserRecord,
+)
 from relay.users import totp_context
 
 __all__ = ["LoginResult", "LoginService", "LoginThrottled", "Principal"]
@@ -40,7 +47,7 @@ _FACTORS: Final[Mapping[str, str]] = {
     "password_hash_unreadable": "password",
     "bad_totp": "totp",
     "totp_reused": "totp",
-    "too_many_totp_tries": "totp",
+    "totp_reset": "totp",
     "totp_secret_unreadable": "totp",
 }
 
@@ -235,9 +242,15 @@ class LoginService:
         except (auth.SealedValueError, ValueError):
             raise auth.InvalidCredentials("totp_secret_unreadable") from None
         if not await trio.to_thread.run_sync(
-            self._store.accept_totp_step, username, step
+            partial(
+                self._store.accept_totp_step,
+                username,
+                step,
+                totp_secret_sealed=user.totp_secret_sealed,
+            )
         ):
-            # Another login won the race for this step, or the user was disabled.
+            # Another login won the race for this step, or the user was disabled
+            # or given a new secret since get_user().
             raise auth.InvalidCredentials("totp_reused")
         token = auth.new_token()
         now = self._wall_clock()
@@ -249,10 +262,13 @@ class LoginService:
                     username=username,
                     at=now,
                     source=source,
+                    totp_secret_sealed=user.totp_secret_sealed,
                 )
             )
         except UserDisabled:
             raise auth.InvalidCredentials("user_disabled") from None
+        except TotpSecretChanged:
+            raise auth.InvalidCredentials("totp_reset") from None
         except UnknownUser:
             raise auth.InvalidCredentials("unknown_user") from None
         return LoginResult(

@@ -38,6 +38,10 @@ class UserDisabled(StoreError):
     """The user is disabled, and a disabled user gets no new login session."""
 
 
+class TotpSecretChanged(StoreError):
+    """The user's TOTP secret was reset after the login's code was checked."""
+
+
 @dataclass(frozen=True, slots=True)
 class CertificateRecord:
     """What the broker needs to know about a presented device certificate.

@@ -86,6 +86,7 @@ from ._records import (
     Revocation,
     SessionRevocation,
     StoreError,
+    TotpSecretChanged,
     UnknownDevice,
     UnknownUser,
     UserDisabled,
@@ -859,7 +860,9 @@ class Store:
                 reason=_TOTP_RESET_REASON,
             )
 
-    def accept_totp_step(self, username: str, step: int) -> bool:
+    def accept_totp_step(
+        self, username: str, step: int, *, totp_secret_sealed: str
+    ) -> bool:
         """Record TOTP time step *step* as used, if it is newer than the last one.
 
         The compare-and-set is a single UPDATE, so of several logins racing with
@@ -869,10 +872,14 @@ class Store:
         Args:
             username: The user whose code was verified.
             step: The time step of the verified code (Unix time // 30).
+            totp_secret_sealed: The sealed secret the code was verified with. A
+                :meth:`reset_totp` since then changed it, and the step of an old
+                secret's code is not recorded against the new one.
 
         Returns:
             ``True`` if the step was accepted; ``False`` if it is not newer than
-            the last accepted step, or the user is disabled or does not exist.
+            the last accepted step, the secret has changed, or the user is
+            disabled or does not exist.
 
         Raises:
             StoreError: The database failed.
@@ -888,6 +895,7 @@ class Store:
                 .where(
                     users.c.username == username,
                     users.c.disabled_at.is_(None),
+                    users.c.totp_secret_sealed == totp_secret_sealed,
                     or_(
                         users.c.totp_last_step.is_(None),
                         users.c.totp_last_step < step,
@@ -898,12 +906,20 @@ class Store:
             return result.rowcount == 1
 
     def create_login_session(
-        self, *, token_hash: str, username: str, at: datetime, source: str
+        self,
+        *,
+        token_hash: str,
+        username: str,
+        at: datetime,
+        source: str,
+        totp_secret_sealed: str,
     ) -> None:
         """Record a new login session of *username*.
 
         The user is checked in the same transaction, so a session can never be
-        created for a user that :meth:`disable_user` has just disabled.
+        created for a user that :meth:`disable_user` has just disabled, nor from
+        a code of a TOTP secret that :meth:`reset_totp` has just replaced (the
+        reset revokes the sessions it finds; this one would have come after).
 
         Args:
             token_hash: SHA-256 of the bearer token, 64 hex digits (stored
@@ -911,18 +927,27 @@ class Store:
             username: The user who logged in.
             at: Login time (aware); also the first ``last_used_at``.
             source: The client address; informational, cut to 100 characters.
+            totp_secret_sealed: The sealed secret the login's code was verified
+                with.
 
         Raises:
             UnknownUser: There is no such user.
             UserDisabled: The user is disabled.
+            TotpSecretChanged: The user's TOTP secret is no longer
+                *totp_secret_sealed*.
             StoreError: The token hash is already recorded, or the database failed.
             ValueError: A malformed token hash, or a naive *at*.
         """
         digest = _canonical_token_hash(token_hash)
         _check_aware(at, "at")
         with self._transaction(write=True) as connection:
-            if _lock_user(connection, username, users.c.disabled_at) is not None:
+            row = _lock_user_row(
+                connection, username, users.c.disabled_at, users.c.totp_secret_sealed
+            )
+            if row.disabled_at is not None:
                 raise UserDisabled(f"user {username!r} is disabled")
+            if row.totp_secret_sealed != totp_secret_sealed:
+                raise TotpSecretChanged(f"user {username!r} has a new TOTP secret")
             connection.execute(
                 insert(login_sessions).values(
                     token_hash=digest,
@@ -1307,23 +1332,34 @@ def _lock_user(
 ) -> Any:
     """Read one column of a user's row, locking the row on PostgreSQL.
 
-    Args:
-        connection: Connection inside a write transaction.
-        username: The user.
-        column: The column of ``users`` to read.
-
     Returns:
         The column's value.
 
     Raises:
         UnknownUser: There is no such user.
     """
+    return _lock_user_row(connection, username, column)[0]
+
+
+def _lock_user_row(
+    connection: Connection, username: str, *columns: ColumnElement[Any]
+) -> Row[Any]:
+    """Read columns of a user's row, locking the row on PostgreSQL.
+
+    Args:
+        connection: Connection inside a write transaction.
+        username: The user.
+        columns: Columns of ``users`` to read.
+
+    Raises:
+        UnknownUser: There is no such user.
+    """
     row = connection.execute(
-        select(column).where(users.c.username == username).with_for_update()
+        select(*columns).where(users.c.username == username).with_for_update()
     ).one_or_none()
     if row is None:
         raise UnknownUser(f"no user {username!r}")
-    return row[0]
+    return row
 
 
 def _revoke_sessions(

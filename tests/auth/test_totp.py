@@ -20,11 +20,9 @@ from hypothesis import given, settings, strategies as st
 from auth import (
     TOTP_DIGITS,
     TOTP_ISSUER,
-    TOTP_MAX_TRIES,
     TOTP_STEP_S,
     AuthError,
     InvalidCredentials,
-    TotpAttempts,
     generate_secret,
     provisioning_uri,
     verify_totp,
@@ -101,7 +99,7 @@ def test_fixed_instants_are_where_the_tests_assume() -> None:
 
 def test_constants_match_the_authenticator_defaults() -> None:
     """30 s steps and 6 digits: what apps assume when the URI does not say."""
-    assert (TOTP_STEP_S, TOTP_DIGITS, TOTP_MAX_TRIES) == (30, 6, 5)
+    assert (TOTP_STEP_S, TOTP_DIGITS) == (30, 6)
 
 
 # ---------------------------------------------------------------------------
@@ -368,67 +366,6 @@ def test_lowercase_secret_works() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Tries per login transaction
-
-
-def test_fifth_failure_raises_too_many_tries() -> None:
-    """Four failures pass; the fifth raises too_many_totp_tries."""
-    attempts = TotpAttempts()
-    for remaining in (4, 3, 2, 1):
-        attempts.record_failure()
-        assert attempts.remaining == remaining
-    assert _reason(attempts.record_failure) == "too_many_totp_tries"
-    assert attempts.remaining == 0
-
-
-def test_exhausted_attempts_keep_refusing() -> None:
-    """Every failure after the limit raises again; remaining stays at zero."""
-    attempts = TotpAttempts(limit=2)
-    attempts.record_failure()
-    for _ in range(3):
-        assert _reason(attempts.record_failure) == "too_many_totp_tries"
-        assert attempts.remaining == 0
-
-
-def test_totp_brute_force_ends_after_five_wrong_codes() -> None:
-    """A login loop of wrong codes is cut off at the fifth, with too_many_totp_tries."""
-    attempts = TotpAttempts()
-    reasons = []
-    for guess in range(10):
-        try:
-            verify_totp(SECRET, f"{guess:06d}", now=NOW, last_accepted_step=None)
-        except InvalidCredentials as error:
-            reasons.append(error.reason)
-            try:
-                attempts.record_failure()
-            except InvalidCredentials as final:
-                reasons.append(final.reason)
-                break
-    assert reasons == ["bad_totp"] * 5 + ["too_many_totp_tries"]
-
-
-def test_limit_of_one_refuses_at_the_first_failure() -> None:
-    """With limit=1, the first failure already raises."""
-    attempts = TotpAttempts(limit=1)
-    assert attempts.remaining == 1
-    assert _reason(attempts.record_failure) == "too_many_totp_tries"
-
-
-@pytest.mark.parametrize("limit", [0, -1])
-def test_limit_below_one_is_a_value_error(limit: int) -> None:
-    """A limit that allows no try at all is refused."""
-    with pytest.raises(ValueError, match="at least 1"):
-        TotpAttempts(limit=limit)
-
-
-def test_attempts_repr_shows_the_count() -> None:
-    """The repr shows the limit and what is left, for debugging."""
-    attempts = TotpAttempts(limit=3)
-    attempts.record_failure()
-    assert repr(attempts) == "TotpAttempts(limit=3, remaining=2)"
-
-
-# ---------------------------------------------------------------------------
 # Secrets and provisioning
 
 
@@ -498,7 +435,7 @@ def test_invalid_credentials_has_one_text_for_every_reason() -> None:
             "bad_password",
             "bad_totp",
             "totp_reused",
-            "too_many_totp_tries",
+            "totp_reset",
         )
     }
     assert texts == {"invalid username, password or code"}

@@ -305,12 +305,15 @@ def test_disable_ends_the_users_sessions(users: Users) -> None:
     users.add("alice")
     url = BrokerConfig(data_dir=users.data_dir).effective_database_url
     with closing(Store.open(url)) as store:
+        sealed = store.get_user("alice")
+        assert sealed is not None
         for _ in range(2):
             store.create_login_session(
                 token_hash=auth.token_hash(auth.new_token()),
                 username="alice",
                 at=datetime.now(UTC),
                 source="127.0.0.1",
+                totp_secret_sealed=sealed.totp_secret_sealed,
             )
     result = users("disable", "alice")
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,7 @@ from relay.store import (
     SessionRevocation,
     Store,
     StoreError,
+    TotpSecretChanged,
     UnknownUser,
     UserDisabled,
     UserExists,
@@ -34,6 +35,8 @@ SOURCE = "192.0.2.20:41000"
 ARGON_HASH = "$argon2id$v=19$abc"
 SEALED = "sealed:xyz"
 SEALED_NEW = "sealed:new"
+#: The sealed secret add() gives alice.
+SEALED_ALICE = "sealed-alice"
 
 
 def sqlite_url(path: Path) -> str:
@@ -87,7 +90,11 @@ def login(store: Store, name: str, username: str = "alice") -> str:
     """Create a session for *username* at T0 and return its token hash."""
     digest = token_hash(name)
     store.create_login_session(
-        token_hash=digest, username=username, at=T0, source=SOURCE
+        token_hash=digest,
+        username=username,
+        at=T0,
+        source=SOURCE,
+        totp_secret_sealed=f"sealed-{username}",
     )
     return digest
 
@@ -284,7 +291,11 @@ def test_naive_datetimes_are_refused_before_sql(bare_store: Store) -> None:
         lambda: bare_store.disable_user("alice", at=NAIVE, reason="r"),
         lambda: bare_store.reset_totp("alice", totp_secret_sealed=SEALED_NEW, at=NAIVE),
         lambda: bare_store.create_login_session(
-            token_hash=digest, username="alice", at=NAIVE, source=SOURCE
+            token_hash=digest,
+            username="alice",
+            at=NAIVE,
+            source=SOURCE,
+            totp_secret_sealed=SEALED,
         ),
         lambda: bare_store.touch_login_session(digest, at=NAIVE),
         lambda: bare_store.revoke_login_session(digest, at=NAIVE, reason="r"),
@@ -363,7 +374,7 @@ def test_disabled_user_gets_no_session(store: Store) -> None:
 def test_reset_totp_replaces_secret_clears_step_and_revokes(store: Store) -> None:
     """reset_totp stores the new secret, clears the step and revokes live sessions."""
     add(store)
-    assert store.accept_totp_step("alice", 1000)
+    assert store.accept_totp_step("alice", 1000, totp_secret_sealed=SEALED_ALICE)
     digest = login(store, "a1")
     at = T0 + timedelta(hours=1)
     assert store.reset_totp("alice", totp_secret_sealed=SEALED_NEW, at=at) == [digest]
@@ -372,7 +383,30 @@ def test_reset_totp_replaces_secret_clears_step_and_revokes(store: Store) -> Non
     assert record.totp_last_step is None
     assert session(store, digest).revoked_at == at
     assert store.session_revocations_after(0)[0] == [SessionRevocation(digest, "alice")]
-    assert store.accept_totp_step("alice", 5)
+    assert store.accept_totp_step("alice", 5, totp_secret_sealed=SEALED_NEW)
+
+
+def test_code_of_the_old_secret_counts_for_nothing_after_a_reset(
+    store: Store,
+) -> None:
+    """A login checked against the old secret, finishing after reset-totp, fails.
+
+    Both halves of a login name the secret its code was verified with: the step
+    is not recorded against the new secret, and no session is created.
+    """
+    add(store)
+    store.reset_totp("alice", totp_secret_sealed=SEALED_NEW, at=T0)
+    assert not store.accept_totp_step("alice", 1000, totp_secret_sealed=SEALED_ALICE)
+    assert user(store).totp_last_step is None
+    with pytest.raises(TotpSecretChanged):
+        store.create_login_session(
+            token_hash=token_hash("late"),
+            username="alice",
+            at=T0,
+            source=SOURCE,
+            totp_secret_sealed=SEALED_ALICE,
+        )
+    assert store.get_login_session(token_hash("late")) is None
 
 
 def test_reset_totp_of_unknown_user_raises(store: Store) -> None:
@@ -384,11 +418,11 @@ def test_reset_totp_of_unknown_user_raises(store: Store) -> None:
 def test_accept_totp_step_refuses_equal_and_older_steps(store: Store) -> None:
     """A step is accepted once; the same step or an older one afterwards is refused."""
     add(store)
-    assert store.accept_totp_step("alice", 100)
-    assert not store.accept_totp_step("alice", 100)
-    assert not store.accept_totp_step("alice", 99)
+    assert store.accept_totp_step("alice", 100, totp_secret_sealed=SEALED_ALICE)
+    assert not store.accept_totp_step("alice", 100, totp_secret_sealed=SEALED_ALICE)
+    assert not store.accept_totp_step("alice", 99, totp_secret_sealed=SEALED_ALICE)
     assert user(store).totp_last_step == 100
-    assert store.accept_totp_step("alice", 101)
+    assert store.accept_totp_step("alice", 101, totp_secret_sealed=SEALED_ALICE)
     assert user(store).totp_last_step == 101
 
 
@@ -396,15 +430,15 @@ def test_accept_totp_step_refuses_disabled_and_unknown_users(store: Store) -> No
     """A disabled user's step, or an unknown user's, is refused and nothing changes."""
     add(store)
     store.disable_user("alice", at=T0, reason="left")
-    assert not store.accept_totp_step("alice", 100)
+    assert not store.accept_totp_step("alice", 100, totp_secret_sealed=SEALED_ALICE)
     assert user(store).totp_last_step is None
-    assert not store.accept_totp_step("ghost", 100)
+    assert not store.accept_totp_step("ghost", 100, totp_secret_sealed="sealed-ghost")
 
 
 def test_accept_totp_step_large_step_round_trips(store: Store) -> None:
     """The largest BIGINT step is stored without loss."""
     add(store)
-    assert store.accept_totp_step("alice", 2**63 - 1)
+    assert store.accept_totp_step("alice", 2**63 - 1, totp_secret_sealed=SEALED_ALICE)
     assert user(store).totp_last_step == 2**63 - 1
 
 
@@ -412,7 +446,7 @@ def test_accept_totp_step_large_step_round_trips(store: Store) -> None:
 def test_bad_totp_step_is_refused_before_sql(bare_store: Store, step: int) -> None:
     """A negative step, one beyond BIGINT, or a bool is ValueError before SQL."""
     with pytest.raises(ValueError, match="step"):
-        bare_store.accept_totp_step("alice", step)
+        bare_store.accept_totp_step("alice", step, totp_secret_sealed=SEALED_ALICE)
 
 
 def test_racing_logins_with_one_code_have_one_winner(db_url: str) -> None:
@@ -424,7 +458,9 @@ def test_racing_logins_with_one_code_have_one_winner(db_url: str) -> None:
 
     def attempt(worker: int) -> bool:
         barrier.wait()
-        return stores[worker % 2].accept_totp_step("alice", 55_000_000)
+        return stores[worker % 2].accept_totp_step(
+            "alice", 55_000_000, totp_secret_sealed=SEALED_ALICE
+        )
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -459,7 +495,11 @@ def test_token_hash_is_lowercased(store: Store) -> None:
     add(store)
     digest = token_hash("a1")
     store.create_login_session(
-        token_hash=digest.upper(), username="alice", at=T0, source=SOURCE
+        token_hash=digest.upper(),
+        username="alice",
+        at=T0,
+        source=SOURCE,
+        totp_secret_sealed=SEALED_ALICE,
     )
     assert session(store, digest.upper()).token_hash == digest
 
@@ -488,7 +528,11 @@ def test_long_source_is_truncated(store: Store) -> None:
     add(store)
     digest = token_hash("a1")
     store.create_login_session(
-        token_hash=digest, username="alice", at=T0, source="s" * 500
+        token_hash=digest,
+        username="alice",
+        at=T0,
+        source="s" * 500,
+        totp_secret_sealed=SEALED_ALICE,
     )
     assert session(store, digest).source == "s" * 100
 
@@ -560,6 +604,7 @@ def test_revoke_user_sessions_keeps_user_enabled(store: Store) -> None:
         username="alice",
         at=T0 + timedelta(minutes=1),
         source=SOURCE,
+        totp_secret_sealed=SEALED_ALICE,
     )
     other = login(store, "b1", "bob")
     revoked = store.revoke_user_sessions("alice", at=T0, reason="logout everywhere")
