@@ -25,6 +25,11 @@ from .limits import (
     ThrottleReason as ThrottleReason,
     retry_after_s as retry_after_s,
 )
+from .origins import (
+    OriginAllowList as OriginAllowList,
+    canonical_origin as canonical_origin,
+    origins_for_names as origins_for_names,
+)
 from .passwords import (
     DEFAULT_MEMORY_COST as DEFAULT_MEMORY_COST,
     DEFAULT_PARALLELISM as DEFAULT_PARALLELISM,
@@ -105,6 +110,7 @@ __all__ = [
     "InvalidToken",
     "LoginLimits",
     "LoginThrottle",
+    "OriginAllowList",
     "PasswordHasher",
     "RateLimit",
     "RateLimiter",
@@ -116,6 +122,7 @@ __all__ = [
     "ThrottleReason",
     "UntrustedPeer",
     "build_device_csr",
+    "canonical_origin",
     "certificate_fingerprint",
     "create_ca",
     "device_identity",
@@ -128,6 +135,7 @@ __all__ = [
     "load_ca",
     "load_private_key",
     "new_token",
+    "origins_for_names",
     "private_key_pem",
     "provisioning_uri",
     "retry_after_s",

@@ -12,21 +12,30 @@ from typing import Final
 
 __all__ = [
     "ALL_ROLES",
+    "ENROLLMENTS_PATH",
+    "EVENTS_PATH",
+    "MAX_ENROLLMENT_BODY_BYTES",
     "MAX_LOGIN_BODY_BYTES",
     "OPENAPI_PATH",
     "PUBLIC",
     "ROUTE_ROLES",
     "SESSION_COOKIE",
+    "WEBSOCKET_ROLES",
 ]
 
 SESSION_COOKIE: Final = "__Host-relay_session"
 MAX_LOGIN_BODY_BYTES: Final = 4 * 1024
+#: Largest body of POST /api/v1/enrollments: a CSR at its 16 KiB cap (PKIConfig),
+#: JSON-escaped, plus room for the envelope.
+MAX_ENROLLMENT_BODY_BYTES: Final = 20 * 1024
 
 ALL_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
 #: Marker in :data:`ROUTE_ROLES` for a route that needs no login.
 PUBLIC: Final = frozenset({"*public*"})
 #: Where the listener serves :data:`OPENAPI`.
 OPENAPI_PATH: Final = "/api/v1/openapi.json"
+#: Where engineers with the enroll permission, and admins, have CSRs signed.
+ENROLLMENTS_PATH: Final = "/api/v1/enrollments"
 
 #: Every route of the engineer listener and the roles it allows; default deny.
 ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
@@ -36,4 +45,16 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     ("POST", "/api/v1/logout"): ALL_ROLES,
     ("GET", "/api/v1/me"): ALL_ROLES,
     ("GET", "/api/v1/devices"): frozenset({"engineer", "admin"}),
+    # Engineers need the enroll permission too, checked by the route itself.
+    ("POST", ENROLLMENTS_PATH): frozenset({"engineer", "admin"}),
+}
+
+#: The engineers' live event feed (WebSocket): the device list as it changes.
+EVENTS_PATH: Final = "/api/v1/events"
+
+#: Every WebSocket route of the engineer listener and the roles it allows; default
+#: deny. Kept apart from ROUTE_ROLES: OpenAPI does not describe WebSockets, so
+#: these are documented in docs/api.md instead.
+WEBSOCKET_ROLES: Final[Mapping[str, frozenset[str]]] = {
+    EVENTS_PATH: frozenset({"engineer", "admin"}),
 }

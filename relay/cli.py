@@ -57,6 +57,7 @@ from relay.store import (
     UnknownDevice,
     UnknownUser,
     UserExists,
+    UserRecord,
 )
 from relay.users import (
     NewUser,
@@ -487,12 +488,23 @@ def _print_enrolment(new_user: NewUser) -> None:
     )
 
 
+def _check_can_enroll(role: str, can_enroll: bool) -> None:
+    """Refuse the enroll permission for an auditor (exit 2): auditors never enroll."""
+    if can_enroll and role == "auditor":
+        raise CLIError(
+            "auditors never enroll devices; --can-enroll is for engineers "
+            "(admins may always enroll)",
+            exit_code=2,
+        )
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
     try:
         role = validate_role(args.role)
     except ValueError as exc:
         raise CLIError(f"invalid role {args.role!r}: {exc}", exit_code=2) from None
+    _check_can_enroll(role, args.can_enroll)
     config = BrokerConfig(data_dir=_data_dir())
     exists = CLIError(f"user {username} exists")
     with closing(Store.open(config.effective_database_url)) as store:
@@ -514,10 +526,17 @@ def cmd_user_add(args: argparse.Namespace) -> int:
                 role=role,
                 password=password,
                 now=_now(),
+                can_enroll=args.can_enroll,
             )
         except UserExists:
             raise exists from None
-    get_logger("cli").info("user.added", username=username, role=role, audit=True)
+    get_logger("cli").info(
+        "user.added",
+        username=username,
+        role=role,
+        can_enroll=args.can_enroll,
+        audit=True,
+    )
     if args.json:
         json.dump(
             {
@@ -529,7 +548,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         )
         sys.stdout.write("\n")
         return 0
-    print(f"added user {username} (role {role})")
+    enroll = ", may enroll devices" if args.can_enroll else ""
+    print(f"added user {username} (role {role}{enroll})")
     _print_enrolment(new_user)
     return 0
 
@@ -585,27 +605,91 @@ def cmd_user_reset_totp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yes_no(text: str) -> bool:
+    """argparse type of a yes/no option value."""
+    answers = {"yes": True, "no": False}
+    if text not in answers:
+        raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+    return answers[text]
+
+
+def _user_row(user: UserRecord) -> dict[str, Any]:
+    """What ``user list`` and ``user set`` show of *user*.
+
+    Built field by field: hashes and sealed secrets never reach the output.
+    ``can_enroll`` is the stored flag; admins may enroll whatever it says.
+    """
+    return {
+        "username": user.username,
+        "role": user.role,
+        "created_at": user.created_at.isoformat(),
+        "disabled": user.disabled_at is not None,
+        "can_enroll": user.can_enroll,
+    }
+
+
+def cmd_user_set(args: argparse.Namespace) -> int:
+    username = _user_name(args.name)
+    # One optional flag per setting (later: --group ...); at least one is needed.
+    if args.can_enroll is None:
+        raise CLIError("nothing to set: give --can-enroll yes|no", exit_code=2)
+    config = BrokerConfig(data_dir=_data_dir())
+    unknown = CLIError(f"unknown user {username!r}")
+    with closing(Store.open(config.effective_database_url)) as store:
+        user = store.get_user(username)
+        if user is None:
+            raise unknown
+        _check_can_enroll(user.role, args.can_enroll)
+        try:
+            previous = store.set_user_can_enroll(username, args.can_enroll, at=_now())
+        except UnknownUser:
+            raise unknown from None
+        except ValueError as exc:  # the role changed since get_user
+            raise CLIError(str(exc), exit_code=2) from None
+        user = store.get_user(username)
+        if user is None:
+            raise unknown
+    get_logger("cli").warning(
+        "user.permissions_changed",
+        username=username,
+        role=user.role,
+        can_enroll=user.can_enroll,
+        previous_can_enroll=previous,
+        audit=True,
+    )
+    if args.json:
+        json.dump(_user_row(user), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    state = "may" if user.can_enroll else "may not"
+    unchanged = " (unchanged)" if previous == user.can_enroll else ""
+    note = (
+        " (admins may always enroll, whatever this says)"
+        if user.role == "admin"
+        else ""
+    )
+    print(f"{username} {state} enroll devices{unchanged}{note}", file=sys.stderr)
+    return 0
+
+
 def cmd_user_list(args: argparse.Namespace) -> int:
     config = BrokerConfig(data_dir=_data_dir())
     with closing(Store.open(config.effective_database_url)) as store:
         users = store.list_users()
-    # Built field by field: hashes and sealed secrets never reach the output.
-    rows = [
-        {
-            "username": user.username,
-            "role": user.role,
-            "created_at": user.created_at.isoformat(),
-            "disabled": user.disabled_at is not None,
-        }
-        for user in users
-    ]
+    rows = [_user_row(user) for user in users]
     if _print_json(rows, enabled=args.json):
         return 0
-    print(f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} DISABLED")
+    print(f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} {'ENROLL':<7} DISABLED")
     for row in rows:
+        # Admins may always enroll, so their stored flag would only mislead.
+        enroll = (
+            "always"
+            if row["role"] == "admin"
+            else ("yes" if row["can_enroll"] else "no")
+        )
         print(
             f"{row['username']:<24} {row['role']:<9} {str(row['created_at'])[:19]:<20} "
-            f"{'yes' if row['disabled'] else 'no'}"
+            f"{enroll:<7} {'yes' if row['disabled'] else 'no'}"
         )
     return 0
 
@@ -923,6 +1007,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the password from the first line of stdin instead of prompting",
     )
     user_add.add_argument(
+        "--can-enroll",
+        action="store_true",
+        help="may enroll devices over the API (engineers; admins always may, "
+        "auditors never)",
+    )
+    user_add.add_argument(
         "--json",
         action="store_true",
         help='print {"username","role","otpauth_uri"} instead of the QR code',
@@ -939,7 +1029,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user_reset.add_argument("name", metavar="NAME")
     user_reset.set_defaults(func=cmd_user_reset_totp)
-    user_list = user.add_parser("list", help="users: role, created, disabled")
+    user_set = user.add_parser(
+        "set", help="change a user's settings (at least one option); effective at once"
+    )
+    user_set.add_argument("name", metavar="NAME")
+    # Each setting is optional and None when not given, so that one command can
+    # change any subset of them (more settings join here).
+    user_set.add_argument(
+        "--can-enroll",
+        type=_yes_no,
+        metavar="yes|no",
+        help="the enroll permission of an engineer (admins always may, auditors never)",
+    )
+    user_set.add_argument(
+        "--json",
+        action="store_true",
+        help="print the user as `user list --json` shows it",
+    )
+    user_set.set_defaults(func=cmd_user_set)
+    user_list = user.add_parser(
+        "list", help="users: role, created, enroll permission, disabled"
+    )
     user_list.add_argument("--json", action="store_true")
     user_list.set_defaults(func=cmd_user_list)
     return parser

@@ -55,12 +55,16 @@ class PKIConfig:
         server_cert_lifetime_days: Lifetime of a dev-mode listener certificate.
         ca_lifetime_days: Lifetime of a newly created CA.
         max_csr_bytes: A CSR larger than this is refused before it is parsed.
+        max_concurrent_signings: CSRs parsed and signed at once for the
+            engineer API (``POST /api/v1/enrollments``); further requests wait
+            for a slot instead of taking every worker thread.
     """
 
     device_cert_lifetime_days: int = 365
     server_cert_lifetime_days: int = 90
     ca_lifetime_days: int = 3650
     max_csr_bytes: int = 16 * 1024
+    max_concurrent_signings: int = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +102,42 @@ class DeviceListenerConfig:
     heartbeat_interval_s: float = 30.0
     hello_timeout_s: float = 10.0
     kick_close_grace_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineerListenerConfig:
+    """The engineer listener (HTTPS, the API and the engineers' WebSockets).
+
+    Attributes:
+        allowed_origins: Web origins (``https://host[:port]``) allowed to open
+            the engineers' WebSockets. Empty means the listener's own origins:
+            ``https://NAME:PORT`` for every DNS name and IP address in its
+            certificate, PORT being the port it is bound to. Set it when the
+            console is reached through another name or port (a load balancer).
+        max_request_head_bytes: Largest request line plus headers accepted, for
+            requests and WebSocket upgrades alike (431 above it).
+        max_websocket_message_bytes: Largest message an engineer may send on a
+            WebSocket (close 1009 above it).
+        revocation_poll_s: How often the broker re-reads the login session
+            revocation feed to close WebSockets of sessions ended elsewhere
+            (``relay user disable``, another node); with the close itself it
+            makes the 5 s budget.
+        websocket_send_timeout_s: A WebSocket whose client has not taken a
+            message for this long is closed (a stalled reader must not hold
+            the broker's memory).
+        device_feed_interval_s: How often the device list pushed on
+            ``/api/v1/events`` is re-read from the store.
+        session_touch_s: How often a WebSocket in use (engineer input) marks
+            its login session as used, against the idle timeout.
+    """
+
+    allowed_origins: tuple[str, ...] = ()
+    max_request_head_bytes: int = 8 * 1024
+    max_websocket_message_bytes: int = 64 * 1024
+    revocation_poll_s: float = 1.0
+    websocket_send_timeout_s: float = 10.0
+    device_feed_interval_s: float = 2.0
+    session_touch_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +268,9 @@ class BrokerConfig:
     device_listener: DeviceListenerConfig = field(default_factory=DeviceListenerConfig)
     pki: PKIConfig = field(default_factory=PKIConfig)
     engineer_auth: EngineerAuthConfig = field(default_factory=EngineerAuthConfig)
+    engineer_listener: EngineerListenerConfig = field(
+        default_factory=EngineerListenerConfig
+    )
 
     @property
     def effective_database_url(self) -> str:

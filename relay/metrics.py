@@ -15,6 +15,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from relay import __version__
 
 LISTENERS = ("device", "engineer")
+#: Every outcome of POST /api/v1/enrollments that reached the route (auditors are
+#: refused before it, in relay_auth_forbidden_total).
+ENROLLMENT_OUTCOMES = (
+    "signed",
+    "bad_request",
+    "bad_csr",
+    "forbidden",
+    "revoked",
+    "already_enrolled",
+    "unavailable",
+    "store_error",
+)
 
 
 class RelayMetrics:
@@ -106,7 +118,29 @@ class RelayMetrics:
             "Authenticated requests refused because of the user's role.",
             registry=r,
         )
+        self.engineer_websockets = Gauge(
+            "relay_engineer_websockets",
+            "Engineer WebSockets open on the engineer listener.",
+            registry=r,
+        )
+        self.engineer_refusals = Counter(
+            "relay_engineer_refusals_total",
+            "Requests and WebSocket upgrades refused by the engineer listener "
+            "before any route ran, by reason (head_too_large, bad_origin, "
+            "no_origin_without_bearer).",
+            ["reason"],
+            registry=r,
+        )
+        self.enrollments = Counter(
+            "relay_enrollments_total",
+            "Device enrollments over the engineer API, by outcome (signed, "
+            "bad_request, bad_csr, forbidden, revoked, unavailable, store_error).",
+            ["outcome"],
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:
             self.pending_handshakes.labels(listener)
+        for outcome in ENROLLMENT_OUTCOMES:
+            self.enrollments.labels(outcome)

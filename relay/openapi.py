@@ -15,6 +15,8 @@ from typing import Any, Final
 from relay import __version__
 from relay.api_contract import (
     ALL_ROLES,
+    ENROLLMENTS_PATH,
+    MAX_ENROLLMENT_BODY_BYTES,
     MAX_LOGIN_BODY_BYTES,
     OPENAPI_PATH,
     SESSION_COOKIE,
@@ -72,6 +74,45 @@ _ERROR_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
 def _errors(*statuses: str) -> dict[str, dict[str, Any]]:
     return {status: _ERROR_ANSWERS[status] for status in statuses}
 
+
+_ENROLLMENT_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
+    "201": _answer(
+        "Signed and recorded: the device certificate (give it to the device) and "
+        "the CA certificate it verifies against. `warnings` lists what the "
+        "request asked for that the fixed device profile did not grant.",
+        "Enrollment",
+    ),
+    "400": _answer(
+        "The body is not a JSON object with exactly the key `csr` holding a "
+        "non-empty string, or the CA code refused the request: too large, "
+        "malformed, bad signature (no proof of possession), weak key (only "
+        "ECDSA P-256/P-384/P-521 and RSA of at least 2048 bits are accepted) or "
+        "an invalid device id. `error` names the reason.",
+        "Error",
+    ),
+    "401": _ERROR_ANSWERS["401"],
+    "403": _answer(
+        "The session's role may not enroll (auditors), or the engineer does not "
+        "hold the enroll permission.",
+        "Error",
+    ),
+    "409": _answer(
+        "The device id is revoked (revoked ids are never enrolled again), or, "
+        "for an engineer, it is already enrolled (only an admin may give an "
+        "enrolled instrument a new key).",
+        "Error",
+    ),
+    "413": _answer(
+        f"The body is larger than {MAX_ENROLLMENT_BODY_BYTES} bytes.", "Error"
+    ),
+    "415": _ERROR_ANSWERS["415"],
+    "503": _answer(
+        "This broker has no CA key (`enrollment is not available on this "
+        "broker`), or the store is unavailable (with Retry-After).",
+        "Error",
+        headers=("Retry-After",),
+    ),
+}
 
 _SESSION_SECURITY: Final[list[dict[str, list[str]]]] = [
     {"bearer": []},
@@ -164,6 +205,32 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     },
                     **_errors("401", "403", "503"),
                 },
+            }
+        },
+        ENROLLMENTS_PATH: {
+            "post": {
+                "operationId": "enrollDevice",
+                "summary": "Sign a device's certificate request (enrollment).",
+                "description": (
+                    "Datasheet Annex 1, step 4: the device made its key and a "
+                    "CSR with its id (`relay agent enroll`); a service tool sends "
+                    "the CSR here and returns the certificate to the device. The "
+                    "profile and lifetime are those of `relay ca sign`: only the "
+                    "public key and the device id are taken from the request. "
+                    "Admins may always enroll; engineers only with the enroll "
+                    "permission (`relay user set NAME --can-enroll yes`), checked "
+                    "on every request."
+                ),
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "requestBody": {
+                    "required": True,
+                    "description": f"At most {MAX_ENROLLMENT_BODY_BYTES} bytes.",
+                    "content": _json_content(
+                        {"$ref": "#/components/schemas/EnrollmentRequest"}
+                    ),
+                },
+                "responses": dict(_ENROLLMENT_ANSWERS),
             }
         },
         OPENAPI_PATH: {
@@ -261,6 +328,55 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "role": {"enum": sorted(ALL_ROLES)},
                 },
                 "required": ["username", "role"],
+                "additionalProperties": False,
+            },
+            "EnrollmentRequest": {
+                "type": "object",
+                "properties": {
+                    "csr": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": (
+                            "The PEM certificate signing request, as `relay agent "
+                            "enroll` writes it (`device.csr`)."
+                        ),
+                    },
+                },
+                "required": ["csr"],
+                "additionalProperties": False,
+            },
+            "Enrollment": {
+                "type": "object",
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "serial": {
+                        "type": "string",
+                        "description": "Serial number, lowercase hex.",
+                    },
+                    "fingerprint_sha256": {
+                        "type": "string",
+                        "pattern": "^[0-9a-f]{64}$",
+                    },
+                    "not_after": {"type": "string", "format": "date-time"},
+                    "certificate": {
+                        "type": "string",
+                        "description": "The device certificate, PEM.",
+                    },
+                    "ca_certificate": {
+                        "type": "string",
+                        "description": "The device CA certificate, PEM.",
+                    },
+                    "warnings": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": [
+                    "device_id",
+                    "serial",
+                    "fingerprint_sha256",
+                    "not_after",
+                    "certificate",
+                    "ca_certificate",
+                    "warnings",
+                ],
                 "additionalProperties": False,
             },
             "Device": {

@@ -313,6 +313,17 @@ def _load_listener_certificate(path: Path) -> x509.Certificate | None:
         return None
 
 
+def listener_certificate_names(path: Path) -> list[str]:
+    """The DNS names and IP addresses of the listener certificate at *path*, sorted.
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: It is not a PEM certificate.
+    """
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    return sorted(_certificate_names(certificate))
+
+
 def _certificate_names(certificate: x509.Certificate) -> set[str]:
     try:
         san = certificate.extensions.get_extension_for_class(

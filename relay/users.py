@@ -72,11 +72,17 @@ def create_user(
     role: str,
     password: str,
     now: datetime,
+    can_enroll: bool = False,
 ) -> NewUser:
     """Create an account with a new TOTP secret.
 
+    Args:
+        can_enroll: Give the account the enroll permission (engineers; admins
+            may enroll anyway; refused for auditors).
+
     Raises:
-        ValueError: Invalid name, role or password (too short or too long).
+        ValueError: Invalid name, role or password (too short or too long), or
+            *can_enroll* for an auditor.
         relay.store.UserExists: The name is taken.
     """
     validate_username(username)
@@ -89,6 +95,7 @@ def create_user(
         password_hash=hasher.hash(password),
         totp_secret_sealed=sealer.seal(secret, context=totp_context(username)),
         at=now,
+        can_enroll=can_enroll,
     )
     return NewUser(username, role, auth.provisioning_uri(secret, username=username))
 

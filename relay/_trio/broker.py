@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import trio
@@ -25,7 +26,9 @@ from cryptography import x509
 
 import auth
 from relay._trio.device_listener import DeviceListener, presence_stale_after
-from relay._trio.http import engineer_app, metrics_app, serve_http
+from relay._trio.engineer_listener import EngineerListener
+from relay._trio.enrollment_api import Enroller
+from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
 from relay.config import BrokerConfig
 from relay.log import get_logger
@@ -34,6 +37,8 @@ from relay.pki_files import (
     DataDir,
     default_server_names,
     ensure_listener_certificate,
+    listener_certificate_names,
+    load_ca,
     load_ca_certificate,
     load_or_create_sealing_key,
 )
@@ -63,6 +68,9 @@ class _Prepared:
     sealer: auth.SecretSealer
     sealing_key_origin: str
     hasher: auth.PasswordHasher
+    certificate_names: list[str]
+    # The device CA with its key, for API enrollment; None without the key.
+    ca: auth.CertificateAuthority | None = None
 
 
 def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
@@ -73,6 +81,11 @@ def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
         or os.environ.get("RELAY_TOTP_SEALING_KEY"),
     )
     ca_certificate = load_ca_certificate(data_dir)
+    # The CA key signs CSRs for POST /api/v1/enrollments. A broker without it (the
+    # key kept offline, certificates signed with `relay ca sign` elsewhere) still
+    # verifies devices with ca.crt; the route answers 503 then. A key that is
+    # present but unusable stops the start (CAError), as for `relay ca sign`.
+    signing_ca = load_ca(data_dir) if data_dir.ca_key.exists() else None
     issued = False
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         cert_file, key_file = config.tls_cert_file, config.tls_key_file
@@ -100,6 +113,8 @@ def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
         auth.SecretSealer(sealing_key),
         sealing_key_origin,
         hasher,
+        listener_certificate_names(cert_file),
+        ca=signing_ca,
     )
 
 
@@ -131,6 +146,20 @@ async def serve_broker(
         audit=True,
     )
     store = prepared.store
+    if prepared.ca is None:
+        log.warning(
+            "enrollment.api_disabled",
+            path=str(DataDir(config.data_dir).ca_key),
+            detail="no CA key on this broker: POST /api/v1/enrollments answers 503",
+        )
+    enroller = Enroller(
+        ca=prepared.ca,
+        store=store,
+        config=config.pki,
+        metrics=metrics,
+        log=get_logger("enrollment_api"),
+        wall_clock=wall_clock,
+    )
     login_service = LoginService(
         store=store,
         hasher=prepared.hasher,
@@ -139,6 +168,15 @@ async def serve_broker(
         metrics=metrics,
         log=get_logger("engineer_api"),
         wall_clock=wall_clock,
+    )
+    engineer_listener = EngineerListener(
+        login_service,
+        store=store,
+        config=config.engineer_listener,
+        presence_stale_after=presence_stale_after(config),
+        log=get_logger("engineer_api"),
+        wall_clock=wall_clock,
+        enroller=enroller,
     )
     listener = DeviceListener(
         config=config,
@@ -169,14 +207,11 @@ async def serve_broker(
         async with trio.open_nursery() as nursery:
             device_port = await nursery.start(listener.serve)
             engineer_port = await nursery.start(
-                lambda task_status: serve_http(
-                    engineer_app(
-                        login_service,
-                        presence_stale_after=presence_stale_after(config),
-                    ),
+                partial(
+                    engineer_listener.serve,
                     config.engineer_listen,
                     tls_files=(prepared.cert_file, prepared.key_file),
-                    task_status=task_status,
+                    certificate_names=prepared.certificate_names,
                 )
             )
             metrics_port = await nursery.start(

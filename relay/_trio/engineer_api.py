@@ -46,19 +46,24 @@ Authenticated routes take ``Authorization: Bearer TOKEN`` or the session cookie
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import BaseRoute, Route
 
 import auth
+from relay._trio.device_feed import DeviceFeed
+from relay._trio.engineer_sockets import EngineerSockets, SocketEnd
+from relay._trio.engineer_ws import events_handler, socket_route
+from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService, LoginThrottled, Principal
+from relay._trio.request_body import BadBody, read_json_body
 from relay.api_contract import (
+    ENROLLMENTS_PATH,
+    EVENTS_PATH,
     MAX_LOGIN_BODY_BYTES,
     OPENAPI_PATH,
     PUBLIC,
@@ -67,55 +72,10 @@ from relay.api_contract import (
 )
 from relay.openapi import OPENAPI
 
-__all__ = ["SecurityHeaders", "api_routes"]
+__all__ = ["api_routes", "device_list"]
 
 _UNAUTHORIZED_BODY: Final = {"error": "invalid username, password or code"}
 _SESSION_UNAUTHORIZED_BODY: Final = {"error": "unauthorized"}
-
-_SECURITY_HEADERS: Final = (
-    (b"strict-transport-security", b"max-age=31536000"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'self'; object-src 'none'; "
-        b"frame-ancestors 'none'; base-uri 'none'",
-    ),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-)
-
-
-class SecurityHeaders:
-    """ASGI middleware: security headers on every HTTP response.
-
-    A header the application already set is left alone; ``Cache-Control:
-    no-store`` is forced on every path under ``/api/``.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        api = str(scope.get("path", "")).startswith("/api/")
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [
-                    (name, value)
-                    for name, value in message.get("headers", [])
-                    if not (api and name.lower() == b"cache-control")
-                ]
-                present = {name.lower() for name, _ in headers}
-                headers.extend(h for h in _SECURITY_HEADERS if h[0] not in present)
-                if api:
-                    headers.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
 
 # --- routes -----------------------------------------------------------------
 
@@ -153,24 +113,18 @@ class _BadBody(Exception):
         self.message = message
 
 
+_BODY_ERRORS: Final = {
+    415: "unsupported media type",
+    413: "request body too large",
+    400: "bad request",
+}
+
+
 async def _read_login_body(request: Request) -> tuple[str, str, str]:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise _BadBody(415, "unsupported media type")
-    declared = request.headers.get("content-length")
-    if declared is not None and (
-        not declared.isdigit() or int(declared) > MAX_LOGIN_BODY_BYTES
-    ):
-        raise _BadBody(413, "request body too large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_LOGIN_BODY_BYTES:
-            raise _BadBody(413, "request body too large")
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise _BadBody(400, "bad request") from None
+        data = await read_json_body(request, MAX_LOGIN_BODY_BYTES)
+    except BadBody as bad:
+        raise _BadBody(bad.status, _BODY_ERRORS[bad.status]) from None
     if not isinstance(data, dict) or set(data) != {"username", "password", "totp"}:
         raise _BadBody(400, "bad request")
     fields = (data["username"], data["password"], data["totp"])
@@ -180,13 +134,36 @@ async def _read_login_body(request: Request) -> tuple[str, str, str]:
     return str(username), str(password), str(code)
 
 
+async def device_list(
+    service: LoginService, *, stale_after: timedelta
+) -> list[dict[str, Any]]:
+    """Every enrolled device with its presence, as the API answers it."""
+    records = await service.list_devices(stale_after=stale_after)
+    return [
+        {
+            "device_id": record.device_id,
+            "online": record.online,
+            "revoked": record.revoked_at is not None,
+            # Remote sessions arrive with the session issue.
+            "in_session": False,
+        }
+        for record in records
+    ]
+
+
 def api_routes(
     service: LoginService,
     *,
     banner: Callable[[], dict[str, str]],
     presence_stale_after: timedelta,
-) -> list[Route]:
-    """The engineer listener's routes, each guarded by :data:`ROUTE_ROLES`."""
+    sockets: EngineerSockets,
+    device_feed: DeviceFeed,
+    origins: Callable[[], auth.OriginAllowList],
+    websocket_send_timeout_s: float,
+    enroller: Enroller,
+) -> list[BaseRoute]:
+    """The engineer listener's routes, each guarded by :data:`ROUTE_ROLES` or
+    :data:`WEBSOCKET_ROLES`."""
 
     def guarded(method: str, path: str, handler: Handler) -> Route:
         route = (method, path)
@@ -237,6 +214,10 @@ def api_routes(
         )
 
     async def logout(request: Request, principal: Principal) -> Response:
+        # This node's sockets of the session close now, before the store's
+        # revocation feed could end them as "revoked"; other nodes' within
+        # their revocation poll.
+        sockets.end_login_session(principal.token_hash, SocketEnd.LOGOUT)
         await service.logout(principal, source=_source(request))
         return JSONResponse(
             {"ok": True}, headers={"Set-Cookie": _session_cookie("", 0)}
@@ -246,18 +227,8 @@ def api_routes(
         return JSONResponse({"username": principal.username, "role": principal.role})
 
     async def devices(_request: Request, _principal: Principal) -> Response:
-        records = await service.list_devices(stale_after=presence_stale_after)
         return JSONResponse(
-            [
-                {
-                    "device_id": record.device_id,
-                    "online": record.online,
-                    "revoked": record.revoked_at is not None,
-                    # Remote sessions arrive with the session issue.
-                    "in_session": False,
-                }
-                for record in records
-            ]
+            await device_list(service, stale_after=presence_stale_after)
         )
 
     public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
@@ -265,7 +236,7 @@ def api_routes(
         ("POST", "/api/v1/login"): login,
         ("GET", OPENAPI_PATH): openapi,
     }
-    routes = [
+    routes: list[BaseRoute] = [
         Route(path, endpoint, methods=[method])
         for (method, path), endpoint in public.items()
         if ROUTE_ROLES.get((method, path)) is PUBLIC
@@ -274,5 +245,13 @@ def api_routes(
         guarded("POST", "/api/v1/logout", logout),
         guarded("GET", "/api/v1/me", me),
         guarded("GET", "/api/v1/devices", devices),
+        guarded("POST", ENROLLMENTS_PATH, enroller.enroll),
+        socket_route(
+            EVENTS_PATH,
+            events_handler(device_feed, send_timeout_s=websocket_send_timeout_s),
+            service=service,
+            sockets=sockets,
+            origins=origins,
+        ),
     ]
     return routes

@@ -32,15 +32,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+import auth
 from relay import __version__
-from relay._trio.engineer_api import SecurityHeaders, api_routes
+from relay._trio.device_feed import DeviceFeed
+from relay._trio.engineer_api import api_routes
+from relay._trio.engineer_middleware import RequestHeadLimit, SecurityHeaders
+from relay._trio.engineer_sockets import EngineerSockets
+from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService
-from relay.config import ListenAddress
+from relay.config import EngineerListenerConfig, ListenAddress
 from relay.metrics import RelayMetrics
 from relay.store import StoreError
 from relay.tls import engineer_listener_context
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+#: What h11 buffers of a request head before refusing it on its own.
+H11_MAX_INCOMPLETE_BYTES = 64 * 1024
 
 
 class _HypercornConfig(HypercornConfig):
@@ -87,9 +95,23 @@ def metrics_app(metrics: RelayMetrics, readiness: ReadinessCheck) -> Starlette:
 
 
 def engineer_app(
-    service: LoginService, *, presence_stale_after: timedelta
+    service: LoginService,
+    *,
+    presence_stale_after: timedelta,
+    config: EngineerListenerConfig,
+    sockets: EngineerSockets,
+    device_feed: DeviceFeed,
+    origins: Callable[[], auth.OriginAllowList],
+    enroller: Enroller,
 ) -> Starlette:
-    """The engineer listener: the banner, login and the API (relay._trio.engineer_api)."""
+    """The engineer listener: the banner, login, the API and the WebSockets
+    (relay._trio.engineer_api).
+
+    *sockets* and *device_feed* do their work in tasks the caller runs
+    (:meth:`EngineerSockets.watch`, :meth:`DeviceFeed.run`). *origins* is asked
+    at every WebSocket upgrade, so that the listener's own origins can be set
+    once its port is known.
+    """
 
     def banner() -> dict[str, str]:
         return {"service": "remote-care-relay", "version": __version__}
@@ -112,9 +134,24 @@ def engineer_app(
 
     return Starlette(
         routes=api_routes(
-            service, banner=banner, presence_stale_after=presence_stale_after
+            service,
+            banner=banner,
+            presence_stale_after=presence_stale_after,
+            sockets=sockets,
+            device_feed=device_feed,
+            origins=origins,
+            websocket_send_timeout_s=config.websocket_send_timeout_s,
+            enroller=enroller,
         ),
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[
+            # Outermost first: the head cap's 431 gets the security headers too.
+            Middleware(SecurityHeaders),
+            Middleware(
+                RequestHeadLimit,
+                max_bytes=config.max_request_head_bytes,
+                metrics=service.metrics,
+            ),
+        ],
         exception_handlers={StoreError: store_unavailable},
     )
 
@@ -124,6 +161,7 @@ async def serve_http(
     bind: ListenAddress,
     *,
     tls_files: tuple[Path, Path] | None = None,
+    limits: EngineerListenerConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *app* with Hypercorn until cancelled; reports the bound port.
@@ -132,6 +170,8 @@ async def serve_http(
         app: The ASGI application.
         bind: Address to listen on; port 0 picks a free port.
         tls_files: (certificate chain, key) to serve HTTPS, or None for HTTP.
+        limits: The engineer listener's request and message limits, applied
+            where Hypercorn enforces them.
     """
     config = _HypercornConfig()
     config.bind = [str(bind)]
@@ -139,6 +179,16 @@ async def serve_http(
     config.errorlog = None
     config.keep_alive_timeout = 5
     config.graceful_timeout = 1
+    if limits is not None:
+        # h11 buffers a head up to this size while it arrives, then answers a
+        # bare 431 itself. RequestHeadLimit refuses everything over the real cap
+        # (8 KiB) with our JSON and headers, so h11's bound is only the memory
+        # bound per connection, set well above the cap (a 17 KiB head comes in
+        # two TLS records and would otherwise meet h11's bound first).
+        config.h11_max_incomplete_size = max(
+            H11_MAX_INCOMPLETE_BYTES, limits.max_request_head_bytes
+        )
+        config.websocket_max_message_size = limits.max_websocket_message_bytes
     if tls_files is not None:
         config.certfile = str(tls_files[0])
         config.keyfile = str(tls_files[1])

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, Final
 
 import trio
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 import auth
 from relay.api_contract import SESSION_COOKIE
@@ -59,11 +59,16 @@ _LOGOUT_REASON: Final = "logout"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Principal:
-    """An authenticated engineer: who, with which role, on which session."""
+    """An authenticated engineer: who, with which role, on which session.
+
+    ``created_at`` is the login time of the session: with the lifetime it gives
+    the absolute end, which a long-lived WebSocket must not outlive.
+    """
 
     username: str
     role: str
     token_hash: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,7 +294,7 @@ class LoginService:
 
     # --- sessions ------------------------------------------------------------
 
-    async def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: HTTPConnection) -> Principal:
         """Find the live session of *request*'s bearer token or cookie.
 
         Raises:
@@ -302,7 +307,7 @@ class LoginService:
             self._metrics.auth_token_rejections.labels(error.reason).inc()
             raise
 
-    async def _authenticate(self, request: Request) -> Principal:
+    async def _authenticate(self, request: HTTPConnection) -> Principal:
         header = request.headers.get("authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
@@ -315,25 +320,62 @@ class LoginService:
                 raise auth.InvalidToken("missing")
             token = cookie
         digest = auth.token_hash(auth.verify_token_format(token))
+        principal, _ends_at = await self._live_session(digest)
+        await self.touch(digest)
+        return principal
+
+    async def _live_session(self, digest: str) -> tuple[Principal, datetime]:
+        """The principal of the live session *digest* and when it will end.
+
+        Raises:
+            auth.InvalidToken: Unknown, revoked or expired, or the user is
+                disabled or gone.
+        """
         session = await trio.to_thread.run_sync(self._store.get_login_session, digest)
         if session is None:
             raise auth.InvalidToken("unknown")
         if session.revoked_at is not None:
             raise auth.InvalidToken("revoked")
-        now = self._wall_clock()
         auth.verify_session_times(
             created_at=session.created_at,
             last_used_at=session.last_used_at,
-            now=now,
+            now=self._wall_clock(),
             lifetime=self.lifetime,
         )
         user = await trio.to_thread.run_sync(self._store.get_user, session.username)
         if user is None or user.disabled_at is not None:
             raise auth.InvalidToken("revoked")
-        await trio.to_thread.run_sync(
-            partial(self._store.touch_login_session, digest, at=now)
+        principal = Principal(
+            username=user.username,
+            role=user.role,
+            token_hash=digest,
+            created_at=session.created_at,
         )
-        return Principal(username=user.username, role=user.role, token_hash=digest)
+        ends_at = auth.session_expiry(
+            created_at=session.created_at,
+            last_used_at=session.last_used_at,
+            lifetime=self.lifetime,
+        )
+        return principal, ends_at
+
+    async def session_end(self, token_hash: str) -> datetime:
+        """When the live session *token_hash* ends (idle or absolute timeout).
+
+        For WebSockets, which outlive the request that authenticated them: the
+        session may have been used since (which moves the idle end), or ended.
+
+        Raises:
+            auth.InvalidToken: The session is over: revoked, expired, or its
+                user disabled or gone.
+        """
+        _principal, ends_at = await self._live_session(token_hash)
+        return ends_at
+
+    async def touch(self, token_hash: str) -> None:
+        """Mark the session *token_hash* as used now (against the idle timeout)."""
+        await trio.to_thread.run_sync(
+            partial(self._store.touch_login_session, token_hash, at=self._wall_clock())
+        )
 
     async def logout(self, principal: Principal, *, source: str) -> None:
         """Revoke *principal*'s session at once."""

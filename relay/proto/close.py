@@ -26,6 +26,7 @@ class CloseCode(IntEnum):
     REVOKED = 4001  # the device certificate was revoked: slow retry
     HELLO_TIMEOUT = 4002  # no hello within the deadline
     CERTIFICATE_EXPIRED = 4003  # the device certificate expired while connected
+    LOGIN_ENDED = 4004  # engineer socket: the login session ended; log in again
 
 
 def close_code_label(code: int) -> str:

@@ -8,6 +8,7 @@ Synchronous and thread-safe; the trio shells call it through
 from ._records import (
     USER_ROLES as USER_ROLES,
     CertificateRecord as CertificateRecord,
+    DeviceAlreadyEnrolled as DeviceAlreadyEnrolled,
     DeviceRecord as DeviceRecord,
     DeviceRevoked as DeviceRevoked,
     LoginSessionRecord as LoginSessionRecord,
@@ -28,6 +29,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "USER_ROLES",
     "CertificateRecord",
+    "DeviceAlreadyEnrolled",
     "DeviceRecord",
     "DeviceRevoked",
     "LoginSessionRecord",

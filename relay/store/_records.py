@@ -26,6 +26,10 @@ class DeviceRevoked(StoreError):
     """The device is revoked, and a revoked device id is never enrolled again."""
 
 
+class DeviceAlreadyEnrolled(StoreError):
+    """The device already has a certificate, and this caller may only add new ones."""
+
+
 class UnknownUser(StoreError):
     """No user with this name exists."""
 
@@ -130,6 +134,10 @@ class UserRecord:
             code was accepted since the secret was set.
         created_at: When the user was added, aware UTC.
         disabled_at: When the user was disabled, or ``None``.
+        can_enroll: The enroll permission as stored: an engineer may enroll
+            devices over the API only when it is true. Admins may always enroll
+            whatever it says, and auditors never (the store refuses to set it
+            for them).
     """
 
     username: str
@@ -139,6 +147,7 @@ class UserRecord:
     totp_last_step: int | None
     created_at: datetime
     disabled_at: datetime | None
+    can_enroll: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from typing import Final
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     String,
     Table,
     TypeDecorator,
+    false,
 )
 
 # Explicit constraint names, so that PostgreSQL and SQLite end up with the same names
@@ -173,7 +175,9 @@ device_presence: Final = Table(
 # secret: password_hash is an argon2id string and totp_secret_sealed is the secret
 # encrypted by the auth layer with a key kept outside the database. totp_last_step
 # is the newest accepted TOTP time step; a code of that step or an older one is never
-# accepted again (see Store.accept_totp_step).
+# accepted again (see Store.accept_totp_step). can_enroll lets an engineer enroll
+# devices over the API (admins always may, auditors never); permissions_changed_at
+# is when it last changed.
 users: Final = Table(
     "users",
     metadata,
@@ -185,6 +189,8 @@ users: Final = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("disabled_at", UTCDateTime(), nullable=True),
     Column("password_changed_at", UTCDateTime(), nullable=False),
+    Column("can_enroll", Boolean, nullable=False, server_default=false()),
+    Column("permissions_changed_at", UTCDateTime(), nullable=True),
 )
 
 # One row per login. The key is the SHA-256 of the bearer token: the token itself is

@@ -79,6 +79,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from ._records import (
     USER_ROLES,
     CertificateRecord,
+    DeviceAlreadyEnrolled,
     DeviceRecord,
     DeviceRevoked,
     LoginSessionRecord,
@@ -136,7 +137,8 @@ _HEX: Final = re.compile(r"[0-9a-fA-F]+")
 # The revoked_reason of the sessions that reset_totp revokes.
 _TOTP_RESET_REASON: Final = "TOTP secret reset"
 
-# What get_user and list_users read: everything but password_changed_at.
+# What get_user and list_users read: everything but password_changed_at and
+# permissions_changed_at.
 _USER_COLUMNS: Final = (
     users.c.username,
     users.c.role,
@@ -145,7 +147,12 @@ _USER_COLUMNS: Final = (
     users.c.totp_last_step,
     users.c.created_at,
     users.c.disabled_at,
+    users.c.can_enroll,
 )
+
+# The one role that may never hold the enroll permission: auditors watch
+# enrollments, they do not make them.
+_NEVER_ENROLLS: Final = "auditor"
 
 
 class Store:
@@ -280,6 +287,7 @@ class Store:
         not_before: datetime,
         not_after: datetime,
         issued_at: datetime,
+        new_device_only: bool = False,
     ) -> None:
         """Record a certificate issued to *device_id*, creating the device if new.
 
@@ -299,9 +307,14 @@ class Store:
             not_before: Start of validity (aware).
             not_after: End of validity (aware).
             issued_at: When the CA signed it (aware).
+            new_device_only: Refuse a device that already has a certificate
+                (other than this very one): for callers that may enroll new
+                instruments but not re-key existing ones.
 
         Raises:
             DeviceRevoked: *device_id* is revoked.
+            DeviceAlreadyEnrolled: *new_device_only* and the device already has
+                a certificate.
             StoreError: The serial is already recorded for a different certificate,
                 the fingerprint is already recorded under another serial, or the
                 database failed.
@@ -348,6 +361,17 @@ class Store:
                 raise StoreError(
                     f"certificate serial {serial} is already recorded for another certificate"
                 )
+            if (
+                new_device_only
+                and connection.execute(
+                    select(certificates.c.serial_hex)
+                    .where(certificates.c.device_id == device_id)
+                    .limit(1)
+                ).first()
+            ):
+                # The device row is locked above, so of two racing first
+                # enrollments the second sees the first's certificate here.
+                raise DeviceAlreadyEnrolled(f"device {device_id!r} is already enrolled")
             connection.execute(
                 insert(certificates).values(
                     serial_hex=serial,
@@ -717,6 +741,7 @@ class Store:
         password_hash: str,
         totp_secret_sealed: str,
         at: datetime,
+        can_enroll: bool = False,
     ) -> None:
         """Add a user; no TOTP step is accepted yet and no session exists.
 
@@ -726,14 +751,17 @@ class Store:
             password_hash: The password hash made by the auth layer.
             totp_secret_sealed: The TOTP secret, sealed by the auth layer.
             at: Creation time (aware); also the password change time.
+            can_enroll: The enroll permission (see :class:`UserRecord`).
 
         Raises:
             UserExists: *username* is taken (also when that user is disabled).
             StoreError: The database failed.
-            ValueError: A bad role, an empty or over-long field, or a naive *at*.
+            ValueError: A bad role, an empty or over-long field, a naive *at*, or
+                *can_enroll* for an auditor.
         """
         _check_text(username, "username", USERNAME_LENGTH)
         _check_role(role)
+        _check_can_enroll(role, can_enroll)
         _check_text(password_hash, "password_hash", PASSWORD_HASH_LENGTH)
         _check_text(totp_secret_sealed, "totp_secret_sealed", SEALED_SECRET_LENGTH)
         _check_aware(at, "at")
@@ -752,6 +780,8 @@ class Store:
                         created_at=at,
                         disabled_at=None,
                         password_changed_at=at,
+                        can_enroll=can_enroll,
+                        permissions_changed_at=None,
                     )
                 )
             except IntegrityError as exc:
@@ -783,6 +813,45 @@ class Store:
                 select(*_USER_COLUMNS).order_by(users.c.username)
             ).all()
         return [_user_record(row) for row in rows]
+
+    def set_user_can_enroll(
+        self, username: str, allowed: bool, *, at: datetime
+    ) -> bool:
+        """Grant or withdraw a user's enroll permission.
+
+        Takes effect at once: the enrollment route reads the flag on every
+        request. ``permissions_changed_at`` becomes *at* when the flag changes;
+        setting the value it already has writes nothing.
+
+        Args:
+            username: The user.
+            allowed: The new value.
+            at: Time of the change (aware).
+
+        Returns:
+            The previous value.
+
+        Raises:
+            UnknownUser: There is no such user.
+            StoreError: The database failed.
+            ValueError: *allowed* is true and the user is an auditor (checked on
+                the locked row, so it holds against a concurrent change), or
+                *at* is naive.
+        """
+        if not isinstance(allowed, bool):
+            raise ValueError(f"allowed must be a bool, got {allowed!r}")
+        _check_aware(at, "at")
+        with self._transaction(write=True) as connection:
+            row = _lock_user_row(connection, username, users.c.role, users.c.can_enroll)
+            _check_can_enroll(row.role, allowed)
+            previous = bool(row.can_enroll)
+            if previous != allowed:
+                connection.execute(
+                    update(users)
+                    .where(users.c.username == username)
+                    .values(can_enroll=allowed, permissions_changed_at=at)
+                )
+        return previous
 
     def disable_user(self, username: str, *, at: datetime, reason: str) -> list[str]:
         """Disable a user and revoke all its live login sessions, in one transaction.
@@ -1414,6 +1483,7 @@ def _user_record(row: Row[*tuple[Any, ...]]) -> UserRecord:
         totp_last_step=row.totp_last_step,
         created_at=row.created_at,
         disabled_at=row.disabled_at,
+        can_enroll=bool(row.can_enroll),
     )
 
 
@@ -1425,6 +1495,16 @@ def _check_role(role: str) -> None:
     """
     if role not in USER_ROLES:
         raise ValueError(f"role must be one of {sorted(USER_ROLES)}, got {role!r}")
+
+
+def _check_can_enroll(role: str, can_enroll: bool) -> None:
+    """Refuse the enroll permission for a role that never enrolls.
+
+    Raises:
+        ValueError: *can_enroll* is true and *role* is auditor.
+    """
+    if can_enroll and role == _NEVER_ENROLLS:
+        raise ValueError("auditors never enroll devices; can_enroll stays false")
 
 
 def _check_reason(reason: str) -> None:

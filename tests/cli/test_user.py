@@ -355,13 +355,15 @@ def test_reset_totp_unknown_user_is_an_error(users: Users) -> None:
 
 
 def test_list_json_shows_only_public_fields(users: Users) -> None:
-    """list --json gives name, role, created and disabled; no hash, no sealed secret."""
+    """list --json gives name, role, created, disabled and the enroll permission;
+    no hash, no sealed secret."""
     users.add("alice", "admin")
     result = users("list", "--json")
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout)
-    assert set(row) == {"username", "role", "created_at", "disabled"}
+    assert set(row) == {"username", "role", "created_at", "disabled", "can_enroll"}
     assert (row["username"], row["role"], row["disabled"]) == ("alice", "admin", False)
+    assert row["can_enroll"] is False
     assert datetime.fromisoformat(row["created_at"]).tzinfo is not None
     assert "argon2" not in result.stdout
     assert "v1:" not in result.stdout
@@ -374,9 +376,9 @@ def test_list_plain_shows_a_header_and_each_user(users: Users) -> None:
     result = users("list")
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.splitlines()
-    assert header.split() == ["USER", "ROLE", "CREATED", "DISABLED"]
+    assert header.split() == ["USER", "ROLE", "CREATED", "ENROLL", "DISABLED"]
     assert line.split()[:2] == ["alice", "engineer"]
-    assert line.split()[-1] == "yes"
+    assert line.split()[-2:] == ["no", "yes"]
 
 
 def test_list_on_an_empty_data_dir_has_no_users(users: Users) -> None:
@@ -456,3 +458,132 @@ def test_a_malformed_sealing_key_in_the_environment_is_an_error(users: Users) ->
     assert "not-a-key" not in result.stderr
     assert not users.key_file.exists()
     assert users.list() == {}
+
+
+# The enroll permission: user add --can-enroll, user set --can-enroll, list
+
+
+def add_with(
+    users: Users, name: str, role: str, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """``user add NAME --role ROLE FLAGS --password-stdin --json``, as run."""
+    return users(
+        "add",
+        name,
+        "--role",
+        role,
+        *flags,
+        "--password-stdin",
+        "--json",
+        stdin=PASSWORD + "\n",
+    )
+
+
+def test_add_with_can_enroll_grants_the_permission(users: Users) -> None:
+    """add --can-enroll stores the flag, logs it, and list shows it; without the
+    flag a user may not enroll."""
+    result = add_with(users, "alice", "engineer", "--can-enroll")
+    assert result.returncode == 0, result.stderr
+    [event] = [e for e in json_logs(result.stderr) if e["event"] == "user.added"]
+    assert event["can_enroll"] is True
+    users.add("bob")
+    rows = users.list()
+    assert (rows["alice"]["can_enroll"], rows["bob"]["can_enroll"]) == (True, False)
+
+
+def test_add_auditor_with_can_enroll_is_refused(users: Users) -> None:
+    """Auditors never enroll: add --role auditor --can-enroll exits 2, adds nobody,
+    and asks for no password."""
+    result = users("add", "carol", "--role", "auditor", "--can-enroll")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "relay: error: auditors never enroll devices; --can-enroll is for engineers "
+        "(admins may always enroll)"
+    )
+    assert "Password" not in result.stderr
+    assert users.list() == {}
+
+
+def test_set_can_enroll_yes_and_no(users: Users) -> None:
+    """set --can-enroll yes|no changes the stored flag, says so, and logs an audit
+    event with the old and new value."""
+    users.add("alice")
+    granted = users("set", "alice", "--can-enroll", "yes")
+    assert granted.returncode == 0, granted.stderr
+    assert "alice may enroll devices" in granted.stderr
+    [event] = [
+        e for e in json_logs(granted.stderr) if e["event"] == "user.permissions_changed"
+    ]
+    assert (event["can_enroll"], event["previous_can_enroll"], event["audit"]) == (
+        True,
+        False,
+        True,
+    )
+    assert users.list()["alice"]["can_enroll"] is True
+    again = users("set", "alice", "--can-enroll", "yes")
+    assert "alice may enroll devices (unchanged)" in again.stderr
+    withdrawn = users("set", "alice", "--can-enroll", "no")
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    assert "alice may not enroll devices" in withdrawn.stderr
+    assert users.list()["alice"]["can_enroll"] is False
+
+
+def test_set_json_prints_the_user_as_list_does(users: Users) -> None:
+    """set --json prints the changed user's row, the same shape as list --json."""
+    users.add("alice")
+    result = users("set", "alice", "--can-enroll", "yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == users.list()["alice"]
+    assert json.loads(result.stdout)["can_enroll"] is True
+
+
+def test_set_can_enroll_on_an_auditor_is_refused(users: Users) -> None:
+    """Granting the permission to an auditor exits 2 with the reason; nothing
+    changes. Withdrawing it (a no-op) is fine."""
+    users.add("carol", "auditor")
+    result = users("set", "carol", "--can-enroll", "yes")
+    assert result.returncode == 2
+    assert "relay: error: auditors never enroll devices" in result.stderr
+    assert users.list()["carol"]["can_enroll"] is False
+    assert users("set", "carol", "--can-enroll", "no").returncode == 0
+
+
+def test_set_on_an_admin_notes_that_admins_always_enroll(users: Users) -> None:
+    """The flag is stored for an admin, with a note that admins enroll anyway;
+    the table shows "always" for admins."""
+    users.add("root", "admin")
+    result = users("set", "root", "--can-enroll", "no")
+    assert result.returncode == 0, result.stderr
+    assert "admins may always enroll" in result.stderr
+    listed = users("list")
+    [line] = listed.stdout.splitlines()[1:]
+    assert line.split()[1] == "admin"
+    assert line.split()[-2:] == ["always", "no"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("set", "alice"), "nothing to set: give --can-enroll yes|no"),
+        (("set", "alice", "--can-enroll", "maybe"), "expected yes or no, got 'maybe'"),
+        (("set", "Alice", "--can-enroll", "yes"), "invalid user name 'Alice'"),
+    ],
+    ids=["no-option", "not-yes-or-no", "bad-name"],
+)
+def test_set_usage_errors_exit_2(
+    users: Users, args: tuple[str, ...], message: str
+) -> None:
+    """set without a setting, with a value other than yes/no, or with an invalid
+    name exits 2 and changes nothing."""
+    users.add("alice")
+    result = users(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert users.list()["alice"]["can_enroll"] is False
+
+
+def test_set_unknown_user_is_an_error(users: Users) -> None:
+    """set on a user that does not exist exits 1."""
+    result = users("set", "ghost", "--can-enroll", "yes")
+    assert result.returncode == 1
+    assert "relay: error: unknown user 'ghost'" in result.stderr

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import gc
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +28,7 @@ from relay.config import (
     AgentConfig,
     BrokerConfig,
     DeviceListenerConfig,
+    EngineerListenerConfig,
     ListenAddress,
     WebSocketLimits,
 )
@@ -64,6 +65,11 @@ def short_config(data_dir: Path) -> BrokerConfig:
             presence_touch_s=0.2,
             heartbeat_interval_s=0.2,
             max_pending_per_source=10,
+        ),
+        engineer_listener=EngineerListenerConfig(
+            revocation_poll_s=0.1,
+            device_feed_interval_s=0.1,
+            websocket_send_timeout_s=2.0,
         ),
     )
 
@@ -232,6 +238,26 @@ def add_engineer(
     return secret
 
 
+async def login_token(api: httpx.AsyncClient, username: str, secret: str) -> str:
+    """Log *username* in with the current code of *secret*; return the token.
+
+    The client's cookie jar is cleared again, so each test says which
+    credential it sends.
+    """
+    response = await api.post(
+        "/api/v1/login",
+        json={
+            "username": username,
+            "password": "correct horse battery",
+            "totp": pyotp.TOTP(secret).now(),
+        },
+    )
+    api.cookies.clear()
+    assert response.status_code == 200, response.text
+    token: str = response.json()["token"]
+    return token
+
+
 @functools.cache
 def _test_hasher() -> auth.PasswordHasher:
     return auth.PasswordHasher()
@@ -245,18 +271,30 @@ def api_client(pki: PKI, port: int) -> httpx.AsyncClient:
     )
 
 
+@pytest.fixture
+async def client(broker: RunningBroker, pki: PKI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for the ``broker`` fixture's engineer listener."""
+    async with api_client(pki, broker.ports.engineer) as api:
+        yield api
+
+
 @asynccontextmanager
 async def broker_with(
     pki: PKI,
     nursery: trio.Nursery,
     *,
     wall_clock: Callable[[], datetime] | None = None,
+    listener: Mapping[str, Any] | None = None,
     **engineer_auth: Any,
 ) -> AsyncIterator[tuple[RunningBroker, httpx.AsyncClient]]:
-    """A broker of its own with changed engineer-auth limits, and a client for it."""
+    """A broker of its own with changed engineer-auth limits (and engineer
+    listener settings, *listener*), and a client for it."""
     config = dataclasses.replace(
         pki.config,
         engineer_auth=dataclasses.replace(pki.config.engineer_auth, **engineer_auth),
+        engineer_listener=dataclasses.replace(
+            pki.config.engineer_listener, **(listener or {})
+        ),
     )
     metrics, shutdown = RelayMetrics(), trio.Event()
     clock = wall_clock if wall_clock is not None else (lambda: datetime.now(UTC))

@@ -189,14 +189,35 @@ async def test_credential_stuffing_hits_per_address_limit(
 # --- 4. oversized request headers ----------------------------------------------
 
 
+@pytest.mark.parametrize("padding_kib", [9, 17, 60])
+async def test_request_head_over_8_kib_is_431_with_security_headers(
+    pki: PKI, nursery: trio.Nursery, padding_kib: int
+) -> None:
+    """Any head over max_request_head_bytes (8 KiB) is 431, whatever Hypercorn's
+    own limit would let through; the answer carries the listener's headers, and
+    just under the cap is fine."""
+    async with broker_with(pki, nursery) as (broker, api):
+        big = await api.get(
+            "/api/v1/me", headers={"X-Padding": "x" * padding_kib * 1024}
+        )
+        assert big.status_code == 431
+        assert big.json() == {"error": "request header fields too large"}
+        assert big.headers["x-content-type-options"] == "nosniff"
+        assert big.headers["cache-control"] == "no-store"
+        assert (
+            broker.sample("relay_engineer_refusals_total", reason="head_too_large") == 1
+        )
+        # Nothing ran: not even the session check.
+        assert broker.sample("relay_auth_token_rejections_total", reason="missing") == 0
+        fits = await api.get("/", headers={"X-Padding": "x" * 7 * 1024})
+        assert fits.status_code == 200
+
+
 async def test_100_kib_header_is_431_and_broker_survives(
     pki: PKI, nursery: trio.Nursery
 ) -> None:
-    """A request with a 100 KiB Cookie header is refused by Hypercorn with 431 and the connection closed; the next request is served normally.
-
-    Observed: headers of 10 KiB (and 17 KiB) are accepted with 200, so the 8 KiB
-    bound of the issue is not enforced; see the report.
-    """
+    """A request with a 100 KiB Cookie header is refused by Hypercorn itself (431,
+    connection closed) before our cap sees it; the next request is served normally."""
     async with broker_with(pki, nursery) as (_broker, api):
         big = await api.get("/", headers={"Cookie": "a=" + "x" * 100 * 1024})
         assert big.status_code == 431

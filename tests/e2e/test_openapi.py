@@ -7,6 +7,7 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ API_PATHS = {
     "/api/v1/logout",
     "/api/v1/me",
     "/api/v1/devices",
+    "/api/v1/enrollments",
     OPENAPI_PATH,
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -150,6 +152,10 @@ async def test_schemathesis_finds_no_server_errors(
 ) -> None:
     """Fuzzing every documented operation, logged out and logged in, answers no 5xx."""
     secret = add_engineer(pki, "alice", password=PASSWORD)
+    with pki.store() as store:
+        # So that fuzzed enrollments reach the body parser and the CA code
+        # instead of stopping at the permission check.
+        store.set_user_can_enroll("alice", True, at=datetime.now(UTC))
     pki.enroll("device-1")
     response = await client.post(
         "/api/v1/login",
@@ -173,3 +179,8 @@ async def test_schemathesis_finds_no_server_errors(
         returncode, output = await _schemathesis(url, ca_file, cwd, *extra)
         assert returncode == 0, f"schemathesis run {name!r}:\n{output}"
         assert "No issues found" in output or "passed" in output, output
+    # The fuzzed enrollments got past the permission check to the body parser and
+    # the CA code.
+    reached = ("bad_request", "bad_csr")
+    assert sum(broker.sample("relay_enrollments_total", outcome=o) for o in reached)
+    assert broker.sample("relay_enrollments_total", outcome="forbidden") == 0

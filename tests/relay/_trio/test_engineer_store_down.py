@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 
 import auth
-from relay._trio.http import engineer_app
+from relay._trio.engineer_listener import EngineerListener
+from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService
-from relay.config import EngineerAuthConfig
+from relay.config import EngineerAuthConfig, EngineerListenerConfig, PKIConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics
 from relay.store import Store
@@ -36,8 +37,23 @@ async def test_store_failure_answers_503_with_retry_after(tmp_path: Path) -> Non
             log=get_logger("test"),
             wall_clock=lambda: datetime.now(UTC),
         )
-        app = engineer_app(service, presence_stale_after=timedelta(seconds=90))
-        transport = httpx.ASGITransport(app=app)
+        listener = EngineerListener(
+            service,
+            store=store,
+            config=EngineerListenerConfig(),
+            presence_stale_after=timedelta(seconds=90),
+            log=get_logger("test"),
+            wall_clock=lambda: datetime.now(UTC),
+            enroller=Enroller(
+                ca=None,
+                store=store,
+                config=PKIConfig(),
+                metrics=metrics,
+                log=get_logger("test"),
+                wall_clock=lambda: datetime.now(UTC),
+            ),
+        )
+        transport = httpx.ASGITransport(app=listener.app)
         async with httpx.AsyncClient(
             transport=transport, base_url="https://relay.test"
         ) as client:

@@ -161,7 +161,7 @@ def test_upgrade_from_0001_keeps_devices(tmp_path: Path) -> None:
             ).scalar_one()
     finally:
         engine.dispose()
-    assert version == "0002"
+    assert version == "0003"
 
 
 def test_open_creates_user_tables(store: Store, db_url: str) -> None:
@@ -432,7 +432,7 @@ def test_accept_totp_step_refuses_disabled_and_unknown_users(store: Store) -> No
     store.disable_user("alice", at=T0, reason="left")
     assert not store.accept_totp_step("alice", 100, totp_secret_sealed=SEALED_ALICE)
     assert user(store).totp_last_step is None
-    assert not store.accept_totp_step("ghost", 100, totp_secret_sealed="sealed-ghost")
+    assert not store.accept_totp_step("ghost", 100, totp_secret_sealed=SEALED)
 
 
 def test_accept_totp_step_large_step_round_trips(store: Store) -> None:

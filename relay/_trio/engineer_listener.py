@@ -1,0 +1,122 @@
+"""The engineer listener as one piece: the app, its WebSocket registry, its feed.
+
+Theory of operation
+===================
+:class:`EngineerListener` builds the Starlette app (:func:`relay._trio.http.engineer_app`)
+together with what its WebSockets need while they live: the
+:class:`~relay._trio.engineer_sockets.EngineerSockets` registry and its watcher,
+and the shared :class:`~relay._trio.device_feed.DeviceFeed`. :meth:`serve` runs
+the watcher and the feed, then Hypercorn, in one nursery.
+
+The Origin allow-list is ``allowed_origins`` from the config when that is set;
+otherwise it is the listener's own origins, ``https://NAME:PORT`` for each DNS
+name and IP address in the listener certificate, known only once the port is
+bound. Until then the list is empty and every browser upgrade is refused, which
+is safe: nothing can connect before the bind anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import auth
+from relay._trio.device_feed import DeviceFeed
+from relay._trio.engineer_api import device_list
+from relay._trio.engineer_sockets import EngineerSockets
+from relay._trio.enrollment_api import Enroller
+from relay._trio.http import engineer_app, serve_http
+from relay._trio.login_service import LoginService
+from relay.config import EngineerListenerConfig, ListenAddress
+from relay.store import Store
+
+__all__ = ["EngineerListener"]
+
+
+class EngineerListener:
+    """The engineer listener's app and its background work.
+
+    Args:
+        service: Login and session checks.
+        store: For the session revocation feed.
+        config: The listener's limits, intervals and allowed origins.
+        presence_stale_after: When a device's presence row counts as stale.
+        log: Structured logger.
+        wall_clock: The current time, timezone-aware.
+        enroller: Signs CSRs for ``POST /api/v1/enrollments``.
+
+    Raises:
+        ValueError: An entry of ``allowed_origins`` is not a web origin.
+    """
+
+    def __init__(
+        self,
+        service: LoginService,
+        *,
+        store: Store,
+        config: EngineerListenerConfig,
+        presence_stale_after: timedelta,
+        log: Any,
+        wall_clock: Callable[[], datetime],
+        enroller: Enroller,
+    ) -> None:
+        self.config = config
+        self.sockets = EngineerSockets(
+            login=service,
+            store=store,
+            config=config,
+            metrics=service.metrics,
+            log=log,
+            wall_clock=wall_clock,
+        )
+        self.feed = DeviceFeed(
+            read=partial(device_list, service, stale_after=presence_stale_after),
+            interval_s=config.device_feed_interval_s,
+            metrics=service.metrics,
+            log=log,
+        )
+        self.origins = auth.OriginAllowList(config.allowed_origins)
+        self.app = engineer_app(
+            service,
+            presence_stale_after=presence_stale_after,
+            config=config,
+            sockets=self.sockets,
+            device_feed=self.feed,
+            origins=lambda: self.origins,
+            enroller=enroller,
+        )
+
+    async def serve(
+        self,
+        bind: ListenAddress,
+        *,
+        tls_files: tuple[Path, Path],
+        certificate_names: Iterable[str],
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound port.
+
+        Args:
+            bind: Address to listen on; port 0 picks a free port.
+            tls_files: (certificate chain, key).
+            certificate_names: The DNS names and IP addresses of the listener
+                certificate, for the default Origin allow-list.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.sockets.watch)
+            await nursery.start(self.feed.run)
+            port: int = await nursery.start(
+                partial(
+                    serve_http, self.app, bind, tls_files=tls_files, limits=self.config
+                )
+            )
+            if not self.config.allowed_origins:
+                self.origins = auth.OriginAllowList(
+                    auth.origins_for_names(certificate_names, port)
+                )
+            task_status.started(port)

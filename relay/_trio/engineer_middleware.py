@@ -1,0 +1,130 @@
+"""ASGI middleware of the engineer listener: the request head cap and security headers.
+
+:class:`RequestHeadLimit` refuses a request or a WebSocket upgrade whose request
+line and headers together are larger than ``max_request_head_bytes`` (8 KiB) with
+431, before any route or authentication runs. Hypercorn's own limit (h11's
+``max_incomplete_event_size``) applies only while a head is still arriving in
+pieces: a head that comes in one read is parsed whatever its size. So the cap is
+checked here, on the parsed head, for every request. h11's limit stays as the
+memory bound per connection (64 KiB, relay._trio.http): a head beyond it gets
+Hypercorn's bare 431 and the connection is closed.
+
+:class:`SecurityHeaders` adds HSTS, CSP, nosniff and no-referrer to every HTTP
+answer, including the HTTP answer that refuses a WebSocket upgrade, and
+``Cache-Control: no-store`` to everything under ``/api/``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay.metrics import RelayMetrics
+
+__all__ = ["RequestHeadLimit", "SecurityHeaders", "request_head_bytes"]
+
+_SECURITY_HEADERS: Final = (
+    (b"strict-transport-security", b"max-age=31536000"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; object-src 'none'; "
+        b"frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+_HEAD_TOO_LARGE_BODY: Final = json.dumps(
+    {"error": "request header fields too large"}
+).encode()
+
+
+def request_head_bytes(scope: Scope) -> int:
+    """The size of the request line and headers of *scope*, as they came on the wire.
+
+    ``METHOD SP target SP HTTP/1.1 CRLF``, each ``name: value CRLF``, and the
+    final CRLF; WebSocket scopes are upgrades of a GET.
+    """
+    method = scope.get("method", "GET")
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    query = scope.get("query_string", b"")
+    if query:
+        target += 1 + len(query)
+    size = len(method) + 1 + target + len(" HTTP/1.1\r\n") + 2
+    for name, value in scope.get("headers", ()):
+        size += len(name) + 2 + len(value) + 2
+    return size
+
+
+class RequestHeadLimit:
+    """ASGI middleware: 431 for a request or upgrade with a head over *max_bytes*."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, metrics: RelayMetrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if request_head_bytes(scope) <= self.max_bytes:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.engineer_refusals.labels("head_too_large").inc()
+        prefix = "websocket." if scope["type"] == "websocket" else ""
+        if prefix and "websocket.http.response" not in scope.get("extensions", {}):
+            # No way to answer an upgrade with a status: refuse it outright.
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        await send(
+            {
+                "type": f"{prefix}http.response.start",
+                "status": 431,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(_HEAD_TOO_LARGE_BODY)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send(
+            {"type": f"{prefix}http.response.body", "body": _HEAD_TOO_LARGE_BODY}
+        )
+
+
+class SecurityHeaders:
+    """ASGI middleware: security headers on every HTTP answer.
+
+    A header the application already set is left alone; ``Cache-Control:
+    no-store`` is forced on every path under ``/api/``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        api = str(scope.get("path", "")).startswith("/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] in (
+                "http.response.start",
+                "websocket.http.response.start",
+            ):
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if not (api and name.lower() == b"cache-control")
+                ]
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in _SECURITY_HEADERS if h[0] not in present)
+                if api:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
