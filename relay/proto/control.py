@@ -20,23 +20,95 @@ Rule 2: after any protocol error the channel is in ``State.ERROR`` for good.
 Rule 3: identity is not decided here. ``Hello.device_id`` is a claim that the broker
 shell compares with the verified certificate (Invariant 6); the channel only checks
 its form.
+Rule 4: the channel checks the form of session messages, not their meaning. Which
+offer is pending, whether a grant answers it and whether its receipt verifies are
+decided by the session state machine and :mod:`relay.proto.receipts`; here a
+``Grant`` is only a session id and two base64url fields of bounded length. So the
+session messages are all legal in ``State.OPEN`` and leave it there.
+
+Session messages
+================
+Broker to device: :class:`Offer` (ask the person at the device), :class:`OfferWithdrawn`
+(the offer is gone before any answer: cancelled, timed out, ended by the broker) and
+:class:`SessionEnd` (the broker ends a granted session). Device to broker:
+:class:`Grant` and :class:`Deny` (the answer to an offer) and :class:`SessionEnded`
+(the device ended the session, or answers a ``SessionEnd``). ``Grant`` and
+``SessionEnded`` carry a signed receipt as two unpadded base64url fields,
+``receipt`` and ``signature`` (:meth:`relay.proto.receipts.SignedReceipt.to_wire`).
+
+Field limits
+============
+Every field has a type (``int``, ``float``, ``str`` or ``tuple[str, ...]``, a JSON
+array of strings) and the limits in its class's ``LIMITS`` table; a field not in
+the table gets the defaults: strings of at most 256 characters, integers in
+0..2**53-1. Fixed forms are checked here because they never vary: session ids are
+32 lowercase hex characters, nonces 43 base64url characters (32 bytes), receipts
+and signatures canonical unpadded base64url, ``max_seconds`` 1..3600. Channel
+names, device ids and end reasons are checked by the session module.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar, Final
 
 from relay.proto.close import CloseCode
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
+from relay.proto.receipts import MAX_WIRE_RECEIPT_CHARS, MAX_WIRE_SIGNATURE_CHARS
 
 PROTOCOL_VERSION: Final = 1
 MAX_CONTROL_MESSAGE_BYTES: Final = 64 * 1024
 _MAX_STRING_CHARS: Final = 256
 _MAX_INT: Final = 2**53  # JSON-safe integers only
+_MAX_SESSION_SECONDS: Final = 3600  # Invariant 2
+
+# Fixed forms, matched with fullmatch.
+_SESSION_ID: Final = re.compile(r"[0-9a-f]{32}")
+# 32 bytes as unpadded base64url: the 43rd character carries only 2 data bits, so
+# its low 4 bits must be zero (one nonce, one spelling).
+_NONCE: Final = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+# Canonical unpadded base64url of at least one byte: whole groups of 4, then an
+# optional tail of 2 or 3 characters whose unused low bits are zero. No padding,
+# and no "+" or "/" (that would be plain base64).
+_BASE64URL: Final = re.compile(
+    r"(?=.)(?:[A-Za-z0-9_-]{4})*"
+    r"(?:[A-Za-z0-9_-][AQgw]|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048])?"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FieldLimit:
+    """What one message field may hold beyond its type.
+
+    Attributes:
+        max_chars: Longest string; for a list field, longest item.
+        pattern: A string (or every item) must match it whole.
+        min_items: Fewest items of a list field.
+        max_items: Most items of a list field (list fields must set it).
+        min_int: Smallest value of an int field.
+        max_int: Largest value of an int field.
+    """
+
+    max_chars: int = _MAX_STRING_CHARS
+    pattern: re.Pattern[str] | None = None
+    min_items: int = 0
+    max_items: int = 0
+    min_int: int = 0
+    max_int: int = _MAX_INT - 1
+
+
+_DEFAULT_LIMIT: Final = FieldLimit()
+_SESSION_ID_LIMIT: Final = FieldLimit(pattern=_SESSION_ID)
+_RECEIPT_LIMIT: Final = FieldLimit(max_chars=MAX_WIRE_RECEIPT_CHARS, pattern=_BASE64URL)
+_SIGNATURE_LIMIT: Final = FieldLimit(
+    max_chars=MAX_WIRE_SIGNATURE_CHARS, pattern=_BASE64URL
+)
+_END_REASON_LIMIT: Final = FieldLimit(max_chars=32)
 
 
 class Role(Enum):
@@ -60,6 +132,8 @@ class Event:
     """Base class of control messages."""
 
     TYPE: ClassVar[str]
+    #: Per-field limits; fields not named here get :class:`FieldLimit`'s defaults.
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +176,133 @@ class HeartbeatAck(Event):
     seq: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer(Event):
+    """Ask the person at the device to allow a session (broker to device).
+
+    Attributes:
+        session_id: The new session's id (32 lowercase hex characters).
+        engineer: The engineer's user name.
+        engineer_role: How to present the engineer on the prompt (role, company).
+        reason: Why the engineer asks, as typed (at most 500 characters).
+        channels: What the engineer wants to reach, in order: 1 to 8 channels of
+            at most 16 characters (``"shell"``, ``"tcp:443"``).
+        max_seconds: The longest the session may last once granted, 1..3600.
+        grant_deadline_ms: When the offer lapses unanswered (broker clock).
+        nonce: 32 random bytes as 43 base64url characters; the grant receipt
+            must carry it.
+    """
+
+    TYPE: ClassVar[str] = "offer"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "engineer": FieldLimit(max_chars=64),
+        "engineer_role": FieldLimit(max_chars=64),
+        "reason": FieldLimit(max_chars=500),
+        "channels": FieldLimit(max_chars=16, min_items=1, max_items=8),
+        "max_seconds": FieldLimit(min_int=1, max_int=_MAX_SESSION_SECONDS),
+        "nonce": FieldLimit(pattern=_NONCE),
+    }
+    session_id: str
+    engineer: str
+    engineer_role: str
+    reason: str
+    channels: tuple[str, ...]
+    max_seconds: int
+    grant_deadline_ms: int
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferWithdrawn(Event):
+    """The offer is gone before it was answered (broker to device).
+
+    *reason* is an end reason: ``"cancelled"`` (the engineer withdrew),
+    ``"grant_timeout"``, or why the broker ended it (``"admin"``, ...).
+    """
+
+    TYPE: ClassVar[str] = "offer_withdrawn"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "reason": _END_REASON_LIMIT,
+    }
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionEnd(Event):
+    """The broker ends a granted session (broker to device).
+
+    The device closes its local streams and answers with :class:`SessionEnded`.
+    *reason* is an end reason.
+    """
+
+    TYPE: ClassVar[str] = "session_end"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "reason": _END_REASON_LIMIT,
+    }
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grant(Event):
+    """The person at the device allowed the offer (device to broker).
+
+    *receipt* and *signature* are the signed grant receipt in its wire form
+    (:mod:`relay.proto.receipts`), which the broker verifies before it pairs
+    anything (Invariant 1).
+    """
+
+    TYPE: ClassVar[str] = "grant"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "receipt": _RECEIPT_LIMIT,
+        "signature": _SIGNATURE_LIMIT,
+    }
+    session_id: str
+    receipt: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deny(Event):
+    """The person at the device refused the offer (device to broker).
+
+    *reason* is optional free text from the person (at most 200 characters).
+    """
+
+    TYPE: ClassVar[str] = "deny"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "reason": FieldLimit(max_chars=200),
+    }
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionEnded(Event):
+    """The session is over on the device (device to broker).
+
+    Sent when the device ended it (on-site End, its own cap timer) and as the
+    answer to :class:`SessionEnd`. Carries the signed end receipt, in the same
+    wire form as :class:`Grant`.
+    """
+
+    TYPE: ClassVar[str] = "session_ended"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "session_id": _SESSION_ID_LIMIT,
+        "receipt": _RECEIPT_LIMIT,
+        "signature": _SIGNATURE_LIMIT,
+    }
+    session_id: str
+    receipt: str
+    signature: str
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLost(Event):
     """Pseudo-event: the transport closed (``receive_message(None)``)."""
@@ -117,7 +318,19 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 _EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Heartbeat, HeartbeatAck)
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Heartbeat,
+        HeartbeatAck,
+        Offer,
+        OfferWithdrawn,
+        SessionEnd,
+        Grant,
+        Deny,
+        SessionEnded,
+    )
 }
 
 _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
@@ -125,6 +338,12 @@ _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
     (State.AWAIT_WELCOME, Welcome): State.OPEN,
     (State.OPEN, Heartbeat): State.OPEN,
     (State.OPEN, HeartbeatAck): State.OPEN,
+    (State.OPEN, Offer): State.OPEN,
+    (State.OPEN, OfferWithdrawn): State.OPEN,
+    (State.OPEN, SessionEnd): State.OPEN,
+    (State.OPEN, Grant): State.OPEN,
+    (State.OPEN, Deny): State.OPEN,
+    (State.OPEN, SessionEnded): State.OPEN,
 }
 
 _SENDER: Final[dict[type[Event], Role]] = {
@@ -132,6 +351,12 @@ _SENDER: Final[dict[type[Event], Role]] = {
     Welcome: Role.BROKER,
     Heartbeat: Role.DEVICE,
     HeartbeatAck: Role.BROKER,
+    Offer: Role.BROKER,
+    OfferWithdrawn: Role.BROKER,
+    SessionEnd: Role.BROKER,
+    Grant: Role.DEVICE,
+    Deny: Role.DEVICE,
+    SessionEnded: Role.DEVICE,
 }
 
 
@@ -180,8 +405,14 @@ def decode(data: bytes) -> Event:
             f"{cls.TYPE}: missing fields {missing}, unknown fields {[_shorten(e) for e in extra]}"
         )
     for name, annotation in expected.items():
-        _check_field(cls.TYPE, name, annotation, body[name])
-    return cls(**body)
+        _check_field(cls, name, annotation, body[name])
+    # JSON arrays arrive as lists; events hold tuples (frozen, hashable).
+    return cls(
+        **{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in body.items()
+        }
+    )
 
 
 def _reject_constant(name: str) -> None:
@@ -200,16 +431,19 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _check_event(event: Event) -> None:
     """Check an event's field values against the same rules as :func:`decode`."""
     for item in fields(event):  # type: ignore[arg-type]
-        _check_field(event.TYPE, item.name, item.type, getattr(event, item.name))
+        _check_field(type(event), item.name, item.type, getattr(event, item.name))
 
 
-def _check_field(type_name: str, name: str, annotation: object, value: object) -> None:
+def _check_field(
+    cls: type[Event], name: str, annotation: object, value: object
+) -> None:
+    limit = cls.LIMITS.get(name, _DEFAULT_LIMIT)
     # Annotations are strings (from __future__ import annotations).
     if annotation == "int":
         ok = (
             isinstance(value, int)
             and not isinstance(value, bool)
-            and 0 <= value < _MAX_INT
+            and limit.min_int <= value <= limit.max_int
         )
     elif annotation == "float":
         # Every float field is an interval: positive and finite.
@@ -219,15 +453,28 @@ def _check_field(type_name: str, name: str, annotation: object, value: object) -
             and 0 < value < _MAX_INT
         )
     elif annotation == "str":
+        ok = _is_text(value, limit)
+    elif annotation == "tuple[str, ...]":
+        # A list from JSON, a tuple from an event we send.
         ok = (
-            isinstance(value, str)
-            and len(value) <= _MAX_STRING_CHARS
-            and _is_utf8(value)
+            isinstance(value, list | tuple)
+            and limit.min_items <= len(value) <= limit.max_items
+            and all(_is_text(item, limit) for item in value)
         )
     else:  # pragma: no cover - every field type is listed above
         ok = False
     if not ok:
-        raise RemoteProtocolError(f"{type_name}.{name}: bad value {_shorten(value)}")
+        raise RemoteProtocolError(f"{cls.TYPE}.{name}: bad value {_shorten(value)}")
+
+
+def _is_text(value: object, limit: FieldLimit) -> bool:
+    # The length first: a pattern never runs on more than max_chars characters.
+    return (
+        isinstance(value, str)
+        and len(value) <= limit.max_chars
+        and _is_utf8(value)
+        and (limit.pattern is None or limit.pattern.fullmatch(value) is not None)
+    )
 
 
 def _is_utf8(text: str) -> bool:
