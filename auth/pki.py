@@ -103,6 +103,10 @@ _CLOCK_SKEW: Final = timedelta(minutes=5)
 # instrument makers have an HSM that only does RSA).
 _ACCEPTED_CURVES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 _MIN_RSA_BITS: Final = 2048
+# Above this, a device's signature does not fit a grant receipt
+# (relay.proto.receipts.MAX_SIGNATURE_BYTES, 1 KiB): such a device could enroll and
+# never grant a session.
+_MAX_RSA_BITS: Final = 8192
 
 # Attacker-chosen text (names from a CSR) ends up in audit events and log lines;
 # it is escaped and cut to this length there.
@@ -851,12 +855,16 @@ def _accepted_public_key(
         and key.curve.name in _ACCEPTED_CURVES
     ):
         return key
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS:
+    if (
+        isinstance(key, rsa.RSAPublicKey)
+        and _MIN_RSA_BITS <= key.key_size <= _MAX_RSA_BITS
+    ):
         return key
     raise CertificateRequestError(
         "weak_key",
         f"{_key_description(key)} keys are not accepted; use ECDSA P-256 "
-        f"(P-384, P-521 and RSA of at least {_MIN_RSA_BITS} bits are also accepted)",
+        f"(P-384, P-521 and RSA of {_MIN_RSA_BITS} to {_MAX_RSA_BITS} bits are "
+        "also accepted)",
     )
 
 

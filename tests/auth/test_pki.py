@@ -1654,3 +1654,24 @@ def test_openssl_mutual_tls_with_issued_certificates(tmp_path: Path) -> None:
     peer = x509.load_der_x509_certificate(peer_der)
     identity = verify_device_certificate(authority.certificate, peer, now=now)
     assert identity == device.identity
+
+
+def test_rsa_key_above_8192_bits_is_refused() -> None:
+    """An RSA key whose signatures would not fit a grant receipt (1 KiB) is refused.
+
+    Generating a 9216-bit key takes minutes, so the request is a stand-in that
+    carries only the public key (the modulus need not be a product of primes for
+    the size check).
+    """
+    from auth.pki import _accepted_public_key
+
+    modulus = (1 << 9215) | 1
+    big = rsa.RSAPublicNumbers(65537, modulus).public_key()
+
+    class _Request:
+        def public_key(self) -> rsa.RSAPublicKey:
+            return big
+
+    with pytest.raises(CertificateRequestError, match="RSA-9216") as refused:
+        _accepted_public_key(_Request())  # type: ignore[arg-type]
+    assert refused.value.reason == "weak_key"
