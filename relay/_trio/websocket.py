@@ -106,8 +106,13 @@ class WebSocketConnection:
         limits: WebSocketLimits,
         *,
         early_events: Sequence[object] = (),
+        accept_text: bool = False,
     ) -> None:
         self.stream = stream
+        # Text messages are a protocol error unless the application takes them
+        # (the engineer CLI reads the broker's JSON status on the attach socket).
+        self._accept_text = accept_text
+        self._fragments_text = False
         # Frames that arrived in the same read as the handshake (a peer that
         # speaks first); the reader handles them before reading more.
         self._early_events = list(early_events)
@@ -117,9 +122,9 @@ class WebSocketConnection:
         self._outgoing_bytes = 0
         self._writer_wakeup = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
-        self._inbound_send, self._inbound_receive = trio.open_memory_channel[bytes](
-            limits.receive_queue_messages
-        )
+        self._inbound_send, self._inbound_receive = trio.open_memory_channel[
+            bytes | str
+        ](limits.receive_queue_messages)
         self._fragments: list[bytes] = []
         self._discarding = False  # set when we fail the connection ourselves
         self._last_received = trio.current_time()
@@ -169,7 +174,19 @@ class WebSocketConnection:
         await trio.lowlevel.checkpoint()
 
     async def receive_message(self) -> bytes:
-        """Receive the next binary message.
+        """Receive the next binary message (on a connection without text).
+
+        Raises:
+            ConnectionClosed: The connection closed; no more messages will come.
+        """
+        message = await self.receive()
+        if isinstance(message, str):  # pragma: no cover - only with accept_text
+            raise TypeError("a text message arrived: use receive()")
+        return message
+
+    async def receive(self) -> bytes | str:
+        """Receive the next message: bytes, or str for a text message when the
+        connection was opened with ``accept_text``.
 
         Raises:
             ConnectionClosed: The connection closed; no more messages will come.
@@ -240,14 +257,25 @@ class WebSocketConnection:
             return
         if self._discarding:
             return
-        if event.opcode is Opcode.TEXT:
+        if event.opcode is Opcode.TEXT and not self._accept_text:
             self._fail(CloseCode.UNSUPPORTED_DATA, "text frames are not accepted")
             return
-        if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+        if event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            if event.opcode is not Opcode.CONT:
+                self._fragments_text = event.opcode is Opcode.TEXT
             self._fragments.append(bytes(event.data))
             if event.fin:
-                message = b"".join(self._fragments)
+                data = b"".join(self._fragments)
                 self._fragments.clear()
+                message: bytes | str = data
+                if self._fragments_text:
+                    try:
+                        message = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self._fail(
+                            CloseCode.INVALID_DATA, "invalid UTF-8 in a text message"
+                        )
+                        return
                 # Messages parsed before a failure are delivered: the parser
                 # stops at the first bad frame, so everything before it is good.
                 # While the application is slow to read, the reader stops reading
@@ -519,10 +547,17 @@ async def connect_websocket(
     limits: WebSocketLimits,
     *,
     user_agent: str | None = None,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    accept_text: bool = False,
 ) -> AsyncIterator[WebSocketConnection]:
     """Run the client handshake for *url* over *stream* and yield the connection.
 
     The caller has done TCP and TLS and applies the connect deadline.
+
+    Args:
+        extra_headers: Sent with the upgrade (e.g. ``Authorization``).
+        accept_text: Deliver text messages (as str, from
+            :meth:`WebSocketConnection.receive`) instead of failing with 1003.
 
     Raises:
         HandshakeFailed: The server refused (``status`` and ``body`` say why) or
@@ -532,10 +567,12 @@ async def connect_websocket(
     request = protocol.connect()
     if user_agent is not None:
         request.headers["User-Agent"] = user_agent
+    for name, value in extra_headers:
+        request.headers[name] = value
     protocol.send_request(request)
     early_events = await _client_handshake(stream, protocol, limits)
     connection = WebSocketConnection(
-        stream, protocol, limits, early_events=early_events
+        stream, protocol, limits, early_events=early_events, accept_text=accept_text
     )
     async with _running(connection) as running:
         yield running

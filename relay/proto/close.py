@@ -18,6 +18,7 @@ class CloseCode(IntEnum):
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003  # a text frame on a binary-only channel
     ABNORMAL = 1006  # never sent on the wire: the connection dropped
+    INVALID_DATA = 1007  # a text message that is not UTF-8
     POLICY_VIOLATION = 1008  # e.g. a message claiming another device id
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # also used for "keepalive timeout"

@@ -410,6 +410,48 @@ async def test_our_client_talks_to_trio_websocket_server() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
+async def test_our_client_sends_headers_and_takes_text_when_asked() -> None:
+    """extra_headers reach the server; with accept_text, text messages arrive as
+    str beside binary ones; without it, text is refused (1003)."""
+    seen_headers: list[dict[bytes, bytes]] = []
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        seen_headers.append(dict(request.headers))
+        ws = await request.accept()
+        await ws.send_message('{"type":"state"}')
+        await ws.send_message(b"\x01frame")
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None
+        )
+        port = server.port
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with connect_websocket(
+                stream,
+                f"ws://127.0.0.1:{port}/",
+                LIMITS,
+                extra_headers=[("Authorization", "Bearer t0ken")],
+                accept_text=True,
+            ) as ws:
+                assert await ws.receive() == '{"type":"state"}'
+                assert await ws.receive() == b"\x01frame"
+                await ws.aclose()
+            assert seen_headers[0][b"authorization"] == b"Bearer t0ken"
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with connect_websocket(
+                stream, f"ws://127.0.0.1:{port}/", LIMITS
+            ) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.receive_message()
+                assert closed.value.code == CloseCode.UNSUPPORTED_DATA
+        nursery.cancel_scope.cancel()
+
+
 async def test_silence_mid_interval_is_caught_at_the_exact_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
