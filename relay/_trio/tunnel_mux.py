@@ -94,6 +94,11 @@ class MuxStream:
         #: Set by a device-side handler of a shell stream: called on RESIZE.
         self.on_resize: Callable[[int, int], None] | None = None
 
+    @property
+    def peer_closed(self) -> bool:
+        """The peer closed the stream (CLOSE or OPEN_FAIL), or the tunnel ended."""
+        return self._peer_closed or self._mux.ended
+
     # Reading -------------------------------------------------------------------
 
     async def receive_some(self) -> bytes:
