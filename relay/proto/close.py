@@ -28,6 +28,7 @@ class CloseCode(IntEnum):
     HELLO_TIMEOUT = 4002  # no hello within the deadline
     CERTIFICATE_EXPIRED = 4003  # the device certificate expired while connected
     LOGIN_ENDED = 4004  # engineer socket: the login session ended; log in again
+    SESSION_ENDED = 4005  # a remote session's leg: the session is over (reason: why)
 
 
 def close_code_label(code: int) -> str:
