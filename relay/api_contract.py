@@ -16,10 +16,14 @@ __all__ = [
     "EVENTS_PATH",
     "MAX_ENROLLMENT_BODY_BYTES",
     "MAX_LOGIN_BODY_BYTES",
+    "MAX_SESSION_BODY_BYTES",
     "OPENAPI_PATH",
     "PUBLIC",
     "ROUTE_ROLES",
+    "SESSIONS_PATH",
+    "SESSION_ATTACH_PATH",
     "SESSION_COOKIE",
+    "SESSION_PATH",
     "WEBSOCKET_ROLES",
 ]
 
@@ -36,6 +40,12 @@ PUBLIC: Final = frozenset({"*public*"})
 OPENAPI_PATH: Final = "/api/v1/openapi.json"
 #: Where engineers with the enroll permission, and admins, have CSRs signed.
 ENROLLMENTS_PATH: Final = "/api/v1/enrollments"
+#: Remote sessions: request one, read or end one, attach to one (WebSocket).
+SESSIONS_PATH: Final = "/api/v1/sessions"
+SESSION_PATH: Final = "/api/v1/sessions/{session_id}"
+SESSION_ATTACH_PATH: Final = "/api/v1/sessions/{session_id}/attach"
+#: Largest body of POST /api/v1/sessions (a reason of 500 characters fits well).
+MAX_SESSION_BODY_BYTES: Final = 4 * 1024
 
 #: Every route of the engineer listener and the roles it allows; default deny.
 ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
@@ -47,6 +57,10 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     ("GET", "/api/v1/devices"): frozenset({"engineer", "admin"}),
     # Engineers need the enroll permission too, checked by the route itself.
     ("POST", ENROLLMENTS_PATH): frozenset({"engineer", "admin"}),
+    # Engineers see and end their own sessions, admins every session.
+    ("POST", SESSIONS_PATH): frozenset({"engineer", "admin"}),
+    ("GET", SESSION_PATH): frozenset({"engineer", "admin"}),
+    ("DELETE", SESSION_PATH): frozenset({"engineer", "admin"}),
 }
 
 #: The engineers' live event feed (WebSocket): the device list as it changes.
@@ -57,4 +71,6 @@ EVENTS_PATH: Final = "/api/v1/events"
 #: these are documented in docs/api.md instead.
 WEBSOCKET_ROLES: Final[Mapping[str, frozenset[str]]] = {
     EVENTS_PATH: frozenset({"engineer", "admin"}),
+    # Only the session's own engineer, checked by the route's admission.
+    SESSION_ATTACH_PATH: frozenset({"engineer", "admin"}),
 }

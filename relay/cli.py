@@ -17,6 +17,7 @@ import getpass
 import io
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -24,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,7 +36,10 @@ import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
 from relay.engineer_client import (
+    ApiError,
+    Credentials,
     LoginFailed,
+    load_credentials,
     login as engineer_login,
     parse_broker_url as parse_engineer_broker_url,
     save_credentials,
@@ -263,8 +268,35 @@ def cmd_agent_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The agent's session settings from ``relay agent run`` flags.
+
+    Raises:
+        CLIError: A flag's value is out of range (exit 2).
+    """
+    changes: dict[str, Any] = {}
+    try:
+        if args.ui_listen is not None:
+            changes["ui_listen"] = ListenAddress.parse(args.ui_listen)
+        if args.allow_port:
+            changes["allowed_ports"] = tuple(dict.fromkeys(args.allow_port))
+        if args.shell is not None:
+            changes["shell_command"] = tuple(shlex.split(args.shell))
+        if args.max_session_seconds is not None:
+            changes["max_session_seconds"] = args.max_session_seconds
+        return AgentConfig(ui_allow_remote=args.ui_allow_remote, **changes)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
-    from relay._trio.agent import AgentSettings, parse_broker_url, run_agent
+    from relay._trio.agent import (
+        AgentSettings,
+        make_session_runtime,
+        parse_broker_url,
+        run_agent,
+    )
+    from relay._trio.agent_ui import TerminalPrompt, serve_agent_ui
 
     try:
         parse_broker_url(args.broker)
@@ -274,13 +306,21 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         broker_url=args.broker,
         agent_dir=args.dir,
         ca_file=args.ca_file,
-        limits=AgentConfig(),
+        limits=agent_config_from_args(args),
     )
 
     async def main() -> None:
+        deciders = [TerminalPrompt.on_stdio()] if args.prompt else []
+        runtime = make_session_runtime(settings, deciders=deciders)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope.cancel)
-            await run_agent(settings)
+            await nursery.start(runtime.run)
+            port = await nursery.start(
+                serve_agent_ui, runtime, settings.limits.ui_listen
+            )
+            host = settings.limits.ui_listen.host
+            print(f"device UI: http://{host}:{port}/", file=sys.stderr)
+            await run_agent(settings, runtime=runtime)
             nursery.cancel_scope.cancel()
 
     _run_trio(main)
@@ -466,6 +506,75 @@ def cmd_login(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _session_credentials() -> Credentials:
+    try:
+        return load_credentials()
+    except LoginFailed as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _run_engineer_session(
+    args: argparse.Namespace, channels: list[str], work: Any
+) -> int:
+    from relay._trio.engineer_session import SessionOutcome, run_session
+    from relay._trio.websocket import HandshakeFailed
+
+    credentials = _session_credentials()
+    outcome: list[SessionOutcome] = []
+
+    async def main() -> None:
+        outcome.append(
+            await run_session(
+                credentials,
+                device_id=args.device,
+                reason=args.reason,
+                channels=channels,
+                work=work,
+            )
+        )
+
+    try:
+        trio.run(main)
+    except ApiError as exc:
+        raise CLIError(
+            f"session refused: {exc.message}", exit_code=3 if exc.status else 1
+        ) from None
+    except HandshakeFailed as exc:
+        raise CLIError(f"cannot attach to the session: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot reach {credentials.broker}: {exc}") from None
+    return outcome[0].exit_code
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from relay._trio.engineer_session import shell_work
+
+    return _run_engineer_session(args, ["shell"], shell_work)
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    local_text, sep, device_text = args.ports.partition(":")
+    if (
+        not sep
+        or not local_text.isdigit()
+        or not device_text.isdigit()
+        or not 0 <= int(local_text) <= 65535
+        or not 1 <= int(device_text) <= 65535
+    ):
+        raise CLIError(
+            f"expected LPORT:DPORT (0..65535 and 1..65535), got {args.ports!r}",
+            exit_code=2,
+        )
+    from relay._trio.engineer_session import forward_work
+
+    local_port, device_port = int(local_text), int(device_text)
+    return _run_engineer_session(
+        args,
+        [f"tcp:{device_port}"],
+        partial(forward_work, local_port=local_port, device_port=device_port),
+    )
 
 
 def _print_enrolment(new_user: NewUser) -> None:
@@ -744,10 +853,25 @@ async def _cancel_on_signal(stop: Callable[[], None]) -> None:
             return
 
 
+def _session_config(args: argparse.Namespace, config: BrokerConfig) -> BrokerConfig:
+    overrides: dict[str, Any] = {}
+    if args.max_session_seconds is not None:
+        overrides["max_session_seconds"] = args.max_session_seconds
+    if args.grant_timeout_seconds is not None:
+        overrides["grant_timeout_s"] = args.grant_timeout_seconds
+    if not overrides:
+        return config
+    try:
+        sessions = replace(config.sessions, **overrides)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+    return replace(config, sessions=sessions)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay._trio.broker import serve_broker
 
-    config = _broker_config(args)
+    config = _session_config(args, _broker_config(args))
 
     async def main() -> None:
         shutdown = trio.Event()
@@ -761,7 +885,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from relay._trio.agent import AgentSettings, AgentStatus, run_agent
+    from relay._trio.agent import (
+        AgentSettings,
+        AgentStatus,
+        make_session_runtime,
+        run_agent,
+    )
+    from relay._trio.agent_ui import serve_agent_ui
     from relay._trio.broker import serve_broker
 
     config = _broker_config(args)
@@ -798,12 +928,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 broker_url=device_url,
                 agent_dir=agent_dir.root,
                 ca_file=data_dir.ca_cert,
+                # The demo's device UI takes any free loopback port (printed).
+                limits=AgentConfig(ui_listen=ListenAddress(host="127.0.0.1", port=0)),
             )
-            agent_scope = trio.CancelScope()
+            runtime = make_session_runtime(settings)
+            agent_scope, ui_scope = trio.CancelScope(), trio.CancelScope()
+
+            async def device_ui(
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                with ui_scope:
+                    await serve_agent_ui(
+                        runtime, settings.limits.ui_listen, task_status=task_status
+                    )
+
+            ui_port: int = await nursery.start(device_ui)
+            print(
+                f"  device page        http://127.0.0.1:{ui_port}/ (the instrument's "
+                "touchscreen: allow, deny or end sessions)",
+                file=out,
+            )
 
             async def agent() -> None:
                 with agent_scope:
-                    await run_agent(settings, status=status)
+                    async with trio.open_nursery() as agent_nursery:
+                        await agent_nursery.start(runtime.run)
+                        await run_agent(settings, status=status, runtime=runtime)
 
             nursery.start_soon(agent)
             reported = False
@@ -825,6 +975,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 with trio.move_on_after(1):
                     await status.changed.wait()
             agent_scope.cancel()
+            ui_scope.cancel()
             print("stopping...", file=out, flush=True)
 
     _run_trio(main, listening=_listen_addresses(config))
@@ -916,6 +1067,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the broker")
     listen_flags(serve)
+    serve.add_argument(
+        "--max-session-seconds",
+        type=int,
+        metavar="N",
+        help="cap of every remote session, from the grant (default and ceiling 3600)",
+    )
+    serve.add_argument(
+        "--grant-timeout-seconds",
+        type=float,
+        metavar="N",
+        help="how long the person at the device has to answer an offer (default 60)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     ca = commands.add_parser("ca", help="the device CA").add_subparsers(
@@ -955,6 +1118,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="CA that signed the broker's certificate",
     )
+    run.add_argument(
+        "--ui-listen",
+        metavar="HOST:PORT",
+        help="the local device UI and its JSON API (default 127.0.0.1:7070)",
+    )
+    run.add_argument(
+        "--ui-allow-remote",
+        action="store_true",
+        help="allow --ui-listen on a non-loopback address (anyone reaching it can grant)",
+    )
+    run.add_argument(
+        "--allow-port",
+        type=int,
+        action="append",
+        metavar="PORT",
+        help="local TCP port engineers may reach (repeatable; default 22 and 443)",
+    )
+    run.add_argument(
+        "--shell",
+        metavar="CMD",
+        help="command of the shell channel (default: the login shell; '' disables it)",
+    )
+    run.add_argument(
+        "--max-session-seconds",
+        type=int,
+        metavar="N",
+        help="the device's own session cap, 1..3600 (default 3600)",
+    )
+    run.add_argument(
+        "--prompt",
+        action="store_true",
+        help="also ask on this terminal (headless devices)",
+    )
     run.set_defaults(func=cmd_agent_run)
 
     device = commands.add_parser("device", help="enrolled devices").add_subparsers(
@@ -990,6 +1186,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     login.add_argument("--username", metavar="NAME", help="asked for when not given")
     login.set_defaults(func=cmd_login)
+
+    shell = commands.add_parser(
+        "shell",
+        help="a shell on an instrument, once the person there allows it (after relay login)",
+    )
+    shell.add_argument("device", metavar="DEVICE")
+    shell.add_argument(
+        "--reason", required=True, help="why: shown to the person at the instrument"
+    )
+    shell.set_defaults(func=cmd_shell)
+
+    forward = commands.add_parser(
+        "forward",
+        help="forward a local port to a port of an instrument (after relay login)",
+    )
+    forward.add_argument("device", metavar="DEVICE")
+    forward.add_argument(
+        "ports", metavar="LPORT:DPORT", help="local port (0: any free) and device port"
+    )
+    forward.add_argument(
+        "--reason", required=True, help="why: shown to the person at the instrument"
+    )
+    forward.set_defaults(func=cmd_forward)
 
     user = commands.add_parser("user", help="engineer accounts").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"

@@ -8,6 +8,7 @@ one consistent set of limits.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,27 @@ class AgentConfig:
             that are taken as a refused certificate (a trio server sends no TLS
             alert for a refused client certificate under TLS 1.3).
         stable_after_s: A connection that lasted this long resets the backoff.
+        allowed_ports: Local TCP ports (on 127.0.0.1) engineers may reach with a
+            ``tcp:PORT`` stream; the device decides, the broker cannot widen it.
+        shell_command: The command the ``shell`` channel runs on a PTY. ``None``
+            runs the agent user's login shell (``$SHELL -l``); an empty tuple
+            disables the shell channel.
+        max_session_seconds: The device's own cap on a session (1..3600, measured
+            from the moment the agent sent its grant); a grant never allows more.
+        ui_listen: Where the local device UI (page and JSON API) listens.
+        ui_allow_remote: Allow ``ui_listen`` on a non-loopback address. Anyone who
+            reaches that address can grant sessions: only for a screen on a
+            private link.
+        pty_kill_grace_s: How long a shell gets after SIGHUP/SIGTERM before
+            SIGKILL when its stream or session ends (the on-site End closes local
+            streams within 1 s).
+        tunnel_connect_timeout_s: Deadline for TCP, TLS and upgrade of the
+            session tunnel.
+        local_connect_timeout_s: Deadline for connecting to a local TCP port.
+
+    Raises:
+        ValueError: A port outside 1..65535, a cap outside 1..3600 s, or a
+            non-loopback ``ui_listen`` without ``ui_allow_remote``.
     """
 
     backoff_base_s: float = 1.0
@@ -162,6 +184,45 @@ class AgentConfig:
     connect_timeout_s: float = 10.0
     eof_after_tls_as_auth_failure: int = 3
     stable_after_s: float = 60.0
+    allowed_ports: tuple[int, ...] = (22, 443)
+    shell_command: tuple[str, ...] | None = None
+    max_session_seconds: int = 3600
+    ui_listen: ListenAddress = field(
+        default_factory=lambda: ListenAddress(host="127.0.0.1", port=7070)
+    )
+    ui_allow_remote: bool = False
+    pty_kill_grace_s: float = 0.5
+    tunnel_connect_timeout_s: float = 10.0
+    local_connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for port in self.allowed_ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"allowed port must be in 1..65535, got {port!r}")
+        if not 1 <= self.max_session_seconds <= _AGENT_MAX_SESSION_SECONDS:
+            raise ValueError(
+                f"max_session_seconds must be in 1..{_AGENT_MAX_SESSION_SECONDS}, "
+                f"got {self.max_session_seconds}"
+            )
+        if not self.ui_allow_remote and not is_loopback_host(self.ui_listen.host):
+            raise ValueError(
+                f"the device UI may listen on a loopback address only, not "
+                f"{self.ui_listen.host!r} (allow it explicitly to expose it)"
+            )
+
+
+#: No session lasts longer than an hour (Invariant 2); the agent may only lower it.
+_AGENT_MAX_SESSION_SECONDS = 3600
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether *host* is a loopback address (``127.0.0.0/8``, ``::1``) or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,6 +261,55 @@ class EngineerAuthConfig:
     unauthenticated_burst: int = 40
     max_concurrent_password_hashes: int = 4
     totp_sealing_key: str | None = None
+
+
+#: Invariant 2: no remote session lasts longer, whatever the config says.
+SESSION_CAP_CEILING_S = 3600
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionConfig:
+    """Remote sessions: the interim policy, until the policies package decides.
+
+    Attributes:
+        max_session_seconds: The cap of every session, counted from the grant;
+            1..3600 (Invariant 2: policy may lower the cap, never raise it).
+        grant_timeout_s: How long the person at the device has to answer an
+            offer before it lapses (``grant_timeout``).
+        allowed_channels: The channels an engineer may ask for; a request for
+            any other is refused with 403.
+        reattach_grace_s: How long an engineer whose attach socket dropped may
+            take to attach again; 0 ends the session at once
+            (``engineer_disconnect``). It never extends the cap.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
+    """
+
+    max_session_seconds: int = SESSION_CAP_CEILING_S
+    grant_timeout_s: float = 60.0
+    allowed_channels: tuple[str, ...] = ("shell", "tcp:22", "tcp:443")
+    reattach_grace_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        cap = self.max_session_seconds
+        if type(cap) is not int or cap < 1:  # bool is an int subclass: refused
+            raise ValueError(
+                f"max_session_seconds must be an integer >= 1, got {cap!r}"
+            )
+        if cap > SESSION_CAP_CEILING_S:
+            raise ValueError(
+                f"max_session_seconds is {cap}: a session never lasts more than "
+                f"{SESSION_CAP_CEILING_S} s"
+            )
+        if not self.grant_timeout_s > 0:
+            raise ValueError(
+                f"grant_timeout_s must be > 0, got {self.grant_timeout_s!r}"
+            )
+        if not self.reattach_grace_s >= 0:
+            raise ValueError(
+                f"reattach_grace_s must be >= 0, got {self.reattach_grace_s!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,6 +357,7 @@ class BrokerConfig:
             when unset a dev certificate is issued by the local CA.
         tls_key_file: Key for ``tls_cert_file``.
         shutdown_grace_s: Time given to live connections on shutdown.
+        sessions: Remote-session cap, grant timeout and channel policy.
     """
 
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
@@ -271,6 +382,7 @@ class BrokerConfig:
     engineer_listener: EngineerListenerConfig = field(
         default_factory=EngineerListenerConfig
     )
+    sessions: SessionConfig = field(default_factory=SessionConfig)
 
     @property
     def effective_database_url(self) -> str:

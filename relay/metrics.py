@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from relay import __version__
 
@@ -27,6 +27,9 @@ ENROLLMENT_OUTCOMES = (
     "unavailable",
     "store_error",
 )
+
+#: The live session states of relay_sessions{state}.
+SESSION_STATES = ("requested", "offered", "granted", "active")
 
 
 class RelayMetrics:
@@ -138,9 +141,51 @@ class RelayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.sessions = Gauge(
+            "relay_sessions",
+            "Remote sessions held by this broker, by state (requested, offered, "
+            "granted, active).",
+            ["state"],
+            registry=r,
+        )
+        self.session_requests = Counter(
+            "relay_session_requests_total",
+            "POST /api/v1/sessions answers, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.session_ends = Counter(
+            "relay_session_ends_total",
+            "Remote sessions ended, by end reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.session_grant_wait = Histogram(
+            "relay_session_grant_wait_seconds",
+            "From the offer to the verified grant.",
+            buckets=(1, 2, 5, 10, 20, 30, 45, 60, 120),
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "relay_session_duration_seconds",
+            "From the grant to the end, for granted sessions.",
+            buckets=(1, 10, 60, 300, 600, 1200, 1800, 2700, 3600, 3700),
+            registry=r,
+        )
+        self.relay_bytes = Counter(
+            "relay_relay_bytes_total",
+            "Stream payload bytes relayed between the legs, by direction "
+            "(to_device, from_device).",
+            ["direction"],
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:
             self.pending_handshakes.labels(listener)
         for outcome in ENROLLMENT_OUTCOMES:
             self.enrollments.labels(outcome)
+        for state in SESSION_STATES:
+            self.sessions.labels(state)
+        for direction in ("to_device", "from_device"):
+            self.relay_bytes.labels(direction)

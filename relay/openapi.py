@@ -18,8 +18,11 @@ from relay.api_contract import (
     ENROLLMENTS_PATH,
     MAX_ENROLLMENT_BODY_BYTES,
     MAX_LOGIN_BODY_BYTES,
+    MAX_SESSION_BODY_BYTES,
     OPENAPI_PATH,
     SESSION_COOKIE,
+    SESSION_PATH,
+    SESSIONS_PATH,
 )
 
 __all__ = ["OPENAPI"]
@@ -233,6 +236,95 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 "responses": dict(_ENROLLMENT_ANSWERS),
             }
         },
+        SESSIONS_PATH: {
+            "post": {
+                "operationId": "requestSession",
+                "summary": "Ask for a remote session on a device.",
+                "description": (
+                    "Policy checks the channels, then the offer goes to the "
+                    "device's control channel; the person at the device grants or "
+                    "denies. Attach to the session with the WebSocket "
+                    "`/api/v1/sessions/{session_id}/attach`."
+                ),
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "requestBody": {
+                    "required": True,
+                    "description": f"At most {MAX_SESSION_BODY_BYTES} bytes.",
+                    "content": _json_content(
+                        {"$ref": "#/components/schemas/SessionRequest"}
+                    ),
+                },
+                "responses": {
+                    "201": _answer("The offer is on its way.", "SessionCreated"),
+                    "400": _answer(
+                        "The body is not an object of exactly device_id, reason "
+                        "and channels, or one of them has the wrong form.",
+                        "Error",
+                    ),
+                    "401": _ERROR_ANSWERS["401"],
+                    "403": _answer(
+                        "The role may not request sessions, or a channel is not "
+                        "allowed by the policy.",
+                        "Error",
+                    ),
+                    "404": _answer(
+                        "The device is not connected (unknown or offline).", "Error"
+                    ),
+                    "409": _answer(
+                        "`busy`: the device has a pending or active session.",
+                        "Error",
+                    ),
+                    "413": _answer(
+                        f"The body is larger than {MAX_SESSION_BODY_BYTES} bytes.",
+                        "Error",
+                    ),
+                    "415": _ERROR_ANSWERS["415"],
+                    "503": _ERROR_ANSWERS["503"],
+                },
+            }
+        },
+        SESSION_PATH: {
+            "parameters": [
+                {
+                    "name": "session_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "get": {
+                "operationId": "getSession",
+                "summary": "A session's state (own sessions; admins see all).",
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer("The session.", "Session"),
+                    "401": _ERROR_ANSWERS["401"],
+                    "403": _ERROR_ANSWERS["403"],
+                    "404": _answer("No such session visible to you.", "Error"),
+                    "503": _ERROR_ANSWERS["503"],
+                },
+            },
+            "delete": {
+                "operationId": "endSession",
+                "summary": "End a session (its engineer, or an admin).",
+                "description": (
+                    "Before the grant the end reason is `cancelled`; after it "
+                    "`engineer` (the session's own engineer) or `admin`."
+                ),
+                "x-roles": ["admin", "engineer"],
+                "security": _SESSION_SECURITY,
+                "responses": {
+                    "200": _answer("Ended; the session as it is now.", "Session"),
+                    "401": _ERROR_ANSWERS["401"],
+                    "403": _ERROR_ANSWERS["403"],
+                    "404": _answer("No such session visible to you.", "Error"),
+                    "409": _answer("The session has already ended.", "Error"),
+                    "503": _ERROR_ANSWERS["503"],
+                },
+            },
+        },
         OPENAPI_PATH: {
             "get": {
                 "operationId": "openapi",
@@ -376,6 +468,65 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "certificate",
                     "ca_certificate",
                     "warnings",
+                ],
+                "additionalProperties": False,
+            },
+            "SessionRequest": {
+                "type": "object",
+                "properties": {
+                    "device_id": {"type": "string"},
+                    "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+                    "channels": {
+                        "type": "array",
+                        "items": {
+                            "type": "string",
+                            "description": "`shell` or `tcp:PORT`.",
+                        },
+                        "minItems": 1,
+                        "maxItems": 8,
+                    },
+                },
+                "required": ["device_id", "reason", "channels"],
+                "additionalProperties": False,
+            },
+            "SessionCreated": {
+                "type": "object",
+                "properties": {
+                    "session_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    "state": {"type": "string"},
+                },
+                "required": ["session_id", "state"],
+                "additionalProperties": False,
+            },
+            "Session": {
+                "type": "object",
+                "properties": {
+                    "session_id": {"type": "string"},
+                    "device_id": {"type": "string"},
+                    "engineer": {"type": "string"},
+                    "state": {
+                        "enum": [
+                            "requested",
+                            "offered",
+                            "granted",
+                            "active",
+                            "ended",
+                            "denied",
+                            "expired",
+                        ]
+                    },
+                    "granted_at": {"type": ["string", "null"], "format": "date-time"},
+                    "ends_at": {"type": ["string", "null"], "format": "date-time"},
+                    "end_reason": {"type": ["string", "null"]},
+                },
+                "required": [
+                    "session_id",
+                    "device_id",
+                    "engineer",
+                    "state",
+                    "granted_at",
+                    "ends_at",
+                    "end_reason",
                 ],
                 "additionalProperties": False,
             },

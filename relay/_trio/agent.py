@@ -14,13 +14,22 @@ logged as an error an instrument maker can act on.
 
 The key, certificate and CA are re-read at every attempt, so replacing
 ``device.crt`` (a renewed certificate) needs no restart.
+
+Remote sessions live in a :class:`~relay._trio.agent_sessions.SessionRuntime`
+that outlives the attempts: each open channel hands it the session messages
+(``offer``, ``offer_withdrawn``, ``session_end``) and lends it a sender for its
+answers while the channel is up. The per-session tunnel
+(``/v1/device/tunnel/{session}``) is opened by :func:`open_tunnel` with the same
+TLS code as the control channel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -33,6 +42,13 @@ from cryptography import x509
 
 import auth
 from relay import __version__
+from relay._trio.agent_sessions import (
+    TUNNEL_PATH,
+    Decider,
+    SessionRuntime,
+    TunnelUnavailable,
+    load_device_identity,
+)
 from relay._trio.websocket import (
     ConnectionClosed,
     HandshakeFailed,
@@ -50,6 +66,14 @@ from relay.tls import agent_context
 
 CONTROL_PATH: Final = "/v1/device/control"
 USER_AGENT: Final = f"relay-agent/{__version__}"
+#: A tunnel's polite close waits at most this long for the broker, so that a
+#: session ends on time even when the broker is unreachable (cap + 2 s).
+TUNNEL_CLOSE_TIMEOUT_S: Final = 1.0
+_CONTROL_SESSION_EVENTS: Final = (
+    control.Offer,
+    control.OfferWithdrawn,
+    control.SessionEnd,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,8 +110,8 @@ class _AttemptFailed(Exception):
         self.outcome = outcome
 
 
-def parse_broker_url(url: str) -> tuple[str, int, str]:
-    """Split ``wss://HOST:PORT[/path]`` into host, port and the control URL.
+def parse_broker_url(url: str, path: str = CONTROL_PATH) -> tuple[str, int, str]:
+    """Split ``wss://HOST:PORT[/path]`` into host, port and the URL of *path*.
 
     Raises:
         ValueError: Not a wss:// URL with a host.
@@ -98,17 +122,108 @@ def parse_broker_url(url: str) -> tuple[str, int, str]:
     port = parts.port or 443
     host = parts.hostname
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return host, port, f"wss://{netloc}{CONTROL_PATH}"
+    return host, port, f"wss://{netloc}{path}"
+
+
+async def _client_context(settings: AgentSettings, files: AgentDir) -> ssl.SSLContext:
+    """The mTLS client context, re-read from disk (a renewed certificate counts).
+
+    Reads three files and parses a key: off the event loop.
+    """
+    return await trio.to_thread.run_sync(
+        partial(
+            agent_context,
+            ca_file=settings.ca_file,
+            cert_file=files.cert,
+            key_file=files.key,
+        )
+    )
+
+
+def make_session_runtime(
+    settings: AgentSettings, *, deciders: Sequence[Decider] = ()
+) -> SessionRuntime:
+    """The session runtime of an agent run with *settings* (start its ``run``)."""
+    files = AgentDir(settings.agent_dir)
+    return SessionRuntime(
+        config=settings.limits,
+        load_identity=partial(load_device_identity, files),
+        open_tunnel=partial(open_tunnel, settings),
+        deciders=deciders,
+    )
+
+
+@asynccontextmanager
+async def open_tunnel(
+    settings: AgentSettings, session_id: str
+) -> AsyncIterator[WebSocketConnection]:
+    """Open the tunnel WebSocket of *session_id* (mTLS, our device certificate).
+
+    Raises:
+        TunnelUnavailable: Key or CA unreadable, network or TLS failure, the
+            broker refused the upgrade (404 unknown, 409 already open, 410
+            ended), or no connection within ``tunnel_connect_timeout_s``.
+
+    Resource handling:
+        The connection is closed when the block ends (politely, bounded by
+        :data:`TUNNEL_CLOSE_TIMEOUT_S`).
+    """
+    path = TUNNEL_PATH.format(session_id=session_id)
+    host, port, url = parse_broker_url(settings.broker_url, path)
+    files = AgentDir(settings.agent_dir)
+    limits = dataclasses.replace(
+        settings.websocket,
+        close_timeout_s=min(settings.websocket.close_timeout_s, TUNNEL_CLOSE_TIMEOUT_S),
+    )
+    try:
+        context = await _client_context(settings, files)
+    except (OSError, ssl.SSLError) as exc:
+        raise TunnelUnavailable(f"cannot load key, certificate or CA: {exc}") from None
+    connected = False
+    with trio.move_on_after(settings.limits.tunnel_connect_timeout_s) as scope:
+        try:
+            tls = await _open_tls(host, port, context)
+            async with connect_websocket(tls, url, limits, user_agent=USER_AGENT) as ws:
+                connected = True
+                scope.deadline = float("inf")
+                yield ws
+        except _AttemptFailed as exc:
+            raise TunnelUnavailable(str(exc)) from None
+        except HandshakeFailed as exc:
+            if connected:
+                raise  # pragma: no cover - raised only by the handshake
+            raise TunnelUnavailable(f"tunnel refused: {exc}") from None
+    if not connected:
+        raise TunnelUnavailable("tunnel connect timed out")
 
 
 async def run_agent(
     settings: AgentSettings,
     *,
     status: AgentStatus | None = None,
+    runtime: SessionRuntime | None = None,
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rng: random.Random | None = None,
 ) -> None:
-    """Keep the control channel up until cancelled."""
+    """Keep the control channel up until cancelled.
+
+    Args:
+        settings: What ``relay agent run`` was told.
+        status: Observable connection state.
+        runtime: The session runtime, already running (see
+            :func:`make_session_runtime`); without one, the agent runs its own,
+            which no person can answer (offers lapse).
+        wall_clock: For the certificate's validity check.
+        rng: The backoff jitter.
+    """
+    if runtime is None:
+        own = make_session_runtime(settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(own.run)
+            await run_agent(
+                settings, status=status, runtime=own, wall_clock=wall_clock, rng=rng
+            )
+        return  # pragma: no cover - run_agent only returns by raising
     log = get_logger("agent")
     status = status if status is not None else AgentStatus()
     rng = rng if rng is not None else random.SystemRandom()
@@ -123,7 +238,7 @@ async def run_agent(
         status.attempts += 1
         started = trio.current_time()
         try:
-            await _attempt(settings, status, wall_clock, log)
+            await _attempt(settings, status, runtime, wall_clock, log)
             outcome, message = (
                 Outcome.LOST,
                 "connection ended",
@@ -169,6 +284,7 @@ async def run_agent(
 async def _attempt(
     settings: AgentSettings,
     status: AgentStatus,
+    runtime: SessionRuntime,
     wall_clock: Callable[[], datetime],
     log: Any,
 ) -> None:
@@ -180,15 +296,7 @@ async def _attempt(
     )
     status.device_id = device_id
     try:
-        # Reads three files and parses a key: off the event loop.
-        context = await trio.to_thread.run_sync(
-            partial(
-                agent_context,
-                ca_file=settings.ca_file,
-                cert_file=files.cert,
-                key_file=files.key,
-            )
-        )
+        context = await _client_context(settings, files)
     except (OSError, ssl.SSLError) as exc:
         raise _AttemptFailed(
             Outcome.LOCAL_CERTIFICATE, f"cannot load key, certificate or CA: {exc}"
@@ -220,7 +328,7 @@ async def _attempt(
                 log.info(
                     "agent.connected", device_id=device_id, broker=f"{host}:{port}"
                 )
-                await _run_open_channel(ws, channel, welcome, status)
+                await _run_open_channel(ws, channel, welcome, status, runtime)
         except HandshakeFailed as exc:
             if exc.status == 403:
                 raise _AttemptFailed(
@@ -321,8 +429,12 @@ async def _run_open_channel(
     channel: control.ControlChannel,
     welcome: control.Welcome,
     status: AgentStatus,
+    runtime: SessionRuntime,
 ) -> None:
     sent_at: dict[int, float] = {}
+
+    async def send_event(event: control.Event) -> None:
+        await ws.send_message(channel.send(event))
 
     async def heartbeats() -> None:
         try:
@@ -334,19 +446,25 @@ async def _run_open_channel(
             return  # the receive loop sees the close and reports it
 
     ended: ConnectionClosed | RemoteProtocolError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(heartbeats)
-        try:
-            while True:
-                channel.receive_message(await ws.receive_message())
-                event = channel.next_event()
-                if isinstance(event, control.HeartbeatAck) and event.seq in sent_at:
-                    status.heartbeat_rtt_s = trio.current_time() - sent_at.pop(
-                        event.seq
-                    )
-                    sent_at.clear()
-        except (ConnectionClosed, RemoteProtocolError) as exc:
-            # Raised after the nursery, so the caller sees it alone, not in a group.
-            ended = exc
-        nursery.cancel_scope.cancel()
+    runtime.attach_control(send_event)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats)
+            try:
+                while True:
+                    channel.receive_message(await ws.receive_message())
+                    event = channel.next_event()
+                    if isinstance(event, control.HeartbeatAck) and event.seq in sent_at:
+                        status.heartbeat_rtt_s = trio.current_time() - sent_at.pop(
+                            event.seq
+                        )
+                        sent_at.clear()
+                    elif isinstance(event, _CONTROL_SESSION_EVENTS):
+                        runtime.handle_control(event)
+            except (ConnectionClosed, RemoteProtocolError) as exc:
+                # Raised after the nursery, so the caller sees it alone, not in a group.
+                ended = exc
+            nursery.cancel_scope.cancel()
+    finally:
+        runtime.detach_control(send_event)
     raise ended

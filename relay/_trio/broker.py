@@ -7,6 +7,8 @@ store), starts the device, engineer and metrics listeners in one nursery, report
 the bound ports through ``task_status`` and runs until *shutdown* is set. Then it
 stops accepting device connections, closes every live control channel with 1001
 ("broker shutdown"), waits for them up to ``shutdown_grace_s`` and cancels the rest.
+Remote sessions end with ``broker_shutdown`` before the control channels close,
+so that each device still gets its ``SessionEnd``.
 Blocking work (files, key generation, the database) runs in worker threads.
 """
 
@@ -30,6 +32,8 @@ from relay._trio.engineer_listener import EngineerListener
 from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
+from relay._trio.session_api import SessionRoutes
+from relay._trio.session_broker import SessionBroker, SessionClock
 from relay.config import BrokerConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics
@@ -44,6 +48,7 @@ from relay.pki_files import (
 )
 from relay.presence import LocalPresence
 from relay.proto.close import CloseCode
+from relay.proto.session import EndReason
 from relay.store import Store, StoreError
 from relay.tls import device_listener_context
 
@@ -124,9 +129,13 @@ async def serve_broker(
     *,
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     metrics: RelayMetrics | None = None,
+    sessions_hook: Callable[[SessionBroker], None] | None = None,
     task_status: trio.TaskStatus[BrokerPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the broker until *shutdown* is set; see the module docstring.
+
+    *sessions_hook*, if given, is called with the session broker once it exists
+    (tests inspect it: sessions held, their tasks).
 
     Raises:
         CAError: The data dir has no usable CA.
@@ -169,15 +178,6 @@ async def serve_broker(
         log=get_logger("engineer_api"),
         wall_clock=wall_clock,
     )
-    engineer_listener = EngineerListener(
-        login_service,
-        store=store,
-        config=config.engineer_listener,
-        presence_stale_after=presence_stale_after(config),
-        log=get_logger("engineer_api"),
-        wall_clock=wall_clock,
-        enroller=enroller,
-    )
     listener = DeviceListener(
         config=config,
         ssl_context=prepared.device_context,
@@ -188,6 +188,26 @@ async def serve_broker(
         log=get_logger("device_listener"),
         node_id=socket.gethostname()[:64] or "local",
         wall_clock=wall_clock,
+    )
+    sessions = SessionBroker(
+        config=config.sessions,
+        control=listener,
+        metrics=metrics,
+        log=get_logger("sessions"),
+        clock=SessionClock(wall_clock),
+    )
+    listener.sessions = sessions
+    if sessions_hook is not None:
+        sessions_hook(sessions)
+    engineer_listener = EngineerListener(
+        login_service,
+        store=store,
+        config=config.engineer_listener,
+        presence_stale_after=presence_stale_after(config),
+        log=get_logger("engineer_api"),
+        wall_clock=wall_clock,
+        enroller=enroller,
+        sessions=SessionRoutes(sessions, metrics),
     )
     bound = False
 
@@ -205,6 +225,7 @@ async def serve_broker(
 
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(sessions.run)
             device_port = await nursery.start(listener.serve)
             engineer_port = await nursery.start(
                 partial(
@@ -237,6 +258,9 @@ async def serve_broker(
             await shutdown.wait()
             log.info("broker.stopping", live_devices=listener.live_count(), audit=True)
             listener.accepting = False
+            sessions.end_all(EndReason.BROKER_SHUTDOWN)
+            with trio.move_on_after(config.shutdown_grace_s):
+                await sessions.wait_idle()
             listener.close_all(CloseCode.GOING_AWAY, "broker shutdown", "shutdown")
             with trio.move_on_after(config.shutdown_grace_s):
                 await listener.wait_idle()

@@ -12,8 +12,10 @@ Each accepted TCP connection goes through, in order:
    not a CA, device id in CN and SAN) and the store (the certificate was issued
    by ``relay ca sign``, and neither it nor its device is revoked). The device's
    identity comes from here and nowhere else (Invariant 6).
-4. **Upgrade** on ``/v1/device/control`` only. Refusals in 3 and 4 are HTTP
-   answers (403, 404, 503) so that the agent learns why.
+4. **Upgrade** on ``/v1/device/control``, or on ``/v1/device/tunnel/{session}``
+   for a remote session's tunnel, which the :class:`SessionBroker` admits (same
+   device, granted, once: 404, 409, 410 otherwise) and then runs. Refusals in 3
+   and 4 are HTTP answers (403, 404, 409, 410, 503) so that the agent learns why.
 
 Steps 1-4 share one deadline (``handshake_timeout_s``). Then the control channel
 runs: ``hello`` within ``hello_timeout_s`` (its ``device_id`` must equal the
@@ -23,6 +25,13 @@ Live channels are kept in ``_live`` by device id. A second connection of the sam
 device replaces the first, which is closed with 4000. The revocation watcher polls
 the store's revocation feed and closes live channels of revoked devices with 4001
 within ``revocation_poll_s`` plus a close (budget: 5 s).
+
+Remote sessions: the listener is the session broker's :class:`DeviceControl`. It
+sends the broker's messages (offer, withdrawal, end) on a device's live channel
+(one send lock per channel, so they never interleave with heartbeat acks), hands
+the device's session messages (grant, deny, session ended) to the broker, and
+tells it when a channel ends (``device_disconnect``) or a device is revoked
+(``revoked``, told before the channel is closed so that reason wins).
 
 Rule: every way out of a handler closes the stream, bounded and shielded.
 """
@@ -44,6 +53,7 @@ from cryptography import x509
 
 import auth
 from relay import __version__
+from relay._trio.session_broker import SessionBroker
 from relay._trio.websocket import (
     ConnectionClosed,
     HandshakeFailed,
@@ -57,9 +67,11 @@ from relay.proto import control
 from relay.proto.admission import Admission, AdmissionLimits, admit
 from relay.proto.close import CloseCode, close_code_label
 from relay.proto.errors import RemoteProtocolError
+from relay.proto.session import is_session_id
 from relay.store import PresenceRow, Store, StoreError
 
 CONTROL_PATH: Final = "/v1/device/control"
+TUNNEL_PREFIX: Final = "/v1/device/tunnel/"
 LISTENER: Final = "device"
 # Connections the transport dropped itself, by the reason it gives (metric labels).
 _LOCAL_DROP_LABELS: Final = {
@@ -79,6 +91,17 @@ class _LiveChannel:
     kicked: tuple[int, str, str] | None = (
         None  # (close code, reason text, metric reason)
     )
+    certificate: x509.Certificate | None = None
+    ws: WebSocketConnection | None = None
+    channel: control.ControlChannel | None = None
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    async def send(self, event: control.Event) -> None:
+        """Send *event* on this channel, serialised with every other send."""
+        if self.ws is None or self.channel is None:
+            raise ConnectionClosed(CloseCode.ABNORMAL, "channel not open")
+        async with self.send_lock:
+            await self.ws.send_message(self.channel.send(event))
 
     def kick(self, code: int, reason: str, label: str) -> None:
         if self.kicked is None:
@@ -91,6 +114,8 @@ class _Opened:
     handshake: ServerHandshake
     request: Any
     identity: auth.DeviceIdentity
+    certificate: x509.Certificate
+    tunnel_session: str | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +141,7 @@ class DeviceListener:
     _pending_by_source: Counter[str] = field(default_factory=Counter)
     _connection_ids: Any = field(default_factory=lambda: count(1))
     _random: random.Random = field(default_factory=random.Random)
+    sessions: SessionBroker | None = None
 
     # Serving -----------------------------------------------------------------------
 
@@ -146,6 +172,30 @@ class DeviceListener:
     def live_count(self) -> int:
         """Open control channels held by this process."""
         return len(self._live)
+
+    # The session broker's DeviceControl ----------------------------------------------
+
+    def control_certificate(
+        self, device_id: str
+    ) -> tuple[int, x509.Certificate] | None:
+        """(connection id, certificate) of *device_id*'s live control channel."""
+        live = self._live.get(device_id)
+        if live is None or live.kicked is not None or live.certificate is None:
+            return None
+        return live.connection_id, live.certificate
+
+    async def send_control(
+        self, device_id: str, connection_id: int, event: control.Event
+    ) -> bool:
+        """Send *event* on *device_id*'s channel *connection_id*; False if gone."""
+        live = self._live.get(device_id)
+        if live is None or live.connection_id != connection_id or live.ws is None:
+            return False
+        try:
+            await live.send(event)
+        except ConnectionClosed:
+            return False
+        return True
 
     # One connection ----------------------------------------------------------------
 
@@ -207,7 +257,20 @@ class DeviceListener:
             return
         try:
             async with opened.handshake.accept(opened.request) as ws:
-                await self._run_channel(ws, opened.identity, peer)
+                if opened.tunnel_session is not None:
+                    assert self.sessions is not None  # noqa: S101 - admitted by it
+                    self.log.info(
+                        "device.tunnel_opened",
+                        device_id=opened.identity.device_id,
+                        session_id=opened.tunnel_session,
+                        peer=peer,
+                        audit=True,
+                    )
+                    await self.sessions.serve_tunnel(
+                        opened.identity.device_id, opened.tunnel_session, ws
+                    )
+                    return
+                await self._run_channel(ws, opened.identity, opened.certificate, peer)
         except HandshakeFailed as exc:
             self._record_rejection(
                 "bad_upgrade",
@@ -274,6 +337,26 @@ class DeviceListener:
                 await handshake.reject(status, text)
                 return None
             assert identity is not None  # noqa: S101 - refusal is None implies an identity
+            assert certificate is not None  # noqa: S101 - as the identity
+            if request.path.startswith(TUNNEL_PREFIX):
+                session_id = request.path[len(TUNNEL_PREFIX) :]
+                tunnel_refusal: tuple[int, str] | None = (404, "unknown session")
+                if self.sessions is not None and is_session_id(session_id):
+                    # The session broker waits while a grant is being verified;
+                    # this deadline bounds that wait.
+                    tunnel_refusal = await self.sessions.admit_tunnel(
+                        identity.device_id, session_id
+                    )
+                if tunnel_refusal is not None:
+                    self._record_rejection(
+                        "tunnel_refused",
+                        peer,
+                        device_id=identity.device_id,
+                        status=tunnel_refusal[0],
+                    )
+                    await handshake.reject(*tunnel_refusal)
+                    return None
+                return _Opened(handshake, request, identity, certificate, session_id)
             if request.path != CONTROL_PATH:
                 # The path never names a device (Invariant 6): anything else is 404.
                 self._record_rejection(
@@ -284,7 +367,7 @@ class DeviceListener:
                 )
                 await handshake.reject(404, "unknown path")
                 return None
-            return _Opened(handshake, request, identity)
+            return _Opened(handshake, request, identity, certificate)
         # The deadline passed.
         if stage == "tls":
             self.metrics.tls_handshake_failures.labels(LISTENER, "timeout").inc()
@@ -339,7 +422,11 @@ class DeviceListener:
         return None, identity
 
     async def _run_channel(
-        self, ws: WebSocketConnection, identity: auth.DeviceIdentity, peer: str
+        self,
+        ws: WebSocketConnection,
+        identity: auth.DeviceIdentity,
+        certificate: x509.Certificate,
+        peer: str,
     ) -> None:
         device_id = identity.device_id
         channel = control.ControlChannel(control.Role.BROKER)
@@ -379,13 +466,14 @@ class DeviceListener:
                 claimed=hello.device_id,
             )
             return
-        await self._serve_open_channel(ws, channel, identity, hello, peer)
+        await self._serve_open_channel(ws, channel, identity, certificate, hello, peer)
 
     async def _serve_open_channel(
         self,
         ws: WebSocketConnection,
         channel: control.ControlChannel,
         identity: auth.DeviceIdentity,
+        certificate: x509.Certificate,
         hello: control.Hello,
         peer: str,
     ) -> None:
@@ -400,7 +488,13 @@ class DeviceListener:
         connection_id = next(self._connection_ids)
         now = self.wall_clock()
         live = _LiveChannel(
-            device_id, connection_id, identity.serial_hex, trio.CancelScope()
+            device_id,
+            connection_id,
+            identity.serial_hex,
+            trio.CancelScope(),
+            certificate=certificate,
+            ws=ws,
+            channel=channel,
         )
         previous = self._live.get(device_id)
         self._live[device_id] = live
@@ -441,13 +535,11 @@ class DeviceListener:
             with live.cancel_scope:
                 # Registered first, welcomed second: from here on the revocation
                 # watcher can find this channel, so no revocation slips between.
-                await ws.send_message(
-                    channel.send(
-                        control.Welcome(
-                            version=control.PROTOCOL_VERSION,
-                            heartbeat_interval_s=self.config.device_listener.heartbeat_interval_s,
-                            broker_version=__version__,
-                        )
+                await live.send(
+                    control.Welcome(
+                        version=control.PROTOCOL_VERSION,
+                        heartbeat_interval_s=self.config.device_listener.heartbeat_interval_s,
+                        broker_version=__version__,
                     )
                 )
                 while True:
@@ -455,9 +547,14 @@ class DeviceListener:
                     event = channel.next_event()
                     self.presence.touched(device_id, connection_id, self.wall_clock())
                     if isinstance(event, control.Heartbeat):
-                        await ws.send_message(
-                            channel.send(control.HeartbeatAck(seq=event.seq))
+                        await live.send(control.HeartbeatAck(seq=event.seq))
+                    elif (
+                        isinstance(
+                            event, control.Grant | control.Deny | control.SessionEnded
                         )
+                        and self.sessions is not None
+                    ):
+                        self.sessions.device_message(device_id, event)
         except ConnectionClosed as exc:
             label = _LOCAL_DROP_LABELS.get(exc.reason, "peer_closed")
             code, reason = exc.code, exc.reason
@@ -483,6 +580,8 @@ class DeviceListener:
             )
             with trio.CancelScope(shield=True), trio.move_on_after(grace):
                 await ws.aclose(code, reason)
+            if self.sessions is not None:
+                self.sessions.control_lost(device_id, connection_id)
             if self._live.get(device_id) is live:
                 del self._live[device_id]
                 self._live_changed.unpark_all()
@@ -537,6 +636,8 @@ class DeviceListener:
                 continue
             for revocation in revocations:
                 self._revoked_devices.add(revocation.device_id)
+                if self.sessions is not None:
+                    self.sessions.device_revoked(revocation.device_id)
                 live = self._live.get(revocation.device_id)
                 if live is not None:
                     self.log.warning(

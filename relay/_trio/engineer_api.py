@@ -61,6 +61,7 @@ from relay._trio.engineer_ws import events_handler, socket_route
 from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
+from relay._trio.session_api import SessionRoutes
 from relay.api_contract import (
     ENROLLMENTS_PATH,
     EVENTS_PATH,
@@ -68,7 +69,10 @@ from relay.api_contract import (
     OPENAPI_PATH,
     PUBLIC,
     ROUTE_ROLES,
+    SESSION_ATTACH_PATH,
     SESSION_COOKIE,
+    SESSION_PATH,
+    SESSIONS_PATH,
 )
 from relay.openapi import OPENAPI
 
@@ -161,6 +165,7 @@ def api_routes(
     origins: Callable[[], auth.OriginAllowList],
     websocket_send_timeout_s: float,
     enroller: Enroller,
+    sessions: SessionRoutes | None = None,
 ) -> list[BaseRoute]:
     """The engineer listener's routes, each guarded by :data:`ROUTE_ROLES` or
     :data:`WEBSOCKET_ROLES`."""
@@ -254,4 +259,18 @@ def api_routes(
             origins=origins,
         ),
     ]
+    if sessions is not None:
+        routes += [
+            guarded("POST", SESSIONS_PATH, sessions.create),
+            guarded("GET", SESSION_PATH, sessions.get),
+            guarded("DELETE", SESSION_PATH, sessions.delete),
+            socket_route(
+                SESSION_ATTACH_PATH,
+                sessions.attach,
+                service=service,
+                sockets=sockets,
+                origins=origins,
+                admit=sessions.admit,
+            ),
+        ]
     return routes

@@ -32,6 +32,7 @@ from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.http import engineer_app, serve_http
 from relay._trio.login_service import LoginService
+from relay._trio.session_api import SessionRoutes
 from relay.config import EngineerListenerConfig, ListenAddress
 from relay.store import Store
 
@@ -49,6 +50,7 @@ class EngineerListener:
         log: Structured logger.
         wall_clock: The current time, timezone-aware.
         enroller: Signs CSRs for ``POST /api/v1/enrollments``.
+        sessions: The remote-session routes, when the broker runs sessions.
 
     Raises:
         ValueError: An entry of ``allowed_origins`` is not a web origin.
@@ -64,6 +66,7 @@ class EngineerListener:
         log: Any,
         wall_clock: Callable[[], datetime],
         enroller: Enroller,
+        sessions: SessionRoutes | None = None,
     ) -> None:
         self.config = config
         self.sockets = EngineerSockets(
@@ -89,6 +92,7 @@ class EngineerListener:
             device_feed=self.feed,
             origins=lambda: self.origins,
             enroller=enroller,
+            sessions=sessions,
         )
 
     async def serve(

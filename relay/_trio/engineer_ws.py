@@ -15,6 +15,11 @@ browser and the CLI learn why, and the listener's security headers go with it:
    cookie alone is refused (403), since only a browser would send one.
 2. **Session**: the bearer token or the cookie, as for the HTTP routes: 401.
 3. **Role**: :data:`relay.api_contract.WEBSOCKET_ROLES`, default deny: 403.
+4. **Admission** (optional, per route): e.g. the attach socket of a remote
+   session admits only the session's own engineer (404, 409, 410).
+
+*path* may hold Starlette path parameters (``/api/v1/sessions/{session_id}/attach``);
+the roles are looked up by the pattern.
 
 Then the socket is accepted and registered in :class:`EngineerSockets` for its
 whole life, and the handler runs inside the hold's cancel scope: when the login
@@ -51,13 +56,21 @@ from relay._trio.login_service import LoginService, Principal
 from relay.api_contract import WEBSOCKET_ROLES
 from relay.proto.close import CloseCode, close_code_label
 
-__all__ = ["SocketClose", "SocketHandler", "events_handler", "socket_route"]
+__all__ = [
+    "SocketAdmission",
+    "SocketClose",
+    "SocketHandler",
+    "events_handler",
+    "socket_route",
+]
 
 #: A close the broker sends: (code, reason).
 SocketClose = tuple[int, str]
 SocketHandler = Callable[
     [WebSocket, Principal, SocketHold], Awaitable[SocketClose | None]
 ]
+#: A route's own check before the upgrade is accepted: None, or (status, message).
+SocketAdmission = Callable[[WebSocket, Principal], tuple[int, str] | None]
 
 #: How long the broker waits to send its close frame to a client that does not read.
 CLOSE_SEND_TIMEOUT_S: Final = 1.0
@@ -71,6 +84,7 @@ def socket_route(
     service: LoginService,
     sockets: EngineerSockets,
     origins: Callable[[], auth.OriginAllowList],
+    admit: SocketAdmission | None = None,
 ) -> WebSocketRoute:
     """A WebSocket route at *path*, guarded as the module docstring describes."""
     allowed = WEBSOCKET_ROLES.get(path, frozenset())
@@ -99,6 +113,11 @@ def socket_route(
             service.forbidden(principal, ("WEBSOCKET", path))
             await _deny(websocket, 403, "forbidden")
             return
+        if admit is not None:
+            admission = admit(websocket, principal)
+            if admission is not None:
+                await _deny(websocket, *admission)
+                return
         await websocket.accept()
         who = {
             "username": principal.username,

@@ -40,6 +40,7 @@ from relay._trio.engineer_middleware import RequestHeadLimit, SecurityHeaders
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService
+from relay._trio.session_api import SessionRoutes
 from relay.config import EngineerListenerConfig, ListenAddress
 from relay.metrics import RelayMetrics
 from relay.store import StoreError
@@ -103,6 +104,7 @@ def engineer_app(
     device_feed: DeviceFeed,
     origins: Callable[[], auth.OriginAllowList],
     enroller: Enroller,
+    sessions: SessionRoutes | None = None,
 ) -> Starlette:
     """The engineer listener: the banner, login, the API and the WebSockets
     (relay._trio.engineer_api).
@@ -142,6 +144,7 @@ def engineer_app(
             origins=origins,
             websocket_send_timeout_s=config.websocket_send_timeout_s,
             enroller=enroller,
+            sessions=sessions,
         ),
         middleware=[
             # Outermost first: the head cap's 431 gets the security headers too.

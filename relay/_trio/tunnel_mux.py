@@ -29,6 +29,7 @@ stream reads as ended and every waiting writer gets :class:`StreamClosed`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,7 @@ from typing import Final, Protocol
 import trio
 
 from relay.proto import tunnel
-from relay.proto.errors import RemoteProtocolError
+from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.tunnel import Disposition, Side
 
 __all__ = [
@@ -121,9 +122,11 @@ class MuxStream:
             and self.stream_id in self._mux.table
         ):
             credit, self._unreturned = self._unreturned, 0
-            await self._mux.send_frame(
-                tunnel.StreamWindow(stream_id=self.stream_id, credit=credit)
-            )
+            # A stream closed meanwhile needs no more credit.
+            with contextlib.suppress(StreamClosed):
+                await self._send(
+                    tunnel.StreamWindow(stream_id=self.stream_id, credit=credit)
+                )
 
     # Writing -------------------------------------------------------------------
 
@@ -144,20 +147,18 @@ class MuxStream:
                 continue
             chunk = bytes(view[: min(credit, tunnel.MAX_DATA_BYTES)])
             view = view[len(chunk) :]
-            await self._mux.send_frame(
-                tunnel.StreamData(stream_id=self.stream_id, payload=chunk)
-            )
+            await self._send(tunnel.StreamData(stream_id=self.stream_id, payload=chunk))
 
     async def send_eof(self) -> None:
         """Half-close: no more data from this end; reading goes on."""
         if self._sent_eof or self._closed or self._peer_closed or self._mux.ended:
             return
         self._sent_eof = True
-        await self._mux.send_frame(tunnel.StreamEof(stream_id=self.stream_id))
+        await self._send(tunnel.StreamEof(stream_id=self.stream_id))
 
     async def resize(self, cols: int, rows: int) -> None:
         """Tell a shell stream the terminal's new size."""
-        await self._mux.send_frame(
+        await self._send(
             tunnel.StreamResize(stream_id=self.stream_id, cols=cols, rows=rows)
         )
 
@@ -167,10 +168,19 @@ class MuxStream:
             return
         self._closed = True
         self._wake()
-        if not self._mux.ended and self.stream_id in self._mux.table:
-            status = self._mux.table.status(self.stream_id)
-            if status is not None and self._mux.side not in status.closed:
-                await self._mux.send_frame(tunnel.StreamClose(stream_id=self.stream_id))
+        if not self._mux.ended:
+            await self._mux.send_close(self.stream_id)
+
+    async def _send(self, frame: tunnel.Frame) -> None:
+        try:
+            await self._mux.send_frame(frame)
+        except LocalProtocolError:
+            # The peer closed the stream, or half-closed it (then it takes no
+            # more credit), or the tunnel ended, while this frame was on its
+            # way: for the application that is a closed stream.
+            if self._peer_closed or self._peer_eof or self._closed or self._mux.ended:
+                raise StreamClosed(f"stream {self.stream_id} is closed") from None
+            raise
 
     # Called by the mux --------------------------------------------------------
 
@@ -302,9 +312,20 @@ class TunnelMux:
 
     async def _answer_final(self, stream_id: int) -> None:
         # Whoever gets the peer's final frame first answers with CLOSE.
-        status = self.table.status(stream_id)
-        if status is not None and self.side not in status.closed:
-            await self.send_frame(tunnel.StreamClose(stream_id=stream_id))
+        await self.send_close(stream_id)
+
+    async def send_close(self, stream_id: int) -> None:
+        """Send this end's CLOSE of *stream_id*, unless it is sent already or
+        the stream is gone. Checked under the send lock: the application's
+        close and the answer to the peer's close may race."""
+        async with self._send_lock:
+            status = self.table.status(stream_id)
+            if status is None or self.side in status.closed:
+                return
+            data = self.table.send(
+                tunnel.StreamClose(stream_id=stream_id), sender=self.side
+            )
+            await self.connection.send_message(data)
 
     def _forget(self, stream: MuxStream) -> None:
         if stream.stream_id not in self.table:

@@ -847,3 +847,35 @@ def test_demo_with_a_revoked_device_is_an_error(
     assert result.returncode == 1
     assert "relay: error: the demo device demo-0001 is revoked" in result.stderr
     assert "use a fresh RELAY_DATA_DIR" in result.stderr
+
+
+# --- engineer session commands ------------------------------------------------
+
+
+@pytest.mark.parametrize("ports", ["22", "x:22", "22:0", "70000:22", "1:65536", ":22"])
+def test_forward_with_bad_ports_is_a_usage_error(relay: Relay, ports: str) -> None:
+    """LPORT:DPORT must be 0..65535 and 1..65535: exit 2, before anything else."""
+    result = relay("forward", "dev-1", ports, "--reason", "ticket 1")
+    assert result.returncode == 2
+    assert "expected LPORT:DPORT" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("shell", "dev-1"), ("forward", "dev-1", "0:22")])
+def test_session_commands_need_a_login(
+    relay: Relay,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    """Without `relay login` first: one clear line, exit 1."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    result = relay(*command, "--reason", "ticket 1")
+    assert result.returncode == 1
+    assert "not logged in: run `relay login --broker URL` first" in result.stderr
+
+
+def test_session_commands_need_a_reason(relay: Relay) -> None:
+    """The reason is shown to the person at the instrument: it is required."""
+    result = relay("shell", "dev-1")
+    assert result.returncode == 2
+    assert "--reason" in result.stderr

@@ -26,6 +26,8 @@ API_PATHS = {
     "/api/v1/me",
     "/api/v1/devices",
     "/api/v1/enrollments",
+    "/api/v1/sessions",
+    "/api/v1/sessions/{session_id}",
     OPENAPI_PATH,
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}

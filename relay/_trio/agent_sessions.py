@@ -1,0 +1,1035 @@
+"""The device's side of remote sessions: offer, grant, tunnel, streams, end.
+
+Theory of operation
+===================
+One :class:`SessionRuntime` lives for the whole life of the agent, above the
+control-channel connection attempts: ``relay._trio.agent`` hands it the session
+messages it receives (:meth:`~SessionRuntime.handle_control`) and tells it when
+a channel is up or down (:meth:`~SessionRuntime.attach_control`,
+:meth:`~SessionRuntime.detach_control`). The runtime holds at most one thing at a
+time: a pending *offer*, or a *session* (granted, running, or ending). An offer
+that arrives while either exists is denied as busy.
+
+Asking. An offer is shown to the on-site person: the device UI reads it from
+:meth:`~SessionRuntime.state` and answers with :meth:`~SessionRuntime.grant` or
+:meth:`~SessionRuntime.deny`; every :class:`Decider` (the terminal prompt) is
+asked in a task of its own, and the first answer wins. The device decides what is
+reachable: the channels a grant gives are the offer's channels that this device
+allows (``shell`` only when a shell command is configured, ``tcp:P`` only for P on
+the allow-list), and the cap is the lower of the offer's and our own. An offer
+with nothing this device allows is denied at once, without asking anybody. The
+offer is forgotten when the broker withdraws it, when the control channel drops
+(the broker ends an offer whose device left), or a little after its deadline.
+
+Granting. The grant receipt is signed with the device key (read from disk at
+each grant, as the agent re-reads its certificate at each attempt) and sent as
+``grant``; the session's own cap timer starts the moment the grant is sent
+(Invariant 2: measured on our monotonic clock, whatever the broker does). Then
+the agent opens the tunnel WebSocket ``/v1/device/tunnel/{session}`` through the
+:data:`TunnelOpener` it was given (mTLS with the same certificate) and serves the
+engineer's streams: a reader task checks every frame with a
+:class:`~relay.proto.tunnel.StreamTable` (peer = engineer) and hands it on; one
+task per stream moves bytes between the tunnel and the local end (a PTY running
+the shell command, or a TCP connection to ``127.0.0.1:P``).
+
+Flow control (lead decision 6). Data from the engineer waits in the stream's
+inbox, which the engineer's credit bounds; the reader never blocks on a local
+peer, so one slow stream cannot stall the tunnel. The stream task returns credit
+with WINDOW once it has handed half the initial window on. Data to the engineer
+is read from the local end only as far as the stream's credit allows.
+
+Ending, in this order (lead decision 3): (1) something asks for the end with a
+reason (the on-site End, the broker's ``session_end``, the cap timer, the tunnel
+closing under us); the first reason wins. (2) The local streams are cancelled:
+TCP connections close at once, a shell gets ``pty_kill_grace_s`` before SIGKILL,
+so local streams are gone within 1 s without waiting for the broker. (3) The
+tunnel is closed with 4005 and the reason. (4) A signed end receipt with our byte
+counts is queued as ``session_ended``; the queue survives control-channel
+reconnects and is sent as soon as a channel is up (it works with the broker
+unreachable; the receipt just waits).
+
+Rule 1: the control channel never carries session data (Invariant 4); streams
+        exist only inside the tunnel.
+Rule 2: every frame we send goes through the table, under one lock, so the wire
+        order is the order the table checked.
+Rule 3: nothing but our own timer, the on-site person and the broker's word
+        ends a session; nothing but the broker's word and the on-site person
+        starts one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import trio
+from cryptography import x509
+
+import auth
+from relay._trio.pty_process import PtyProcess, open_pty_process
+from relay._trio.websocket import ConnectionClosed, WebSocketConnection
+from relay.config import AgentConfig
+from relay.log import get_logger
+from relay.pki_files import AgentDir
+from relay.proto import control, receipts, tunnel
+from relay.proto.close import CloseCode
+from relay.proto.errors import LocalProtocolError, RemoteProtocolError
+from relay.proto.session import EndReason
+
+__all__ = [
+    "TUNNEL_PATH",
+    "Decider",
+    "DeviceIdentity",
+    "OfferView",
+    "SessionRuntime",
+    "StaleSession",
+    "TunnelUnavailable",
+    "load_device_identity",
+]
+
+#: The tunnel's path; ``{session_id}`` is the offer's id.
+TUNNEL_PATH: Final = "/v1/device/tunnel/{session_id}"
+#: An offer is forgotten this long after its deadline (our clock against the
+#: broker's may be off a little; the broker's timeout is what counts).
+OFFER_GRACE_S: Final = 2.0
+#: Longest an offer is kept, whatever deadline it names.
+MAX_OFFER_S: Final = 120.0
+#: Warnings before the cap, in seconds (T-10 min and T-1 min).
+WARNINGS_S: Final = (600, 60)
+
+_SIDE_US: Final = tunnel.Side.DEVICE
+_SIDE_PEER: Final = tunnel.Side.ENGINEER
+_WINDOW_UPDATE_BYTES: Final = tunnel.INITIAL_WINDOW_BYTES // 2
+
+#: Sends one control message; raises ConnectionClosed (or LocalProtocolError)
+#: when the channel cannot take it.
+ControlSender = Callable[[control.Event], Awaitable[None]]
+#: Opens the tunnel WebSocket of a session id; raises TunnelUnavailable.
+TunnelOpener = Callable[[str], AbstractAsyncContextManager[WebSocketConnection]]
+
+
+class StaleSession(Exception):
+    """The session id is not the current offer or session (answered, gone, other)."""
+
+
+class TunnelUnavailable(Exception):
+    """The tunnel WebSocket could not be opened (network, TLS, refused upgrade)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """The device id from our certificate, and the key that signs receipts."""
+
+    device_id: str
+    private_key: receipts.DevicePrivateKey
+
+
+def load_device_identity(agent_dir: AgentDir) -> DeviceIdentity:
+    """Read the device id (from the certificate) and key from *agent_dir*.
+
+    Blocking file I/O: call it in a worker thread.
+
+    Raises:
+        OSError: A file cannot be read.
+        ValueError: The certificate or key does not parse.
+        auth.UntrustedPeer: The certificate is not a device certificate.
+    """
+    certificate = x509.load_pem_x509_certificate(agent_dir.cert.read_bytes())
+    device_id = auth.device_identity(certificate).device_id
+    private_key = auth.load_private_key(agent_dir.key.read_bytes())
+    return DeviceIdentity(device_id=device_id, private_key=private_key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferView:
+    """What the on-site person is asked, as the device would grant it.
+
+    Attributes:
+        session_id: The offer's session id.
+        engineer: Who asks (user name).
+        engineer_role: How the broker presents them (role, company).
+        reason: Why, as the engineer typed it (untrusted text: escape it).
+        channels: What a grant gives: the offered channels this device allows.
+        refused_channels: Offered channels this device does not allow.
+        max_seconds: The cap a grant gives (the offer's, at most our own).
+        grant_deadline_ms: When the offer lapses (broker clock, ms since epoch).
+    """
+
+    session_id: str
+    engineer: str
+    engineer_role: str
+    reason: str
+    channels: tuple[str, ...]
+    refused_channels: tuple[str, ...]
+    max_seconds: int
+    grant_deadline_ms: int
+
+
+class Decider(Protocol):
+    """Something that asks the on-site person (a terminal prompt, a touchscreen)."""
+
+    #: Who decided, for the grant receipt's ``decided_by`` (at most 64 chars).
+    label: str
+
+    async def decide(self, offer: OfferView) -> bool:
+        """Ask about *offer*: True grants, False denies.
+
+        Cancellation:
+            Cancelled when the offer is answered elsewhere, withdrawn or lapses.
+        """
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class _PendingOffer:
+    offer: control.Offer
+    view: OfferView
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    stream_id: int
+    channel: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    inbox: bytearray = field(default_factory=bytearray)
+    inbox_eof: bool = False
+    peer_closed: bool = False
+    aborted: bool = False
+    pty: PtyProcess | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    offer: control.Offer
+    channels: tuple[str, ...]
+    max_seconds: int
+    identity: DeviceIdentity | None = None
+    granted: bool = False  # the grant was sent
+    ends_at: float = float("inf")  # trio clock
+    ends_at_ms: int | None = None  # wall clock, for display
+    end_reason: EndReason | None = None
+    end_requested: trio.Event = field(default_factory=trio.Event)
+    connect_scope: trio.CancelScope | None = None
+    table: tunnel.StreamTable = field(default_factory=tunnel.StreamTable)
+    streams: dict[int, _Stream] = field(default_factory=dict)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    ws: WebSocketConnection | None = None
+    close_code: int = CloseCode.SESSION_ENDED
+    warning_minutes: int | None = None
+    local_closed_at: float | None = None  # trio clock, when local streams were gone
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    streams_opened: int = 0
+
+    @property
+    def session_id(self) -> str:
+        return self.offer.session_id
+
+    def request_end(self, reason: EndReason) -> None:
+        if self.end_reason is not None:
+            return  # the first reason wins
+        self.end_reason = reason
+        self.end_requested.set()
+        if self.connect_scope is not None:
+            self.connect_scope.cancel()
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _login_shell() -> tuple[str, ...]:
+    return (os.environ.get("SHELL", "/bin/sh"), "-l")
+
+
+class SessionRuntime:
+    """The device's session runtime; see the module docstring.
+
+    Args:
+        config: The agent's limits, allow-list, shell command and cap.
+        load_identity: Reads the device id and key (blocking; run in a thread).
+        open_tunnel: Opens the tunnel WebSocket of a session id.
+        deciders: Asked about every offer, concurrently; the first answer wins.
+        wall_clock_ms: Milliseconds since the epoch, for receipts and display.
+
+    Attributes:
+        changed: Set (and replaced) whenever the offer or session changes.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        load_identity: Callable[[], DeviceIdentity],
+        open_tunnel: TunnelOpener,
+        deciders: Sequence[Decider] = (),
+        wall_clock_ms: Callable[[], int] = _wall_clock_ms,
+    ) -> None:
+        self._config = config
+        self._load_identity = load_identity
+        self._open_tunnel = open_tunnel
+        self._deciders = tuple(deciders)
+        self._wall_clock_ms = wall_clock_ms
+        self._shell_argv: tuple[str, ...] | None = (
+            _login_shell() if config.shell_command is None else config.shell_command
+        ) or None
+        self._log: Any = get_logger("agent.sessions")
+        self._nursery: trio.Nursery | None = None
+        self._offer: _PendingOffer | None = None
+        self._session: _Session | None = None
+        self._last_end: tuple[str, EndReason] | None = None
+        self._sender: ControlSender | None = None
+        self._outbox: deque[control.Event] = deque()
+        self._outbox_changed = trio.Event()
+        self.changed = trio.Event()
+
+    # Lifecycle ----------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the runtime's tasks until cancelled.
+
+        Cancellation:
+            Cancelling ends a live session at once (local streams are closed, a
+            shell is killed); no end receipt is sent then (the agent is stopping).
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._flush_outbox)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # Control channel ------------------------------------------------------------
+
+    def attach_control(self, send: ControlSender) -> None:
+        """A control channel is up; queued messages go out on it now."""
+        self._sender = send
+        self._wake_outbox()
+
+    def detach_control(self, send: ControlSender) -> None:
+        """The control channel *send* belongs to is gone.
+
+        A pending offer is forgotten (the broker ends an offer whose device left).
+        A running session goes on: its tunnel is a connection of its own.
+        """
+        if self._sender is send:
+            self._sender = None
+        # Only end receipts wait for the next channel; a grant or deny for an
+        # offer the broker has dropped means nothing.
+        kept = [e for e in self._outbox if isinstance(e, control.SessionEnded)]
+        self._outbox = deque(kept)
+        if self._offer is not None:
+            self._drop_offer(self._offer, "control channel lost")
+
+    def handle_control(self, event: control.Event) -> None:
+        """Act on a session message from the broker (never blocks)."""
+        match event:
+            case control.Offer():
+                self._on_offer(event)
+            case control.OfferWithdrawn():
+                if (
+                    self._offer is not None
+                    and self._offer.offer.session_id == event.session_id
+                ):
+                    self._drop_offer(self._offer, f"withdrawn: {event.reason}")
+                else:
+                    self._on_broker_end(event.session_id, event.reason)
+            case control.SessionEnd():
+                if (
+                    self._offer is not None
+                    and self._offer.offer.session_id == event.session_id
+                ):
+                    self._drop_offer(self._offer, f"ended: {event.reason}")
+                else:
+                    self._on_broker_end(event.session_id, event.reason)
+            case _:
+                pass
+
+    # On-site answers --------------------------------------------------------------
+
+    def grant(self, session_id: str, *, decided_by: str = "device-ui") -> None:
+        """The on-site person allows the pending offer *session_id*.
+
+        Raises:
+            StaleSession: No pending offer has that id.
+        """
+        pending = self._take_offer(session_id)
+        view = pending.view
+        session = _Session(
+            offer=pending.offer, channels=view.channels, max_seconds=view.max_seconds
+        )
+        self._session = session
+        self._notify()
+        self._start(self._run_granted, session, decided_by[:64])
+
+    def deny(self, session_id: str, *, reason: str = "denied on the device") -> None:
+        """The on-site person refuses the pending offer *session_id*.
+
+        Raises:
+            StaleSession: No pending offer has that id.
+        """
+        self._take_offer(session_id)
+        self._notify()
+        self._queue(control.Deny(session_id=session_id, reason=reason[:200]))
+
+    def end(self, session_id: str) -> None:
+        """The on-site person ends session *session_id* (reason ``onsite``).
+
+        Local streams are closed first, within 1 s, whatever the broker does.
+        Ending a session that is already ending is not an error.
+
+        Raises:
+            StaleSession: No session has that id.
+        """
+        session = self._session
+        if session is None or session.session_id != session_id:
+            raise StaleSession(f"no session {session_id!r} on this device")
+        session.request_end(EndReason.ONSITE)
+        self._notify()
+
+    # Views ------------------------------------------------------------------------
+
+    @property
+    def offer(self) -> OfferView | None:
+        """The pending offer, if any."""
+        return None if self._offer is None else self._offer.view
+
+    def state(self) -> dict[str, Any]:
+        """The offer and session as JSON-ready data (the device UI's ``/api/state``)."""
+        offer: dict[str, Any] | None = None
+        if self._offer is not None:
+            view = self._offer.view
+            offer = {
+                "session_id": view.session_id,
+                "engineer": view.engineer,
+                "engineer_role": view.engineer_role,
+                "reason": view.reason,
+                "channels": list(view.channels),
+                "refused_channels": list(view.refused_channels),
+                "max_seconds": view.max_seconds,
+                "grant_deadline": view.grant_deadline_ms,
+                "seconds_to_answer": max(
+                    0, (view.grant_deadline_ms - self._wall_clock_ms()) // 1000
+                ),
+            }
+        session: dict[str, Any] | None = None
+        if self._session is not None:
+            s = self._session
+            left = None if not s.granted else max(0.0, s.ends_at - trio.current_time())
+            session = {
+                "session_id": s.session_id,
+                "engineer": s.offer.engineer,
+                "engineer_role": s.offer.engineer_role,
+                "reason": s.offer.reason,
+                "channels": list(s.channels),
+                "max_seconds": s.max_seconds,
+                "ends_at": s.ends_at_ms,
+                "seconds_left": None if left is None else int(left + 0.999),
+                "warning_minutes": s.warning_minutes,
+                "state": "ending"
+                if s.end_reason is not None
+                else ("active" if s.ws is not None else "granted"),
+                "open_streams": len(s.streams),
+            }
+        last_end = None
+        if self._last_end is not None:
+            last_end = {
+                "session_id": self._last_end[0],
+                "reason": self._last_end[1].value,
+            }
+        return {"offer": offer, "session": session, "last_end": last_end}
+
+    # Offers -----------------------------------------------------------------------
+
+    def _grantable(self, channel: str) -> bool:
+        if channel == "shell":
+            return self._shell_argv is not None
+        if channel.startswith("tcp:") and channel[4:].isdigit():
+            return int(channel[4:]) in self._config.allowed_ports
+        return False
+
+    def _on_offer(self, offer: control.Offer) -> None:
+        if self._offer is not None or self._session is not None:
+            self._log.warning("session.offer_busy", session_id=offer.session_id)
+            self._queue(control.Deny(session_id=offer.session_id, reason="busy"))
+            return
+        channels = tuple(c for c in offer.channels if self._grantable(c))
+        refused = tuple(c for c in offer.channels if not self._grantable(c))
+        if not channels:
+            self._log.info(
+                "session.offer_refused", session_id=offer.session_id, channels=refused
+            )
+            self._queue(
+                control.Deny(
+                    session_id=offer.session_id,
+                    reason="none of the channels is allowed on this device",
+                )
+            )
+            return
+        view = OfferView(
+            session_id=offer.session_id,
+            engineer=offer.engineer,
+            engineer_role=offer.engineer_role,
+            reason=offer.reason,
+            channels=channels,
+            refused_channels=refused,
+            max_seconds=min(offer.max_seconds, self._config.max_session_seconds),
+            grant_deadline_ms=offer.grant_deadline_ms,
+        )
+        pending = _PendingOffer(offer=offer, view=view)
+        self._offer = pending
+        self._log.info(
+            "session.offer",
+            session_id=offer.session_id,
+            engineer=offer.engineer,
+            channels=channels,
+            refused=refused,
+        )
+        self._notify()
+        lifetime_s = (offer.grant_deadline_ms - self._wall_clock_ms()) / 1000
+        lifetime_s = min(max(lifetime_s, 0.0), MAX_OFFER_S) + OFFER_GRACE_S
+        self._start(self._ask, pending, lifetime_s)
+
+    async def _ask(self, pending: _PendingOffer, lifetime_s: float) -> None:
+        with pending.scope:
+            async with trio.open_nursery() as nursery:
+                for decider in self._deciders:
+                    nursery.start_soon(self._ask_one, pending, decider)
+                await trio.sleep(lifetime_s)
+                self._drop_offer(pending, "no answer before the deadline")
+
+    async def _ask_one(self, pending: _PendingOffer, decider: Decider) -> None:
+        try:
+            granted = await decider.decide(pending.view)
+        except Exception as exc:
+            self._log.error(
+                "session.decider_failed", decider=decider.label, error=repr(exc)
+            )
+            return
+        if self._offer is not pending:
+            return
+        session_id = pending.view.session_id
+        if granted:
+            self.grant(session_id, decided_by=decider.label)
+        else:
+            self.deny(session_id)
+
+    def _take_offer(self, session_id: str) -> _PendingOffer:
+        pending = self._offer
+        if pending is None or pending.view.session_id != session_id:
+            raise StaleSession(f"no pending offer {session_id!r} on this device")
+        self._offer = None
+        pending.scope.cancel()
+        return pending
+
+    def _drop_offer(self, pending: _PendingOffer, why: str) -> None:
+        if self._offer is pending:
+            self._offer = None
+            self._log.info(
+                "session.offer_gone", session_id=pending.view.session_id, why=why
+            )
+            self._notify()
+        pending.scope.cancel()
+
+    def _on_broker_end(self, session_id: str, reason_text: str) -> None:
+        session = self._session
+        if session is None or session.session_id != session_id:
+            self._log.info(
+                "session.end_unknown", session_id=session_id, reason=reason_text
+            )
+            return
+        try:
+            reason = EndReason(reason_text)
+        except ValueError:
+            reason = EndReason.DEVICE_DISCONNECT
+        session.request_end(reason)
+        self._notify()
+
+    # A granted session ------------------------------------------------------------
+
+    async def _run_granted(self, session: _Session, decided_by: str) -> None:
+        try:
+            session.identity = await trio.to_thread.run_sync(self._load_identity)
+        except Exception as exc:
+            self._log.error("session.key_unreadable", error=repr(exc))
+            self._forget(session)
+            self._queue(
+                control.Deny(
+                    session_id=session.session_id, reason="device key unreadable"
+                )
+            )
+            return
+        offer = session.offer
+        receipt = receipts.GrantReceipt(
+            session_id=offer.session_id,
+            device_id=session.identity.device_id,
+            nonce=offer.nonce,
+            engineer=offer.engineer,
+            channels=session.channels,
+            max_seconds=session.max_seconds,
+            granted_at_ms=self._wall_clock_ms(),
+            decided_by=decided_by,
+        )
+        wire_receipt, signature = receipts.sign_grant(
+            session.identity.private_key, receipt
+        ).to_wire()
+        grant = control.Grant(
+            session_id=offer.session_id, receipt=wire_receipt, signature=signature
+        )
+        if not await self._send_now(grant):
+            # The broker never saw a grant: for it the offer just lapses.
+            self._log.warning("session.grant_not_sent", session_id=offer.session_id)
+            self._forget(session)
+            return
+        # Invariant 2: the cap runs on our own monotonic clock from here.
+        session.granted = True
+        session.ends_at = trio.current_time() + session.max_seconds
+        session.ends_at_ms = self._wall_clock_ms() + session.max_seconds * 1000
+        session.table = tunnel.StreamTable()
+        self._log.info(
+            "session.granted",
+            session_id=offer.session_id,
+            channels=session.channels,
+            max_seconds=session.max_seconds,
+        )
+        self._notify()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cap_timer, session)
+                await self._serve_tunnel(session)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish(session)
+
+    async def _cap_timer(self, session: _Session) -> None:
+        for warn_s in WARNINGS_S:
+            if session.max_seconds > warn_s:
+                await trio.sleep_until(session.ends_at - warn_s)
+                session.warning_minutes = warn_s // 60
+                self._log.warning(
+                    "session.warning",
+                    session_id=session.session_id,
+                    minutes_left=warn_s // 60,
+                )
+                self._notify()
+        await trio.sleep_until(session.ends_at)
+        session.request_end(EndReason.TIME_CAP)
+        self._notify()
+
+    async def _serve_tunnel(self, session: _Session) -> None:
+        """Open the tunnel, serve it until the end is asked for, tear down in order."""
+        with trio.CancelScope() as connect_scope:
+            session.connect_scope = connect_scope
+            if session.end_reason is not None:
+                connect_scope.cancel()
+            try:
+                async with self._open_tunnel(session.session_id) as ws:
+                    # From here on the end is an orderly teardown, not a cancel.
+                    session.connect_scope = None
+                    session.ws = ws
+                    self._notify()
+                    async with trio.open_nursery() as streams:
+                        streams.start_soon(self._read_tunnel, session, ws, streams)
+                        await session.end_requested.wait()
+                        streams.cancel_scope.cancel()
+                    # Local streams are gone (a shell reaped); only now the tunnel.
+                    session.local_closed_at = trio.current_time()
+                    reason = session.end_reason or EndReason.DEVICE_DISCONNECT
+                    self._log.info(
+                        "session.local_streams_closed",
+                        session_id=session.session_id,
+                        reason=reason.value,
+                    )
+                    await ws.aclose(session.close_code, reason.value)
+            except TunnelUnavailable as exc:
+                self._log.warning(
+                    "session.tunnel_unavailable",
+                    session_id=session.session_id,
+                    error=str(exc),
+                )
+                session.request_end(EndReason.DEVICE_DISCONNECT)
+        if session.local_closed_at is None:
+            session.local_closed_at = trio.current_time()
+        session.connect_scope = None
+
+    def _finish(self, session: _Session) -> None:
+        """Queue the signed end receipt and forget the session (sync: safe in finally)."""
+        reason = session.end_reason or EndReason.DEVICE_DISCONNECT
+        session.end_reason = reason
+        assert session.identity is not None  # noqa: S101 - set before the grant was sent
+        receipt = receipts.EndReceipt(
+            session_id=session.session_id,
+            device_id=session.identity.device_id,
+            nonce=session.offer.nonce,
+            reason=reason.value,
+            ended_at_ms=self._wall_clock_ms(),
+            bytes_to_device=session.bytes_to_device,
+            bytes_from_device=session.bytes_from_device,
+            streams_opened=session.streams_opened,
+        )
+        wire_receipt, signature = receipts.sign_end(
+            session.identity.private_key, receipt
+        ).to_wire()
+        self._queue(
+            control.SessionEnded(
+                session_id=session.session_id, receipt=wire_receipt, signature=signature
+            )
+        )
+        self._log.info(
+            "session.ended",
+            session_id=session.session_id,
+            reason=reason.value,
+            bytes_to_device=session.bytes_to_device,
+            bytes_from_device=session.bytes_from_device,
+            streams_opened=session.streams_opened,
+        )
+        self._last_end = (session.session_id, reason)
+        self._forget(session)
+
+    def _forget(self, session: _Session) -> None:
+        if self._session is session:
+            self._session = None
+        self._notify()
+
+    # The tunnel -------------------------------------------------------------------
+
+    async def _read_tunnel(
+        self, session: _Session, ws: WebSocketConnection, streams: trio.Nursery
+    ) -> None:
+        table = session.table
+        try:
+            while True:
+                frame = tunnel.decode(await ws.receive_message())
+                disposition = table.receive(frame, sender=_SIDE_PEER)
+                if isinstance(frame, tunnel.StreamData):
+                    session.bytes_to_device += len(frame.payload)
+                if disposition is tunnel.Disposition.DROP:
+                    continue
+                if isinstance(frame, tunnel.StreamOpen):
+                    stream = _Stream(stream_id=frame.stream_id, channel=frame.channel)
+                    session.streams[frame.stream_id] = stream
+                    streams.start_soon(self._serve_stream, session, stream, frame)
+                    self._notify()
+                    continue
+                target = session.streams.get(frame.stream_id)
+                if target is None:
+                    continue  # a final frame for a stream our side already ended
+                self._deliver(target, frame)
+        except ConnectionClosed as exc:
+            reason = EndReason.DEVICE_DISCONNECT
+            if exc.code == CloseCode.SESSION_ENDED:
+                with suppress(ValueError):
+                    reason = EndReason(exc.reason)
+            session.request_end(reason)
+        except RemoteProtocolError as exc:
+            self._log.warning(
+                "session.tunnel_protocol_error",
+                session_id=session.session_id,
+                error=str(exc),
+            )
+            session.close_code = CloseCode.PROTOCOL_ERROR
+            session.request_end(EndReason.DEVICE_DISCONNECT)
+        self._notify()
+
+    def _deliver(self, stream: _Stream, frame: tunnel.Frame) -> None:
+        match frame:
+            case tunnel.StreamData():
+                stream.inbox += frame.payload
+            case tunnel.StreamEof():
+                stream.inbox_eof = True
+            case tunnel.StreamClose():
+                stream.peer_closed = True
+                stream.scope.cancel()
+            case tunnel.StreamResize():
+                if stream.pty is not None:
+                    try:
+                        stream.pty.resize(frame.cols, frame.rows)
+                    except (OSError, ValueError) as exc:
+                        self._log.warning("session.resize_failed", error=repr(exc))
+            case _:
+                pass  # WINDOW: the table added the credit; wake the sender
+        stream.poke()
+
+    async def _send_frame(
+        self, session: _Session, stream: _Stream, frame: tunnel.Frame
+    ) -> bool:
+        """Send *frame* unless the stream's state makes it pointless; False if not sent."""
+        ws = session.ws
+        if ws is None:
+            return False
+        async with session.send_lock:
+            status = session.table.status(stream.stream_id)
+            if status is None or _SIDE_US in status.closed:
+                return False
+            is_final = isinstance(frame, (tunnel.StreamClose, tunnel.StreamOpenFail))
+            if _SIDE_PEER in status.closed and not is_final:
+                return False  # the engineer closed it: only our CLOSE is due
+            if isinstance(frame, tunnel.StreamWindow) and _SIDE_PEER in status.eof:
+                return False  # credit the engineer can never use
+            try:
+                data = session.table.send(frame, sender=_SIDE_US)
+            except LocalProtocolError as exc:
+                self._log.error("session.tunnel_bug", error=str(exc))
+                session.request_end(EndReason.DEVICE_DISCONNECT)
+                return False
+            try:
+                await ws.send_message(data)
+            except ConnectionClosed:
+                return False  # the reader sees the close and ends the session
+        if isinstance(frame, tunnel.StreamData):
+            session.bytes_from_device += len(frame.payload)
+        return True
+
+    # Streams ----------------------------------------------------------------------
+
+    def _allowed(self, session: _Session, channel: str) -> bool:
+        # The device decides (issue 4): granted for this session AND allowed here,
+        # whatever the broker relays.
+        return channel in session.channels and self._grantable(channel)
+
+    async def _serve_stream(
+        self, session: _Session, stream: _Stream, frame: tunnel.StreamOpen
+    ) -> None:
+        try:
+            if not self._allowed(session, frame.channel):
+                await self._refuse(
+                    session,
+                    stream,
+                    tunnel.OpenFailCode.NOT_ALLOWED,
+                    "not allowed on this device",
+                )
+                return
+            port = frame.port
+            if port is None:
+                await self._serve_shell(session, stream, frame)
+            else:
+                await self._serve_tcp(session, stream, port)
+        finally:
+            session.streams.pop(stream.stream_id, None)
+            self._notify()
+
+    async def _refuse(
+        self, session: _Session, stream: _Stream, code: tunnel.OpenFailCode, reason: str
+    ) -> None:
+        await self._send_frame(
+            session,
+            stream,
+            tunnel.StreamOpenFail(stream_id=stream.stream_id, code=code, reason=reason),
+        )
+
+    async def _opened(self, session: _Session, stream: _Stream) -> bool:
+        if stream.peer_closed:
+            # The engineer cancelled the open: our CLOSE answers it.
+            await self._send_frame(
+                session, stream, tunnel.StreamClose(stream_id=stream.stream_id)
+            )
+            return False
+        if not await self._send_frame(
+            session, stream, tunnel.StreamOpenOk(stream_id=stream.stream_id)
+        ):
+            return False
+        session.streams_opened += 1
+        return True
+
+    async def _close(self, session: _Session, stream: _Stream) -> None:
+        code = (
+            tunnel.StreamCloseCode.ABORTED
+            if stream.aborted
+            else tunnel.StreamCloseCode.NORMAL
+        )
+        await self._send_frame(
+            session, stream, tunnel.StreamClose(stream_id=stream.stream_id, code=code)
+        )
+
+    async def _serve_shell(
+        self, session: _Session, stream: _Stream, frame: tunnel.StreamOpen
+    ) -> None:
+        assert self._shell_argv is not None  # noqa: S101 - _allowed checked it
+        env = dict(os.environ)
+        env.setdefault("TERM", "xterm-256color")
+        started = False
+        try:
+            async with open_pty_process(
+                self._shell_argv,
+                cols=frame.cols,
+                rows=frame.rows,
+                env=env,
+                kill_grace_s=self._config.pty_kill_grace_s,
+            ) as pty_process:
+                started = True
+                stream.pty = pty_process
+                if not await self._opened(session, stream):
+                    return
+                with stream.scope:
+                    async with trio.open_nursery() as pumps:
+                        pumps.start_soon(
+                            self._downlink, session, stream, pty_process, None
+                        )
+                        await self._uplink(session, stream, pty_process)
+                        # The shell exited (or its terminal failed): stream over.
+                        pumps.cancel_scope.cancel()
+                await self._close(session, stream)
+        except (OSError, ValueError) as exc:
+            if started:
+                raise
+            self._log.warning("session.shell_failed", error=repr(exc))
+            await self._refuse(
+                session, stream, tunnel.OpenFailCode.NO_PTY, "cannot start the shell"
+            )
+        finally:
+            stream.pty = None
+
+    async def _serve_tcp(self, session: _Session, stream: _Stream, port: int) -> None:
+        try:
+            with trio.fail_after(self._config.local_connect_timeout_s):
+                connection = await trio.open_tcp_stream("127.0.0.1", port)
+        except (OSError, trio.TooSlowError) as exc:
+            self._log.info("session.connect_failed", port=port, error=repr(exc))
+            await self._refuse(
+                session,
+                stream,
+                tunnel.OpenFailCode.CONNECT_FAILED,
+                f"cannot connect to port {port}",
+            )
+            return
+        async with connection:
+            if not await self._opened(session, stream):
+                return
+            with stream.scope:
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(
+                        self._downlink, session, stream, connection, connection
+                    )
+                    await self._uplink(session, stream, connection)
+            await self._close(session, stream)
+
+    async def _uplink(
+        self,
+        session: _Session,
+        stream: _Stream,
+        local: trio.abc.ReceiveStream | PtyProcess,
+    ) -> None:
+        """Local end to engineer, within the stream's credit; EOF at the local end."""
+        sid = stream.stream_id
+        while True:
+            while session.table.credit(sid, _SIDE_US) == 0 and not stream.peer_closed:
+                await stream.changed.wait()
+            if stream.peer_closed:
+                return
+            want = min(session.table.credit(sid, _SIDE_US), tunnel.MAX_DATA_BYTES)
+            try:
+                data = await local.receive_some(want)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                stream.aborted = True
+                stream.scope.cancel()
+                return
+            if not data:
+                await self._send_frame(session, stream, tunnel.StreamEof(stream_id=sid))
+                return
+            if not await self._send_frame(
+                session, stream, tunnel.StreamData(stream_id=sid, payload=bytes(data))
+            ):
+                return
+
+    async def _downlink(
+        self,
+        session: _Session,
+        stream: _Stream,
+        local: trio.abc.SendStream | PtyProcess,
+        half_closable: trio.SocketStream | None,
+    ) -> None:
+        """Engineer to local end; credit back at half the window consumed."""
+        sid = stream.stream_id
+        consumed = 0
+        while True:
+            while not stream.inbox and not stream.inbox_eof and not stream.peer_closed:
+                await stream.changed.wait()
+            if stream.peer_closed:
+                return
+            if stream.inbox:
+                chunk = bytes(stream.inbox)
+                stream.inbox.clear()
+                try:
+                    await local.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    stream.aborted = True
+                    stream.scope.cancel()
+                    return
+                consumed += len(chunk)
+                if consumed >= _WINDOW_UPDATE_BYTES:
+                    await self._send_frame(
+                        session,
+                        stream,
+                        tunnel.StreamWindow(stream_id=sid, credit=consumed),
+                    )
+                    consumed = 0
+                continue
+            # The engineer's EOF: pass it on to a TCP peer; a terminal has no
+            # half-close, the shell goes on until it exits.
+            if half_closable is not None:
+                try:
+                    await half_closable.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    stream.aborted = True
+                    stream.scope.cancel()
+            return
+
+    # Plumbing ---------------------------------------------------------------------
+
+    def _start(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        if self._nursery is None:
+            raise RuntimeError("SessionRuntime.run() is not running")
+        self._nursery.start_soon(fn, *args)
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _queue(self, event: control.Event) -> None:
+        self._outbox.append(event)
+        self._wake_outbox()
+
+    def _wake_outbox(self) -> None:
+        self._outbox_changed.set()
+        self._outbox_changed = trio.Event()
+
+    async def _send_now(self, event: control.Event) -> bool:
+        send = self._sender
+        if send is None:
+            return False
+        try:
+            await send(event)
+        except (
+            ConnectionClosed,
+            LocalProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            if self._sender is send:
+                self._sender = None
+            return False
+        return True
+
+    async def _flush_outbox(self) -> None:
+        while True:
+            while not self._outbox or self._sender is None:
+                await self._outbox_changed.wait()
+            event = self._outbox[0]
+            sent = await self._send_now(event)
+            if sent and self._outbox and self._outbox[0] is event:
+                self._outbox.popleft()

@@ -1,0 +1,1054 @@
+"""The broker side of remote sessions: offers, grants, the two legs, the relay.
+
+Theory of operation
+===================
+:class:`SessionBroker` is the trio shell around :class:`relay.proto.session.Session`.
+It holds the live sessions by id, at most one pending or active session per device,
+and runs each one in a task of its own with **one nursery per session**: the
+driver (this task) and the relay pumps of both legs live in it, so when a session
+is over and its nursery exits, no task of it is left.
+
+The driver owns the state machine. Everything that happens to a session (a
+control message from the device, a leg that attaches or drops, an engineer's or
+admin's DELETE, a login that ends, a revocation, shutdown) is posted to the
+session's inbox with :meth:`_post` (never blocks), and only the driver calls
+``Session.handle``; it sleeps until the inbox has something or the machine's
+next deadline comes (then it feeds a ``Tick``), and acts on the outputs in order.
+Time: ``now_ms`` is trio's monotonic clock anchored once to the wall clock
+(:class:`SessionClock`), so a wall-clock step neither stretches nor cuts a cap.
+
+Flow: :meth:`request` checks policy and that the device is connected and idle,
+then starts the session task, which sends the ``Offer`` on the device's control
+channel (through :class:`DeviceControl`, implemented by the device listener) and
+feeds ``OfferSent`` before the request returns. The device answers on its
+control channel; the listener hands ``Grant``, ``Deny`` and ``SessionEnded`` to
+:meth:`device_message`. A ``Grant`` is verified with
+:func:`relay.proto.receipts.verify_grant` against the certificate the control
+channel authenticated (never one named in a message, Invariant 6); the granted
+channels narrow the session's :class:`~relay.proto.tunnel.StreamTable`.
+
+Legs: the device opens ``/v1/device/tunnel/{id}`` (the listener asks
+:meth:`admit_tunnel` before it answers the upgrade, then runs
+:meth:`serve_tunnel`), the engineer opens the attach socket (the route asks
+:meth:`admit_attach`, then runs :meth:`serve_attach`). A leg's handler task owns
+its socket; it posts the attach to the driver, waits until its leg is released
+(the session ended, or its own leg dropped) and then closes the socket with 4005
+SESSION_ENDED and the end reason. The pumps, in the session's nursery, read one
+leg, check every frame with the session's one ``StreamTable`` (Rule 1 of the
+tunnel module: checked in full before relayed), count DATA payload bytes, and
+send the unchanged message on the other leg. A pump holds the first message it
+reads until the session is paired (ACTIVE): no byte flows before that
+(Invariant 1).
+
+Decisions (see also docs/architecture.md):
+
+- A grant whose receipt does not verify (forged, another offer's nonce,
+  channels or cap beyond the offer) counts as no grant: the session ends as
+  ``denied``, the refusal is an audit event ``session.grant_rejected`` with the
+  receipt's reason, and the device gets ``SessionEnd(denied)`` (it believes it
+  granted, so it must close whatever it opened).
+- A malformed or rule-breaking tunnel frame is a protocol error of the leg that
+  sent it: that leg is treated as gone, so the session ends with
+  ``engineer_disconnect`` or ``device_disconnect``.
+- A tunnel closed by the device with 4005 "onsite" is the on-site End (the
+  device closes its tunnel before it sends ``SessionEnded``): reason ``onsite``.
+  Any other loss of the tunnel, or of the control channel the session's offer
+  went out on, is ``device_disconnect``.
+- Login ended: the engineer's socket is closed by the socket registry with 4004
+  (log in again) after the broker sent ``{"type": "end", "reason":
+  "login_ended"}``; the device side gets ``SessionEnd(login_ended)`` and 4005.
+- The device learns of warnings from its own timer (the control protocol has no
+  warning message); the engineer gets ``{"type": "warning"}``.
+- After a granted session ends, the driver waits up to
+  :data:`END_RECEIPT_WAIT_S` for the device's ``SessionEnded`` and logs its byte
+  counts beside the broker's own (``session.end_receipt``); then the session is
+  dropped. A short summary of the last :data:`ENDED_KEPT` ended sessions stays for
+  ``GET /api/v1/sessions/{id}`` (a dict, no task, socket or buffer).
+- The device may grant a shorter cap than offered; the broker keeps timing the
+  offered cap (the machine fixes it at creation) and the device enforces its own
+  shorter one. Not yet reconciled: noted in the end receipt log.
+
+Rule 1: only the driver calls ``Session.handle``.
+Rule 2: no frame is relayed before the machine said Pair, and every frame is
+checked by the session's table first.
+Rule 3: every await in a ``finally`` is shielded and bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+import trio
+from cryptography import x509
+from starlette.websockets import WebSocket
+
+from relay._trio.websocket import ConnectionClosed, WebSocketConnection
+from relay.config import SessionConfig
+from relay.metrics import RelayMetrics
+from relay.proto import control, receipts, tunnel
+from relay.proto.close import CloseCode
+from relay.proto.errors import ProtocolError, RemoteProtocolError
+from relay.proto.session import (
+    Denied,
+    DeviceAttached,
+    DeviceDetached,
+    EndReason,
+    EndRequested,
+    EndSession,
+    EngineerAttached,
+    EngineerDetached,
+    Event,
+    Granted,
+    LegRefused,
+    NotifyEngineer,
+    OfferSent,
+    Output,
+    Pair,
+    Session,
+    State,
+    Tick,
+    Warn,
+    new_session_id,
+    validate_channels,
+)
+
+__all__ = [
+    "DeviceControl",
+    "RequestRefused",
+    "SessionBroker",
+    "SessionClock",
+]
+
+#: How long the driver waits for the device's end receipt after a granted session.
+END_RECEIPT_WAIT_S: Final = 2.0
+#: How long a leg's handler may take to close its socket at the end.
+LEG_CLOSE_S: Final = 1.0
+#: How long the broker waits for the engineer to take one message.
+ENGINEER_SEND_S: Final = 5.0
+#: Ended sessions whose summary GET still answers.
+ENDED_KEPT: Final = 256
+_INBOX_SIZE: Final = 64
+
+
+class DeviceControl(Protocol):
+    """What the session broker needs of the device listener."""
+
+    def control_certificate(
+        self, device_id: str
+    ) -> tuple[int, x509.Certificate] | None:
+        """(connection id, certificate) of the device's live control channel."""
+
+    async def send_control(
+        self, device_id: str, connection_id: int, event: control.Event
+    ) -> bool:
+        """Send *event* on that control channel; False if it is gone."""
+
+
+class RequestRefused(Exception):
+    """A session request was refused; ``status`` and ``error`` are the answer."""
+
+    def __init__(self, status: int, error: str, outcome: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.outcome = outcome
+
+
+class SessionClock:
+    """Milliseconds on trio's monotonic clock, anchored once to the wall clock."""
+
+    def __init__(
+        self,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._monotonic = monotonic
+        self._anchor_s = monotonic()
+        self._anchor_ms = int(wall_clock().timestamp() * 1000)
+
+    def now_ms(self) -> int:
+        """The current time in ms since the epoch, never going backwards."""
+        return self._anchor_ms + int((self._monotonic() - self._anchor_s) * 1000)
+
+    def trio_time(self, ms: int) -> float:
+        """The trio clock value at which :meth:`now_ms` reaches *ms* (or just after)."""
+        return self._anchor_s + (ms - self._anchor_ms + 1) / 1000
+
+
+# Inputs to a session's driver ---------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Leg:
+    """One attached leg: its socket's send side and the event its handler waits on."""
+
+    side: tunnel.Side
+    send: Callable[[bytes], Any]
+    released: trio.Event = field(default_factory=trio.Event)
+    refusal: tuple[int, str] | None = None
+    decided: trio.Event = field(default_factory=trio.Event)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # Set on the engineer leg: sends JSON status text.
+    send_text: Callable[[str], Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attach:
+    leg: _Leg
+    receive: Callable[[], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _LegGone:
+    leg: _Leg
+    code: int | None = None
+    reason: str = ""
+    protocol_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    reason: EndReason
+    done: trio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceMessage:
+    event: control.Event
+
+
+@dataclass(frozen=True, slots=True)
+class _ControlLost:
+    pass
+
+
+_Input = _Attach | _LegGone | _End | _DeviceMessage | _ControlLost
+
+
+@dataclass(eq=False, slots=True)
+class _Live:
+    """One session and everything the shell keeps for it."""
+
+    session: Session
+    engineer_role: str
+    reason: str
+    nonce: str
+    connection_id: int
+    certificate: x509.Certificate
+    inbox: trio.MemorySendChannel[_Input]
+    inbox_out: trio.MemoryReceiveChannel[_Input]
+    nursery: trio.Nursery | None = None
+    table: tunnel.StreamTable | None = None
+    granted_channels: tuple[str, ...] = ()
+    granted_max_seconds: int | None = None
+    offered_at_s: float = 0.0
+    granted_at_s: float | None = None
+    engineer: _Leg | None = None
+    device: _Leg | None = None
+    tunnel_reserved: bool = False
+    paired: trio.Event = field(default_factory=trio.Event)
+    ended: trio.Event = field(default_factory=trio.Event)
+    state_changed: trio.Event = field(default_factory=trio.Event)
+    pump_scopes: list[trio.CancelScope] = field(default_factory=list)
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    end_receipt: trio.Event = field(default_factory=trio.Event)
+    control_lost: bool = False
+    metric_state: str | None = None
+
+
+class SessionBroker:
+    """The live remote sessions of this broker; see the module docstring.
+
+    Args:
+        config: Cap, grant timeout, channel policy, reattach grace.
+        control: The device listener's side (send control messages, certificates).
+        metrics: Where sessions are counted.
+        log: Structured logger (``audit=True`` marks audit events).
+        clock: The session clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: SessionConfig,
+        control: DeviceControl,
+        metrics: RelayMetrics,
+        log: Any,
+        clock: SessionClock | None = None,
+    ) -> None:
+        self.config = config
+        self._control = control
+        self._metrics = metrics
+        self._log = log
+        self._clock = clock if clock is not None else SessionClock()
+        self._sessions: dict[str, _Live] = {}
+        self._by_device: dict[str, str] = {}
+        self._ended: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        """Sessions this broker holds (live, or ending)."""
+        return len(self._sessions)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Host the session tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # Requests from the API ----------------------------------------------------
+
+    async def request(
+        self,
+        *,
+        device_id: str,
+        engineer: str,
+        engineer_role: str,
+        reason: str,
+        channels: object,
+    ) -> dict[str, Any]:
+        """Start a session; returns its view once the offer is on its way.
+
+        Raises:
+            RequestRefused: 400 bad channels, 403 a channel the policy does not
+                allow, 404 the device is not connected, 409 it is busy, 503 the
+                broker is not taking sessions.
+        """
+        try:
+            wanted = validate_channels(channels)
+        except ValueError as exc:
+            raise RequestRefused(400, str(exc), "bad_request") from None
+        refused = [c for c in wanted if c not in self.config.allowed_channels]
+        if refused:
+            raise RequestRefused(403, f"channel not allowed: {refused[0]}", "policy")
+        if device_id in self._by_device:
+            raise RequestRefused(409, "busy", "busy")
+        found = self._control.control_certificate(device_id)
+        if found is None:
+            raise RequestRefused(404, "device not connected", "not_connected")
+        if self._nursery is None:
+            raise RequestRefused(503, "not taking sessions", "unavailable")
+        connection_id, certificate = found
+        session = Session(
+            new_session_id(os.urandom(16)),
+            device_id,
+            engineer,
+            wanted,
+            self.config.max_session_seconds,
+            max(1, round(self.config.grant_timeout_s * 1000)),
+            self._clock.now_ms(),
+            round(self.config.reattach_grace_s * 1000),
+        )
+        inbox, inbox_out = trio.open_memory_channel[_Input](_INBOX_SIZE)
+        live = _Live(
+            session=session,
+            engineer_role=engineer_role,
+            reason=reason,
+            nonce=secrets.token_urlsafe(32),
+            connection_id=connection_id,
+            certificate=certificate,
+            inbox=inbox,
+            inbox_out=inbox_out,
+        )
+        self._sessions[session.session_id] = live
+        self._by_device[device_id] = session.session_id
+        self._set_metric_state(live)
+        self._log.info(
+            "session.requested",
+            session_id=session.session_id,
+            device_id=device_id,
+            engineer=engineer,
+            reason=reason,
+            channels=list(wanted),
+            audit=True,
+        )
+        await self._nursery.start(self._run_session, live)
+        return self.view(session.session_id) or {}
+
+    def view(self, session_id: str) -> dict[str, Any] | None:
+        """The API's view of a session, live or recently ended; None if unknown."""
+        live = self._sessions.get(session_id)
+        if live is None:
+            return self._ended.get(session_id)
+        return self._view(live)
+
+    def _view(self, live: _Live) -> dict[str, Any]:
+        s = live.session
+        return {
+            "session_id": s.session_id,
+            "device_id": s.device_id,
+            "engineer": s.engineer,
+            "state": s.state.value,
+            "granted_at": _iso(s.granted_at_ms),
+            "ends_at": _iso(s.ends_at_ms),
+            "end_reason": None if s.end_reason is None else s.end_reason.value,
+        }
+
+    async def end(
+        self, session_id: str, *, by_admin: bool, by_owner: bool
+    ) -> dict[str, Any] | None:
+        """End a live session for its engineer or an admin; None if it is not live."""
+        live = self._sessions.get(session_id)
+        if live is None or live.session.state.is_terminal:
+            return None
+        if live.session.granted_at_ms is None:
+            reason = EndReason.CANCELLED
+        else:
+            reason = EndReason.ENGINEER if by_owner or not by_admin else EndReason.ADMIN
+        done = trio.Event()
+        self._post(live, _End(reason, done))
+        with trio.move_on_after(LEG_CLOSE_S * 2):
+            await done.wait()
+        return self._view(live)
+
+    def end_all(self, reason: EndReason) -> None:
+        """End every live session (broker shutdown, audit failure)."""
+        for live in list(self._sessions.values()):
+            self._post(live, _End(reason))
+
+    async def wait_idle(self) -> None:
+        """Return once no session is held."""
+        while self._sessions:
+            await self._idle.park()
+
+    def session_engineer(self, session_id: str) -> str | None:
+        """The engineer of a held session, or None."""
+        live = self._sessions.get(session_id)
+        return None if live is None else live.session.engineer
+
+    # Events from the device listener -----------------------------------------
+
+    def device_message(self, device_id: str, event: control.Event) -> None:
+        """A session message from *device_id*'s control channel."""
+        session_id = getattr(event, "session_id", None)
+        live = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if live is None or live.session.device_id != device_id:
+            # Late (the session is gone) or not this device's: never another's.
+            self._log.warning(
+                "session.unexpected_device_message",
+                device_id=device_id,
+                type=event.TYPE,
+                audit=True,
+            )
+            return
+        self._post(live, _DeviceMessage(event))
+
+    def control_lost(self, device_id: str, connection_id: int) -> None:
+        """The control channel *connection_id* of *device_id* ended."""
+        for live in list(self._sessions.values()):
+            if (
+                live.session.device_id == device_id
+                and live.connection_id == connection_id
+            ):
+                self._post(live, _ControlLost())
+
+    def device_revoked(self, device_id: str) -> None:
+        """*device_id* was revoked: its session ends with ``revoked``."""
+        for live in list(self._sessions.values()):
+            if live.session.device_id == device_id:
+                self._post(live, _End(EndReason.REVOKED))
+
+    async def admit_tunnel(
+        self, device_id: str, session_id: str
+    ) -> tuple[int, str] | None:
+        """Whether *device_id* may open the tunnel of *session_id*: None, or an
+        HTTP refusal (404 unknown or another device's, 409 already opened,
+        410 ended, 403 not granted). Waits while the grant is being verified;
+        the caller bounds the wait with its handshake deadline."""
+        live = self._sessions.get(session_id)
+        if live is None or live.session.device_id != device_id:
+            return 404, "unknown session"
+        while live.session.state in (State.REQUESTED, State.OFFERED):
+            await live.state_changed.wait()
+        if live.session.state.is_terminal:
+            return 410, "session ended"
+        if live.tunnel_reserved:
+            return 409, "tunnel already open"
+        live.tunnel_reserved = True
+        return None
+
+    async def serve_tunnel(
+        self, device_id: str, session_id: str, ws: WebSocketConnection
+    ) -> None:
+        """Run the device leg of *session_id* on *ws* until it is released, then
+        close *ws* with 4005 and the end reason (1008 if the session refused it)."""
+        live = self._sessions.get(session_id)
+        if live is None or live.session.device_id != device_id:
+            await _close_device(ws, CloseCode.POLICY_VIOLATION, "unknown session")
+            return
+        leg = _Leg(tunnel.Side.DEVICE, ws.send_message)
+        await self._run_leg(live, leg, _Attach(leg, ws.receive_message))
+        code, reason = leg.refusal or (CloseCode.SESSION_ENDED, _reason(live))
+        await _close_device(ws, code, reason)
+
+    # Events from the engineer listener ---------------------------------------
+
+    def admit_attach(self, session_id: str, username: str) -> tuple[int, str] | None:
+        """Whether *username* may attach to *session_id*: None, or an HTTP
+        refusal (404 unknown or not theirs, 410 ended, 409 already attached)."""
+        live = self._sessions.get(session_id)
+        if live is None or live.session.engineer != username:
+            return 404, "unknown session"
+        if live.session.state.is_terminal:
+            return 410, "session ended"
+        if live.engineer is not None:
+            return 409, "already attached"
+        return None
+
+    async def serve_attach(
+        self, session_id: str, websocket: WebSocket
+    ) -> tuple[int, str] | None:
+        """Run the engineer leg on *websocket*; returns the close the route sends.
+
+        Cancellation: when the login session ends the route cancels this; the
+        session then ends with ``login_ended`` and the engineer is told so
+        before the route closes the socket.
+        """
+        live = self._sessions.get(session_id)
+        if live is None:
+            return int(CloseCode.POLICY_VIOLATION), "unknown session"
+        leg = _Leg(
+            tunnel.Side.ENGINEER, websocket.send_bytes, send_text=websocket.send_text
+        )
+        try:
+            await self._run_leg(live, leg, _Attach(leg, _engineer_receiver(websocket)))
+        finally:
+            if leg.refusal is None and not leg.released.is_set():
+                # Cancelled from outside: the login session ended.
+                self._post(live, _End(EndReason.LOGIN_ENDED))
+                with trio.CancelScope(shield=True), trio.move_on_after(LEG_CLOSE_S):
+                    await leg.released.wait()
+                    await self._send_end(live, leg)
+        if leg.refusal is not None:
+            return leg.refusal
+        if live.session.state.is_terminal:
+            await self._send_end(live, leg)
+        return int(CloseCode.SESSION_ENDED), _reason(live)
+
+    async def _send_end(self, live: _Live, leg: _Leg) -> None:
+        if live.session.end_reason is not None:
+            await self._engineer_text(
+                leg, {"type": "end", "reason": live.session.end_reason.value}
+            )
+
+    async def _run_leg(self, live: _Live, leg: _Leg, attach: _Attach) -> None:
+        self._post(live, attach)
+        await leg.decided.wait()
+        if leg.refusal is None:
+            await leg.released.wait()
+
+    # The session task ----------------------------------------------------------
+
+    def _post(self, live: _Live, item: _Input) -> None:
+        try:
+            live.inbox.send_nowait(item)
+        except trio.WouldBlock:
+            # Only a device flooding its control channel fills the inbox; its
+            # messages are dropped, the broker's own ends are not.
+            self._log.warning("session.inbox_full", session_id=live.session.session_id)
+            if isinstance(item, _Attach):
+                item.leg.refusal = (int(CloseCode.TRY_AGAIN_LATER), "busy")
+                item.leg.decided.set()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if isinstance(item, _Attach):
+                item.leg.refusal = (int(CloseCode.SESSION_ENDED), _reason(live))
+                item.leg.decided.set()
+            elif isinstance(item, _End) and item.done is not None:
+                item.done.set()
+
+    async def _run_session(
+        self, live: _Live, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        session = live.session
+        try:
+            async with trio.open_nursery() as nursery:
+                live.nursery = nursery
+                offer = control.Offer(
+                    session_id=session.session_id,
+                    engineer=session.engineer,
+                    engineer_role=live.engineer_role,
+                    reason=live.reason,
+                    channels=session.channels,
+                    max_seconds=session.max_seconds,
+                    grant_deadline_ms=session.grant_deadline_ms,
+                    nonce=live.nonce,
+                )
+                live.offered_at_s = trio.current_time()
+                sent = await self._send_control(live, offer)
+                await self._apply(live, OfferSent(now_ms=self._clock.now_ms()))
+                if not sent:
+                    await self._apply(live, DeviceDetached(now_ms=self._clock.now_ms()))
+                task_status.started()
+                await self._drive(live)
+                await self._linger(live)
+                nursery.cancel_scope.cancel()
+        finally:
+            live.inbox.close()
+            while True:
+                try:
+                    _refuse_late(live, live.inbox_out.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            live.inbox_out.close()
+            del self._sessions[session.session_id]
+            if self._by_device.get(session.device_id) == session.session_id:
+                del self._by_device[session.device_id]
+            self._set_metric_state(live, gone=True)
+            self._ended[session.session_id] = self._view(live)
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
+            self._idle.unpark_all()
+
+    async def _drive(self, live: _Live) -> None:
+        session = live.session
+        while not session.state.is_terminal:
+            deadline_ms = session.next_deadline_ms()
+            assert deadline_ms is not None  # noqa: S101 - live sessions always have a timer
+            item: _Input | None = None
+            with trio.move_on_at(self._clock.trio_time(deadline_ms)):
+                item = await live.inbox_out.receive()
+            try:
+                if item is None:
+                    await self._apply(live, Tick(now_ms=self._clock.now_ms()))
+                else:
+                    await self._on_input(live, item)
+            except ProtocolError as exc:
+                # A bug in this shell (an event the machine does not take now):
+                # this input is dropped, the session and the broker go on.
+                self._log.error(
+                    "session.shell_error",
+                    session_id=session.session_id,
+                    detail=str(exc)[:200],
+                )
+
+    async def _linger(self, live: _Live) -> None:
+        """After the end: release the legs, wait for the end receipt, refuse the rest."""
+        want_receipt = (
+            live.session.granted_at_ms is not None
+            and not live.control_lost
+            and live.session.end_reason
+            not in (EndReason.DEVICE_DISCONNECT, EndReason.REVOKED)
+        )
+        deadline = trio.current_time() + (END_RECEIPT_WAIT_S if want_receipt else 0)
+        with trio.move_on_at(deadline):
+            while want_receipt and not live.end_receipt.is_set():
+                item = await live.inbox_out.receive()
+                if isinstance(item, _DeviceMessage) and isinstance(
+                    item.event, control.SessionEnded
+                ):
+                    self._end_receipt(live, item.event)
+                else:
+                    _refuse_late(live, item)
+        if want_receipt and not live.end_receipt.is_set():
+            self._log.warning(
+                "session.end_receipt_missing",
+                session_id=live.session.session_id,
+                device_id=live.session.device_id,
+                audit=True,
+            )
+
+    async def _on_input(self, live: _Live, item: _Input) -> None:
+        session = live.session
+        now = self._clock.now_ms()
+        match item:
+            case _Attach(leg=leg, receive=receive):
+                event: Event = (
+                    DeviceAttached(now_ms=now)
+                    if leg.side is tunnel.Side.DEVICE
+                    else EngineerAttached(now_ms=now)
+                )
+                try:
+                    outputs = session.handle(event)
+                except LegRefused as exc:
+                    leg.refusal = (int(CloseCode.POLICY_VIOLATION), str(exc)[:120])
+                    leg.decided.set()
+                    return
+                if leg.side is tunnel.Side.DEVICE:
+                    live.device = leg
+                else:
+                    live.engineer = leg
+                leg.decided.set()
+                assert live.nursery is not None  # noqa: S101 - set before the driver runs
+                live.nursery.start_soon(self._pump, live, leg, receive)
+                if leg.side is tunnel.Side.ENGINEER and not any(
+                    isinstance(output, NotifyEngineer) for output in outputs
+                ):
+                    await self._engineer_state(live, leg)
+                await self._act(live, outputs)
+            case _LegGone(leg=leg):
+                await self._leg_gone(live, item, now)
+            case _End(reason=reason, done=done):
+                with contextlib.suppress(ProtocolError):
+                    await self._apply(live, EndRequested(now_ms=now, reason=reason))
+                if done is not None:
+                    done.set()
+            case _DeviceMessage():
+                await self._device_event(live, item.event, now)
+            case _ControlLost():
+                live.control_lost = True
+                await self._apply(live, DeviceDetached(now_ms=now))
+
+    async def _leg_gone(self, live: _Live, gone: _LegGone, now: int) -> None:
+        leg = gone.leg
+        if gone.protocol_error is not None:
+            self._log.warning(
+                "session.protocol_error",
+                session_id=live.session.session_id,
+                side=leg.side.value,
+                detail=gone.protocol_error[:200],
+                audit=True,
+            )
+        if leg.side is tunnel.Side.DEVICE:
+            if live.device is not leg:
+                return
+            if (
+                gone.code == CloseCode.SESSION_ENDED
+                and gone.reason == EndReason.ONSITE.value
+                and live.session.granted_at_ms is not None
+            ):
+                await self._apply(
+                    live, EndRequested(now_ms=now, reason=EndReason.ONSITE)
+                )
+            else:
+                await self._apply(live, DeviceDetached(now_ms=now))
+        else:
+            if live.engineer is not leg:
+                return
+            live.engineer = None
+            leg.released.set()
+            await self._apply(live, EngineerDetached(now_ms=now))
+
+    async def _device_event(self, live: _Live, event: control.Event, now: int) -> None:
+        session = live.session
+        if isinstance(event, control.Deny):
+            with contextlib.suppress(ProtocolError):
+                await self._apply(live, Denied(now_ms=now))
+            return
+        if isinstance(event, control.SessionEnded):
+            self._end_receipt(live, event)
+            if live.end_receipt.is_set():
+                with contextlib.suppress(ProtocolError):
+                    await self._apply(
+                        live, EndRequested(now_ms=now, reason=EndReason.ONSITE)
+                    )
+            return
+        if not isinstance(event, control.Grant):
+            return
+        if session.state is not State.OFFERED:
+            self._log.warning(
+                "session.late_grant", session_id=session.session_id, audit=True
+            )
+            return
+        try:
+            grant = receipts.verify_grant(
+                live.certificate,
+                receipts.SignedReceipt.from_wire(event.receipt, event.signature),
+                session_id=session.session_id,
+                device_id=session.device_id,
+                nonce=live.nonce,
+                engineer=session.engineer,
+                offered_channels=session.channels,
+                offered_max_seconds=session.max_seconds,
+            )
+        except receipts.ReceiptError as exc:
+            self._log.warning(
+                "session.grant_rejected",
+                session_id=session.session_id,
+                device_id=session.device_id,
+                reason=exc.reason,
+                detail=str(exc)[:200],
+                audit=True,
+            )
+            await self._apply(live, Denied(now_ms=now))
+            await self._send_control(
+                live,
+                control.SessionEnd(
+                    session_id=session.session_id, reason=EndReason.DENIED.value
+                ),
+            )
+            return
+        live.granted_channels = grant.channels
+        live.granted_max_seconds = grant.max_seconds
+        live.table = tunnel.StreamTable(channels=grant.channels)
+        live.granted_at_s = trio.current_time()
+        self._metrics.session_grant_wait.observe(live.granted_at_s - live.offered_at_s)
+        self._log.info(
+            "session.granted",
+            session_id=session.session_id,
+            device_id=session.device_id,
+            channels=list(grant.channels),
+            max_seconds=grant.max_seconds,
+            decided_by=grant.decided_by,
+            audit=True,
+        )
+        await self._apply(live, Granted(now_ms=now))
+
+    def _end_receipt(self, live: _Live, event: control.SessionEnded) -> None:
+        session = live.session
+        try:
+            end = receipts.verify_end(
+                live.certificate,
+                receipts.SignedReceipt.from_wire(event.receipt, event.signature),
+                session_id=session.session_id,
+                device_id=session.device_id,
+                nonce=live.nonce,
+            )
+        except receipts.ReceiptError as exc:
+            self._log.warning(
+                "session.end_receipt_rejected",
+                session_id=session.session_id,
+                device_id=session.device_id,
+                reason=exc.reason,
+                detail=str(exc)[:200],
+                audit=True,
+            )
+            return
+        if end.reason != EndReason.ONSITE.value and not session.state.is_terminal:
+            # Only the on-site End may come unasked; anything else is logged.
+            self._log.warning(
+                "session.end_receipt_unexpected",
+                session_id=session.session_id,
+                reason=end.reason,
+                audit=True,
+            )
+            return
+        live.end_receipt.set()
+        self._log.info(
+            "session.end_receipt",
+            session_id=session.session_id,
+            device_id=session.device_id,
+            reason=end.reason,
+            device_bytes_to_device=end.bytes_to_device,
+            device_bytes_from_device=end.bytes_from_device,
+            device_streams_opened=end.streams_opened,
+            broker_bytes_to_device=live.bytes_to_device,
+            broker_bytes_from_device=live.bytes_from_device,
+            granted_max_seconds=live.granted_max_seconds,
+            audit=True,
+        )
+
+    async def _apply(self, live: _Live, event: Event) -> None:
+        outputs = live.session.handle(event)
+        await self._act(live, outputs)
+
+    async def _act(self, live: _Live, outputs: list[Output]) -> None:
+        live.state_changed.set()
+        live.state_changed = trio.Event()
+        self._set_metric_state(live)
+        for output in outputs:
+            match output:
+                case NotifyEngineer():
+                    if live.engineer is not None:
+                        await self._engineer_state(live, live.engineer)
+                case Pair():
+                    live.paired.set()
+                case Warn(minutes_left=minutes):
+                    if live.engineer is not None:
+                        await self._engineer_text(
+                            live.engineer, {"type": "warning", "minutes_left": minutes}
+                        )
+                case EndSession(reason=reason):
+                    await self._finish(live, reason)
+
+    async def _finish(self, live: _Live, reason: EndReason) -> None:
+        session = live.session
+        for scope in live.pump_scopes:
+            scope.cancel()
+        if self._by_device.get(session.device_id) == session.session_id:
+            del self._by_device[session.device_id]
+        self._metrics.session_ends.labels(reason.value).inc()
+        if live.granted_at_s is not None:
+            self._metrics.session_duration.observe(
+                trio.current_time() - live.granted_at_s
+            )
+        self._log.info(
+            "session.end",
+            session_id=session.session_id,
+            device_id=session.device_id,
+            engineer=session.engineer,
+            reason=reason.value,
+            bytes_to_device=live.bytes_to_device,
+            bytes_from_device=live.bytes_from_device,
+            audit=True,
+        )
+        live.ended.set()
+        for leg in (live.engineer, live.device):
+            if leg is not None:
+                leg.released.set()
+        if live.control_lost or reason is EndReason.DEVICE_DISCONNECT:
+            return
+        if session.granted_at_ms is None:
+            if reason is not EndReason.DENIED:
+                await self._send_control(
+                    live,
+                    control.OfferWithdrawn(
+                        session_id=session.session_id, reason=reason.value
+                    ),
+                )
+        elif reason is not EndReason.ONSITE:
+            await self._send_control(
+                live,
+                control.SessionEnd(session_id=session.session_id, reason=reason.value),
+            )
+
+    async def _send_control(self, live: _Live, event: control.Event) -> bool:
+        if live.control_lost:
+            return False
+        with trio.move_on_after(LEG_CLOSE_S * 2):
+            return await self._control.send_control(
+                live.session.device_id, live.connection_id, event
+            )
+        return False
+
+    async def _engineer_state(self, live: _Live, leg: _Leg) -> None:
+        state = live.session.state
+        if state.is_terminal or state is State.REQUESTED:
+            return
+        await self._engineer_text(
+            leg,
+            {
+                "type": "state",
+                "state": state.value,
+                "ends_at_ms": live.session.ends_at_ms,
+            },
+        )
+
+    async def _engineer_text(self, leg: _Leg, message: dict[str, Any]) -> None:
+        assert leg.send_text is not None  # noqa: S101 - engineer legs send text
+        with trio.move_on_after(ENGINEER_SEND_S):
+            async with leg.send_lock:
+                with contextlib.suppress(*_GONE):
+                    await leg.send_text(json.dumps(message))
+
+    # The relay -------------------------------------------------------------------
+
+    async def _pump(self, live: _Live, leg: _Leg, receive: Callable[[], Any]) -> None:
+        """Relay *leg*'s frames to the other leg until cancelled or the leg fails."""
+        side = leg.side
+        gone: _LegGone | None = None
+        scope = trio.CancelScope()
+        live.pump_scopes.append(scope)
+        if live.ended.is_set():
+            scope.cancel()
+        with scope:
+            try:
+                while True:
+                    data = await receive()
+                    await live.paired.wait()
+                    assert live.table is not None  # noqa: S101 - paired sessions are granted
+                    frame = tunnel.decode(data)
+                    if (
+                        live.table.receive(frame, sender=side)
+                        is tunnel.Disposition.DROP
+                    ):
+                        continue
+                    if isinstance(frame, tunnel.StreamData):
+                        size = len(frame.payload)
+                        if side is tunnel.Side.ENGINEER:
+                            live.bytes_to_device += size
+                            self._metrics.relay_bytes.labels("to_device").inc(size)
+                        else:
+                            live.bytes_from_device += size
+                            self._metrics.relay_bytes.labels("from_device").inc(size)
+                    peer = (
+                        live.device if side is tunnel.Side.ENGINEER else live.engineer
+                    )
+                    while peer is None:
+                        # The engineer is away within the reattach grace.
+                        await live.state_changed.wait()
+                        peer = live.engineer
+                    try:
+                        async with peer.send_lock:
+                            await peer.send(data)
+                    except _GONE:
+                        # The other leg's socket failed; its own pump reports it.
+                        await trio.sleep_forever()
+            except ConnectionClosed as exc:
+                gone = _LegGone(leg, exc.code, exc.reason)
+            except _EngineerGone as exc:
+                gone = _LegGone(leg, protocol_error=exc.protocol_error)
+            except RemoteProtocolError as exc:
+                gone = _LegGone(leg, protocol_error=str(exc))
+        if gone is not None:
+            self._post(live, gone)
+
+    def _set_metric_state(self, live: _Live, *, gone: bool = False) -> None:
+        state = live.session.state
+        new = None if gone or state.is_terminal else state.value
+        if new == live.metric_state:
+            return
+        if live.metric_state is not None:
+            self._metrics.sessions.labels(live.metric_state).dec()
+        if new is not None:
+            self._metrics.sessions.labels(new).inc()
+        live.metric_state = new
+
+
+_GONE: Final = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    RuntimeError,  # starlette: send after close
+    ConnectionClosed,
+)
+
+
+class _EngineerGone(Exception):
+    def __init__(self, protocol_error: str | None) -> None:
+        super().__init__(protocol_error or "disconnected")
+        self.protocol_error = protocol_error
+
+
+def _engineer_receiver(websocket: WebSocket) -> Callable[[], Any]:
+    async def receive() -> bytes:
+        try:
+            message = await websocket.receive()
+        except RuntimeError:
+            raise _EngineerGone(None) from None
+        if message["type"] == "websocket.disconnect":
+            raise _EngineerGone(None)
+        data = message.get("bytes")
+        if data is None:
+            raise _EngineerGone("text message on the attach socket")
+        return bytes(data)
+
+    return receive
+
+
+def _refuse_late(live: _Live, item: _Input) -> None:
+    if isinstance(item, _Attach):
+        item.leg.refusal = (int(CloseCode.SESSION_ENDED), _reason(live))
+        item.leg.decided.set()
+    elif isinstance(item, _End) and item.done is not None:
+        item.done.set()
+
+
+def _reason(live: _Live) -> str:
+    reason = live.session.end_reason
+    return "" if reason is None else reason.value
+
+
+async def _close_device(ws: WebSocketConnection, code: int, reason: str) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(LEG_CLOSE_S):
+        await ws.aclose(code, reason)
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()

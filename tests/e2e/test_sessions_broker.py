@@ -1,0 +1,672 @@
+"""Remote sessions on the broker, end to end over real TLS on loopback.
+
+The device is a scripted fake in this file (our WebSocket client with a device
+certificate: control channel, grant signed with the device key, tunnel); the
+engineer logs in over the API and attaches with trio-websocket. Caps and
+timeouts are a few seconds at most, set through the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+import auth
+from relay._trio.broker import serve_broker
+from relay._trio.session_broker import SessionBroker
+from relay._trio.websocket import ConnectionClosed, WebSocketConnection
+from relay.config import SessionConfig
+from relay.metrics import SESSION_STATES, RelayMetrics
+from relay.pki_files import AgentDir
+from relay.proto import control, receipts, tunnel
+from relay.proto.close import CloseCode
+from tests.e2e.conftest import (
+    LOOPBACK,
+    PKI,
+    RunningBroker,
+    add_engineer,
+    api_client,
+    login_token,
+    wait_until,
+)
+from tests.e2e.test_device_listener import open_device, say_hello
+
+pytestmark = pytest.mark.slow
+
+DEVICE = "dev-s1"
+
+
+@dataclass
+class Harness:
+    """A broker with session settings of the test's choosing, and its parts."""
+
+    broker: RunningBroker
+    sessions: SessionBroker
+    api: httpx.AsyncClient
+    pki: PKI
+    token: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    async def request(
+        self, channels: list[str] | None = None, token: str | None = None
+    ) -> httpx.Response:
+        return await self.api.post(
+            "/api/v1/sessions",
+            json={
+                "device_id": DEVICE,
+                "reason": "ticket 4711: conductivity alarm",
+                "channels": channels or ["shell", "tcp:22"],
+            },
+            headers=self.headers(token),
+        )
+
+    async def assert_clean(self) -> None:
+        """Nothing of any session is left: no session, no task, gauges at 0."""
+        await wait_until(lambda: len(self.sessions) == 0)
+        nursery = self.sessions._nursery
+        assert nursery is not None
+        assert not nursery.child_tasks
+        for state in SESSION_STATES:
+            assert self.broker.sample("relay_sessions", state=state) == 0
+
+
+@asynccontextmanager
+async def harness(
+    pki: PKI, nursery: trio.Nursery, **session_settings: Any
+) -> AsyncIterator[Harness]:
+    config = dataclasses.replace(
+        pki.config,
+        sessions=SessionConfig(
+            **{"max_session_seconds": 30, "grant_timeout_s": 5.0, **session_settings}
+        ),
+    )
+    metrics, shutdown = RelayMetrics(), trio.Event()
+    found: list[SessionBroker] = []
+    ports = await nursery.start(
+        lambda task_status: serve_broker(
+            config,
+            shutdown,
+            metrics=metrics,
+            sessions_hook=found.append,
+            task_status=task_status,
+        )
+    )
+    secret = add_engineer(pki, "alice")
+    try:
+        async with api_client(pki, ports.engineer) as api:
+            h = Harness(
+                RunningBroker(ports, config, metrics, shutdown), found[0], api, pki
+            )
+            h.token = await login_token(api, "alice", secret)
+            yield h
+    finally:
+        shutdown.set()
+
+
+# --- the fake device ------------------------------------------------------------
+
+
+@dataclass
+class FakeDevice:
+    """The device side, scripted: control channel, grants, tunnel."""
+
+    ws: WebSocketConnection
+    channel: control.ControlChannel
+    agent_dir: AgentDir
+    device_id: str = DEVICE
+
+    @property
+    def key(self) -> receipts.DevicePrivateKey:
+        return auth.load_private_key(self.agent_dir.key.read_bytes())
+
+    async def next_event(self) -> control.Event:
+        with trio.fail_after(5):
+            while True:
+                self.channel.receive_message(await self.ws.receive_message())
+                event = self.channel.next_event()
+                assert not isinstance(event, control._NeedData)
+                if not isinstance(event, control.HeartbeatAck):
+                    return event
+
+    async def send(self, event: control.Event) -> None:
+        await self.ws.send_message(self.channel.send(event))
+
+    def grant(
+        self,
+        offer: control.Offer,
+        *,
+        key: receipts.DevicePrivateKey | None = None,
+        nonce: str | None = None,
+        channels: tuple[str, ...] | None = None,
+    ) -> control.Grant:
+        receipt = receipts.GrantReceipt(
+            session_id=offer.session_id,
+            device_id=self.device_id,
+            nonce=nonce or offer.nonce,
+            engineer=offer.engineer,
+            channels=channels or offer.channels,
+            max_seconds=offer.max_seconds,
+            granted_at_ms=int(time.time() * 1000),
+            decided_by="touchscreen",
+        )
+        wire, signature = receipts.sign_grant(key or self.key, receipt).to_wire()
+        return control.Grant(
+            session_id=offer.session_id, receipt=wire, signature=signature
+        )
+
+    def ended(self, offer: control.Offer, reason: str) -> control.SessionEnded:
+        receipt = receipts.EndReceipt(
+            session_id=offer.session_id,
+            device_id=self.device_id,
+            nonce=offer.nonce,
+            reason=reason,
+            ended_at_ms=int(time.time() * 1000),
+            bytes_to_device=0,
+            bytes_from_device=0,
+            streams_opened=0,
+        )
+        wire, signature = receipts.sign_end(self.key, receipt).to_wire()
+        return control.SessionEnded(
+            session_id=offer.session_id, receipt=wire, signature=signature
+        )
+
+
+@asynccontextmanager
+async def fake_device(h: Harness, device_id: str = DEVICE) -> AsyncIterator[FakeDevice]:
+    agent_dir = h.pki.enroll(device_id)
+    async with open_device(h.broker, h.pki, agent_dir) as ws:
+        channel = await say_hello(ws, device_id)
+        yield FakeDevice(ws, channel, agent_dir, device_id)
+
+
+@asynccontextmanager
+async def open_tunnel(
+    h: Harness, device: FakeDevice, session_id: str
+) -> AsyncIterator[WebSocketConnection]:
+    async with open_device(
+        h.broker, h.pki, device.agent_dir, f"/v1/device/tunnel/{session_id}"
+    ) as ws:
+        yield ws
+
+
+@asynccontextmanager
+async def attach(
+    h: Harness, session_id: str, token: str | None = None
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    # As tests/e2e/test_engineer_websockets.py: the stream is ours to close.
+    port = h.broker.ports.engineer
+    context = ssl.create_default_context(cafile=str(h.pki.ca_file))
+    stream = await trio.open_ssl_over_tcp_stream(
+        LOOPBACK, port, ssl_context=context, https_compatible=True
+    )
+    async with stream, trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,
+                f"{LOOPBACK}:{port}",
+                f"/api/v1/sessions/{session_id}/attach",
+                extra_headers=[
+                    (b"authorization", f"Bearer {token or h.token}".encode())
+                ],
+                max_message_size=1024 * 1024,
+            )
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(5):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def status(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, str), message
+    result: dict[str, Any] = json.loads(message)
+    return result
+
+
+async def frame_from(ws: trio_websocket.WebSocketConnection) -> tunnel.Frame:
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, bytes), message
+    return tunnel.decode(message)
+
+
+async def device_frame(ws: WebSocketConnection) -> tunnel.Frame:
+    with trio.fail_after(5):
+        return tunnel.decode(await ws.receive_message())
+
+
+async def engineer_closed(
+    ws: trio_websocket.WebSocketConnection, within_s: float = 5.0
+) -> tuple[list[dict[str, Any]], trio_websocket.CloseReason]:
+    """Read until the broker closes; return the status messages and the close."""
+    seen: list[dict[str, Any]] = []
+    with (
+        trio.fail_after(within_s),
+        pytest.raises(trio_websocket.ConnectionClosed) as closed,
+    ):
+        await _collect_text(ws, seen)
+    reason = closed.value.reason
+    assert reason is not None
+    return seen, reason
+
+
+async def _collect_text(
+    ws: trio_websocket.WebSocketConnection, seen: list[dict[str, Any]]
+) -> None:
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, str):
+            seen.append(json.loads(message))
+
+
+async def device_closed(
+    ws: WebSocketConnection, within_s: float = 5.0
+) -> ConnectionClosed:
+    with trio.fail_after(within_s):
+        try:
+            while True:
+                await ws.receive_message()
+        except ConnectionClosed as closed:
+            return closed
+
+
+async def requested(h: Harness, device: FakeDevice, **kw: Any) -> control.Offer:
+    response = await h.request(**kw)
+    assert response.status_code == 201, response.text
+    offer = await device.next_event()
+    assert isinstance(offer, control.Offer)
+    assert response.json() == {"session_id": offer.session_id, "state": "offered"}
+    return offer
+
+
+async def granted(h: Harness, device: FakeDevice) -> control.Offer:
+    offer = await requested(h, device)
+    await device.send(device.grant(offer))
+    await wait_until(lambda: h.sessions.view(offer.session_id)["state"] == "granted")  # type: ignore[index]
+    return offer
+
+
+@asynccontextmanager
+async def active_session(
+    h: Harness, device: FakeDevice
+) -> AsyncIterator[
+    tuple[control.Offer, WebSocketConnection, trio_websocket.WebSocketConnection]
+]:
+    offer = await granted(h, device)
+    async with (
+        open_tunnel(h, device, offer.session_id) as tun,
+        attach(h, offer.session_id) as eng,
+    ):
+        assert (await status(eng))["state"] == "active"
+        yield offer, tun, eng
+
+
+# --- tests ----------------------------------------------------------------------
+
+
+async def test_happy_path_relays_and_engineer_ends(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Request, offer, grant, both legs, a stream echoed both ways; the engineer's
+    DELETE ends it: both legs closed 4005 "engineer", the device gets SessionEnd."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        response = await h.request()
+        offer = await device.next_event()
+        assert isinstance(offer, control.Offer)
+        sid = offer.session_id
+        assert response.json() == {"session_id": sid, "state": "offered"}
+        assert offer.engineer == "alice"
+        assert offer.engineer_role == "engineer"
+        assert offer.reason == "ticket 4711: conductivity alarm"
+        assert offer.channels == ("shell", "tcp:22")
+        assert offer.max_seconds == 30
+        assert offer.grant_deadline_ms > time.time() * 1000
+        assert len(offer.nonce) == 43
+        assert h.broker.sample("relay_sessions", state="offered") == 1
+        view = (await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers())).json()
+        assert view["state"] == "offered"
+        assert view["engineer"] == "alice"
+        assert view["granted_at"] is None
+        async with attach(h, sid) as eng:
+            assert await status(eng) == {
+                "type": "state",
+                "state": "offered",
+                "ends_at_ms": None,
+            }
+            await device.send(device.grant(offer))
+            granted_status = await status(eng)
+            assert granted_status["state"] == "granted"
+            assert granted_status["ends_at_ms"] > time.time() * 1000
+            async with open_tunnel(h, device, sid) as tun:
+                assert (await status(eng))["state"] == "active"
+                await eng.send_message(
+                    tunnel.encode(tunnel.StreamOpen(stream_id=1, channel="tcp:22"))
+                )
+                assert await device_frame(tun) == tunnel.StreamOpen(
+                    stream_id=1, channel="tcp:22"
+                )
+                await tun.send_message(tunnel.encode(tunnel.StreamOpenOk(stream_id=1)))
+                assert await frame_from(eng) == tunnel.StreamOpenOk(stream_id=1)
+                await eng.send_message(
+                    tunnel.encode(tunnel.StreamData(stream_id=1, payload=b"ping"))
+                )
+                data = await device_frame(tun)
+                assert data == tunnel.StreamData(stream_id=1, payload=b"ping")
+                await tun.send_message(
+                    tunnel.encode(tunnel.StreamData(stream_id=1, payload=b"pong!"))
+                )
+                assert await frame_from(eng) == tunnel.StreamData(
+                    stream_id=1, payload=b"pong!"
+                )
+                view = (
+                    await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers())
+                ).json()
+                assert view["state"] == "active"
+                assert view["granted_at"] is not None
+                deleted = await h.api.delete(
+                    f"/api/v1/sessions/{sid}", headers=h.headers()
+                )
+                assert deleted.status_code == 200
+                assert deleted.json()["end_reason"] == "engineer"
+                end = await device.next_event()
+                assert end == control.SessionEnd(session_id=sid, reason="engineer")
+                await device.send(device.ended(offer, "engineer"))
+                closed = await device_closed(tun)
+                assert (closed.code, closed.reason) == (4005, "engineer")
+            seen, reason = await engineer_closed(eng)
+            assert seen == [{"type": "end", "reason": "engineer"}]
+            assert (reason.code, reason.reason) == (4005, "engineer")
+        await h.assert_clean()
+        assert h.broker.sample("relay_relay_bytes_total", direction="to_device") == 4
+        assert h.broker.sample("relay_relay_bytes_total", direction="from_device") == 5
+        assert h.broker.sample("relay_session_ends_total", reason="engineer") == 1
+        view = (await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers())).json()
+        assert view["state"] == "ended"
+        assert view["end_reason"] == "engineer"
+
+
+async def test_second_request_is_busy_and_cancel_withdraws(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A device with a pending session answers 409 busy; DELETE before the grant
+    is "cancelled" and withdraws the offer."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await requested(h, device)
+        second = await h.request()
+        assert second.status_code == 409
+        assert second.json() == {"error": "busy"}
+        deleted = await h.api.delete(
+            f"/api/v1/sessions/{offer.session_id}", headers=h.headers()
+        )
+        assert deleted.json()["end_reason"] == "cancelled"
+        assert await device.next_event() == control.OfferWithdrawn(
+            session_id=offer.session_id, reason="cancelled"
+        )
+        again = await h.api.delete(
+            f"/api/v1/sessions/{offer.session_id}", headers=h.headers()
+        )
+        assert again.status_code in (404, 409)
+        await h.assert_clean()
+
+
+async def test_request_refusals(pki: PKI, nursery: trio.Nursery) -> None:
+    """Unknown or offline device 404, a channel off the policy 403, bad bodies 400,
+    an auditor 403; another engineer cannot see the session (404)."""
+    async with harness(pki, nursery) as h:
+        assert (await h.request()).status_code == 404  # enrolled nowhere, offline
+        async with fake_device(h):
+            refused = await h.request(channels=["tcp:80"])
+            assert refused.status_code == 403
+            bad = await h.api.post(
+                "/api/v1/sessions", json={"device_id": DEVICE}, headers=h.headers()
+            )
+            assert bad.status_code == 400
+            bad = await h.request(channels=["tcp:022"])
+            assert bad.status_code == 400
+            secret = add_engineer(pki, "ivy", role="auditor")
+            auditor = await login_token(h.api, "ivy", secret)
+            assert (await h.request(token=auditor)).status_code == 403
+            created = await h.request()
+            sid = created.json()["session_id"]
+            secret = add_engineer(pki, "bob")
+            bob = await login_token(h.api, "bob", secret)
+            seen = await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers(bob))
+            assert seen.status_code == 404
+            assert (
+                await h.api.delete(f"/api/v1/sessions/{sid}", headers=h.headers(bob))
+            ).status_code == 404
+        await h.assert_clean()
+        assert (
+            h.broker.sample("relay_session_ends_total", reason="device_disconnect") == 1
+        )
+
+
+async def test_deny_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
+    """The person at the device says no: the session ends "denied"."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await requested(h, device)
+        async with attach(h, offer.session_id) as eng:
+            await status(eng)
+            await device.send(control.Deny(session_id=offer.session_id, reason="no"))
+            seen, reason = await engineer_closed(eng)
+            assert seen == [{"type": "end", "reason": "denied"}]
+            assert (reason.code, reason.reason) == (4005, "denied")
+        await h.assert_clean()
+        assert h.sessions.view(offer.session_id)["state"] == "denied"  # type: ignore[index]
+
+
+async def test_grant_timeout_withdraws_the_offer(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """No answer within the grant timeout: "grant_timeout" and OfferWithdrawn."""
+    async with (
+        harness(pki, nursery, grant_timeout_s=0.5) as h,
+        fake_device(h) as device,
+    ):
+        offer = await requested(h, device)
+        withdrawn = await device.next_event()
+        assert withdrawn == control.OfferWithdrawn(
+            session_id=offer.session_id, reason="grant_timeout"
+        )
+        await h.assert_clean()
+        assert h.sessions.view(offer.session_id)["end_reason"] == "grant_timeout"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "forgery", ["wrong_key", "other_nonce", "channels_not_offered"]
+)
+async def test_bad_grants_are_refused(
+    pki: PKI, nursery: trio.Nursery, forgery: str
+) -> None:
+    """A grant signed by another key, for another offer's nonce, or for channels
+    never offered counts as no grant: "denied", no tunnel admitted."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await requested(h, device)
+        if forgery == "wrong_key":
+            grant = device.grant(offer, key=auth.generate_private_key())
+        elif forgery == "other_nonce":
+            grant = device.grant(offer, nonce="A" * 43)
+        else:
+            grant = device.grant(offer, channels=("tcp:443",))
+        await device.send(grant)
+        assert await device.next_event() == control.SessionEnd(
+            session_id=offer.session_id, reason="denied"
+        )
+        with pytest.raises(Exception, match=r"410|404") as refused:
+            async with open_tunnel(h, device, offer.session_id):
+                pass  # pragma: no cover - refused
+        assert getattr(refused.value, "status", None) in (404, 410)
+        await h.assert_clean()
+        assert h.sessions.view(offer.session_id)["end_reason"] == "denied"  # type: ignore[index]
+
+
+async def test_tunnel_from_another_device_or_twice_is_refused(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Another device's tunnel for this session is 404; a second tunnel 409."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await granted(h, device)
+        other_dir = pki.enroll("dev-other")
+        with pytest.raises(Exception, match="404"):
+            async with open_device(
+                h.broker, pki, other_dir, f"/v1/device/tunnel/{offer.session_id}"
+            ):
+                pass  # pragma: no cover - refused
+        async with open_tunnel(h, device, offer.session_id):
+            with pytest.raises(Exception, match="409"):
+                async with open_tunnel(h, device, offer.session_id):
+                    pass  # pragma: no cover - refused
+            await h.api.delete(
+                f"/api/v1/sessions/{offer.session_id}", headers=h.headers()
+            )
+        await h.assert_clean()
+
+
+async def test_onsite_end_tells_the_engineer(pki: PKI, nursery: trio.Nursery) -> None:
+    """The device ends on site (closes the tunnel 4005 "onsite", sends
+    SessionEnded): the engineer gets the end message and 4005 "onsite"."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        async with active_session(h, device) as (offer, tun, eng):
+            await tun.aclose(CloseCode.SESSION_ENDED, "onsite")
+            await device.send(device.ended(offer, "onsite"))
+            seen, reason = await engineer_closed(eng, within_s=2.0)
+            assert seen == [{"type": "end", "reason": "onsite"}]
+            assert (reason.code, reason.reason) == (4005, "onsite")
+        await h.assert_clean()
+        assert h.broker.sample("relay_session_ends_total", reason="onsite") == 1
+
+
+async def test_time_cap_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
+    """With a 2 s cap the broker ends the session "time_cap" by cap + 1 s."""
+    async with (
+        harness(pki, nursery, max_session_seconds=2) as h,
+        fake_device(h) as device,
+    ):
+        offer = await requested(h, device)
+        await device.send(device.grant(offer))
+        started = trio.current_time()
+        async with open_tunnel(h, device, offer.session_id) as tun:
+            async with attach(h, offer.session_id) as eng:
+                seen, reason = await engineer_closed(eng, within_s=4.0)
+                elapsed = trio.current_time() - started
+                assert (reason.code, reason.reason) == (4005, "time_cap")
+                assert seen[-1] == {"type": "end", "reason": "time_cap"}
+                assert elapsed <= 3.0
+            end = await device.next_event()
+            assert end == control.SessionEnd(
+                session_id=offer.session_id, reason="time_cap"
+            )
+            await device.send(device.ended(offer, "time_cap"))
+            closed = await device_closed(tun)
+            assert (closed.code, closed.reason) == (4005, "time_cap")
+        await h.assert_clean()
+
+
+async def test_device_disconnect_ends_the_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """The control channel drops: "device_disconnect", the engineer is closed."""
+    async with harness(pki, nursery) as h:
+        async with fake_device(h) as device, active_session(h, device) as (_, tun, eng):
+            await device.ws.aclose()
+            _, reason = await engineer_closed(eng)
+            assert (reason.code, reason.reason) == (4005, "device_disconnect")
+            closed = await device_closed(tun)
+            assert closed.code == 4005
+        await h.assert_clean()
+
+
+async def test_logout_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
+    """The engineer's login ends: the session ends "login_ended"; the engineer is
+    told and closed 4004 (log in again), the device gets SessionEnd and 4005."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        async with active_session(h, device) as (offer, tun, eng):
+            await h.api.post("/api/v1/logout", headers=h.headers())
+            seen, reason = await engineer_closed(eng)
+            assert seen == [{"type": "end", "reason": "login_ended"}]
+            assert reason.code == CloseCode.LOGIN_ENDED
+            assert await device.next_event() == control.SessionEnd(
+                session_id=offer.session_id, reason="login_ended"
+            )
+            await device.send(device.ended(offer, "login_ended"))
+            closed = await device_closed(tun)
+            assert (closed.code, closed.reason) == (4005, "login_ended")
+        await h.assert_clean()
+
+
+@pytest.mark.parametrize("side", ["engineer", "device"])
+async def test_malformed_frame_ends_the_session(
+    pki: PKI, nursery: trio.Nursery, side: str
+) -> None:
+    """A malformed frame is a protocol error of the leg that sent it: the session
+    ends as that leg's disconnect, both legs closed 4005."""
+    expected = f"{side}_disconnect"
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        async with active_session(h, device) as (_offer, tun, eng):
+            garbage = b"\x09\x00\x00\x00\x01"  # unknown frame type 9
+            if side == "engineer":
+                await eng.send_message(garbage)
+            else:
+                await tun.send_message(garbage)
+            _, reason = await engineer_closed(eng)
+            assert (reason.code, reason.reason) == (4005, expected)
+            closed = await device_closed(tun)
+            assert (closed.code, closed.reason) == (4005, expected)
+        await h.assert_clean()
+        assert h.broker.sample("relay_session_ends_total", reason=expected) == 1
+
+
+async def test_frame_off_the_granted_channels_ends_the_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """An OPEN of a channel the device did not grant never reaches the device."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        async with active_session(h, device) as (_offer, tun, eng):
+            await eng.send_message(
+                tunnel.encode(tunnel.StreamOpen(stream_id=1, channel="tcp:443"))
+            )
+            _, reason = await engineer_closed(eng)
+            assert reason.reason == "engineer_disconnect"
+            closed = await device_closed(tun)
+            assert closed.code == 4005
+        await h.assert_clean()
+
+
+async def test_broker_shutdown_ends_sessions(pki: PKI, nursery: trio.Nursery) -> None:
+    """Shutdown ends live sessions with "broker_shutdown" before channels close."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await granted(h, device)
+        async with attach(h, offer.session_id) as eng:
+            await status(eng)
+            h.broker.shutdown.set()
+            assert await device.next_event() == control.SessionEnd(
+                session_id=offer.session_id, reason="broker_shutdown"
+            )
+            _, reason = await engineer_closed(eng)
+            assert (reason.code, reason.reason) == (4005, "broker_shutdown")
+        await wait_until(lambda: len(h.sessions) == 0)
+
+
+def test_session_cap_above_3600_is_refused() -> None:
+    """The config refuses a cap above the 3600 s ceiling (Invariant 2)."""
+    with pytest.raises(ValueError, match="3600"):
+        SessionConfig(max_session_seconds=3601)
+    assert SessionConfig().max_session_seconds == 3600
