@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -609,6 +610,41 @@ async def test_logout_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
             await device.send(device.ended(offer, "login_ended"))
             closed = await device_closed(tun)
             assert (closed.code, closed.reason) == (4005, "login_ended")
+        await h.assert_clean()
+
+
+async def test_admin_ends_an_engineers_session(pki: PKI, nursery: trio.Nursery) -> None:
+    """An admin's DELETE ends another engineer's session with "admin" on both legs."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        admin = await login_token(
+            h.api, "root", add_engineer(pki, "root", role="admin")
+        )
+        async with active_session(h, device) as (offer, tun, eng):
+            ended = await h.api.delete(
+                f"/api/v1/sessions/{offer.session_id}", headers=h.headers(admin)
+            )
+            assert ended.status_code == 200, ended.text
+            seen, reason = await engineer_closed(eng)
+            assert {"type": "end", "reason": "admin"} in seen
+            assert (reason.code, reason.reason) == (4005, "admin")
+            assert await device.next_event() == control.SessionEnd(
+                session_id=offer.session_id, reason="admin"
+            )
+            closed = await device_closed(tun)
+            assert (closed.code, closed.reason) == (4005, "admin")
+        await h.assert_clean()
+
+
+async def test_revocation_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
+    """`relay device revoke` mid-session: "revoked" to the engineer within the
+    revocation budget, and the device is gone."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        async with active_session(h, device) as (_offer, _tun, eng):
+            with pki.store() as store:
+                store.revoke_device(DEVICE, at=datetime.now(UTC), reason="stolen")
+            seen, reason = await engineer_closed(eng, within_s=5.0)
+            assert {"type": "end", "reason": "revoked"} in seen
+            assert (reason.code, reason.reason) == (4005, "revoked")
         await h.assert_clean()
 
 
