@@ -797,7 +797,9 @@ class SessionBroker:
             decided_by=grant.decided_by,
             audit=True,
         )
-        await self._apply(live, Granted(now_ms=now))
+        # The device may grant a shorter cap than offered (its own limit); the
+        # broker then ends the session at that one too.
+        await self._apply(live, Granted(now_ms=now, max_seconds=grant.max_seconds))
 
     def _end_receipt(self, live: _Live, event: control.SessionEnded) -> None:
         session = live.session

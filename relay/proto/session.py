@@ -305,7 +305,13 @@ class OfferSent(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Granted(Event):
-    """The device granted the session; the shell has verified the signed receipt."""
+    """The device granted the session; the shell has verified the signed receipt.
+
+    ``max_seconds`` is the cap the device granted, when it chose a shorter one
+    than offered (its own limit); the session then ends at the shorter cap.
+    """
+
+    max_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -581,10 +587,16 @@ class Session:
             case OfferSent():
                 v.state = new_state
                 return [NotifyEngineer(new_state)]
-            case Granted(now_ms=now):
+            case Granted(now_ms=now, max_seconds=granted_cap):
+                cap = self.max_seconds if granted_cap is None else granted_cap
+                if not 1 <= cap <= self.max_seconds:
+                    # The receipt check refuses a cap beyond the offer: a shell bug.
+                    raise LocalProtocolError(
+                        f"granted cap {cap} s is outside 1..{self.max_seconds} s"
+                    )
                 v.state = new_state
                 v.granted_at_ms = now
-                v.ends_at_ms = now + self.max_seconds * 1000
+                v.ends_at_ms = now + cap * 1000
                 v.warnings = tuple(
                     (v.ends_at_ms - minutes * _MS_PER_MINUTE, minutes)
                     for minutes in WARNING_MINUTES

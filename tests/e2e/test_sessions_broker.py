@@ -153,6 +153,7 @@ class FakeDevice:
         key: receipts.DevicePrivateKey | None = None,
         nonce: str | None = None,
         channels: tuple[str, ...] | None = None,
+        max_seconds: int | None = None,
     ) -> control.Grant:
         receipt = receipts.GrantReceipt(
             session_id=offer.session_id,
@@ -160,7 +161,7 @@ class FakeDevice:
             nonce=nonce or offer.nonce,
             engineer=offer.engineer,
             channels=channels or offer.channels,
-            max_seconds=offer.max_seconds,
+            max_seconds=max_seconds or offer.max_seconds,
             granted_at_ms=int(time.time() * 1000),
             decided_by="touchscreen",
         )
@@ -578,6 +579,32 @@ async def test_time_cap_ends_the_session(pki: PKI, nursery: trio.Nursery) -> Non
             await device.send(device.ended(offer, "time_cap"))
             closed = await device_closed(tun)
             assert (closed.code, closed.reason) == (4005, "time_cap")
+        await h.assert_clean()
+
+
+def _state(h: Harness, session_id: str) -> object:
+    view = h.sessions.view(session_id)
+    return None if view is None else view["state"]
+
+
+async def test_a_shorter_cap_granted_by_the_device_ends_the_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """The device grants 2 s of the 30 s offered: the broker ends it at 2 s too."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await requested(h, device)
+        assert offer.max_seconds == 30
+        await device.send(device.grant(offer, max_seconds=2))
+        await wait_until(lambda: _state(h, offer.session_id) == "granted")
+        async with (
+            open_tunnel(h, device, offer.session_id),
+            attach(h, offer.session_id) as eng,
+        ):
+            started = trio.current_time()
+            seen, reason = await engineer_closed(eng, within_s=5.0)
+            assert {"type": "end", "reason": "time_cap"} in seen
+            assert reason.code == 4005
+            assert trio.current_time() - started <= 3.0
         await h.assert_clean()
 
 

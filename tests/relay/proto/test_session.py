@@ -654,6 +654,26 @@ def test_cap_counts_from_grant_not_from_active() -> None:
     ]
 
 
+def test_a_shorter_cap_granted_by_the_device_is_the_cap() -> None:
+    """The device may grant less than offered (its own limit): the session ends
+    then, and its warnings follow the shorter cap."""
+    session = session_in(State.OFFERED, max_seconds=3600)
+    granted = T0 + 1000
+    session.handle(Granted(now_ms=granted, max_seconds=300))
+    assert session.ends_at_ms == granted + 300_000
+    assert session.next_deadline_ms() == granted + 240_000  # T-1; T-10 is past
+
+
+@pytest.mark.parametrize("cap", [0, 3601])
+def test_a_granted_cap_beyond_the_offer_is_a_shell_bug(cap: int) -> None:
+    """The receipt check refuses such a grant; reaching the machine is a bug, and
+    nothing changes."""
+    session = session_in(State.OFFERED, max_seconds=3600)
+    with pytest.raises(LocalProtocolError, match="granted cap"):
+        session.handle(Granted(now_ms=T0 + 1000, max_seconds=cap))
+    assert session.state is State.OFFERED
+
+
 def test_cap_runs_while_waiting_for_legs() -> None:
     """A granted session whose legs never come still ends at the cap."""
     session = session_in(State.GRANTED, max_seconds=30)
