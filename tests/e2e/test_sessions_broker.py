@@ -608,6 +608,31 @@ async def test_a_shorter_cap_granted_by_the_device_ends_the_session(
         await h.assert_clean()
 
 
+async def test_engineer_may_reattach_within_the_grace_never_past_it(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """With reattach_grace_s, a dropped attach socket may come back and the session
+    goes on; one that does not come back ends it "engineer_disconnect" once the
+    grace is over."""
+    async with (
+        harness(pki, nursery, reattach_grace_s=1.5) as h,
+        fake_device(h) as device,
+    ):
+        offer = await granted(h, device)
+        async with open_tunnel(h, device, offer.session_id) as tun:
+            async with attach(h, offer.session_id) as eng:
+                assert (await status(eng))["state"] == "active"
+            async with attach(h, offer.session_id) as eng:
+                assert (await status(eng))["state"] == "active"
+                assert _state(h, offer.session_id) == "active"
+            dropped = trio.current_time()
+            closed = await device_closed(tun, within_s=5.0)
+            waited = trio.current_time() - dropped
+            assert (closed.code, closed.reason) == (4005, "engineer_disconnect")
+            assert 1.0 <= waited <= 3.0, waited
+        await h.assert_clean()
+
+
 async def test_device_disconnect_ends_the_session(
     pki: PKI, nursery: trio.Nursery
 ) -> None:
