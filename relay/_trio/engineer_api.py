@@ -117,18 +117,11 @@ class _BadBody(Exception):
         self.message = message
 
 
-_BODY_ERRORS: Final = {
-    415: "unsupported media type",
-    413: "request body too large",
-    400: "bad request",
-}
-
-
 async def _read_login_body(request: Request) -> tuple[str, str, str]:
     try:
         data = await read_json_body(request, MAX_LOGIN_BODY_BYTES)
     except BadBody as bad:
-        raise _BadBody(bad.status, _BODY_ERRORS[bad.status]) from None
+        raise _BadBody(bad.status, bad.message) from None
     if not isinstance(data, dict) or set(data) != {"username", "password", "totp"}:
         raise _BadBody(400, "bad request")
     fields = (data["username"], data["password"], data["totp"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Final
 
 from starlette.requests import Request
 
@@ -29,6 +29,19 @@ class BadBody(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+    @property
+    def message(self) -> str:
+        """The short answer for the client: ``unsupported media type``,
+        ``request body too large`` or ``bad request``."""
+        return _MESSAGES[self.status]
+
+
+_MESSAGES: Final = {
+    415: "unsupported media type",
+    413: "request body too large",
+    400: "bad request",
+}
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:

@@ -50,12 +50,6 @@ __all__ = ["SessionRoutes"]
 
 #: The longest reason an engineer may give (the offer's limit).
 MAX_REASON_CHARS: Final = 500
-_BODY_ERRORS: Final = {
-    415: "unsupported media type",
-    413: "request body too large",
-    400: "bad request",
-}
-
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
@@ -87,7 +81,7 @@ class SessionRoutes:
         try:
             body: Any = await read_json_body(request, MAX_SESSION_BODY_BYTES)
         except BadBody as bad:
-            return self._refused(bad.status, _BODY_ERRORS[bad.status], "bad_request")
+            return self._refused(bad.status, bad.message, "bad_request")
         if not isinstance(body, dict) or set(body) != {
             "device_id",
             "reason",
