@@ -163,8 +163,11 @@ class SessionRoutes:
         self, websocket: WebSocket, _principal: Principal, hold: SocketHold
     ) -> SocketClose | None:
         """The attach socket: the engineer's leg of the session."""
-        # Tunnel frames from the engineer are use of the login session.
+        # Tunnel frames from the engineer are use of the login session: an
+        # engineer at work in the terminal is not idle.
         hold.mark_used()
         return await self.sessions.serve_attach(
-            str(websocket.path_params["session_id"]), websocket
+            str(websocket.path_params["session_id"]),
+            websocket,
+            on_input=hold.mark_used,
         )

@@ -512,9 +512,16 @@ class SessionBroker:
         return None
 
     async def serve_attach(
-        self, session_id: str, websocket: WebSocket
+        self,
+        session_id: str,
+        websocket: WebSocket,
+        *,
+        on_input: Callable[[], None] = lambda: None,
     ) -> tuple[int, str] | None:
         """Run the engineer leg on *websocket*; returns the close the route sends.
+
+        *on_input* is called for every message from the engineer: typing in the
+        terminal is use of the login session (against its idle timeout).
 
         Cancellation: when the login session ends the route cancels this; the
         session then ends with ``login_ended`` and the engineer is told so
@@ -527,7 +534,9 @@ class SessionBroker:
             tunnel.Side.ENGINEER, websocket.send_bytes, send_text=websocket.send_text
         )
         try:
-            await self._run_leg(live, leg, _Attach(leg, _engineer_receiver(websocket)))
+            await self._run_leg(
+                live, leg, _Attach(leg, _engineer_receiver(websocket, on_input))
+            )
         finally:
             if leg.refusal is None and not leg.released.is_set():
                 # Cancelled from outside: the login session ended.
@@ -1016,7 +1025,9 @@ class _EngineerGone(Exception):
         self.protocol_error = protocol_error
 
 
-def _engineer_receiver(websocket: WebSocket) -> Callable[[], Any]:
+def _engineer_receiver(
+    websocket: WebSocket, on_input: Callable[[], None]
+) -> Callable[[], Any]:
     async def receive() -> bytes:
         try:
             message = await websocket.receive()
@@ -1027,6 +1038,7 @@ def _engineer_receiver(websocket: WebSocket) -> Callable[[], Any]:
         data = message.get("bytes")
         if data is None:
             raise _EngineerGone("text message on the attach socket")
+        on_input()
         return bytes(data)
 
     return receive

@@ -87,12 +87,23 @@ class Harness:
 
 @asynccontextmanager
 async def harness(
-    pki: PKI, nursery: trio.Nursery, **session_settings: Any
+    pki: PKI,
+    nursery: trio.Nursery,
+    *,
+    engineer_auth: dict[str, Any] | None = None,
+    listener: dict[str, Any] | None = None,
+    **session_settings: Any,
 ) -> AsyncIterator[Harness]:
     config = dataclasses.replace(
         pki.config,
         sessions=SessionConfig(
             **{"max_session_seconds": 30, "grant_timeout_s": 5.0, **session_settings}
+        ),
+        engineer_auth=dataclasses.replace(
+            pki.config.engineer_auth, **(engineer_auth or {})
+        ),
+        engineer_listener=dataclasses.replace(
+            pki.config.engineer_listener, **(listener or {})
         ),
     )
     metrics, shutdown = RelayMetrics(), trio.Event()
@@ -630,6 +641,44 @@ async def test_engineer_may_reattach_within_the_grace_never_past_it(
             waited = trio.current_time() - dropped
             assert (closed.code, closed.reason) == (4005, "engineer_disconnect")
             assert 1.0 <= waited <= 3.0, waited
+        await h.assert_clean()
+
+
+async def test_typing_in_the_session_keeps_the_login_alive(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Frames from the engineer are use of the login: a session outlives the idle
+    timeout while the engineer works, and ends "login_ended" once they stop."""
+    async with (
+        harness(
+            pki,
+            nursery,
+            engineer_auth={"session_idle_s": 1.5},
+            listener={"session_touch_s": 0.3},
+        ) as h,
+        fake_device(h) as device,
+    ):
+        async with active_session(h, device) as (offer, tun, eng):
+            await eng.send_message(
+                tunnel.encode(
+                    tunnel.StreamOpen(stream_id=1, channel="shell", cols=80, rows=24)
+                )
+            )
+            assert isinstance(await device_frame(tun), tunnel.StreamOpen)
+            await tun.send_message(tunnel.encode(tunnel.StreamOpenOk(stream_id=1)))
+            assert await frame_from(eng) == tunnel.StreamOpenOk(stream_id=1)
+            for _ in range(8):  # 3.2 s of typing: twice the idle timeout
+                await eng.send_message(
+                    tunnel.encode(tunnel.StreamData(stream_id=1, payload=b"l"))
+                )
+                assert await device_frame(tun) == tunnel.StreamData(
+                    stream_id=1, payload=b"l"
+                )
+                await trio.sleep(0.4)
+            assert _state(h, offer.session_id) == "active"
+            seen, reason = await engineer_closed(eng, within_s=5.0)
+            assert {"type": "end", "reason": "login_ended"} in seen
+            assert reason.code == CloseCode.LOGIN_ENDED
         await h.assert_clean()
 
 
