@@ -277,7 +277,7 @@ class EndReceipt:
 
     def __post_init__(self) -> None:
         _check_binding_fields(self.session_id, self.device_id, self.nonce)
-        _require("reason", self.reason, self.reason in END_REASONS)
+        _require("reason", self.reason, _is_end_reason(self.reason))
         for name in (
             "ended_at_ms",
             "bytes_to_device",
@@ -317,6 +317,11 @@ def _is_int(value: object, low: int = 0, high: int = _MAX_INT) -> bool:
     return (
         isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     )
+
+
+def _is_end_reason(value: object) -> bool:
+    # A decoded payload may hold any JSON value here, unhashable ones too.
+    return isinstance(value, str) and value in END_REASONS
 
 
 def _is_channel(value: object) -> bool:

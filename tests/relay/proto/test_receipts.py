@@ -1374,3 +1374,19 @@ def test_any_end_receipt_signs_and_verifies(receipt: EndReceipt) -> None:
         )
         == receipt
     )
+
+
+def test_end_receipt_with_a_non_string_reason_is_malformed_not_a_crash() -> None:
+    """A reason that is not even a string (an object, from a decoded payload) is
+    refused like any bad field (found by hypothesis: {} is not hashable)."""
+    with pytest.raises(ValueError, match="reason"):
+        EndReceipt(
+            session_id="0" * 32,
+            device_id="0",
+            nonce="A" * 43,
+            reason={},  # type: ignore[arg-type]
+            ended_at_ms=0,
+            bytes_to_device=0,
+            bytes_from_device=0,
+            streams_opened=0,
+        )
