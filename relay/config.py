@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.proto.session import WARNING_SECONDS, check_warnings
+
 DEFAULT_DATA_DIR = "./relay-data"
 
 
@@ -172,6 +174,9 @@ class AgentConfig:
         tunnel_connect_timeout_s: Deadline for TCP, TLS and upgrade of the
             session tunnel.
         local_connect_timeout_s: Deadline for connecting to a local TCP port.
+        warning_seconds: How long before the device's own cap the device page
+            shows a warning (default T-10 min and T-1 min); the same form as
+            ``SessionConfig.warning_seconds``.
 
     Raises:
         ValueError: A port outside 1..65535, a cap outside 1..3600 s, or a
@@ -194,8 +199,12 @@ class AgentConfig:
     pty_kill_grace_s: float = 0.5
     tunnel_connect_timeout_s: float = 10.0
     local_connect_timeout_s: float = 5.0
+    warning_seconds: tuple[int, ...] = WARNING_SECONDS
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "warning_seconds", check_warnings(self.warning_seconds)
+        )
         for port in self.allowed_ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"allowed port must be in 1..65535, got {port!r}")
@@ -281,6 +290,9 @@ class SessionConfig:
         reattach_grace_s: How long an engineer whose attach socket dropped may
             take to attach again; 0 ends the session at once
             (``engineer_disconnect``). It never extends the cap.
+        warning_seconds: How long before the cap the engineer is warned
+            (default T-10 min and T-1 min); each 1..3599, at most four, ``()``
+            for none. A warning not after the grant is skipped.
 
     Raises:
         ValueError: A value is out of range (at construction).
@@ -290,8 +302,12 @@ class SessionConfig:
     grant_timeout_s: float = 60.0
     allowed_channels: tuple[str, ...] = ("shell", "tcp:22", "tcp:443")
     reattach_grace_s: float = 0.0
+    warning_seconds: tuple[int, ...] = WARNING_SECONDS
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "warning_seconds", check_warnings(self.warning_seconds)
+        )
         cap = self.max_session_seconds
         if type(cap) is not int or cap < 1:  # bool is an int subclass: refused
             raise ValueError(

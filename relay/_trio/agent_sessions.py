@@ -99,8 +99,6 @@ TUNNEL_PATH: Final = "/v1/device/tunnel/{session_id}"
 OFFER_GRACE_S: Final = 2.0
 #: Longest an offer is kept, whatever deadline it names.
 MAX_OFFER_S: Final = 120.0
-#: Warnings before the cap, in seconds (T-10 min and T-1 min).
-WARNINGS_S: Final = (600, 60)
 
 _SIDE_US: Final = tunnel.Side.DEVICE
 _SIDE_PEER: Final = tunnel.Side.ENGINEER
@@ -226,7 +224,7 @@ class _Session:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     ws: WebSocketConnection | None = None
     close_code: int = CloseCode.SESSION_ENDED
-    warning_minutes: int | None = None
+    warning_seconds: int | None = None  # the last warning given, seconds left
     local_closed_at: float | None = None  # trio clock, when local streams were gone
     bytes_to_device: int = 0
     bytes_from_device: int = 0
@@ -440,7 +438,7 @@ class SessionRuntime:
                 "max_seconds": s.max_seconds,
                 "ends_at": s.ends_at_ms,
                 "seconds_left": None if left is None else int(left + 0.999),
-                "warning_minutes": s.warning_minutes,
+                "warning_seconds": s.warning_seconds,
                 "state": "ending"
                 if s.end_reason is not None
                 else ("active" if s.ws is not None else "granted"),
@@ -617,14 +615,16 @@ class SessionRuntime:
             self._finish(session)
 
     async def _cap_timer(self, session: _Session) -> None:
-        for warn_s in WARNINGS_S:
+        # Largest first; as in the broker's machine, a warning not after the
+        # grant is skipped.
+        for warn_s in self._config.warning_seconds:
             if session.max_seconds > warn_s:
                 await trio.sleep_until(session.ends_at - warn_s)
-                session.warning_minutes = warn_s // 60
+                session.warning_seconds = warn_s
                 self._log.warning(
                     "session.warning",
                     session_id=session.session_id,
-                    minutes_left=warn_s // 60,
+                    seconds_left=warn_s,
                 )
                 self._notify()
         await trio.sleep_until(session.ends_at)

@@ -110,6 +110,10 @@ function clock(seconds) {
   const m = Math.floor(seconds / 60), s = seconds % 60;
   return m + ":" + String(s).padStart(2, "0");
 }
+function span(seconds) {
+  // Whole minutes, rounded up, from one minute on; seconds below that.
+  return seconds >= 60 ? Math.ceil(seconds / 60) + " min" : seconds + " s";
+}
 async function post(action) {
   if (!current) return;
   const response = await fetch("/api/" + action, {
@@ -137,13 +141,13 @@ async function refresh() {
     text("offer-engineer", offer.engineer + (offer.engineer_role ? " (" + offer.engineer_role + ")" : ""));
     text("offer-reason", offer.reason);
     text("offer-channels", offer.channels.join(", "));
-    text("offer-duration", Math.round(offer.max_seconds / 60) + " min");
+    text("offer-duration", span(offer.max_seconds));
     text("offer-deadline", offer.seconds_to_answer + " s");
   } else if (session) {
     current = session.session_id;
     text("session-engineer", session.engineer);
     text("session-countdown", session.seconds_left === null ? "starting" : clock(session.seconds_left));
-    text("session-warning", session.warning_minutes ? "Ends in less than " + session.warning_minutes + " min." : "");
+    text("session-warning", session.warning_seconds ? "Ends in less than " + span(session.warning_seconds) + "." : "");
   } else {
     current = null;
     text("last-end", state.last_end ? "Last session ended: " + state.last_end.reason : "");

@@ -37,7 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 import trio
@@ -116,6 +116,14 @@ class SessionOutcome:
         return EXIT_CODES.get(self.end_reason, UNKNOWN_END_EXIT)
 
 
+def _time_left(warning: dict[str, Any]) -> str:
+    # Minutes from one minute on; seconds when a short test cap warns earlier.
+    seconds = warning.get("seconds_left")
+    if type(seconds) is int and 0 < seconds < 60:
+        return f"{seconds} s"
+    return f"{warning.get('minutes_left')} min"
+
+
 @dataclass
 class SessionStatus:
     """The broker's status messages, as the engineer sees them on *out*."""
@@ -139,9 +147,7 @@ class SessionStatus:
         if kind == "state":
             self._state(str(message.get("state")), message.get("ends_at_ms"))
         elif kind == "warning":
-            self._say(
-                f"warning: {message.get('minutes_left')} min left in this session"
-            )
+            self._say(f"warning: {_time_left(message)} left in this session")
         elif kind == "end":
             self.end(str(message.get("reason")))
 

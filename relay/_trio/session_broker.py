@@ -58,15 +58,16 @@ Decisions (see also docs/architecture.md):
   (log in again) after the broker sent ``{"type": "end", "reason":
   "login_ended"}``; the device side gets ``SessionEnd(login_ended)`` and 4005.
 - The device learns of warnings from its own timer (the control protocol has no
-  warning message); the engineer gets ``{"type": "warning"}``.
+  warning message; its cap timer runs even when the broker is unreachable); the
+  engineer gets ``{"type": "warning", "seconds_left", "minutes_left"}`` at the
+  instants of ``SessionConfig.warning_seconds``.
 - After a granted session ends, the driver waits up to
   :data:`END_RECEIPT_WAIT_S` for the device's ``SessionEnded`` and logs its byte
   counts beside the broker's own (``session.end_receipt``); then the session is
   dropped. A short summary of the last :data:`ENDED_KEPT` ended sessions stays for
   ``GET /api/v1/sessions/{id}`` (a dict, no task, socket or buffer).
-- The device may grant a shorter cap than offered; the broker keeps timing the
-  offered cap (the machine fixes it at creation) and the device enforces its own
-  shorter one. Not yet reconciled: noted in the end receipt log.
+- The device may grant a shorter cap than offered (its signed receipt says so);
+  the broker then times that shorter cap as well.
 
 Rule 1: only the driver calls ``Session.handle``.
 Rule 2: no frame is relayed before the machine said Pair, and every frame is
@@ -354,6 +355,7 @@ class SessionBroker:
             max(1, round(self.config.grant_timeout_s * 1000)),
             self._clock.now_ms(),
             round(self.config.reattach_grace_s * 1000),
+            self.config.warning_seconds,
         )
         inbox, inbox_out = trio.open_memory_channel[_Input](_INBOX_SIZE)
         live = _Live(
@@ -869,10 +871,15 @@ class SessionBroker:
                         await self._engineer_state(live, live.engineer)
                 case Pair():
                     live.paired.set()
-                case Warn(minutes_left=minutes):
+                case Warn(seconds_left=seconds, minutes_left=minutes):
                     if live.engineer is not None:
                         await self._engineer_text(
-                            live.engineer, {"type": "warning", "minutes_left": minutes}
+                            live.engineer,
+                            {
+                                "type": "warning",
+                                "seconds_left": seconds,
+                                "minutes_left": minutes,
+                            },
                         )
                 case EndSession(reason=reason):
                     await self._finish(live, reason)

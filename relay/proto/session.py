@@ -35,13 +35,14 @@ shell should take ``now_ms`` from a monotonic clock anchored once to the wall
 clock, so that a wall-clock step can neither stretch nor cut the cap; the
 machine refuses a ``now_ms`` smaller than one it has already seen.
 
-Timers: the grant deadline (before the grant), the warnings at T-10 min and
-T-1 min, the cap at ``ends_at_ms``, and the engineer's reattach grace. A timer is
-due at its instant (``now_ms >= t``). Due timers run *before* the event that
-carries ``now_ms``, so the answer depends only on the times in the events, not on
-when the shell's timer woke up: a grant stamped one millisecond after the
-deadline finds the session EXPIRED, and a Tick that comes late still ends the
-session with the reason whose instant came first.
+Timers: the grant deadline (before the grant), the warnings (by default at
+T-10 min and T-1 min; ``warning_seconds`` sets them), the cap at ``ends_at_ms``,
+and the engineer's reattach grace. A timer is due at its instant
+(``now_ms >= t``). Due timers run *before* the event that carries ``now_ms``, so
+the answer depends only on the times in the events, not on when the shell's timer
+woke up: a grant stamped one millisecond after the deadline finds the session
+EXPIRED, and a Tick that comes late still ends the session with the reason whose
+instant came first.
 
 Warnings go out once each. A warning whose instant is not after the grant is
 never scheduled (a 5-minute session gets only the T-1 warning; a 10-minute one
@@ -98,8 +99,9 @@ from relay.proto.errors import (
 MAX_SESSION_SECONDS: Final = 3600  # Invariant 2: no session is ever longer
 MAX_CHANNELS: Final = 8
 SESSION_ID_BYTES: Final = 16
-WARNING_MINUTES: Final = (10, 1)
-_MS_PER_MINUTE: Final = 60_000
+#: Seconds before the cap at which both sides are warned (T-10 min, T-1 min).
+WARNING_SECONDS: Final = (600, 60)
+MAX_WARNINGS: Final = 4
 
 # Forms from the shared vocabulary, used with fullmatch (re's "$" would also
 # accept a trailing newline); the other pure modules (receipts, tunnel) take
@@ -373,9 +375,14 @@ class Pair(Output):
 
 @dataclass(frozen=True, slots=True)
 class Warn(Output):
-    """Warn both sides that *minutes_left* minutes remain."""
+    """Warn both sides that *seconds_left* seconds remain."""
 
-    minutes_left: int
+    seconds_left: int
+
+    @property
+    def minutes_left(self) -> int:
+        """The time left in whole minutes, rounded up (60 s is 1 min, 30 s too)."""
+        return -(-self.seconds_left // 60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +435,7 @@ class _Vars:
     device_attached: bool = False
     engineer_attached: bool = False
     grace_ends_at_ms: int | None = None
-    # (instant, minutes left) of the warnings still to send, earliest first.
+    # (instant, seconds left) of the warnings still to send, earliest first.
     warnings: tuple[tuple[int, int], ...] = ()
 
 
@@ -460,6 +467,7 @@ class Session:
         grant_timeout_ms: int,
         requested_at_ms: int,
         reattach_grace_ms: int = 0,
+        warning_seconds: tuple[int, ...] = WARNING_SECONDS,
     ) -> None:
         if not is_session_id(session_id):
             raise ValueError(f"bad session id {_shorten(session_id)}")
@@ -471,6 +479,7 @@ class Session:
         _check_int("grant_timeout_ms", grant_timeout_ms, 1)
         _check_int("requested_at_ms", requested_at_ms, 0)
         _check_int("reattach_grace_ms", reattach_grace_ms, 0)
+        self.warning_seconds: Final = check_warnings(warning_seconds)
         self.session_id: Final = session_id
         self.device_id: Final = device_id
         self.engineer: Final = engineer
@@ -598,9 +607,9 @@ class Session:
                 v.granted_at_ms = now
                 v.ends_at_ms = now + cap * 1000
                 v.warnings = tuple(
-                    (v.ends_at_ms - minutes * _MS_PER_MINUTE, minutes)
-                    for minutes in WARNING_MINUTES
-                    if v.ends_at_ms - minutes * _MS_PER_MINUTE > now
+                    (v.ends_at_ms - seconds * 1000, seconds)
+                    for seconds in self.warning_seconds
+                    if v.ends_at_ms - seconds * 1000 > now
                 )
                 return [NotifyEngineer(new_state)]
             case Denied():
@@ -682,7 +691,7 @@ class Session:
             # min() keeps the first of equal instants: priority order.
             _, reason = min(due, key=lambda timer: timer[0])
             return self._end(reason)
-        sent = [minutes for instant, minutes in v.warnings if instant <= now]
+        sent = [seconds for instant, seconds in v.warnings if instant <= now]
         if not sent:
             return []
         v.warnings = tuple(w for w in v.warnings if w[0] > now)
@@ -698,6 +707,32 @@ class Session:
         v.grace_ends_at_ms = None
         v.warnings = ()
         return [EndSession(reason)]
+
+
+def check_warnings(warning_seconds: object) -> tuple[int, ...]:
+    """*warning_seconds* as a validated tuple, largest first.
+
+    Each is an integer number of seconds before the cap in 1..3599, at most
+    :data:`MAX_WARNINGS` of them, no two equal; an empty tuple means no warnings.
+
+    Raises:
+        ValueError: Not such a tuple.
+    """
+    if (
+        not isinstance(warning_seconds, tuple | list)
+        or len(warning_seconds) > MAX_WARNINGS
+    ):
+        raise ValueError(
+            f"warning_seconds must be a list of at most {MAX_WARNINGS} integers, "
+            f"got {_shorten(warning_seconds)}"
+        )
+    for seconds in warning_seconds:
+        _check_int("each of warning_seconds", seconds, 1, MAX_SESSION_SECONDS - 1)
+    if len(set(warning_seconds)) != len(warning_seconds):
+        raise ValueError(
+            f"warning_seconds repeats a value: {_shorten(warning_seconds)}"
+        )
+    return tuple(sorted(warning_seconds, reverse=True))
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:

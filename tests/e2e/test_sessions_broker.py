@@ -568,9 +568,13 @@ async def test_onsite_end_tells_the_engineer(pki: PKI, nursery: trio.Nursery) ->
 
 
 async def test_time_cap_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
-    """With a 2 s cap the broker ends the session "time_cap" by cap + 1 s."""
+    """The engineer is warned at each configured instant; the end is by cap + 1 s.
+
+    A 4 s cap with warnings at T-2 s and T-1 s stands in for the hour with its
+    T-10 min and T-1 min warnings (the instants are config, the code is the same).
+    """
     async with (
-        harness(pki, nursery, max_session_seconds=2) as h,
+        harness(pki, nursery, max_session_seconds=4, warning_seconds=(2, 1)) as h,
         fake_device(h) as device,
     ):
         offer = await requested(h, device)
@@ -578,11 +582,17 @@ async def test_time_cap_ends_the_session(pki: PKI, nursery: trio.Nursery) -> Non
         started = trio.current_time()
         async with open_tunnel(h, device, offer.session_id) as tun:
             async with attach(h, offer.session_id) as eng:
-                seen, reason = await engineer_closed(eng, within_s=4.0)
+                seen, reason = await engineer_closed(eng, within_s=6.0)
                 elapsed = trio.current_time() - started
                 assert (reason.code, reason.reason) == (4005, "time_cap")
+                warnings = [m for m in seen if m.get("type") == "warning"]
+                assert warnings == [
+                    {"type": "warning", "seconds_left": 2, "minutes_left": 1},
+                    {"type": "warning", "seconds_left": 1, "minutes_left": 1},
+                ]
                 assert seen[-1] == {"type": "end", "reason": "time_cap"}
-                assert elapsed <= 3.0
+                assert seen.index(warnings[-1]) < len(seen) - 1
+                assert elapsed <= 5.0
             end = await device.next_event()
             assert end == control.SessionEnd(
                 session_id=offer.session_id, reason="time_cap"
@@ -807,3 +817,6 @@ def test_session_cap_above_3600_is_refused() -> None:
     with pytest.raises(ValueError, match="3600"):
         SessionConfig(max_session_seconds=3601)
     assert SessionConfig().max_session_seconds == 3600
+    assert SessionConfig().warning_seconds == (600, 60)
+    with pytest.raises(ValueError, match="warning_seconds"):
+        SessionConfig(warning_seconds=(0,))

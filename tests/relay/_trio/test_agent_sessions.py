@@ -525,6 +525,31 @@ async def test_cap_on_the_agents_own_timer_with_a_silent_broker(
     nursery.cancel_scope.cancel()
 
 
+async def test_device_page_warnings_come_from_the_agents_own_timer(
+    make_setup: object, device: Device, nursery: trio.Nursery
+) -> None:
+    """The device side is warned at each configured instant before its own cap
+    (T-10 min / T-1 min in production; 2 s / 1 s here), with no broker message."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(
+        agent_config(max_session_seconds=3, warning_seconds=(1, 2))
+    )
+    offer = make_offer(("shell",))
+    await grant_offer(setup, device, offer)
+    engineer = Engineer(await setup.broker.next_tunnel())
+    seen: list[int | None] = []
+    with trio.fail_after(6):
+        while (session := setup.runtime.state()["session"]) is not None:
+            if session["warning_seconds"] not in seen:
+                seen.append(session["warning_seconds"])
+            await setup.runtime.changed.wait()
+    assert seen == [None, 2, 1]
+    code, reason = await engineer.expect_close()
+    assert (code, reason) == (4005, "time_cap")
+    await engineer.ws.aclose()
+    nursery.cancel_scope.cancel()
+
+
 async def test_end_receipt_waits_for_the_control_channel(
     make_setup: object, device: Device, nursery: trio.Nursery
 ) -> None:
@@ -606,6 +631,9 @@ def test_config_limits() -> None:
         AgentConfig(ui_listen=ListenAddress(host="0.0.0.0", port=7070))  # noqa: S104 - the refused case
     with pytest.raises(ValueError, match="65535"):
         AgentConfig(allowed_ports=(70000,))
+    with pytest.raises(ValueError, match="warning_seconds"):
+        AgentConfig(warning_seconds=(3600,))
+    assert AgentConfig(warning_seconds=(60, 600)).warning_seconds == (600, 60)
     remote = AgentConfig(
         ui_listen=ListenAddress(host="0.0.0.0", port=7070),  # noqa: S104 - allowed explicitly
         ui_allow_remote=True,

@@ -52,11 +52,15 @@ def test_the_wait_the_grant_and_the_time_left_are_shown() -> None:
 def test_warnings_and_the_end_are_shown_and_the_first_reason_kept() -> None:
     """T-1 warning text; the end names its reason in words; a later end is ignored."""
     status, out = _status()
-    status.on_text('{"type":"warning","minutes_left":1}')
+    status.on_text('{"type":"warning","seconds_left":600,"minutes_left":10}')
+    status.on_text('{"type":"warning","seconds_left":60,"minutes_left":1}')
+    status.on_text('{"type":"warning","seconds_left":5,"minutes_left":1}')
     status.on_text('{"type":"end","reason":"onsite"}')
     status.end("engineer_disconnect")
     text = out.getvalue()
+    assert "warning: 10 min left in this session" in text
     assert "warning: 1 min left in this session" in text
+    assert "warning: 5 s left in this session" in text
     assert "session ended: ended by the person at the instrument" in text
     assert status.end_reason == "onsite"
     assert status.ended.is_set()

@@ -355,8 +355,8 @@ HAPPY_PATH: Final[list[tuple[Event, list[Output], State]]] = [
         [NotifyEngineer(State.ACTIVE), Pair()],
         State.ACTIVE,
     ),
-    (Tick(now_ms=T0 + 20_000 + HOUR_MS - 10 * MINUTE_MS), [Warn(10)], State.ACTIVE),
-    (Tick(now_ms=T0 + 20_000 + HOUR_MS - MINUTE_MS), [Warn(1)], State.ACTIVE),
+    (Tick(now_ms=T0 + 20_000 + HOUR_MS - 10 * MINUTE_MS), [Warn(600)], State.ACTIVE),
+    (Tick(now_ms=T0 + 20_000 + HOUR_MS - MINUTE_MS), [Warn(60)], State.ACTIVE),
     (
         EndRequested(reason=EndReason.ONSITE, now_ms=T0 + 20_000 + HOUR_MS - 1),
         [EndSession(EndReason.ONSITE)],
@@ -646,7 +646,7 @@ def test_cap_counts_from_grant_not_from_active() -> None:
     assert session.state is State.ACTIVE
     assert session.ends_at_ms == granted + 120_000
     assert session.next_deadline_ms() == granted + 60_000  # the T-1 warning
-    assert session.handle(Tick(now_ms=granted + 60_000)) == [Warn(1)]
+    assert session.handle(Tick(now_ms=granted + 60_000)) == [Warn(60)]
     assert session.next_deadline_ms() == granted + 120_000
     assert session.handle(Tick(now_ms=granted + 119_999)) == []
     assert session.handle(Tick(now_ms=granted + 120_000)) == [
@@ -725,7 +725,7 @@ def test_warnings_once_each_skipped_when_past_at_grant(
         # A second Tick at the same time does nothing more.
         if session.state is State.ACTIVE:
             assert session.handle(Tick(now_ms=deadline)) == []
-    assert seen == [Warn(minutes) for minutes in warnings] + [
+    assert seen == [Warn(minutes * 60) for minutes in warnings] + [
         EndSession(EndReason.TIME_CAP)
     ]
 
@@ -737,10 +737,10 @@ def test_warning_instants() -> None:
     assert session.ends_at_ms == ends_at
     assert session.next_deadline_ms() == ends_at - 10 * MINUTE_MS
     assert session.handle(Tick(now_ms=ends_at - 10 * MINUTE_MS - 1)) == []
-    assert session.handle(Tick(now_ms=ends_at - 10 * MINUTE_MS)) == [Warn(10)]
+    assert session.handle(Tick(now_ms=ends_at - 10 * MINUTE_MS)) == [Warn(600)]
     assert session.next_deadline_ms() == ends_at - MINUTE_MS
     assert session.handle(Tick(now_ms=ends_at - MINUTE_MS - 1)) == []
-    assert session.handle(Tick(now_ms=ends_at - MINUTE_MS)) == [Warn(1)]
+    assert session.handle(Tick(now_ms=ends_at - MINUTE_MS)) == [Warn(60)]
     assert session.next_deadline_ms() == ends_at
 
 
@@ -748,8 +748,46 @@ def test_late_tick_sends_only_the_last_due_warning() -> None:
     """When both warnings are due at once, only 'one minute left' goes out."""
     session = session_in(State.ACTIVE)
     ends_at = T0 + 1000 + HOUR_MS
-    assert session.handle(Tick(now_ms=ends_at - 30_000)) == [Warn(1)]
+    assert session.handle(Tick(now_ms=ends_at - 30_000)) == [Warn(60)]
     assert session.next_deadline_ms() == ends_at
+
+
+def test_warnings_are_configurable_in_seconds() -> None:
+    """``warning_seconds`` sets the instants (largest first); ``()`` means none."""
+    session = session_in(State.ACTIVE, max_seconds=10, warning_seconds=(2, 5))
+    assert session.warning_seconds == (5, 2)
+    ends_at = T0 + 1000 + 10_000
+    assert session.next_deadline_ms() == ends_at - 5000
+    assert session.handle(Tick(now_ms=ends_at - 5000)) == [Warn(5)]
+    assert session.handle(Tick(now_ms=ends_at - 2000)) == [Warn(2)]
+    assert session.handle(Tick(now_ms=ends_at)) == [EndSession(EndReason.TIME_CAP)]
+    quiet = session_in(State.ACTIVE, warning_seconds=())
+    assert quiet.next_deadline_ms() == T0 + 1000 + HOUR_MS
+
+
+@pytest.mark.parametrize(
+    ("seconds_left", "minutes_left"), [(600, 10), (60, 1), (59, 1), (1, 1), (61, 2)]
+)
+def test_warning_minutes_round_up(seconds_left: int, minutes_left: int) -> None:
+    """Shown in minutes, a warning never claims more time is left than there is."""
+    assert Warn(seconds_left).minutes_left == minutes_left
+
+
+@pytest.mark.parametrize(
+    "warning_seconds",
+    [
+        pytest.param((0,), id="zero"),
+        pytest.param((3600,), id="the-whole-hour"),
+        pytest.param((60, 60), id="repeated"),
+        pytest.param((1, 2, 3, 4, 5), id="too-many"),
+        pytest.param((True,), id="bool"),
+        pytest.param((1.5,), id="float"),
+        pytest.param("60", id="not-a-list"),
+    ],
+)
+def test_bad_warnings_are_refused(warning_seconds: object) -> None:
+    with pytest.raises(ValueError, match="warning_seconds"):
+        make(warning_seconds=warning_seconds)
 
 
 def test_very_late_tick_skips_warnings_and_ends() -> None:
@@ -765,7 +803,7 @@ def test_warning_due_with_another_event() -> None:
     session = session_in(State.ACTIVE, max_seconds=120)
     assert session.handle(
         EndRequested(reason=EndReason.ENGINEER, now_ms=T0 + 1000 + 60_000)
-    ) == [Warn(1), EndSession(EndReason.ENGINEER)]
+    ) == [Warn(60), EndSession(EndReason.ENGINEER)]
 
 
 # Engineer reattach grace
@@ -844,7 +882,7 @@ def test_grace_never_extends_the_cap(grace_past_cap_ms: int) -> None:
     session.handle(EngineerDetached(now_ms=detach_at))
     assert session.grace_ends_at_ms == detach_at + 120_000
     assert session.next_deadline_ms() == ends_at - MINUTE_MS
-    assert session.handle(Tick(now_ms=ends_at - MINUTE_MS)) == [Warn(1)]
+    assert session.handle(Tick(now_ms=ends_at - MINUTE_MS)) == [Warn(60)]
     assert session.next_deadline_ms() == ends_at
     assert session.handle(Tick(now_ms=ends_at + 10 * MINUTE_MS)) == [
         EndSession(EndReason.TIME_CAP)
@@ -1031,7 +1069,7 @@ def test_refused_event_keeps_due_timers() -> None:
     with pytest.raises(TunnelAlreadyAttached):
         session.handle(DeviceAttached(now_ms=t10))
     assert session.next_deadline_ms() == t10
-    assert session.handle(Tick(now_ms=t10)) == [Warn(10)]
+    assert session.handle(Tick(now_ms=t10)) == [Warn(600)]
 
 
 # Time
