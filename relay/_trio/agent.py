@@ -141,15 +141,24 @@ async def _client_context(settings: AgentSettings, files: AgentDir) -> ssl.SSLCo
 
 
 def make_session_runtime(
-    settings: AgentSettings, *, deciders: Sequence[Decider] = ()
+    settings: AgentSettings,
+    *,
+    deciders: Sequence[Decider] = (),
+    wall_clock_ms: Callable[[], int] | None = None,
 ) -> SessionRuntime:
-    """The session runtime of an agent run with *settings* (start its ``run``)."""
+    """The session runtime of an agent run with *settings* (start its ``run``).
+
+    *wall_clock_ms* replaces the wall clock (receipts, display) for tests; the
+    cap never reads it.
+    """
     files = AgentDir(settings.agent_dir)
+    clock = {} if wall_clock_ms is None else {"wall_clock_ms": wall_clock_ms}
     return SessionRuntime(
         config=settings.limits,
         load_identity=partial(load_device_identity, files),
         open_tunnel=partial(open_tunnel, settings),
         deciders=deciders,
+        **clock,
     )
 
 

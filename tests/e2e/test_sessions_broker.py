@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 import trio
 import trio_websocket
 
@@ -529,6 +530,62 @@ async def test_bad_grants_are_refused(
         assert getattr(refused.value, "status", None) in (404, 410)
         await h.assert_clean()
         assert h.sessions.view(offer.session_id)["end_reason"] == "denied"  # type: ignore[index]
+
+
+async def test_repeated_foreign_and_late_grants_are_ignored(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """E3: a grant sent again, a grant for this session from another device, and
+    a grant after the end change nothing; each is an audit event."""
+    with structlog.testing.capture_logs() as events:
+        async with (
+            harness(pki, nursery) as h,
+            fake_device(h) as device,
+            fake_device(h, "dev-other") as other,
+        ):
+            offer = await granted(h, device)
+            grant = device.grant(offer)
+            await device.send(grant)  # again
+            # Another device's own valid signature, for this session's id.
+            await other.send(other.grant(offer))
+            await wait_until(
+                lambda: (
+                    [e["event"] for e in events].count("session.late_grant") == 1
+                    and any(
+                        e["event"] == "session.unexpected_device_message"
+                        and e["device_id"] == "dev-other"
+                        for e in events
+                    )
+                )
+            )
+            assert _state(h, offer.session_id) == "granted"
+            await h.api.delete(
+                f"/api/v1/sessions/{offer.session_id}", headers=h.headers()
+            )
+            assert await device.next_event() == control.SessionEnd(
+                session_id=offer.session_id, reason="engineer"
+            )
+            await device.send(device.ended(offer, "engineer"))
+            await wait_until(lambda: _state(h, offer.session_id) == "ended")
+            await device.send(grant)  # after the end
+            await wait_until(
+                lambda: any(
+                    e["event"] == "session.unexpected_device_message"
+                    and e["device_id"] == DEVICE
+                    for e in events
+                )
+            )
+            assert h.sessions.view(offer.session_id)["end_reason"] == "engineer"  # type: ignore[index]
+            with pytest.raises(Exception, match=r"410|404"):
+                async with open_tunnel(h, device, offer.session_id):
+                    pass  # pragma: no cover - refused
+            await h.assert_clean()
+    audited = [e for e in events if e["event"].startswith("session.")]
+    assert all(
+        e.get("audit") is True
+        for e in audited
+        if e["event"] in ("session.late_grant", "session.unexpected_device_message")
+    )
 
 
 async def test_tunnel_from_another_device_or_twice_is_refused(

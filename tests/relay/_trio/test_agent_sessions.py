@@ -14,7 +14,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,6 +115,9 @@ class FakeBroker:
     control_ws: WebSocketConnection | None = None
     channel: control.ControlChannel | None = None
     tunnel_paths: list[str] = field(default_factory=list)
+    # Every accepted TCP connection, so a test can drop them as a killed
+    # broker process would (the kernel closes its sockets, nobody says goodbye).
+    sockets: list[trio.SocketStream] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.events_send, self.events = trio.open_memory_channel[control.Event](100)
@@ -136,6 +139,7 @@ class FakeBroker:
             task_status.started(port)
 
     async def _handle(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
+        self.sockets.append(tls.transport_stream)
         handshake = ServerHandshake(tls, self.limits)
         request = await handshake.receive_request()
         if request.path == "/v1/device/control":
@@ -190,6 +194,13 @@ class FakeBroker:
     async def next_tunnel(self) -> WebSocketConnection:
         with trio.fail_after(5):
             return await self.tunnels.receive()
+
+    async def vanish(self) -> None:
+        """Drop every connection at the TCP level, as a SIGKILLed broker does."""
+        self.connected = trio.Event()
+        for sock in self.sockets:
+            await trio.aclose_forcefully(sock)
+        self.sockets.clear()
 
 
 def make_offer(channels: tuple[str, ...], max_seconds: int = 3600) -> control.Offer:
@@ -286,7 +297,9 @@ class Setup:
 
 @pytest.fixture
 def make_setup(device: Device, nursery: trio.Nursery) -> object:
-    async def start(config: AgentConfig) -> Setup:
+    async def start(
+        config: AgentConfig, wall_clock_ms: Callable[[], int] | None = None
+    ) -> Setup:
         broker = FakeBroker(device)
         port = await nursery.start(broker.serve)
         settings = AgentSettings(
@@ -296,7 +309,7 @@ def make_setup(device: Device, nursery: trio.Nursery) -> object:
             limits=config,
             websocket=WebSocketLimits(ping_interval_s=0.5, close_timeout_s=1.0),
         )
-        runtime = make_session_runtime(settings)
+        runtime = make_session_runtime(settings, wall_clock_ms=wall_clock_ms)
         await nursery.start(runtime.run)
         nursery.start_soon(
             lambda: run_agent(
@@ -525,6 +538,33 @@ async def test_cap_on_the_agents_own_timer_with_a_silent_broker(
     nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("jump_s", [2 * 3600, -2 * 3600], ids=["plus-2h", "minus-2h"])
+async def test_a_wall_clock_jump_does_not_move_the_cap(
+    make_setup: object, device: Device, nursery: trio.Nursery, jump_s: int
+) -> None:
+    """E5: the device's wall clock jumps by 2 h after the grant; its cap still
+    ends the session on the monotonic clock (<= cap + 2 s from the grant)."""
+    assert callable(make_setup)
+    offset_ms = 0
+
+    def wall_clock_ms() -> int:
+        return int(time.time() * 1000) + offset_ms
+
+    setup: Setup = await make_setup(agent_config(max_session_seconds=2), wall_clock_ms)
+    offer = make_offer(("shell",))
+    await grant_offer(setup, device, offer)
+    granted_at = trio.current_time()
+    offset_ms = jump_s * 1000
+    engineer = Engineer(await setup.broker.next_tunnel())
+    code, reason = await engineer.expect_close()
+    assert (code, reason) == (4005, "time_cap")
+    assert 2 - 0.1 <= trio.current_time() - granted_at <= 2 + 2
+    end = await ended_receipt(setup, device, offer)
+    assert end.reason == "time_cap"
+    await engineer.ws.aclose()
+    nursery.cancel_scope.cancel()
+
+
 async def test_device_page_warnings_come_from_the_agents_own_timer(
     make_setup: object, device: Device, nursery: trio.Nursery
 ) -> None:
@@ -547,6 +587,30 @@ async def test_device_page_warnings_come_from_the_agents_own_timer(
     code, reason = await engineer.expect_close()
     assert (code, reason) == (4005, "time_cap")
     await engineer.ws.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_vanished_broker_ends_local_streams_at_once(
+    make_setup: object, device: Device, nursery: trio.Nursery
+) -> None:
+    """E10, device side: the broker's connections drop without a close message
+    (a killed process); the agent ends its local streams within 1 s of noticing,
+    reconnects, and then delivers the end receipt (device_disconnect)."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(agent_config())
+    offer = make_offer(("shell",))
+    await grant_offer(setup, device, offer)
+    engineer = Engineer(await setup.broker.next_tunnel())
+    pid = await open_shell(engineer, 1)
+    await setup.broker.vanish()
+    dropped_at = trio.current_time()
+    await wait_for(lambda: not pid_alive(pid), timeout_s=3)
+    assert trio.current_time() - dropped_at <= 1.0
+    with trio.fail_after(5):
+        await setup.broker.connected.wait()
+    end = await ended_receipt(setup, device, offer)
+    assert end.reason == "device_disconnect"
+    assert setup.runtime.state()["session"] is None
     nursery.cancel_scope.cancel()
 
 
