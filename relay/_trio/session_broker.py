@@ -613,7 +613,7 @@ class SessionBroker:
             live.inbox.close()
             while True:
                 try:
-                    _refuse_late(live, live.inbox_out.receive_nowait())
+                    self._refuse_late(live, live.inbox_out.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             live.inbox_out.close()
@@ -665,12 +665,29 @@ class SessionBroker:
                 ):
                     self._end_receipt(live, item.event)
                 else:
-                    _refuse_late(live, item)
+                    self._refuse_late(live, item)
         if want_receipt and not live.end_receipt.is_set():
             self._log.warning(
                 "session.end_receipt_missing",
                 session_id=live.session.session_id,
                 device_id=live.session.device_id,
+                audit=True,
+            )
+
+    def _refuse_late(self, live: _Live, item: _Input) -> None:
+        """Answer an input that came after the end: refuse legs, wake waiters,
+        and audit device messages (a grant for an ended session is one)."""
+        if isinstance(item, _Attach):
+            item.leg.refusal = (int(CloseCode.SESSION_ENDED), _reason(live))
+            item.leg.decided.set()
+        elif isinstance(item, _End) and item.done is not None:
+            item.done.set()
+        elif isinstance(item, _DeviceMessage):
+            self._log.warning(
+                "session.late_device_message",
+                session_id=live.session.session_id,
+                device_id=live.session.device_id,
+                type=item.event.TYPE,
                 audit=True,
             )
 
@@ -1049,14 +1066,6 @@ def _engineer_receiver(
         return bytes(data)
 
     return receive
-
-
-def _refuse_late(live: _Live, item: _Input) -> None:
-    if isinstance(item, _Attach):
-        item.leg.refusal = (int(CloseCode.SESSION_ENDED), _reason(live))
-        item.leg.decided.set()
-    elif isinstance(item, _End) and item.done is not None:
-        item.done.set()
 
 
 def _reason(live: _Live) -> str:
