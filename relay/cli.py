@@ -27,9 +27,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import segno
 import trio
 
 import auth
@@ -57,7 +56,6 @@ from relay.pki_files import (
 )
 from relay.store import (
     DeviceRevoked,
-    Store,
     StoreError,
     UnknownDevice,
     UnknownUser,
@@ -72,6 +70,9 @@ from relay.users import (
     validate_username,
 )
 
+if TYPE_CHECKING:
+    from relay.store import Store
+
 DEMO_DEVICE_ID = "demo-0001"
 # The store keeps at most this many characters of a revocation reason.
 MAX_REVOKE_REASON_CHARS = 200
@@ -80,6 +81,17 @@ MAX_REVOKE_REASON_CHARS = 200
 # CA, a locked or unreachable database, a port in use, a file that cannot be read):
 # reported as one line with exit code 1, never as a traceback.
 _FAILURES: tuple[type[Exception], ...] = (CAError, KeyExists, StoreError, OSError)
+
+
+def _open_store(config: BrokerConfig) -> closing[Store]:
+    """The broker's store, closed when the ``with`` block ends.
+
+    Imported here, not at the top: SQLAlchemy and Alembic take about half a
+    second to load, which every ``relay shell`` or ``relay agent run`` would pay.
+    """
+    from relay.store import Store
+
+    return closing(Store.open(config.effective_database_url))
 
 
 class CLIError(Exception):
@@ -342,7 +354,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     from relay._trio.device_listener import presence_stale_after
 
     config = BrokerConfig(data_dir=_data_dir())
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         devices = store.list_devices(
             now=_now(), stale_after=presence_stale_after(config)
         )
@@ -372,7 +384,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
     config = BrokerConfig(data_dir=_data_dir())
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         try:
             revoked = store.revoke_device(args.device_id, at=_now(), reason=args.reason)
         except UnknownDevice:
@@ -580,6 +592,8 @@ def cmd_forward(args: argparse.Namespace) -> int:
 def _print_enrolment(new_user: NewUser) -> None:
     """The otpauth URI, its QR code, and that they are shown only now (stdout)."""
     qr = io.StringIO()
+    import segno  # only here: the QR code is the one use
+
     segno.make(new_user.otpauth_uri).terminal(out=qr, compact=True)
     out = sys.stdout
     print(f"TOTP for {new_user.username}: {new_user.otpauth_uri}", file=out)
@@ -616,7 +630,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     _check_can_enroll(role, args.can_enroll)
     config = BrokerConfig(data_dir=_data_dir())
     exists = CLIError(f"user {username} exists")
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         # Checked before the prompt too, so nobody types a password for nothing.
         if store.get_user(username) is not None:
             raise exists
@@ -666,7 +680,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_disable(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
     config = BrokerConfig(data_dir=_data_dir())
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         before = store.get_user(username)
         try:
             revoked = store.disable_user(username, at=_now(), reason=_DISABLE_REASON)
@@ -694,7 +708,7 @@ def cmd_user_reset_totp(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
     config = BrokerConfig(data_dir=_data_dir())
     unknown = CLIError(f"unknown user {username!r}")
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         # Checked first, so that a typo creates no sealing key file.
         if store.get_user(username) is None:
             raise unknown
@@ -744,7 +758,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
         raise CLIError("nothing to set: give --can-enroll yes|no", exit_code=2)
     config = BrokerConfig(data_dir=_data_dir())
     unknown = CLIError(f"unknown user {username!r}")
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         user = store.get_user(username)
         if user is None:
             raise unknown
@@ -783,7 +797,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
 def cmd_user_list(args: argparse.Namespace) -> int:
     config = BrokerConfig(data_dir=_data_dir())
-    with closing(Store.open(config.effective_database_url)) as store:
+    with _open_store(config) as store:
         users = store.list_users()
     rows = [_user_row(user) for user in users]
     if _print_json(rows, enabled=args.json):
@@ -998,7 +1012,7 @@ def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
     if agent_dir.cert.exists():
         from relay._trio.device_listener import presence_stale_after
 
-        with closing(Store.open(config.effective_database_url)) as store:
+        with _open_store(config) as store:
             devices = store.list_devices(
                 now=_now(), stale_after=presence_stale_after(config)
             )

@@ -21,9 +21,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import auth
+from relay import store as store_module
 from relay.config import BrokerConfig
 from relay.pki_files import DataDir, load_ca
-from relay.store import Store
 
 # A device certificate is about 1 KiB; an existing file larger than this is not one.
 _MAX_REPLACED_BYTES = 64 * 1024
@@ -130,7 +130,7 @@ def sign_and_record(
         raise
     try:
         identity = signed.identity
-        with closing(Store.open(config.effective_database_url)) as store:
+        with closing(store_module.Store.open(config.effective_database_url)) as store:
             store.record_enrollment(
                 device_id=identity.device_id,
                 serial_hex=identity.serial_hex,

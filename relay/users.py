@@ -12,10 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import auth
-from relay.store import USER_ROLES, Store
+from relay.store import USER_ROLES
+
+if TYPE_CHECKING:
+    from relay.store import Store
 
 USERNAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 

@@ -5,6 +5,8 @@ Synchronous and thread-safe; the trio shells call it through
 ``trio.to_thread.run_sync``. SQLite by default, PostgreSQL for several broker nodes.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._records import (
     USER_ROLES as USER_ROLES,
     CertificateRecord as CertificateRecord,
@@ -23,7 +25,21 @@ from ._records import (
     UserExists as UserExists,
     UserRecord as UserRecord,
 )
-from ._store import MIGRATIONS_DIR as MIGRATIONS_DIR, Store as Store
+
+if TYPE_CHECKING:
+    from ._store import MIGRATIONS_DIR as MIGRATIONS_DIR, Store as Store
+
+
+def __getattr__(name: str) -> Any:
+    # The store module pulls in SQLAlchemy and Alembic (about half a second):
+    # loaded on first use, so that commands without a database (``relay shell``,
+    # ``relay agent run``, ``--help``) start fast.
+    if name in ("Store", "MIGRATIONS_DIR"):
+        from . import _store
+
+        return getattr(_store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MIGRATIONS_DIR",
