@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -128,6 +129,11 @@ async def harness(
             yield h
     finally:
         shutdown.set()
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors (the broker runs in it too)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 # --- the fake device ------------------------------------------------------------
@@ -342,6 +348,9 @@ async def test_happy_path_relays_and_engineer_ends(
     """Request, offer, grant, both legs, a stream echoed both ways; the engineer's
     DELETE ends it: both legs closed 4005 "engineer", the device gets SessionEnd."""
     async with harness(pki, nursery) as h, fake_device(h) as device:
+        # Baseline with the API client's keep-alive connection already open.
+        await h.api.get("/api/v1/me", headers=h.headers())
+        fds_before = open_fds()
         response = await h.request()
         offer = await device.next_event()
         assert isinstance(offer, control.Offer)
@@ -409,6 +418,8 @@ async def test_happy_path_relays_and_engineer_ends(
             assert seen == [{"type": "end", "reason": "engineer"}]
             assert (reason.code, reason.reason) == (4005, "engineer")
         await h.assert_clean()
+        # Both legs' sockets are closed on the broker's side too (and ours).
+        await wait_until(lambda: open_fds() <= fds_before)
         assert h.broker.sample("relay_relay_bytes_total", direction="to_device") == 4
         assert h.broker.sample("relay_relay_bytes_total", direction="from_device") == 5
         assert h.broker.sample("relay_session_ends_total", reason="engineer") == 1
