@@ -23,7 +23,9 @@ Pure: the store (not this module) keeps one row per session, keyed by
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -93,6 +95,34 @@ def token_hash(token: str) -> str:
             computed for something that could be a token).
     """
     return hashlib.sha256(verify_token_format(token).encode("ascii")).hexdigest()
+
+
+_CSRF_DOMAIN: Final = b"relay csrf v1\x00"
+
+
+def csrf_token(token: str) -> str:
+    """Return the anti-CSRF token that goes with session *token*.
+
+    A browser page sends it back in a header on every state-changing request
+    made with the session cookie; a page of another origin cannot read it (no
+    CORS), so it cannot forge such a request. It is a domain-separated SHA-256
+    of the session token: stateless, different for every session, and not
+    derivable from :func:`token_hash` (what the store keeps).
+
+    Raises:
+        InvalidToken: ``reason='malformed'``: *token* is not a session token.
+    """
+    raw = verify_token_format(token).encode("ascii")
+    digest = hashlib.sha256(_CSRF_DOMAIN + raw).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def csrf_matches(expected: str, presented: str | None) -> bool:
+    """Whether *presented* (a request header, maybe absent) is *expected*, in
+    constant time."""
+    if presented is None:
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), presented.encode("utf-8"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

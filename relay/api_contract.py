@@ -12,6 +12,7 @@ from typing import Final
 
 __all__ = [
     "ALL_ROLES",
+    "CSRF_HEADER",
     "ENROLLMENTS_PATH",
     "EVENTS_PATH",
     "MAX_ENROLLMENT_BODY_BYTES",
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 SESSION_COOKIE: Final = "__Host-relay_session"
+#: The header that carries the session's CSRF token on state-changing requests
+#: authenticated by the cookie (a browser page); bearer clients need none.
+CSRF_HEADER: Final = "X-Relay-CSRF"
 MAX_LOGIN_BODY_BYTES: Final = 4 * 1024
 #: Largest body of POST /api/v1/enrollments: a CSR at its 16 KiB cap (PKIConfig),
 #: JSON-escaped, plus room for the envelope.

@@ -130,7 +130,7 @@ class RelayMetrics:
             "relay_engineer_refusals_total",
             "Requests and WebSocket upgrades refused by the engineer listener "
             "before any route ran, by reason (head_too_large, bad_origin, "
-            "no_origin_without_bearer).",
+            "no_origin_without_bearer, csrf).",
             ["reason"],
             registry=r,
         )

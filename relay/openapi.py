@@ -15,6 +15,7 @@ from typing import Any, Final
 from relay import __version__
 from relay.api_contract import (
     ALL_ROLES,
+    CSRF_HEADER,
     ENROLLMENTS_PATH,
     MAX_ENROLLMENT_BODY_BYTES,
     MAX_LOGIN_BODY_BYTES,
@@ -57,7 +58,12 @@ _ERROR_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
         "revoked or expired, or its user is disabled.",
         "Error",
     ),
-    "403": _answer("The session's role is not allowed on this route.", "Error"),
+    "403": _answer(
+        "The session's role is not allowed on this route, or (a POST or DELETE "
+        "with the session cookie) a cross-site request: an Origin that is not "
+        f"the console's, or the `{CSRF_HEADER}` header missing or wrong.",
+        "Error",
+    ),
     "413": _answer(f"The body is larger than {MAX_LOGIN_BODY_BYTES} bytes.", "Error"),
     "415": _answer("The body is not application/json.", "Error"),
     "429": _answer(
@@ -95,8 +101,8 @@ _ENROLLMENT_ANSWERS: Final[Mapping[str, dict[str, Any]]] = {
     ),
     "401": _ERROR_ANSWERS["401"],
     "403": _answer(
-        "The session's role may not enroll (auditors), or the engineer does not "
-        "hold the enroll permission.",
+        "The session's role may not enroll (auditors), the engineer does not "
+        f"hold the enroll permission, or a cross-site request (see `{CSRF_HEADER}`).",
         "Error",
     ),
     "409": _answer(
@@ -161,6 +167,12 @@ OPENAPI: Final[Mapping[str, Any]] = {
                         headers=("Set-Cookie",),
                     ),
                     **_errors("400", "401", "413", "415", "429", "503"),
+                    "403": _answer(
+                        "The request came with an Origin that is not the "
+                        "console's (another site's page may not log the browser "
+                        "in).",
+                        "Error",
+                    ),
                 },
             }
         },
@@ -174,7 +186,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "200": _answer(
                         "Logged out.", "LogoutResponse", headers=("Set-Cookie",)
                     ),
-                    **_errors("401", "503"),
+                    **_errors("401", "403", "503"),
                 },
             }
         },
@@ -264,8 +276,9 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     ),
                     "401": _ERROR_ANSWERS["401"],
                     "403": _answer(
-                        "The role may not request sessions, or a channel is not "
-                        "allowed by the policy.",
+                        "The role may not request sessions, a channel is not "
+                        "allowed by the policy, or a cross-site request (see "
+                        f"`{CSRF_HEADER}`).",
                         "Error",
                     ),
                     "404": _answer(
@@ -403,9 +416,20 @@ OPENAPI: Final[Mapping[str, Any]] = {
                             "end it earlier."
                         ),
                     },
+                    "csrf_token": {"$ref": "#/components/schemas/CsrfToken"},
                 },
-                "required": ["token", "expires_at"],
+                "required": ["token", "expires_at", "csrf_token"],
                 "additionalProperties": False,
+            },
+            "CsrfToken": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{43}$",
+                "description": (
+                    f"Send it back in the `{CSRF_HEADER}` header on every POST "
+                    "and DELETE authenticated by the session cookie (a browser "
+                    "page); without it, or with another value, the request is "
+                    "refused with 403. Bearer clients need no header."
+                ),
             },
             "LogoutResponse": {
                 "type": "object",
@@ -418,8 +442,9 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 "properties": {
                     "username": {"type": "string"},
                     "role": {"enum": sorted(ALL_ROLES)},
+                    "csrf_token": {"$ref": "#/components/schemas/CsrfToken"},
                 },
-                "required": ["username", "role"],
+                "required": ["username", "role", "csrf_token"],
                 "additionalProperties": False,
             },
             "EnrollmentRequest": {

@@ -63,6 +63,7 @@ from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
 from relay._trio.session_api import SessionRoutes
 from relay.api_contract import (
+    CSRF_HEADER,
     ENROLLMENTS_PATH,
     EVENTS_PATH,
     MAX_LOGIN_BODY_BYTES,
@@ -108,6 +109,37 @@ def _session_cookie(value: str, max_age_s: int) -> str:
         f"{SESSION_COOKIE}={value}; Secure; HttpOnly; SameSite=Strict; Path=/; "
         f"Max-Age={max_age_s}"
     )
+
+
+#: Methods that change state: with the cookie they need the CSRF header.
+_STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _origin_allowed(request: Request, origins: auth.OriginAllowList) -> bool:
+    """An Origin header, when the client sent one, must be one of ours.
+
+    Browsers send Origin on every POST and DELETE; command-line clients send
+    none and authenticate with the bearer header.
+    """
+    origin = request.headers.get("origin")
+    return origin is None or origins.allows(origin)
+
+
+def _cross_site_refusal(
+    request: Request, principal: Principal, origins: auth.OriginAllowList
+) -> str | None:
+    """Why a cookie-authenticated state-changing request is refused, or None.
+
+    Two checks, either enough on its own today (the cookie is also
+    ``SameSite=Strict``): the Origin, when sent, is one of ours, and the
+    ``X-Relay-CSRF`` header carries the session's CSRF token, which only a page
+    of our own origin can have read (login answer, ``GET /api/v1/me``).
+    """
+    if not _origin_allowed(request, origins):
+        return "bad_origin"
+    if not auth.csrf_matches(principal.csrf_token, request.headers.get(CSRF_HEADER)):
+        return "csrf"
+    return None
 
 
 class _BadBody(Exception):
@@ -172,6 +204,11 @@ def api_routes(
                 principal = await service.authenticate(request)
             except auth.InvalidToken:
                 return JSONResponse(_SESSION_UNAUTHORIZED_BODY, status_code=401)
+            if method in _STATE_CHANGING and principal.by_cookie:
+                refusal = _cross_site_refusal(request, principal, origins())
+                if refusal is not None:
+                    service.csrf_refused(principal, route, refusal)
+                    return _error(403, "cross-site request refused")
             if principal.role not in allowed:
                 service.forbidden(principal, route)
                 return _error(403, "forbidden")
@@ -187,6 +224,10 @@ def api_routes(
 
     async def login(request: Request) -> Response:
         source = _source(request)
+        if not _origin_allowed(request, origins()):
+            # Login CSRF: another site's page must not log the browser in.
+            service.csrf_refused(None, ("POST", "/api/v1/login"), "bad_origin")
+            return _error(403, "cross-site request refused")
         try:
             service.check_rate(source)
         except LoginThrottled as throttled:
@@ -207,6 +248,7 @@ def api_routes(
             {
                 "token": result.token,
                 "expires_at": result.expires_at.isoformat(),
+                "csrf_token": auth.csrf_token(result.token),
             },
             headers={"Set-Cookie": _session_cookie(result.token, result.max_age_s)},
         )
@@ -222,7 +264,13 @@ def api_routes(
         )
 
     async def me(_request: Request, principal: Principal) -> Response:
-        return JSONResponse({"username": principal.username, "role": principal.role})
+        return JSONResponse(
+            {
+                "username": principal.username,
+                "role": principal.role,
+                "csrf_token": principal.csrf_token,
+            }
+        )
 
     async def devices(_request: Request, _principal: Principal) -> Response:
         return JSONResponse(

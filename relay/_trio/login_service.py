@@ -12,6 +12,7 @@ described in :mod:`relay._trio.engineer_api`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -63,12 +64,18 @@ class Principal:
 
     ``created_at`` is the login time of the session: with the lifetime it gives
     the absolute end, which a long-lived WebSocket must not outlive.
+    ``by_cookie`` says the request authenticated with the session cookie (which
+    a browser attaches on its own, so state-changing requests then need
+    ``csrf_token`` in a header); ``csrf_token`` is empty where no request
+    brought the token (the revocation feed's view of a session).
     """
 
     username: str
     role: str
     token_hash: str
     created_at: datetime
+    by_cookie: bool = False
+    csrf_token: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,7 +329,9 @@ class LoginService:
         digest = auth.token_hash(auth.verify_token_format(token))
         principal, _ends_at = await self._live_session(digest)
         await self.touch(digest)
-        return principal
+        return dataclasses.replace(
+            principal, by_cookie=header is None, csrf_token=auth.csrf_token(token)
+        )
 
     async def _live_session(self, digest: str) -> tuple[Principal, datetime]:
         """The principal of the live session *digest* and when it will end.
@@ -392,6 +401,21 @@ class LoginService:
             username=principal.username,
             source=source,
             token_hash=principal.token_hash[:12],
+            audit=True,
+        )
+
+    def csrf_refused(
+        self, principal: Principal | None, route: tuple[str, str], reason: str
+    ) -> None:
+        """Count and audit a state-changing request refused as cross-site
+        (*reason*: ``csrf`` for a missing or wrong token, ``bad_origin`` for an
+        Origin outside the allow-list)."""
+        self._metrics.engineer_refusals.labels(reason).inc()
+        self._log.warning(
+            "auth.csrf_refused",
+            username=None if principal is None else principal.username,
+            route=" ".join(route),
+            reason=reason,
             audit=True,
         )
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import auth
 import auth.tokens
 from auth import (
     TOKEN_BYTES,
@@ -326,3 +327,36 @@ def test_invalid_token_has_one_text_and_pickles(reason: str) -> None:
     assert isinstance(copy, InvalidToken)
     assert issubclass(InvalidToken, AuthError)
     assert (copy.reason, str(copy)) == (reason, str(error))
+
+
+# CSRF tokens
+
+
+def test_csrf_token_is_per_session_and_not_the_stored_hash() -> None:
+    """43 url-safe characters, stable for one session, different for another,
+    and neither the token nor its stored hash."""
+    token = auth.tokens.new_token()
+    csrf = auth.tokens.csrf_token(token)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", csrf)
+    assert csrf == auth.tokens.csrf_token(token)
+    assert csrf != auth.tokens.csrf_token(auth.tokens.new_token())
+    stored = auth.tokens.token_hash(token)
+    assert csrf not in (token, stored)
+    assert base64.urlsafe_b64decode(csrf + "=").hex() != stored
+
+
+def test_csrf_token_of_a_malformed_token_is_refused() -> None:
+    with pytest.raises(auth.InvalidToken):
+        auth.tokens.csrf_token("not a token")
+
+
+@pytest.mark.parametrize(
+    ("presented", "matches"),
+    [(None, False), ("", False), ("x" * 43, False), ("é" * 43, False)],
+)
+def test_csrf_matches_only_the_exact_value(
+    presented: str | None, matches: bool
+) -> None:
+    expected = auth.tokens.csrf_token(auth.tokens.new_token())
+    assert auth.tokens.csrf_matches(expected, presented) is matches
+    assert auth.tokens.csrf_matches(expected, expected)

@@ -81,8 +81,9 @@ async def test_login_returns_token_and_strict_cookie(
         response = await _login(client, "alice", _code(secret))
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"token", "expires_at"}
+    assert set(body) == {"token", "expires_at", "csrf_token"}
     auth.verify_token_format(body["token"])
+    assert body["csrf_token"] == auth.csrf_token(body["token"])
     expires_at = datetime.fromisoformat(body["expires_at"])
     assert abs(expires_at - (datetime.now(UTC) + timedelta(hours=12))) < timedelta(
         minutes=1
@@ -103,7 +104,11 @@ async def test_me_with_bearer_and_with_cookie(
     """/me answers the user and role for a bearer token and for the session cookie alike."""
     secret = add_engineer(pki, "alice", role="auditor")
     token = await _token(client, "alice", secret)
-    expected = {"username": "alice", "role": "auditor"}
+    expected = {
+        "username": "alice",
+        "role": "auditor",
+        "csrf_token": auth.csrf_token(token),
+    }
     by_bearer = await client.get("/api/v1/me", headers=_bearer(token))
     assert (by_bearer.status_code, by_bearer.json()) == (200, expected)
     by_cookie = await client.get(
@@ -245,6 +250,69 @@ async def test_logout_revokes_the_token(pki: PKI, client: httpx.AsyncClient) -> 
     assert (after.status_code, after.json()) == (401, {"error": "unauthorized"})
 
 
+async def test_cookie_requests_that_change_state_need_the_csrf_header(
+    broker: RunningBroker, pki: PKI, client: httpx.AsyncClient
+) -> None:
+    """With the cookie, a POST needs the session's X-Relay-CSRF header and, when
+    an Origin is sent, our own; each refusal is 403, counted and audited, and
+    leaves the session alive. Bearer requests and GETs need no header."""
+    token = await _token(client, "alice", add_engineer(pki, "alice"))
+    cookie = {"Cookie": f"{SESSION_COOKIE}={token}"}
+    own_origin = str(client.base_url).rstrip("/")
+    csrf = auth.csrf_token(token)
+    refused_headers = [
+        {},  # no token at all: what a cross-site form post would send
+        {"X-Relay-CSRF": auth.csrf_token(auth.new_token())},  # another session's
+        {"X-Relay-CSRF": csrf, "Origin": "https://evil.example"},
+        {"X-Relay-CSRF": csrf, "Origin": "null"},
+    ]
+    with structlog.testing.capture_logs() as events:
+        for extra in refused_headers:
+            response = await client.post("/api/v1/logout", headers=cookie | extra)
+            assert (response.status_code, response.json()) == (
+                403,
+                {"error": "cross-site request refused"},
+            ), extra
+    reasons = [e["reason"] for e in events if e["event"] == "auth.csrf_refused"]
+    assert reasons == ["csrf", "csrf", "bad_origin", "bad_origin"]
+    assert broker.sample("relay_engineer_refusals_total", reason="csrf") == 2
+    assert broker.sample("relay_engineer_refusals_total", reason="bad_origin") == 2
+    alive = await client.get("/api/v1/me", headers=cookie)  # GET: no header needed
+    assert alive.status_code == 200
+    accepted = await client.post(
+        "/api/v1/logout",
+        headers=cookie | {"X-Relay-CSRF": csrf, "Origin": own_origin},
+    )
+    assert accepted.status_code == 200
+    assert (await client.get("/api/v1/me", headers=cookie)).status_code == 401
+    # A bearer client (the CLI) sends neither Origin nor the header.
+    other = await _token(client, "bob", add_engineer(pki, "bob"))
+    assert (
+        await client.post("/api/v1/logout", headers=_bearer(other))
+    ).status_code == 200
+
+
+async def test_login_from_another_sites_page_is_refused(
+    broker: RunningBroker, pki: PKI, client: httpx.AsyncClient
+) -> None:
+    """Login CSRF: a login POST with a foreign Origin is 403 before any check of
+    the credentials; with our own Origin (the console) it works."""
+    secret = add_engineer(pki, "alice")
+    body = {"username": "alice", "password": PASSWORD, "totp": _code(secret)}
+    foreign = await client.post(
+        LOGIN, json=body, headers={"Origin": "https://evil.example"}
+    )
+    assert (foreign.status_code, foreign.json()) == (
+        403,
+        {"error": "cross-site request refused"},
+    )
+    assert broker.sample("relay_auth_logins_total") == 0
+    own = await client.post(
+        LOGIN, json=body, headers={"Origin": str(client.base_url).rstrip("/")}
+    )
+    assert own.status_code == 200
+
+
 async def test_forged_and_truncated_tokens_are_refused(
     broker: RunningBroker, pki: PKI, client: httpx.AsyncClient
 ) -> None:
@@ -270,7 +338,8 @@ async def test_another_users_token_is_that_user(
         "/api/v1/me",
         headers={**_bearer(bob_token), "Cookie": f"{SESSION_COOKIE}={alice_token}"},
     )
-    assert response.json() == {"username": "bob", "role": "auditor"}
+    assert response.json()["username"] == "bob"
+    assert response.json()["csrf_token"] == auth.csrf_token(bob_token)
 
 
 async def test_token_in_query_string_is_ignored(
