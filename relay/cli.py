@@ -27,13 +27,14 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import trio
 
 import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
+from relay.demo_engineer import DEMO_ENGINEER, DemoEngineer, ensure_demo_engineer
 from relay.engineer_client import (
     ApiError,
     Credentials,
@@ -589,14 +590,12 @@ def cmd_forward(args: argparse.Namespace) -> int:
     )
 
 
-def _print_enrolment(new_user: NewUser) -> None:
-    """The otpauth URI, its QR code, and that they are shown only now (stdout)."""
-    qr = io.StringIO()
-    import segno  # only here: the QR code is the one use
+def _print_qr(uri: str, out: TextIO) -> None:
+    """*uri* as a QR code drawn with block characters, if the terminal can."""
+    import segno  # only here: the QR codes are the one use
 
-    segno.make(new_user.otpauth_uri).terminal(out=qr, compact=True)
-    out = sys.stdout
-    print(f"TOTP for {new_user.username}: {new_user.otpauth_uri}", file=out)
+    qr = io.StringIO()
+    segno.make(uri).terminal(out=qr, compact=True)
     try:
         out.write(qr.getvalue())
     except UnicodeEncodeError:
@@ -604,6 +603,13 @@ def _print_enrolment(new_user: NewUser) -> None:
             "(this terminal's encoding cannot draw the QR code; enter the URI above)",
             file=out,
         )
+
+
+def _print_enrolment(new_user: NewUser) -> None:
+    """The otpauth URI, its QR code, and that they are shown only now (stdout)."""
+    out = sys.stdout
+    print(f"TOTP for {new_user.username}: {new_user.otpauth_uri}", file=out)
+    _print_qr(new_user.otpauth_uri, out)
     print(
         "Scan this QR code (or enter the URI) into an authenticator app now: it is "
         f"not shown again. `relay user reset-totp {new_user.username}` makes a new one.",
@@ -908,11 +914,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from relay._trio.agent_ui import serve_agent_ui
     from relay._trio.broker import serve_broker
 
-    config = _broker_config(args)
+    config = _session_config(args, _broker_config(args))
     data_dir = DataDir(config.data_dir)
     init_ca(data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days))
     agent_dir = AgentDir(config.data_dir / "demo-device")
     _enroll_demo_device(config, agent_dir)
+    engineer, created = _demo_engineer(config)
     out = sys.stdout
 
     async def main() -> None:
@@ -932,10 +939,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 file=out,
             )
             print(f"  device CA          {data_dir.ca_cert}", file=out)
-            print(
-                "  engineers          add one with `relay user add NAME --role engineer`, then "
-                f"`relay login --broker https://localhost:{ports.engineer} --ca-file {data_dir.ca_cert}`",
-                file=out,
+            _print_demo_engineer(
+                out, engineer, created, ports.engineer, data_dir.ca_cert
             )
             status = AgentStatus()
             settings = AgentSettings(
@@ -995,6 +1000,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _run_trio(main, listening=_listen_addresses(config))
     print("stopped", file=out)
     return 0
+
+
+def _demo_engineer(config: BrokerConfig) -> tuple[DemoEngineer | None, bool]:
+    """The demo engineer's credentials (made on first run), and whether they are new."""
+    with _open_store(config) as store:
+        existed = store.get_user(DEMO_ENGINEER) is not None
+        engineer = ensure_demo_engineer(
+            store, _totp_sealer(config), config.data_dir, now=_now()
+        )
+    if engineer is not None and not existed:
+        get_logger("cli").info(
+            "user.added", username=engineer.username, role="engineer", audit=True
+        )
+    return engineer, not existed
+
+
+def _print_demo_engineer(
+    out: TextIO,
+    engineer: DemoEngineer | None,
+    created: bool,
+    port: int,
+    ca_cert: Path,
+) -> None:
+    console = f"https://localhost:{port}/"
+    print(f"  console            {console} (engineers' browser console)", file=out)
+    print(
+        f"                     the browser does not know the demo CA {ca_cert}: "
+        "trust it, or accept the warning",
+        file=out,
+    )
+    login = f"relay login --broker {console.rstrip('/')} --ca-file {ca_cert}"
+    if engineer is None:
+        print(
+            f"  demo engineer      `{DEMO_ENGINEER}` exists but its saved credentials "
+            "are gone; add an engineer with `relay user add NAME --role engineer`, "
+            f"then `{login}`",
+            file=out,
+        )
+        return
+    print(
+        f"  demo engineer      user {engineer.username}, password {engineer.password}",
+        file=out,
+    )
+    print(
+        f"                     TOTP secret {engineer.totp_secret} (any authenticator "
+        f"app; URI {engineer.otpauth_uri})",
+        file=out,
+    )
+    if created:
+        _print_qr(engineer.otpauth_uri, out)
+    print(f"                     command line: `{login} --username demo`", file=out)
 
 
 def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
@@ -1073,26 +1129,30 @@ def build_parser() -> argparse.ArgumentParser:
             "--tls-key", type=Path, metavar="FILE", help="key for --tls-cert (PEM)"
         )
 
+    def session_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--max-session-seconds",
+            type=int,
+            metavar="N",
+            help="cap of every remote session, from the grant (default and ceiling 3600)",
+        )
+        p.add_argument(
+            "--grant-timeout-seconds",
+            type=float,
+            metavar="N",
+            help="how long the person at the device has to answer an offer (default 60)",
+        )
+
     demo = commands.add_parser(
         "demo", help="broker + one simulated device, embedded defaults"
     )
     listen_flags(demo)
+    session_flags(demo)
     demo.set_defaults(func=cmd_demo)
 
     serve = commands.add_parser("serve", help="run the broker")
     listen_flags(serve)
-    serve.add_argument(
-        "--max-session-seconds",
-        type=int,
-        metavar="N",
-        help="cap of every remote session, from the grant (default and ceiling 3600)",
-    )
-    serve.add_argument(
-        "--grant-timeout-seconds",
-        type=float,
-        metavar="N",
-        help="how long the person at the device has to answer an offer (default 60)",
-    )
+    session_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     ca = commands.add_parser("ca", help="the device CA").add_subparsers(

@@ -274,6 +274,12 @@ def test_demo_twice_reuses_ca_and_device(
     assert "stopped" in second.lines, second.lines
     assert_clean_output(first)
     assert_clean_output(second)
+    # The demo engineer is made once; both runs print the same credentials
+    # (tests/browser logs in with them).
+    [first_login] = [line for line in first.lines if "demo engineer" in line]
+    [second_login] = [line for line in second.lines if "demo engineer" in line]
+    assert first_login.startswith("  demo engineer      user demo, password ")
+    assert second_login == first_login
 
 
 @pytest.mark.slow
