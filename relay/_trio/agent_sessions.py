@@ -27,16 +27,22 @@ each grant, as the agent re-reads its certificate at each attempt) and sent as
 (Invariant 2: measured on our monotonic clock, whatever the broker does). Then
 the agent opens the tunnel WebSocket ``/v1/device/tunnel/{session}`` through the
 :data:`TunnelOpener` it was given (mTLS with the same certificate) and serves the
-engineer's streams: a reader task checks every frame with a
-:class:`~relay.proto.tunnel.StreamTable` (peer = engineer) and hands it on; one
-task per stream moves bytes between the tunnel and the local end (a PTY running
-the shell command, or a TCP connection to ``127.0.0.1:P``).
+engineer's streams with the device side of a
+:class:`~relay._trio.tunnel_mux.TunnelMux`: its reader checks every frame with
+the stream table (peer = engineer) and hands it on, and for each OPEN it starts
+one task, which decides (the channel must be granted and allowed here), opens
+the local end (a PTY running the shell command, or a TCP connection to
+``127.0.0.1:P``), answers OPEN_OK or OPEN_FAIL, and moves bytes between the
+stream and the local end until the stream is over: the engineer closes it (its
+local I/O stops at once), the local end fails (CLOSE as ABORTED), or both
+directions are done (a shell: it exited).
 
-Flow control (lead decision 6). Data from the engineer waits in the stream's
-inbox, which the engineer's credit bounds; the reader never blocks on a local
-peer, so one slow stream cannot stall the tunnel. The stream task returns credit
-with WINDOW once it has handed half the initial window on. Data to the engineer
-is read from the local end only as far as the stream's credit allows.
+Flow control (lead decision 6) is the mux's: data from the engineer waits in the
+stream, bounded by the credit we gave; the reader never waits for a local peer
+(nor for a connect or a spawn), so one slow stream cannot stall the tunnel; credit
+goes back with WINDOW as the stream's task takes the data to hand it on, half the
+initial window at a time. Data to the engineer is read from the local end one
+frame's worth at a time and sent only within the stream's credit.
 
 Ending, in this order (lead decision 3): (1) something asks for the end with a
 reason (the on-site End, the broker's ``session_end``, the cap timer, the tunnel
@@ -50,8 +56,9 @@ unreachable; the receipt just waits).
 
 Rule 1: the control channel never carries session data (Invariant 4); streams
         exist only inside the tunnel.
-Rule 2: every frame we send goes through the table, under one lock, so the wire
-        order is the order the table checked.
+Rule 2: every frame we send goes through the mux's table, under one lock, so the
+        wire order is the order the table checked; a frame that lost its point
+        (the stream closed meanwhile) is dropped, not an error.
 Rule 3: nothing but our own timer, the on-site person and the broker's word
         ends a session; nothing but the broker's word and the on-site person
         starts one.
@@ -63,8 +70,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
@@ -72,6 +80,7 @@ from cryptography import x509
 
 import auth
 from relay._trio.pty_process import PtyProcess, open_pty_process
+from relay._trio.tunnel_mux import MuxStream, StreamClosed, TunnelMux
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
 from relay.config import AgentConfig
 from relay.log import get_logger
@@ -100,9 +109,8 @@ OFFER_GRACE_S: Final = 2.0
 #: Longest an offer is kept, whatever deadline it names.
 MAX_OFFER_S: Final = 120.0
 
-_SIDE_US: Final = tunnel.Side.DEVICE
-_SIDE_PEER: Final = tunnel.Side.ENGINEER
-_WINDOW_UPDATE_BYTES: Final = tunnel.INITIAL_WINDOW_BYTES // 2
+#: A local end that fails in one of these ways closes its stream as ABORTED.
+_LOCAL_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 #: Sends one control message; raises ConnectionClosed (or LocalProtocolError)
 #: when the channel cannot take it.
@@ -191,23 +199,6 @@ class _PendingOffer:
 
 
 @dataclass(eq=False, slots=True)
-class _Stream:
-    stream_id: int
-    channel: str
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    inbox: bytearray = field(default_factory=bytearray)
-    inbox_eof: bool = False
-    peer_closed: bool = False
-    aborted: bool = False
-    pty: PtyProcess | None = None
-    changed: trio.Event = field(default_factory=trio.Event)
-
-    def poke(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
-@dataclass(eq=False, slots=True)
 class _Session:
     offer: control.Offer
     channels: tuple[str, ...]
@@ -219,16 +210,12 @@ class _Session:
     end_reason: EndReason | None = None
     end_requested: trio.Event = field(default_factory=trio.Event)
     connect_scope: trio.CancelScope | None = None
-    table: tunnel.StreamTable = field(default_factory=tunnel.StreamTable)
-    streams: dict[int, _Stream] = field(default_factory=dict)
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
     ws: WebSocketConnection | None = None
+    mux: TunnelMux | None = None  # the tunnel's streams, and the receipt's counts
+    open_streams: int = 0  # streams whose task runs
     close_code: int = CloseCode.SESSION_ENDED
     warning_seconds: int | None = None  # the last warning given, seconds left
     local_closed_at: float | None = None  # trio clock, when local streams were gone
-    bytes_to_device: int = 0
-    bytes_from_device: int = 0
-    streams_opened: int = 0
 
     @property
     def session_id(self) -> str:
@@ -442,7 +429,7 @@ class SessionRuntime:
                 "state": "ending"
                 if s.end_reason is not None
                 else ("active" if s.ws is not None else "granted"),
-                "open_streams": len(s.streams),
+                "open_streams": s.open_streams,
             }
         last_end = None
         if self._last_end is not None:
@@ -598,7 +585,6 @@ class SessionRuntime:
         session.granted = True
         session.ends_at = trio.current_time() + session.max_seconds
         session.ends_at_ms = self._wall_clock_ms() + session.max_seconds * 1000
-        session.table = tunnel.StreamTable()
         self._log.info(
             "session.granted",
             session_id=offer.session_id,
@@ -644,7 +630,12 @@ class SessionRuntime:
                     session.ws = ws
                     self._notify()
                     async with trio.open_nursery() as streams:
-                        streams.start_soon(self._read_tunnel, session, ws, streams)
+                        session.mux = TunnelMux(
+                            ws,
+                            side=tunnel.Side.DEVICE,
+                            on_stream=partial(self._on_stream, session, streams),
+                        )
+                        streams.start_soon(self._read_tunnel, session, session.mux)
                         await session.end_requested.wait()
                         streams.cancel_scope.cancel()
                     # Local streams are gone (a shell reaped); only now the tunnel.
@@ -672,15 +663,16 @@ class SessionRuntime:
         reason = session.end_reason or EndReason.DEVICE_DISCONNECT
         session.end_reason = reason
         assert session.identity is not None  # noqa: S101 - set before the grant was sent
+        mux = session.mux  # None: the tunnel never opened, nothing was counted
         receipt = receipts.EndReceipt(
             session_id=session.session_id,
             device_id=session.identity.device_id,
             nonce=session.offer.nonce,
             reason=reason.value,
             ended_at_ms=self._wall_clock_ms(),
-            bytes_to_device=session.bytes_to_device,
-            bytes_from_device=session.bytes_from_device,
-            streams_opened=session.streams_opened,
+            bytes_to_device=0 if mux is None else mux.data_bytes_received,
+            bytes_from_device=0 if mux is None else mux.data_bytes_sent,
+            streams_opened=0 if mux is None else mux.streams_opened,
         )
         wire_receipt, signature = receipts.sign_end(
             session.identity.private_key, receipt
@@ -694,9 +686,9 @@ class SessionRuntime:
             "session.ended",
             session_id=session.session_id,
             reason=reason.value,
-            bytes_to_device=session.bytes_to_device,
-            bytes_from_device=session.bytes_from_device,
-            streams_opened=session.streams_opened,
+            bytes_to_device=receipt.bytes_to_device,
+            bytes_from_device=receipt.bytes_from_device,
+            streams_opened=receipt.streams_opened,
         )
         self._last_end = (session.session_id, reason)
         self._forget(session)
@@ -708,28 +700,9 @@ class SessionRuntime:
 
     # The tunnel -------------------------------------------------------------------
 
-    async def _read_tunnel(
-        self, session: _Session, ws: WebSocketConnection, streams: trio.Nursery
-    ) -> None:
-        table = session.table
+    async def _read_tunnel(self, session: _Session, mux: TunnelMux) -> None:
         try:
-            while True:
-                frame = tunnel.decode(await ws.receive_message())
-                disposition = table.receive(frame, sender=_SIDE_PEER)
-                if isinstance(frame, tunnel.StreamData):
-                    session.bytes_to_device += len(frame.payload)
-                if disposition is tunnel.Disposition.DROP:
-                    continue
-                if isinstance(frame, tunnel.StreamOpen):
-                    stream = _Stream(stream_id=frame.stream_id, channel=frame.channel)
-                    session.streams[frame.stream_id] = stream
-                    streams.start_soon(self._serve_stream, session, stream, frame)
-                    self._notify()
-                    continue
-                target = session.streams.get(frame.stream_id)
-                if target is None:
-                    continue  # a final frame for a stream our side already ended
-                self._deliver(target, frame)
+            await mux.run()
         except ConnectionClosed as exc:
             reason = EndReason.DEVICE_DISCONNECT
             if exc.code == CloseCode.SESSION_ENDED:
@@ -746,55 +719,6 @@ class SessionRuntime:
             session.request_end(EndReason.DEVICE_DISCONNECT)
         self._notify()
 
-    def _deliver(self, stream: _Stream, frame: tunnel.Frame) -> None:
-        match frame:
-            case tunnel.StreamData():
-                stream.inbox += frame.payload
-            case tunnel.StreamEof():
-                stream.inbox_eof = True
-            case tunnel.StreamClose():
-                stream.peer_closed = True
-                stream.scope.cancel()
-            case tunnel.StreamResize():
-                if stream.pty is not None:
-                    try:
-                        stream.pty.resize(frame.cols, frame.rows)
-                    except (OSError, ValueError) as exc:
-                        self._log.warning("session.resize_failed", error=repr(exc))
-            case _:
-                pass  # WINDOW: the table added the credit; wake the sender
-        stream.poke()
-
-    async def _send_frame(
-        self, session: _Session, stream: _Stream, frame: tunnel.Frame
-    ) -> bool:
-        """Send *frame* unless the stream's state makes it pointless; False if not sent."""
-        ws = session.ws
-        if ws is None:
-            return False
-        async with session.send_lock:
-            status = session.table.status(stream.stream_id)
-            if status is None or _SIDE_US in status.closed:
-                return False
-            is_final = isinstance(frame, (tunnel.StreamClose, tunnel.StreamOpenFail))
-            if _SIDE_PEER in status.closed and not is_final:
-                return False  # the engineer closed it: only our CLOSE is due
-            if isinstance(frame, tunnel.StreamWindow) and _SIDE_PEER in status.eof:
-                return False  # credit the engineer can never use
-            try:
-                data = session.table.send(frame, sender=_SIDE_US)
-            except LocalProtocolError as exc:
-                self._log.error("session.tunnel_bug", error=str(exc))
-                session.request_end(EndReason.DEVICE_DISCONNECT)
-                return False
-            try:
-                await ws.send_message(data)
-            except ConnectionClosed:
-                return False  # the reader sees the close and ends the session
-        if isinstance(frame, tunnel.StreamData):
-            session.bytes_from_device += len(frame.payload)
-        return True
-
     # Streams ----------------------------------------------------------------------
 
     def _allowed(self, session: _Session, channel: str) -> bool:
@@ -802,192 +726,86 @@ class SessionRuntime:
         # whatever the broker relays.
         return channel in session.channels and self._grantable(channel)
 
-    async def _serve_stream(
-        self, session: _Session, stream: _Stream, frame: tunnel.StreamOpen
+    def _on_stream(
+        self,
+        session: _Session,
+        streams: trio.Nursery,
+        stream: MuxStream,
+        frame: tunnel.StreamOpen,
     ) -> None:
+        # Called by the tunnel's reader: it must not wait for a connect or a spawn.
+        streams.start_soon(self._serve_stream, session, stream, frame)
+
+    async def _serve_stream(
+        self, session: _Session, stream: MuxStream, frame: tunnel.StreamOpen
+    ) -> None:
+        session.open_streams += 1
+        self._notify()
         try:
             if not self._allowed(session, frame.channel):
-                await self._refuse(
-                    session,
-                    stream,
-                    tunnel.OpenFailCode.NOT_ALLOWED,
-                    "not allowed on this device",
+                await stream.refuse(
+                    tunnel.OpenFailCode.NOT_ALLOWED, "not allowed on this device"
                 )
-                return
-            port = frame.port
-            if port is None:
-                await self._serve_shell(session, stream, frame)
+            elif frame.port is None:
+                await self._serve_shell(stream, frame)
             else:
-                await self._serve_tcp(session, stream, port)
+                await self._serve_tcp(stream, frame.port)
+        except ConnectionClosed:
+            pass  # the tunnel is gone: its reader ends the session
+        except LocalProtocolError as exc:
+            self._log.error("session.tunnel_bug", error=str(exc))
+            session.request_end(EndReason.DEVICE_DISCONNECT)
         finally:
-            session.streams.pop(stream.stream_id, None)
+            session.open_streams -= 1
             self._notify()
 
-    async def _refuse(
-        self, session: _Session, stream: _Stream, code: tunnel.OpenFailCode, reason: str
-    ) -> None:
-        await self._send_frame(
-            session,
-            stream,
-            tunnel.StreamOpenFail(stream_id=stream.stream_id, code=code, reason=reason),
-        )
-
-    async def _opened(self, session: _Session, stream: _Stream) -> bool:
-        if stream.peer_closed:
-            # The engineer cancelled the open: our CLOSE answers it.
-            await self._send_frame(
-                session, stream, tunnel.StreamClose(stream_id=stream.stream_id)
-            )
-            return False
-        if not await self._send_frame(
-            session, stream, tunnel.StreamOpenOk(stream_id=stream.stream_id)
-        ):
-            return False
-        session.streams_opened += 1
-        return True
-
-    async def _close(self, session: _Session, stream: _Stream) -> None:
-        code = (
-            tunnel.StreamCloseCode.ABORTED
-            if stream.aborted
-            else tunnel.StreamCloseCode.NORMAL
-        )
-        await self._send_frame(
-            session, stream, tunnel.StreamClose(stream_id=stream.stream_id, code=code)
-        )
-
-    async def _serve_shell(
-        self, session: _Session, stream: _Stream, frame: tunnel.StreamOpen
-    ) -> None:
+    async def _serve_shell(self, stream: MuxStream, frame: tunnel.StreamOpen) -> None:
         assert self._shell_argv is not None  # noqa: S101 - _allowed checked it
         env = dict(os.environ)
         env.setdefault("TERM", "xterm-256color")
-        started = False
-        try:
-            async with open_pty_process(
-                self._shell_argv,
-                cols=frame.cols,
-                rows=frame.rows,
-                env=env,
-                kill_grace_s=self._config.pty_kill_grace_s,
-            ) as pty_process:
-                started = True
-                stream.pty = pty_process
-                if not await self._opened(session, stream):
-                    return
-                with stream.scope:
-                    async with trio.open_nursery() as pumps:
-                        pumps.start_soon(
-                            self._downlink, session, stream, pty_process, None
-                        )
-                        await self._uplink(session, stream, pty_process)
-                        # The shell exited (or its terminal failed): stream over.
-                        pumps.cancel_scope.cancel()
-                await self._close(session, stream)
-        except (OSError, ValueError) as exc:
-            if started:
-                raise
-            self._log.warning("session.shell_failed", error=repr(exc))
-            await self._refuse(
-                session, stream, tunnel.OpenFailCode.NO_PTY, "cannot start the shell"
-            )
-        finally:
-            stream.pty = None
+        async with AsyncExitStack() as stack:
+            try:
+                pty_process = await stack.enter_async_context(
+                    open_pty_process(
+                        self._shell_argv,
+                        cols=frame.cols,
+                        rows=frame.rows,
+                        env=env,
+                        kill_grace_s=self._config.pty_kill_grace_s,
+                    )
+                )
+            except (OSError, ValueError) as exc:
+                self._log.warning("session.shell_failed", error=repr(exc))
+                await stream.refuse(
+                    tunnel.OpenFailCode.NO_PTY, "cannot start the shell"
+                )
+                return
+            stream.on_resize = partial(self._resize, pty_process)
+            try:
+                await _carry(stream, pty_process, tcp=None)
+            finally:
+                # The PTY's fd closes as the block ends, and its number may be
+                # reused at once: a late RESIZE must not reach it.
+                stream.on_resize = None
 
-    async def _serve_tcp(self, session: _Session, stream: _Stream, port: int) -> None:
+    def _resize(self, pty_process: PtyProcess, cols: int, rows: int) -> None:
+        try:
+            pty_process.resize(cols, rows)
+        except (OSError, ValueError) as exc:
+            self._log.warning("session.resize_failed", error=repr(exc))
+
+    async def _serve_tcp(self, stream: MuxStream, port: int) -> None:
         try:
             with trio.fail_after(self._config.local_connect_timeout_s):
                 connection = await trio.open_tcp_stream("127.0.0.1", port)
         except (OSError, trio.TooSlowError) as exc:
             self._log.info("session.connect_failed", port=port, error=repr(exc))
-            await self._refuse(
-                session,
-                stream,
-                tunnel.OpenFailCode.CONNECT_FAILED,
-                f"cannot connect to port {port}",
+            await stream.refuse(
+                tunnel.OpenFailCode.CONNECT_FAILED, f"cannot connect to port {port}"
             )
             return
         async with connection:
-            if not await self._opened(session, stream):
-                return
-            with stream.scope:
-                async with trio.open_nursery() as pumps:
-                    pumps.start_soon(
-                        self._downlink, session, stream, connection, connection
-                    )
-                    await self._uplink(session, stream, connection)
-            await self._close(session, stream)
-
-    async def _uplink(
-        self,
-        session: _Session,
-        stream: _Stream,
-        local: trio.abc.ReceiveStream | PtyProcess,
-    ) -> None:
-        """Local end to engineer, within the stream's credit; EOF at the local end."""
-        sid = stream.stream_id
-        while True:
-            while session.table.credit(sid, _SIDE_US) == 0 and not stream.peer_closed:
-                await stream.changed.wait()
-            if stream.peer_closed:
-                return
-            want = min(session.table.credit(sid, _SIDE_US), tunnel.MAX_DATA_BYTES)
-            try:
-                data = await local.receive_some(want)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                stream.aborted = True
-                stream.scope.cancel()
-                return
-            if not data:
-                await self._send_frame(session, stream, tunnel.StreamEof(stream_id=sid))
-                return
-            if not await self._send_frame(
-                session, stream, tunnel.StreamData(stream_id=sid, payload=bytes(data))
-            ):
-                return
-
-    async def _downlink(
-        self,
-        session: _Session,
-        stream: _Stream,
-        local: trio.abc.SendStream | PtyProcess,
-        half_closable: trio.SocketStream | None,
-    ) -> None:
-        """Engineer to local end; credit back at half the window consumed."""
-        sid = stream.stream_id
-        consumed = 0
-        while True:
-            while not stream.inbox and not stream.inbox_eof and not stream.peer_closed:
-                await stream.changed.wait()
-            if stream.peer_closed:
-                return
-            if stream.inbox:
-                chunk = bytes(stream.inbox)
-                stream.inbox.clear()
-                try:
-                    await local.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    stream.aborted = True
-                    stream.scope.cancel()
-                    return
-                consumed += len(chunk)
-                if consumed >= _WINDOW_UPDATE_BYTES:
-                    await self._send_frame(
-                        session,
-                        stream,
-                        tunnel.StreamWindow(stream_id=sid, credit=consumed),
-                    )
-                    consumed = 0
-                continue
-            # The engineer's EOF: pass it on to a TCP peer; a terminal has no
-            # half-close, the shell goes on until it exits.
-            if half_closable is not None:
-                try:
-                    await half_closable.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    stream.aborted = True
-                    stream.scope.cancel()
-            return
+            await _carry(stream, connection, tcp=connection)
 
     # Plumbing ---------------------------------------------------------------------
 
@@ -1033,3 +851,102 @@ class SessionRuntime:
             sent = await self._send_now(event)
             if sent and self._outbox and self._outbox[0] is event:
                 self._outbox.popleft()
+
+
+# Moving bytes between a stream and its local end ------------------------------------
+
+_LocalEnd = PtyProcess | trio.SocketStream
+
+
+async def _carry(
+    stream: MuxStream, local: _LocalEnd, *, tcp: trio.SocketStream | None
+) -> None:
+    """Answer OPEN_OK, move bytes both ways until the stream is over, then CLOSE.
+
+    *tcp* is *local* when it can half-close (a TCP connection), None for a PTY.
+    """
+    try:
+        await stream.accept()
+    except StreamClosed:
+        return  # the engineer cancelled the open; our CLOSE has answered it
+    code = await _Pumps(stream, local, tcp).run()
+    await stream.aclose(code)
+
+
+class _Pumps:
+    """Both directions between an accepted stream and its local end.
+
+    The stream is over when the engineer closes it (local I/O stops at once), when
+    the local end fails (then it closes as ABORTED), or when both directions are
+    done; a shell is done when it exits, whatever the engineer still types (a
+    terminal has no half-close).
+    """
+
+    def __init__(
+        self, stream: MuxStream, local: _LocalEnd, tcp: trio.SocketStream | None
+    ) -> None:
+        self._stream = stream
+        self._local = local
+        self._tcp = tcp
+        self._scope = trio.CancelScope()
+        self._aborted = False
+        self._tunnel_error: ConnectionClosed | LocalProtocolError | None = None
+
+    async def run(self) -> tunnel.StreamCloseCode:
+        """Pump until the stream is over; how it ended, for our CLOSE.
+
+        Raises:
+            ConnectionClosed: The tunnel closed (the local I/O has stopped).
+            relay.proto.errors.LocalProtocolError: A frame of ours broke the
+                tunnel's rules (a bug; the local I/O has stopped).
+        """
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_the_engineer_closes)
+                async with trio.open_nursery() as directions:
+                    directions.start_soon(self._guarded, self._downlink)
+                    await self._guarded(self._uplink)
+                    if self._tcp is None:
+                        directions.cancel_scope.cancel()  # the shell has exited
+                nursery.cancel_scope.cancel()
+        if self._tunnel_error is not None:
+            raise self._tunnel_error
+        if self._aborted:
+            return tunnel.StreamCloseCode.ABORTED
+        return tunnel.StreamCloseCode.NORMAL
+
+    async def _stop_when_the_engineer_closes(self) -> None:
+        await self._stream.wait_peer_closed()
+        self._scope.cancel()
+
+    async def _guarded(self, pump: Callable[[], Awaitable[None]]) -> None:
+        # Errors end the stream here, in its own task: out of a nursery they
+        # would arrive as an exception group.
+        try:
+            await pump()
+        except _LOCAL_ERRORS:
+            self._aborted = True
+        except StreamClosed:
+            pass  # the engineer closed the stream, or the tunnel ended
+        except (ConnectionClosed, LocalProtocolError) as exc:
+            self._tunnel_error = exc
+        else:
+            return
+        self._scope.cancel()
+
+    async def _uplink(self) -> None:
+        """Local end to engineer; EOF once the local end has no more."""
+        # One frame's worth at a time: send_all waits for credit, so what a
+        # stream holds for a slow engineer stays bounded.
+        while data := await self._local.receive_some(tunnel.MAX_DATA_BYTES):
+            await self._stream.send_all(data)
+        await self._stream.send_eof()
+
+    async def _downlink(self) -> None:
+        """Engineer to local end (the mux returns credit as we read)."""
+        while data := await self._stream.receive_some():
+            await self._local.send_all(data)
+        # The engineer's EOF: pass it on to a TCP peer; a terminal has no
+        # half-close, the shell goes on until it exits.
+        if self._tcp is not None and not self._stream.peer_closed:
+            await self._tcp.send_eof()

@@ -111,8 +111,9 @@ def test_login_stores_a_working_token(
     )
     with urllib.request.urlopen(request, context=context, timeout=10) as response:  # noqa: S310 - https to the test broker
         me = json.loads(response.read())
-    assert me == {"username": "alice", "role": "engineer"}
+    assert (me["username"], me["role"]) == ("alice", "engineer")
     assert saved["token"] not in result.stdout + result.stderr
+    assert "csrf_token" not in saved  # a bearer client needs none
 
 
 @pytest.mark.slow

@@ -102,17 +102,16 @@ async def serving_device(
                 trio.open_nursery() as streams,
             ):
 
-                async def on_open(frame: tunnel.StreamOpen) -> MuxStream:
-                    stream = mux.new_stream(frame)
+                async def serve(stream: MuxStream) -> None:
+                    await stream.accept()
+                    await _echo(stream)
+                    await stream.aclose()  # a device stream's task sends its CLOSE
+                    echoed.set()
 
-                    async def serve() -> None:
-                        await _echo(stream)
-                        echoed.set()
+                def on_stream(stream: MuxStream, _frame: tunnel.StreamOpen) -> None:
+                    streams.start_soon(serve, stream)
 
-                    streams.start_soon(serve)
-                    return stream
-
-                mux = TunnelMux(tun, side=Side.DEVICE, on_open=on_open)
+                mux = TunnelMux(tun, side=Side.DEVICE, on_stream=on_stream)
 
                 async def run_mux() -> None:
                     # The broker closes the tunnel at the end: that ends run().
