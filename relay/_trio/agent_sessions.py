@@ -215,7 +215,6 @@ class _Session:
     open_streams: int = 0  # streams whose task runs
     close_code: int = CloseCode.SESSION_ENDED
     warning_seconds: int | None = None  # the last warning given, seconds left
-    local_closed_at: float | None = None  # trio clock, when local streams were gone
 
     @property
     def session_id(self) -> str:
@@ -639,7 +638,6 @@ class SessionRuntime:
                         await session.end_requested.wait()
                         streams.cancel_scope.cancel()
                     # Local streams are gone (a shell reaped); only now the tunnel.
-                    session.local_closed_at = trio.current_time()
                     reason = session.end_reason or EndReason.DEVICE_DISCONNECT
                     self._log.info(
                         "session.local_streams_closed",
@@ -654,8 +652,6 @@ class SessionRuntime:
                     error=str(exc),
                 )
                 session.request_end(EndReason.DEVICE_DISCONNECT)
-        if session.local_closed_at is None:
-            session.local_closed_at = trio.current_time()
         session.connect_scope = None
 
     def _finish(self, session: _Session) -> None:
