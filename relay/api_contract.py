@@ -12,9 +12,12 @@ from typing import Final
 
 __all__ = [
     "ALL_ROLES",
+    "CONSOLE_ASSETS_PATH",
+    "CONSOLE_PAGE_PATH",
     "CSRF_HEADER",
     "ENROLLMENTS_PATH",
     "EVENTS_PATH",
+    "INFO_PATH",
     "MAX_ENROLLMENT_BODY_BYTES",
     "MAX_LOGIN_BODY_BYTES",
     "MAX_SESSION_BODY_BYTES",
@@ -42,6 +45,12 @@ ALL_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
 PUBLIC: Final = frozenset({"*public*"})
 #: Where the listener serves :data:`OPENAPI`.
 OPENAPI_PATH: Final = "/api/v1/openapi.json"
+#: The service name and version (what ``GET /`` answered before the console).
+INFO_PATH: Final = "/api/v1/info"
+#: The browser console's page, and its scripts, styles and vendored terminal
+#: (relay/console/; only the files it holds, see relay.console.ConsoleFiles).
+CONSOLE_PAGE_PATH: Final = "/"
+CONSOLE_ASSETS_PATH: Final = "/console/{path:path}"
 #: Where engineers with the enroll permission, and admins, have CSRs signed.
 ENROLLMENTS_PATH: Final = "/api/v1/enrollments"
 #: Remote sessions: request one, read or end one, attach to one (WebSocket).
@@ -53,8 +62,11 @@ MAX_SESSION_BODY_BYTES: Final = 4 * 1024
 
 #: Every route of the engineer listener and the roles it allows; default deny.
 ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
-    ("GET", "/"): PUBLIC,
+    # The console's files hold no data: the page logs in with the API.
+    ("GET", CONSOLE_PAGE_PATH): PUBLIC,
+    ("GET", CONSOLE_ASSETS_PATH): PUBLIC,
     ("POST", "/api/v1/login"): PUBLIC,
+    ("GET", INFO_PATH): PUBLIC,
     ("GET", OPENAPI_PATH): PUBLIC,
     ("POST", "/api/v1/logout"): ALL_ROLES,
     ("GET", "/api/v1/me"): ALL_ROLES,

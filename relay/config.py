@@ -177,6 +177,11 @@ class AgentConfig:
         warning_seconds: How long before the device's own cap the device page
             shows a warning (default T-10 min and T-1 min); the same form as
             ``SessionConfig.warning_seconds``.
+        cap_grace_s: How long after its cap the agent waits for the broker's
+            end before it ends the session itself (``time_cap``). The broker
+            ends at the cap (<= cap + 1 s), the agent at cap + ``cap_grace_s``
+            at the latest, also when the broker is unreachable; 0..1 s, so
+            the device's end stays within the BRIEF's cap + 2 s.
 
     Raises:
         ValueError: A port outside 1..65535, a cap outside 1..3600 s, or a
@@ -200,11 +205,17 @@ class AgentConfig:
     tunnel_connect_timeout_s: float = 10.0
     local_connect_timeout_s: float = 5.0
     warning_seconds: tuple[int, ...] = WARNING_SECONDS
+    cap_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "warning_seconds", check_warnings(self.warning_seconds)
         )
+        if not 0 <= self.cap_grace_s <= _AGENT_MAX_CAP_GRACE_S:
+            raise ValueError(
+                f"cap_grace_s must be in 0..{_AGENT_MAX_CAP_GRACE_S}, "
+                f"got {self.cap_grace_s!r}"
+            )
         for port in self.allowed_ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"allowed port must be in 1..65535, got {port!r}")
@@ -222,6 +233,9 @@ class AgentConfig:
 
 #: No session lasts longer than an hour (Invariant 2); the agent may only lower it.
 _AGENT_MAX_SESSION_SECONDS = 3600
+#: The agent's end comes at most this long after its cap (plus a scheduling
+#: delay), inside the BRIEF's cap + 2 s for a device cut off from the broker.
+_AGENT_MAX_CAP_GRACE_S = 1.0
 
 
 def is_loopback_host(host: str) -> bool:

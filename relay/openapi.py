@@ -17,6 +17,7 @@ from relay.api_contract import (
     ALL_ROLES,
     CSRF_HEADER,
     ENROLLMENTS_PATH,
+    INFO_PATH,
     MAX_ENROLLMENT_BODY_BYTES,
     MAX_LOGIN_BODY_BYTES,
     MAX_SESSION_BODY_BYTES,
@@ -338,6 +339,19 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 },
             },
         },
+        INFO_PATH: {
+            "get": {
+                "operationId": "info",
+                "summary": "The service name and version.",
+                "description": (
+                    "For monitoring and for clients that check which broker "
+                    "they reach. The browser console is served at `/`."
+                ),
+                "x-roles": ["public"],
+                "security": [],
+                "responses": {"200": _answer("The service.", "Info")},
+            }
+        },
         OPENAPI_PATH: {
             "get": {
                 "operationId": "openapi",
@@ -540,6 +554,14 @@ OPENAPI: Final[Mapping[str, Any]] = {
                             "expired",
                         ]
                     },
+                    "grant_deadline": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": (
+                            "When an unanswered offer counts as denied "
+                            "(`grant_timeout`)."
+                        ),
+                    },
                     "granted_at": {"type": ["string", "null"], "format": "date-time"},
                     "ends_at": {"type": ["string", "null"], "format": "date-time"},
                     "end_reason": {"type": ["string", "null"]},
@@ -549,10 +571,20 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "device_id",
                     "engineer",
                     "state",
+                    "grant_deadline",
                     "granted_at",
                     "ends_at",
                     "end_reason",
                 ],
+                "additionalProperties": False,
+            },
+            "Info": {
+                "type": "object",
+                "properties": {
+                    "service": {"const": "remote-care-relay"},
+                    "version": {"type": "string"},
+                },
+                "required": ["service", "version"],
                 "additionalProperties": False,
             },
             "Device": {
@@ -561,7 +593,10 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "device_id": {"type": "string"},
                     "online": {"type": "boolean"},
                     "revoked": {"type": "boolean"},
-                    "in_session": {"type": "boolean"},
+                    "in_session": {
+                        "type": "boolean",
+                        "description": "It has a pending or active remote session.",
+                    },
                 },
                 "required": ["device_id", "online", "revoked", "in_session"],
                 "additionalProperties": False,

@@ -24,7 +24,10 @@ offer is forgotten when the broker withdraws it, when the control channel drops
 Granting. The grant receipt is signed with the device key (read from disk at
 each grant, as the agent re-reads its certificate at each attempt) and sent as
 ``grant``; the session's own cap timer starts the moment the grant is sent
-(Invariant 2: measured on our monotonic clock, whatever the broker does). Then
+(Invariant 2: measured on our monotonic clock, whatever the broker does). It
+ends the session ``cap_grace_s`` (1 s) after the cap unless the broker's end
+came first: the broker's timer starts when it has checked the grant, a little
+later than ours, and it must be the one that ends an ordinary session. Then
 the agent opens the tunnel WebSocket ``/v1/device/tunnel/{session}`` through the
 :data:`TunnelOpener` it was given (mTLS with the same certificate) and serves the
 engineer's streams with the device side of a
@@ -612,7 +615,12 @@ class SessionRuntime:
                     seconds_left=warn_s,
                 )
                 self._notify()
-        await trio.sleep_until(session.ends_at)
+        # The broker ends the session at the cap (its timer starts a little
+        # later, when it has checked our grant) and tells us; ours is the
+        # backstop for a broker that does not, so it waits cap_grace_s more.
+        # Were both timers due at once, ours could close the tunnel first and
+        # the broker would take that for a lost device.
+        await trio.sleep_until(session.ends_at + self._config.cap_grace_s)
         session.request_end(EndReason.TIME_CAP)
         self._notify()
 

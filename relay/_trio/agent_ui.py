@@ -33,9 +33,12 @@ Not checked: who the local caller is. Any local process can call the API, as any
 local user could click the screen; the instrument maker keeps untrusted code off
 the instrument.
 
-The page is plain HTML with one script file (``/agent.js``) that polls
-``/api/state`` every second and posts the buttons' answers; all text from the
-offer is inserted with ``textContent``, never as HTML.
+The page is the package's ``relay/console/device.html`` with one module script
+(``/console/device.js``) that polls ``/api/state`` every second and posts the
+buttons' answers; all text from the offer is inserted with ``textContent``,
+never as HTML. It shares the engineers' console's style sheet, countdown and
+end wording (``/console/console.css``, ``common.js``, ``end-wording.js``):
+:class:`relay.console.ConsoleFiles` serves those files and no others here.
 
 :class:`TerminalPrompt` is a :class:`~relay._trio.agent_sessions.Decider` for
 headless devices (``relay agent run --prompt``): it prints the offer and reads
@@ -60,107 +63,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from relay._trio.agent_sessions import OfferView, SessionRuntime, StaleSession
 from relay._trio.http import serve_http
 from relay.config import ListenAddress, is_loopback_host
+from relay.console import DEVICE_ASSETS, ConsoleFiles
 
 __all__ = ["TerminalPrompt", "agent_ui_app", "serve_agent_ui"]
 
 CSP: Final = "default-src 'self'; frame-ancestors 'none'"
 #: Largest JSON body accepted by the POST routes.
 MAX_BODY_BYTES: Final = 1024
-
-_PAGE: Final = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Remote Care</title>
-<script src="/agent.js" defer></script>
-</head>
-<body>
-<h1>Remote Care</h1>
-<section id="idle"><p>No remote session.</p><p id="last-end"></p></section>
-<section id="offer" hidden>
-<h2>Remote access requested</h2>
-<dl>
-<dt>Engineer</dt><dd id="offer-engineer"></dd>
-<dt>Reason</dt><dd id="offer-reason"></dd>
-<dt>Access to</dt><dd id="offer-channels"></dd>
-<dt>Longest duration</dt><dd id="offer-duration"></dd>
-<dt>Answer within</dt><dd id="offer-deadline"></dd>
-</dl>
-<button id="grant" type="button">Allow</button>
-<button id="deny" type="button">Deny</button>
-</section>
-<section id="session" hidden>
-<h2>Remote session in progress</h2>
-<p>Engineer: <span id="session-engineer"></span></p>
-<p>Time left: <strong id="session-countdown"></strong></p>
-<p id="session-warning"></p>
-<button id="end" type="button">End session</button>
-</section>
-<p id="error" role="alert"></p>
-</body>
-</html>
-"""
-
-_SCRIPT: Final = """"use strict";
-let current = null;
-function show(id, visible) { document.getElementById(id).hidden = !visible; }
-function text(id, value) { document.getElementById(id).textContent = value; }
-function clock(seconds) {
-  const m = Math.floor(seconds / 60), s = seconds % 60;
-  return m + ":" + String(s).padStart(2, "0");
-}
-function span(seconds) {
-  // Whole minutes, rounded up, from one minute on; seconds below that.
-  return seconds >= 60 ? Math.ceil(seconds / 60) + " min" : seconds + " s";
-}
-async function post(action) {
-  if (!current) return;
-  const response = await fetch("/api/" + action, {
-    method: "POST",
-    headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({session_id: current}),
-  });
-  text("error", response.ok ? "" : "The request is no longer current.");
-  await refresh();
-}
-async function refresh() {
-  let state;
-  try {
-    state = await (await fetch("/api/state")).json();
-  } catch (e) {
-    text("error", "The agent does not answer.");
-    return;
-  }
-  const offer = state.offer, session = state.session;
-  show("offer", offer !== null);
-  show("session", session !== null);
-  show("idle", offer === null && session === null);
-  if (offer) {
-    current = offer.session_id;
-    text("offer-engineer", offer.engineer + (offer.engineer_role ? " (" + offer.engineer_role + ")" : ""));
-    text("offer-reason", offer.reason);
-    text("offer-channels", offer.channels.join(", "));
-    text("offer-duration", span(offer.max_seconds));
-    text("offer-deadline", offer.seconds_to_answer + " s");
-  } else if (session) {
-    current = session.session_id;
-    text("session-engineer", session.engineer);
-    text("session-countdown", session.seconds_left === null ? "starting" : clock(session.seconds_left));
-    text("session-warning", session.warning_seconds ? "Ends in less than " + span(session.warning_seconds) + "." : "");
-  } else {
-    current = null;
-    text("last-end", state.last_end ? "Last session ended: " + state.last_end.reason : "");
-  }
-}
-document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("grant").addEventListener("click", () => post("grant"));
-  document.getElementById("deny").addEventListener("click", () => post("deny"));
-  document.getElementById("end").addEventListener("click", () => post("end"));
-  refresh();
-  setInterval(refresh, 1000);
-});
-"""
 
 
 class _Binding:
@@ -221,7 +130,10 @@ class _LocalOnly:
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
                 ]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                # Ours replace any the route set (the page's no-cache).
+                names = {name for name, _ in extra}
+                kept = [h for h in message.get("headers", []) if h[0] not in names]
+                message = {**message, "headers": [*kept, *extra]}
             await send(message)
 
         if response is not None:
@@ -233,11 +145,13 @@ class _LocalOnly:
 def agent_ui_app(runtime: SessionRuntime, binding: _Binding) -> ASGIApp:
     """The device UI's routes, behind the Host/Origin checks."""
 
-    async def page(_request: Request) -> Response:
-        return Response(_PAGE, media_type="text/html; charset=utf-8")
+    files = ConsoleFiles(assets=DEVICE_ASSETS)
 
-    async def script(_request: Request) -> Response:
-        return Response(_SCRIPT, media_type="text/javascript; charset=utf-8")
+    async def page(_request: Request) -> Response:
+        return files.page("device.html", csp=CSP)
+
+    async def asset(request: Request) -> Response:
+        return files.asset(request, str(request.path_params["path"]))
 
     async def state(_request: Request) -> Response:
         return JSONResponse(runtime.state())
@@ -269,7 +183,7 @@ def agent_ui_app(runtime: SessionRuntime, binding: _Binding) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/", page),
-            Route("/agent.js", script),
+            Route("/console/{path:path}", asset),
             Route("/api/state", state),
             Route("/api/grant", action(runtime.grant), methods=["POST"]),
             Route("/api/deny", action(runtime.deny), methods=["POST"]),

@@ -5,10 +5,17 @@ Theory of operation
 :func:`api_routes` turns the :class:`~relay._trio.login_service.LoginService`
 into Starlette routes. Every route is listed
 in :data:`ROUTE_ROLES` with the roles it allows (:data:`PUBLIC` for the login, the
-service banner and the OpenAPI document); a route that is not in the table is
-refused to everybody, so the default is deny. :class:`SecurityHeaders` adds HSTS,
-CSP, nosniff and no-referrer to every response of the listener, and
-``Cache-Control: no-store`` to everything under ``/api/``.
+service banner at :data:`INFO_PATH`, the OpenAPI document and the browser
+console's files); a route that is not in the table is refused to everybody, so
+the default is deny. :class:`SecurityHeaders` adds HSTS, CSP, nosniff and
+no-referrer to every response of the listener, and ``Cache-Control: no-store``
+to everything under ``/api/``.
+
+The console (:mod:`relay.console`): ``GET /`` answers its page with
+:data:`~relay._trio.engineer_middleware.CONSOLE_CSP`, and ``GET /console/PATH``
+its scripts, styles and vendored terminal, only files the package holds (404
+for any other path). The page holds no data; it logs in with the API like any
+client, and uses the session cookie, never the token.
 
 :data:`relay.openapi.OPENAPI`, written by hand beside the routes, is the OpenAPI 3.1 document of
 the ``/api/v1`` routes (bodies, answers, the bearer and cookie schemes); it is
@@ -56,6 +63,7 @@ from starlette.routing import BaseRoute, Route
 
 import auth
 from relay._trio.device_feed import DeviceFeed
+from relay._trio.engineer_middleware import CONSOLE_CSP
 from relay._trio.engineer_sockets import EngineerSockets, SocketEnd
 from relay._trio.engineer_ws import events_handler, socket_route
 from relay._trio.enrollment_api import Enroller
@@ -63,9 +71,12 @@ from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
 from relay._trio.session_api import SessionRoutes
 from relay.api_contract import (
+    CONSOLE_ASSETS_PATH,
+    CONSOLE_PAGE_PATH,
     CSRF_HEADER,
     ENROLLMENTS_PATH,
     EVENTS_PATH,
+    INFO_PATH,
     MAX_LOGIN_BODY_BYTES,
     OPENAPI_PATH,
     PUBLIC,
@@ -75,6 +86,7 @@ from relay.api_contract import (
     SESSION_PATH,
     SESSIONS_PATH,
 )
+from relay.console import ConsoleFiles
 from relay.openapi import OPENAPI
 
 __all__ = ["api_routes", "device_list"]
@@ -164,17 +176,25 @@ async def _read_login_body(request: Request) -> tuple[str, str, str]:
 
 
 async def device_list(
-    service: LoginService, *, stale_after: timedelta
+    service: LoginService,
+    *,
+    stale_after: timedelta,
+    in_session: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every enrolled device with its presence, as the API answers it."""
+    """Every enrolled device with its presence, as the API answers it.
+
+    *in_session* tells whether a device has a pending or active remote session
+    (:meth:`SessionRoutes.device_in_session`; None: a broker without sessions).
+    The event feed re-reads this list every ``device_feed_interval_s``, so a
+    session that starts or ends reaches the consoles within that interval.
+    """
     records = await service.list_devices(stale_after=stale_after)
     return [
         {
             "device_id": record.device_id,
             "online": record.online,
             "revoked": record.revoked_at is not None,
-            # Remote sessions arrive with the session issue.
-            "in_session": False,
+            "in_session": in_session is not None and in_session(record.device_id),
         }
         for record in records
     ]
@@ -216,7 +236,15 @@ def api_routes(
 
         return Route(path, endpoint, methods=[method])
 
-    async def index(_request: Request) -> Response:
+    console = ConsoleFiles()
+
+    async def console_page(_request: Request) -> Response:
+        return console.page("index.html", csp=CONSOLE_CSP)
+
+    async def console_asset(request: Request) -> Response:
+        return console.asset(request, str(request.path_params["path"]))
+
+    async def info(_request: Request) -> Response:
         return JSONResponse(banner())
 
     async def openapi(_request: Request) -> Response:
@@ -274,11 +302,17 @@ def api_routes(
 
     async def devices(_request: Request, _principal: Principal) -> Response:
         return JSONResponse(
-            await device_list(service, stale_after=presence_stale_after)
+            await device_list(
+                service,
+                stale_after=presence_stale_after,
+                in_session=None if sessions is None else sessions.device_in_session,
+            )
         )
 
     public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
-        ("GET", "/"): index,
+        ("GET", CONSOLE_PAGE_PATH): console_page,
+        ("GET", CONSOLE_ASSETS_PATH): console_asset,
+        ("GET", INFO_PATH): info,
         ("POST", "/api/v1/login"): login,
         ("GET", OPENAPI_PATH): openapi,
     }

@@ -78,7 +78,12 @@ class EngineerListener:
             wall_clock=wall_clock,
         )
         self.feed = DeviceFeed(
-            read=partial(device_list, service, stale_after=presence_stale_after),
+            read=partial(
+                device_list,
+                service,
+                stale_after=presence_stale_after,
+                in_session=None if sessions is None else sessions.device_in_session,
+            ),
             interval_s=config.device_feed_interval_s,
             metrics=service.metrics,
             log=log,

@@ -11,7 +11,9 @@ Hypercorn's bare 431 and the connection is closed.
 
 :class:`SecurityHeaders` adds HSTS, CSP, nosniff and no-referrer to every HTTP
 answer, including the HTTP answer that refuses a WebSocket upgrade, and
-``Cache-Control: no-store`` to everything under ``/api/``.
+``Cache-Control: no-store`` to everything under ``/api/``. The console page
+brings its own policy (:data:`CONSOLE_CSP`, the same with one relaxation for
+the terminal's styles), which the middleware leaves alone.
 """
 
 from __future__ import annotations
@@ -23,15 +25,44 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.metrics import RelayMetrics
 
-__all__ = ["RequestHeadLimit", "SecurityHeaders", "request_head_bytes"]
+__all__ = [
+    "CONSOLE_CSP",
+    "CSP",
+    "RequestHeadLimit",
+    "SecurityHeaders",
+    "request_head_bytes",
+]
+
+#: The listener's Content-Security-Policy, on every answer but the console page.
+CSP: Final = (
+    "default-src 'self'; script-src 'self'; object-src 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+#: The console page's policy: :data:`CSP` with one relaxation for styles, and
+#: no form submission at all.
+#:
+#: Why ``style-src 'self' 'unsafe-inline'``: xterm.js 6.0's DOM renderer puts
+#: its theme (the 16/256 colour classes, cursor, selection), its cell size and
+#: its scrollbar colours into ``<style>`` elements it creates, and 24-bit colours
+#: into ``style`` attributes of the cells (Chromium reports them as
+#: ``style-src-elem`` and ``style-src-attr`` violations under :data:`CSP`; the
+#: terminal then has no colours, no cursor and an invisible selection). The
+#: contents change with the theme, the font size and the terminal's instance, so
+#: hashes cannot list them, and xterm gives its elements no nonce. Scripts stay
+#: ``'self'`` only: the page has no inline script and no inline style in its
+#: HTML, and writes every text it did not write itself with ``textContent``, so
+#: an injected style would need an HTML injection first. ``form-action 'none'``:
+#: the page's forms are sent by its script; if the script did not load, a form
+#: must not put a password into a URL.
+CONSOLE_CSP: Final = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
 
 _SECURITY_HEADERS: Final = (
     (b"strict-transport-security", b"max-age=31536000"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; script-src 'self'; object-src 'none'; "
-        b"frame-ancestors 'none'; base-uri 'none'",
-    ),
+    (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 )

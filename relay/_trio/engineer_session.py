@@ -50,6 +50,7 @@ from relay._trio.websocket import (
     connect_websocket,
 )
 from relay.config import WebSocketLimits
+from relay.end_wording import END_WORDING as END_WORDING
 from relay.engineer_client import ApiError, Credentials, api_call
 from relay.proto.close import CloseCode
 from relay.proto.tunnel import Side
@@ -83,22 +84,6 @@ EXIT_CODES: Final = {
 #: Exit status for an end reason this client does not know (a newer broker).
 UNKNOWN_END_EXIT: Final = 29
 
-#: What the engineer reads for each end reason.
-END_WORDING: Final = {
-    "engineer": "ended by you",
-    "onsite": "ended by the person at the instrument",
-    "time_cap": "one-hour limit reached",
-    "admin": "ended by an administrator",
-    "denied": "denied by the person at the instrument",
-    "grant_timeout": "no answer at the instrument",
-    "device_disconnect": "instrument disconnected",
-    "engineer_disconnect": "your connection was lost",
-    "revoked": "the instrument's certificate was revoked",
-    "login_ended": "your login ended",
-    "broker_shutdown": "the relay is shutting down",
-    "audit_failure": "the audit log could not be written",
-    "cancelled": "request withdrawn",
-}
 _END_WAIT_S: Final = 5.0
 
 

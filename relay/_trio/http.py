@@ -7,10 +7,10 @@ is alive) and ``/readyz`` (listeners bound, store reachable, data dir writable;
 503 with the failing checks otherwise). Nothing else answers there, and none of
 these routes exist on the device or engineer listeners.
 
-The engineer listener is HTTPS: ``GET /`` answers the service name and version,
-and the engineer login and API live under ``/api/v1/`` (see
-:mod:`relay._trio.engineer_api`, which also adds the security headers). The
-console arrives with its own issue.
+The engineer listener is HTTPS: ``GET /`` answers the browser console, the
+service name and version are at ``/api/v1/info``, and the engineer login and
+API live under ``/api/v1/`` (see :mod:`relay._trio.engineer_api`; the security
+headers are added by :mod:`relay._trio.engineer_middleware`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def engineer_app(
     enroller: Enroller,
     sessions: SessionRoutes | None = None,
 ) -> Starlette:
-    """The engineer listener: the banner, login, the API and the WebSockets
-    (relay._trio.engineer_api).
+    """The engineer listener: the console, the banner, login, the API and the
+    WebSockets (relay._trio.engineer_api).
 
     *sockets* and *device_feed* do their work in tasks the caller runs
     (:meth:`EngineerSockets.watch`, :meth:`DeviceFeed.run`). *origins* is asked

@@ -15,7 +15,8 @@ and the routes are registered by :func:`relay._trio.engineer_api.api_routes`.
   Decision: an enrolled device that is offline answers 404 like an unknown one
   ("device not connected"): the request can only be answered by a connected
   device, and the answer does not tell an engineer which ids are enrolled.
-- ``GET /api/v1/sessions/{id}``: the session's view; engineers see their own
+- ``GET /api/v1/sessions/{id}``: the session's view (``grant_deadline``,
+  ``granted_at``, ``ends_at``: ISO times or null); engineers see their own
   sessions only (another's is 404, as an unknown id), admins every session.
 - ``DELETE /api/v1/sessions/{id}``: its engineer or an admin ends it; before the
   grant the reason is ``cancelled``, after it ``engineer`` (the owner) or
@@ -112,6 +113,10 @@ class SessionRoutes:
             {"session_id": view["session_id"], "state": view["state"]},
             status_code=201,
         )
+
+    def device_in_session(self, device_id: str) -> bool:
+        """Whether *device_id* has a pending or active session (the device list)."""
+        return self.sessions.device_in_session(device_id)
 
     def _refused(self, status: int, message: str, outcome: str) -> JSONResponse:
         self._metrics.session_requests.labels(outcome).inc()

@@ -397,6 +397,7 @@ class SessionBroker:
             "device_id": s.device_id,
             "engineer": s.engineer,
             "state": s.state.value,
+            "grant_deadline": _iso(s.grant_deadline_ms),
             "granted_at": _iso(s.granted_at_ms),
             "ends_at": _iso(s.ends_at_ms),
             "end_reason": None if s.end_reason is None else s.end_reason.value,
@@ -428,6 +429,11 @@ class SessionBroker:
         """Return once no session is held."""
         while self._sessions:
             await self._idle.park()
+
+    def device_in_session(self, device_id: str) -> bool:
+        """Whether *device_id* has a pending or active session (the device list's
+        ``in_session``); false again as soon as its session ended."""
+        return device_id in self._by_device
 
     def session_engineer(self, session_id: str) -> str | None:
         """The engineer of a held session, or None."""

@@ -469,7 +469,7 @@ async def test_metrics_listener_routes(broker: RunningBroker, pki: PKI) -> None:
     ) as client:
         engineer = f"https://localhost:{broker.ports.engineer}"
         assert (await client.get(f"{engineer}/metrics")).status_code == 404
-        assert (await client.get(f"{engineer}/")).json()[
+        assert (await client.get(f"{engineer}/api/v1/info")).json()[
             "service"
         ] == "remote-care-relay"
 

@@ -14,6 +14,7 @@ import structlog
 import trio
 
 import auth
+from relay import __version__
 from relay.api_contract import PUBLIC, ROUTE_ROLES, SESSION_COOKIE
 from tests.e2e.conftest import (
     LOOPBACK,
@@ -433,7 +434,14 @@ async def test_login_needs_json_content_type(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/"), ("GET", "/api/v1/me"), ("POST", LOGIN), ("GET", "/nope")],
+    [
+        ("GET", "/api/v1/info"),
+        ("GET", "/api/v1/me"),
+        ("POST", LOGIN),
+        ("GET", "/nope"),
+        ("GET", "/console/common.js"),
+        ("GET", "/console/nope.js"),
+    ],
 )
 async def test_security_headers_on_every_response(
     client: httpx.AsyncClient, method: str, path: str
@@ -447,10 +455,10 @@ async def test_security_headers_on_every_response(
 
 
 async def test_banner_still_served(client: httpx.AsyncClient) -> None:
-    """GET / answers the service name without a login."""
-    response = await client.get("/")
+    """GET /api/v1/info answers the service name and version without a login."""
+    response = await client.get("/api/v1/info")
     assert response.status_code == 200
-    assert response.json()["service"] == "remote-care-relay"
+    assert response.json() == {"service": "remote-care-relay", "version": __version__}
 
 
 def test_every_route_states_its_roles() -> None:
@@ -459,4 +467,10 @@ def test_every_route_states_its_roles() -> None:
     for route, roles in ROUTE_ROLES.items():
         assert roles is PUBLIC or roles <= known, route
     public = {route for route, roles in ROUTE_ROLES.items() if roles is PUBLIC}
-    assert public == {("GET", "/"), ("POST", LOGIN), ("GET", "/api/v1/openapi.json")}
+    assert public == {
+        ("GET", "/"),
+        ("GET", "/console/{path:path}"),
+        ("POST", LOGIN),
+        ("GET", "/api/v1/info"),
+        ("GET", "/api/v1/openapi.json"),
+    }

@@ -209,7 +209,7 @@ async def test_request_head_over_8_kib_is_431_with_security_headers(
         )
         # Nothing ran: not even the session check.
         assert broker.sample("relay_auth_token_rejections_total", reason="missing") == 0
-        fits = await api.get("/", headers={"X-Padding": "x" * 7 * 1024})
+        fits = await api.get("/api/v1/info", headers={"X-Padding": "x" * 7 * 1024})
         assert fits.status_code == 200
 
 
@@ -219,10 +219,10 @@ async def test_100_kib_header_is_431_and_broker_survives(
     """A request with a 100 KiB Cookie header is refused by Hypercorn itself (431,
     connection closed) before our cap sees it; the next request is served normally."""
     async with broker_with(pki, nursery) as (_broker, api):
-        big = await api.get("/", headers={"Cookie": "a=" + "x" * 100 * 1024})
+        big = await api.get("/api/v1/info", headers={"Cookie": "a=" + "x" * 100 * 1024})
         assert big.status_code == 431
         assert big.headers["connection"] == "close"
         assert big.content == b""
-        normal = await api.get("/")
+        normal = await api.get("/api/v1/info")
         assert normal.status_code == 200
         assert normal.json()["service"] == "remote-care-relay"

@@ -15,7 +15,14 @@ import pyotp
 import pytest
 import trio
 
-from relay.api_contract import ALL_ROLES, OPENAPI_PATH, PUBLIC, ROUTE_ROLES
+from relay.api_contract import (
+    ALL_ROLES,
+    CONSOLE_ASSETS_PATH,
+    CONSOLE_PAGE_PATH,
+    OPENAPI_PATH,
+    PUBLIC,
+    ROUTE_ROLES,
+)
 from relay.openapi import OPENAPI
 from tests.e2e.conftest import LOOPBACK, PKI, RunningBroker, add_engineer
 
@@ -28,6 +35,7 @@ API_PATHS = {
     "/api/v1/enrollments",
     "/api/v1/sessions",
     "/api/v1/sessions/{session_id}",
+    "/api/v1/info",
     OPENAPI_PATH,
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -75,10 +83,14 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def test_every_api_route_is_documented_and_vice_versa() -> None:
-    """The document's operations are exactly the /api/v1 routes of ROUTE_ROLES."""
+    """The document's operations are exactly the /api/v1 routes of ROUTE_ROLES;
+    the only other routes are the console's page and files, which are no API."""
     api_routes = {route for route in ROUTE_ROLES if route[1].startswith("/api/v1/")}
     assert set(_operations()) == api_routes
     assert ROUTE_ROLES[("GET", OPENAPI_PATH)] is PUBLIC
+    console = {("GET", CONSOLE_PAGE_PATH), ("GET", CONSOLE_ASSETS_PATH)}
+    assert set(ROUTE_ROLES) - api_routes == console
+    assert all(ROUTE_ROLES[route] is PUBLIC for route in console)
 
 
 def test_document_states_the_roles_of_each_route() -> None:

@@ -17,9 +17,10 @@ import trio.testing
 
 import auth
 from relay._trio.agent_sessions import DeviceIdentity, OfferView, SessionRuntime
-from relay._trio.agent_ui import TerminalPrompt, serve_agent_ui
+from relay._trio.agent_ui import CSP, TerminalPrompt, serve_agent_ui
 from relay._trio.websocket import WebSocketConnection
 from relay.config import AgentConfig, ListenAddress
+from relay.console import end_wording_module
 from relay.proto import control
 from relay.proto.session import new_session_id
 
@@ -147,19 +148,63 @@ async def test_dns_rebinding_and_cross_site_requests_are_refused(ui: UI) -> None
 
 
 async def test_page_has_no_inline_script_and_a_strict_csp(ui: UI) -> None:
-    """The page loads one script file; every answer carries the CSP and no-store."""
+    """The page loads one module script file; every answer carries the CSP and
+    no-store, exactly once."""
     page = await ui.client.get("/")
     assert page.status_code == 200
-    assert page.headers["content-security-policy"].startswith("default-src 'self'")
-    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
-    assert page.headers["cache-control"] == "no-store"
-    assert '<script src="/agent.js" defer></script>' in page.text
+    assert page.headers.get_list("content-security-policy") == [
+        "default-src 'self'; frame-ancestors 'none'"
+    ]
+    assert page.headers.get_list("cache-control") == ["no-store"]
+    assert '<script type="module" src="/console/device.js"></script>' in page.text
     assert page.text.count("<script") == 1
-    script = await ui.client.get("/agent.js")
-    assert script.status_code == 200
-    assert script.headers["content-type"].startswith("text/javascript")
-    assert "textContent" in script.text
-    assert "innerHTML" not in script.text
+    assert "style=" not in page.text
+    assert "<style" not in page.text
+    for name in ("device.js", "common.js", "end-wording.js"):
+        script = await ui.client.get(f"/console/{name}")
+        assert script.status_code == 200
+        assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert script.headers.get_list("cache-control") == ["no-store"]
+        assert "innerHTML" not in script.text
+    assert "textContent" in (await ui.client.get("/console/common.js")).text
+
+
+async def test_page_shares_the_console_look_and_wording(ui: UI) -> None:
+    """The device page loads the console's style sheet and shared helpers, and the
+    end wording from the one Python table, said from the instrument's side."""
+    page = (await ui.client.get("/")).text
+    assert '<link rel="stylesheet" href="/console/console.css">' in page
+    style = await ui.client.get("/console/console.css")
+    assert style.status_code == 200
+    assert style.headers["content-type"] == "text/css; charset=utf-8"
+    device_js = (await ui.client.get("/console/device.js")).text
+    assert 'from "./common.js"' in device_js
+    assert 'import { DEVICE_END_WORDING } from "./end-wording.js"' in device_js
+    wording = (await ui.client.get("/console/end-wording.js")).text
+    assert wording == end_wording_module()
+    assert '"onsite": "ended by the person at the instrument"' in wording
+    assert '"engineer": "ended by the engineer"' in wording
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/console/index.html",  # the engineers' page is not the device's
+        "/console/console.js",
+        "/console/tunnel.js",
+        "/console/vendor/xterm/xterm.mjs",
+        "/console/device.html",
+        "/console/../agent_ui.py",
+        "/console/%2e%2e/__init__.py",
+        "/console/__init__.py",
+        "/agent.js",
+    ],
+)
+async def test_only_the_device_pages_files_are_served(ui: UI, path: str) -> None:
+    """The agent UI answers the device page's files and nothing else of the package."""
+    answer = await ui.client.get(path)
+    assert answer.status_code == 404
+    assert answer.headers["content-security-policy"] == CSP
 
 
 def _view() -> OfferView:

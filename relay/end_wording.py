@@ -1,0 +1,43 @@
+"""How each end reason of a remote session reads, for the engineer and on the device.
+
+One table, used by the engineer CLI (:mod:`relay._trio.engineer_session`), and
+served to the browser console and the device page as a generated JavaScript
+module (:mod:`relay.console`), so a reason reads the same everywhere.
+
+:data:`END_WORDING` speaks to the engineer ("ended by you"). The device page
+speaks to the person at the instrument: :data:`DEVICE_END_WORDING` is the same
+table with the reasons that name the engineer said from that side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+__all__ = ["DEVICE_END_WORDING", "END_WORDING"]
+
+#: What the engineer reads for each end reason (:class:`relay.proto.session.EndReason`).
+END_WORDING: Final[Mapping[str, str]] = {
+    "engineer": "ended by you",
+    "onsite": "ended by the person at the instrument",
+    "time_cap": "one-hour limit reached",
+    "admin": "ended by an administrator",
+    "denied": "denied by the person at the instrument",
+    "grant_timeout": "no answer at the instrument",
+    "device_disconnect": "instrument disconnected",
+    "engineer_disconnect": "your connection was lost",
+    "revoked": "the instrument's certificate was revoked",
+    "login_ended": "your login ended",
+    "broker_shutdown": "the relay is shutting down",
+    "audit_failure": "the audit log could not be written",
+    "cancelled": "request withdrawn",
+}
+
+#: What the person at the instrument reads: the engineer's table, with "you"
+#: turned into the engineer.
+DEVICE_END_WORDING: Final[Mapping[str, str]] = {
+    **END_WORDING,
+    "engineer": "ended by the engineer",
+    "engineer_disconnect": "the engineer's connection was lost",
+    "login_ended": "the engineer's login ended",
+}
