@@ -25,7 +25,7 @@ for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
 
 
 @pytest.mark.parametrize("forbidden", ["trio", "socket", "ssl"])
-@pytest.mark.parametrize("package", ["relay.proto", "auth", "policies"])
+@pytest.mark.parametrize("package", ["relay.proto", "relay.audit", "auth", "policies"])
 def test_pure_package_is_sans_io(package: str, forbidden: str) -> None:
     """Every module of a pure package imports with *forbidden* unavailable."""
     # cryptography.x509 imports email.utils, which imports socket for a helper it
