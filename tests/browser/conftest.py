@@ -19,12 +19,12 @@ committed).
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +34,9 @@ from typing import Any
 import pyotp
 import pytest
 from playwright.sync_api import sync_playwright
+
+from tests.cli.lines import LineReader
+from tests.cli.listen import ALL_ON_PORT_ZERO
 
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
@@ -62,7 +65,7 @@ class Demo:
     password: str = ""
     totp_secret: str = ""
     output: list[str] = field(default_factory=list)
-    reader: threading.Thread | None = None
+    reader: LineReader | None = None
 
     def totp(self) -> str:
         """A code for the demo engineer that no login of this demo used yet.
@@ -93,18 +96,7 @@ class Demo:
 
 
 def _start_demo(data_dir: Path, flags: dict[str, object]) -> Demo:
-    argv = [
-        sys.executable,
-        "-m",
-        "relay",
-        "demo",
-        "--device-listen",
-        "127.0.0.1:0",
-        "--engineer-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]
+    argv = [sys.executable, "-m", "relay", "demo", *ALL_ON_PORT_ZERO]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     env = {**os.environ, "RELAY_DATA_DIR": str(data_dir)}
@@ -119,22 +111,21 @@ def _start_demo(data_dir: Path, flags: dict[str, object]) -> Demo:
         cwd=data_dir.parent,
         start_new_session=True,
     )
-    demo = Demo(process, data_dir)
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:  # drained to the end: the demo never blocks
-            demo.output.append(line.rstrip("\n"))
-            _parse(demo, line)
-            if line.startswith(_READY):
-                ready.set()
-
-    demo.reader = threading.Thread(target=read, daemon=True)
-    demo.reader.start()
-    if not ready.wait(START_TIMEOUT_S):
-        demo.stop()
-        raise AssertionError("relay demo did not start:\n" + "\n".join(demo.output))
+    assert process.stdout is not None
+    # The reader drains the pipe to its end, so the demo never blocks on it.
+    reader = LineReader(process.stdout)
+    demo = Demo(process, data_dir, reader=reader)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (demo.output and demo.output[-1].startswith(_READY)):
+        try:
+            line = reader.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:  # exited, or nothing in time
+            demo.stop()
+            raise AssertionError("relay demo did not start:\n" + "\n".join(demo.output))
+        demo.output.append(line)
+        _parse(demo, line)
     printed = (demo.console_url, demo.device_page_url, demo.username, demo.password)
     assert all(printed), demo.output
     assert demo.totp_secret, demo.output

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import auth
+from tests.cli.listen import ALL_ON_PORT_ZERO
 
 DEVICE_ID = "pump-7"
 
@@ -814,23 +815,13 @@ def revoked_demo_device(ca: Relay) -> Path:
     return directory
 
 
-DEMO_LISTEN_FLAGS = (
-    "--device-listen",
-    "127.0.0.1:0",
-    "--engineer-listen",
-    "127.0.0.1:0",
-    "--metrics-listen",
-    "127.0.0.1:0",
-)
-
-
 def test_demo_with_a_revoked_device_and_no_certificate_is_an_error(
     ca: Relay, revoked_demo_device: Path
 ) -> None:
     """`relay demo` after demo-0001 was revoked and its device.crt removed exits 1: use a fresh data dir."""
     (revoked_demo_device / "device.crt").unlink()
 
-    result = ca("demo", *DEMO_LISTEN_FLAGS)
+    result = ca("demo", *ALL_ON_PORT_ZERO)
 
     assert result.returncode == 1
     assert "relay: error: the demo device demo-0001 is revoked" in result.stderr
@@ -842,7 +833,7 @@ def test_demo_with_a_revoked_device_is_an_error(
     ca: Relay, revoked_demo_device: Path
 ) -> None:
     """`relay demo` with demo-0001 revoked (certificate still there) exits 1 instead of never connecting."""
-    result = ca("demo", *DEMO_LISTEN_FLAGS)
+    result = ca("demo", *ALL_ON_PORT_ZERO)
 
     assert result.returncode == 1
     assert "relay: error: the demo device demo-0001 is revoked" in result.stderr

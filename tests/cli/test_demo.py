@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.cli.lines import LineReader
+from tests.cli.listen import ALL_ON_PORT_ZERO
 
 DEMO_DEVICE_ID = "demo-0001"
 CONNECT_TIMEOUT_S = 30.0
@@ -137,18 +138,7 @@ def start_demo(data_dir: Path) -> Iterator[Callable[[], Demo]]:
         stderr_path = data_dir.parent / f"demo-{len(started)}.stderr"
         with stderr_path.open("w") as stderr:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "relay",
-                    "demo",
-                    "--device-listen",
-                    "127.0.0.1:0",
-                    "--engineer-listen",
-                    "127.0.0.1:0",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                ],
+                [sys.executable, "-m", "relay", "demo", *ALL_ON_PORT_ZERO],
                 env=relay_env(data_dir),
                 cwd=data_dir.parent,
                 stdin=subprocess.DEVNULL,

@@ -26,19 +26,12 @@ from typing import Any
 import pytest
 
 from tests.cli.lines import LineReader
+from tests.cli.listen import ALL_ON_PORT_ZERO
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 # A failed start: interpreter start-up, plus up to 5 s of SQLite busy timeout.
 FAILED_START_TIMEOUT_S = 15.0
-ALL_ON_PORT_ZERO = (
-    "--device-listen",
-    "127.0.0.1:0",
-    "--engineer-listen",
-    "127.0.0.1:0",
-    "--metrics-listen",
-    "127.0.0.1:0",
-)
 
 
 def relay_env(data_dir: Path) -> dict[str, str]:
