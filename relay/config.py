@@ -372,6 +372,60 @@ class ListenAddress:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditConfig:
+    """The audit log and the session recordings (see docs/audit.md).
+
+    Attributes:
+        checkpoint_every_records: A signed checkpoint after this many records
+            of one process.
+        checkpoint_every_s: ...and at the latest this long after the first
+            record it has not sealed.
+        max_file_bytes: The chain moves to a new file after this size.
+        backlog_max_records: Records kept in memory while the log cannot be
+            written; beyond that they are counted as lost.
+        retry_s: How often the broker tries to write again after a failure.
+        checkpoint_sink: Where the copy of every checkpoint goes; default
+            ``audit/checkpoints.jsonl`` in the data dir. Point it at another
+            volume so that cutting the log's tail cannot also cut the sink.
+        stdout: Copy every audit record to standard output, one JSON line
+            each, for a SIEM shipper (the log itself stays the record).
+        record_input: Record what the engineer types in shell sessions, not
+            only what the shell prints. Off by default: typed input holds
+            passwords and secrets that the output never echoes.
+        recording_max_bytes: The most a session's recordings may take on disk;
+            past it the recording says so and stops.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
+    """
+
+    checkpoint_every_records: int = 1000
+    checkpoint_every_s: float = 60.0
+    max_file_bytes: int = 64 * 1024 * 1024
+    backlog_max_records: int = 10_000
+    retry_s: float = 1.0
+    checkpoint_sink: Path | None = None
+    stdout: bool = True
+    record_input: bool = False
+    recording_max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("checkpoint_every_records", 1),
+            ("max_file_bytes", 4096),
+            ("backlog_max_records", 0),
+            ("recording_max_bytes", 4096),
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("checkpoint_every_s", "retry_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
     """Everything ``relay serve`` needs.
 
@@ -388,6 +442,8 @@ class BrokerConfig:
         tls_key_file: Key for ``tls_cert_file``.
         shutdown_grace_s: Time given to live connections on shutdown.
         sessions: Remote-session cap, grant timeout and channel policy.
+        audit: The audit log's checkpoints, files and failure handling, and
+            the session recordings.
     """
 
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
@@ -413,6 +469,7 @@ class BrokerConfig:
         default_factory=EngineerListenerConfig
     )
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def effective_database_url(self) -> str:

@@ -179,6 +179,25 @@ class RelayMetrics:
             ["direction"],
             registry=r,
         )
+        self.audit_write_failures = Counter(
+            "relay_audit_write_failures_total",
+            "Audit records or checkpoints that could not be written (each failed "
+            "attempt, recovery attempts included).",
+            registry=r,
+        )
+        self.audit_writable = Gauge(
+            "relay_audit_writable",
+            "1 while the audit log is being written, 0 while it fails (no session "
+            "starts then).",
+            registry=r,
+        )
+        self.audit_writable.set(1)
+        self.audit_failure_ends = Counter(
+            "relay_audit_failure_periods_total",
+            "Times the audit log stopped being writable (each one ended the live "
+            "sessions with audit_failure).",
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:

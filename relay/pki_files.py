@@ -8,6 +8,9 @@ around it. Layout of the broker's data dir::
     $RELAY_DATA_DIR/tls/listener.key   dev-mode listener key (0600)
     $RELAY_DATA_DIR/tls/listener.crt   dev-mode listener certificate, issued by the CA
     $RELAY_DATA_DIR/relay.sqlite3      the embedded store
+    $RELAY_DATA_DIR/secrets/           TOTP sealing key, audit signing key (0600)
+    $RELAY_DATA_DIR/audit/             the audit log (relay/audit_log.py)
+    $RELAY_DATA_DIR/recordings/ID/     each session's recordings and receipts
 
 and of an agent's directory: ``device.key`` (0600), ``device.csr``, ``device.crt``.
 Private keys are written with mode 0600 from the start (never chmod'ed after the
@@ -77,6 +80,23 @@ class DataDir:
         # Its own directory, away from the database file: a copy of the database
         # alone (a backup, a support bundle) does not unseal the TOTP secrets.
         return self.root / "secrets" / "totp-sealing.key"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def audit_key(self) -> Path:
+        # Beside the sealing key, away from the log it signs checkpoints of.
+        return self.root / "secrets" / "audit-signing.key"
+
+    @property
+    def audit_public_key(self) -> Path:
+        return self.audit_dir / "audit-key.pem"
+
+    @property
+    def recordings(self) -> Path:
+        return self.root / "recordings"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,15 @@ stops accepting device connections, closes every live control channel with 1001
 Remote sessions end with ``broker_shutdown`` before the control channels close,
 so that each device still gets its ``SessionEnd``.
 Blocking work (files, key generation, the database) runs in worker threads.
+
+Audit: the audit log (:class:`relay.audit_log.AuditLog`) opens before anything
+else; every component's logger appends its ``audit=True`` events to it. Sessions
+that the last process left open are closed as ``broker_crash`` before the
+listeners start. :func:`_audit_watch` seals checkpoints on time and fails
+closed: when the log stops being writable, every live session ends with
+``audit_failure`` (new ones are refused by the session broker itself), and
+writing is retried every ``audit.retry_s``. At the end the log is sealed with a
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,7 +43,9 @@ from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
+from relay._trio.session_archive import SessionArchive
 from relay._trio.session_broker import SessionBroker, SessionClock
+from relay.audit_log import AuditLog, load_or_create_audit_key
 from relay.config import BrokerConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics
@@ -51,6 +63,53 @@ from relay.proto.close import CloseCode
 from relay.proto.session import EndReason
 from relay.store import Store, StoreError
 from relay.tls import device_listener_context
+
+#: How often the audit watch looks at the log (fail closed within 2 s: BRIEF).
+AUDIT_WATCH_S = 0.25
+
+
+def _open_audit(
+    config: BrokerConfig, metrics: RelayMetrics, wall_clock: Callable[[], datetime]
+) -> AuditLog:
+    data_dir = DataDir(config.data_dir)
+    key = load_or_create_audit_key(data_dir.audit_key, data_dir.audit_public_key)
+    return AuditLog(
+        data_dir.audit_dir,
+        signer=key,
+        config=config.audit,
+        wall_clock=wall_clock,
+        mirror=sys.stdout if config.audit.stdout else None,
+        on_write_failure=metrics.audit_write_failures.inc,
+        on_health=lambda healthy: metrics.audit_writable.set(1 if healthy else 0),
+    )
+
+
+async def _audit_watch(
+    audit: AuditLog,
+    sessions: SessionBroker,
+    metrics: RelayMetrics,
+    retry_s: float,
+    log: Any,
+) -> None:
+    """Seal checkpoints on time; fail closed while the log cannot be written."""
+    was_healthy = True
+    next_retry = 0.0
+    while True:
+        if audit.healthy:
+            audit.tick()
+        if not audit.healthy:
+            now = trio.current_time()
+            if was_healthy:
+                was_healthy = False
+                metrics.audit_failure_ends.inc()
+                sessions.end_all(EndReason.AUDIT_FAILURE)
+                next_retry = now + retry_s
+            elif now >= next_retry:
+                next_retry = now + retry_s
+                if audit.recover():
+                    was_healthy = True
+                    log.warning("audit.writable_again", audit=True)
+        await trio.sleep(AUDIT_WATCH_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +198,43 @@ async def serve_broker(
 
     Raises:
         CAError: The data dir has no usable CA.
+        AuditLogCorrupt: The audit log's last line is not a record; the
+            broker does not append to a chain it cannot continue.
     """
-    log = get_logger("broker")
     metrics = metrics if metrics is not None else RelayMetrics()
+    audit = await trio.to_thread.run_sync(_open_audit, config, metrics, wall_clock)
+    try:
+        await _serve(
+            config, shutdown, audit, wall_clock, metrics, sessions_hook, task_status
+        )
+    finally:
+        audit.close()
+
+
+async def _serve(
+    config: BrokerConfig,
+    shutdown: trio.Event,
+    audit: AuditLog,
+    wall_clock: Callable[[], datetime],
+    metrics: RelayMetrics,
+    sessions_hook: Callable[[SessionBroker], None] | None,
+    task_status: trio.TaskStatus[BrokerPorts],
+) -> None:
+    log = get_logger("broker", audit=audit)
+    log.info(
+        "broker.config_loaded",
+        data_dir=str(config.data_dir),
+        device_listen=f"{config.device_listen.host}:{config.device_listen.port}",
+        engineer_listen=f"{config.engineer_listen.host}:{config.engineer_listen.port}",
+        metrics_listen=f"{config.metrics_listen.host}:{config.metrics_listen.port}",
+        max_session_seconds=config.sessions.max_session_seconds,
+        grant_timeout_s=str(config.sessions.grant_timeout_s),
+        allowed_channels=list(config.sessions.allowed_channels),
+        record_input=config.audit.record_input,
+        checkpoint_every_records=config.audit.checkpoint_every_records,
+        checkpoint_every_s=str(config.audit.checkpoint_every_s),
+        audit=True,
+    )
     prepared = await trio.to_thread.run_sync(_prepare, config, wall_clock())
     if prepared.dev_certificate_issued:
         log.warning(
@@ -166,7 +259,7 @@ async def serve_broker(
         store=store,
         config=config.pki,
         metrics=metrics,
-        log=get_logger("enrollment_api"),
+        log=get_logger("enrollment_api", audit=audit),
         wall_clock=wall_clock,
     )
     login_service = LoginService(
@@ -175,9 +268,10 @@ async def serve_broker(
         sealer=prepared.sealer,
         config=config.engineer_auth,
         metrics=metrics,
-        log=get_logger("engineer_api"),
+        log=get_logger("engineer_api", audit=audit),
         wall_clock=wall_clock,
     )
+    node_id = socket.gethostname()[:64] or "local"
     listener = DeviceListener(
         config=config,
         ssl_context=prepared.device_context,
@@ -185,16 +279,31 @@ async def serve_broker(
         store=store,
         presence=LocalPresence(),
         metrics=metrics,
-        log=get_logger("device_listener"),
-        node_id=socket.gethostname()[:64] or "local",
+        log=get_logger("device_listener", audit=audit),
+        node_id=node_id,
         wall_clock=wall_clock,
     )
+    session_log = get_logger("sessions", audit=audit)
+    archive = SessionArchive(
+        store=store,
+        recordings_dir=DataDir(config.data_dir).recordings,
+        config=config.audit,
+        node_id=node_id,
+        log=session_log,
+        wall_clock=wall_clock,
+    )
+    crashed = await archive.recover()
+    if crashed:
+        log.warning("broker.recovered_sessions", sessions=crashed, audit=True)
     sessions = SessionBroker(
         config=config.sessions,
         control=listener,
         metrics=metrics,
-        log=get_logger("sessions"),
+        log=session_log,
         clock=SessionClock(wall_clock),
+        archive=archive,
+        audit_ok=lambda: audit.healthy,
+        audit_seq=lambda: audit.seq,
     )
     listener.sessions = sessions
     if sessions_hook is not None:
@@ -204,7 +313,7 @@ async def serve_broker(
         store=store,
         config=config.engineer_listener,
         presence_stale_after=presence_stale_after(config),
-        log=get_logger("engineer_api"),
+        log=get_logger("engineer_api", audit=audit),
         wall_clock=wall_clock,
         enroller=enroller,
         sessions=SessionRoutes(sessions, metrics),
@@ -221,11 +330,15 @@ async def serve_broker(
             "listeners_bound": bound,
             "store_reachable": store_ok,
             "data_dir_writable": os.access(config.data_dir, os.W_OK),
+            "audit_writable": audit.healthy,
         }
 
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
+            nursery.start_soon(
+                _audit_watch, audit, sessions, metrics, config.audit.retry_s, log
+            )
             device_port = await nursery.start(listener.serve)
             engineer_port = await nursery.start(
                 partial(

@@ -38,8 +38,8 @@ CSP: Final = (
     "default-src 'self'; script-src 'self'; object-src 'none'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-#: The console page's policy: :data:`CSP` with one relaxation for styles, and
-#: no form submission at all.
+#: The console page's policy: :data:`CSP` with two relaxations, one for styles
+#: and one for WebAssembly, and no form submission at all.
 #:
 #: Why ``style-src 'self' 'unsafe-inline'``: xterm.js 6.0's DOM renderer puts
 #: its theme (the 16/256 colour classes, cursor, selection), its cell size and
@@ -48,14 +48,26 @@ CSP: Final = (
 #: ``style-src-elem`` and ``style-src-attr`` violations under :data:`CSP`; the
 #: terminal then has no colours, no cursor and an invisible selection). The
 #: contents change with the theme, the font size and the terminal's instance, so
-#: hashes cannot list them, and xterm gives its elements no nonce. Scripts stay
-#: ``'self'`` only: the page has no inline script and no inline style in its
-#: HTML, and writes every text it did not write itself with ``textContent``, so
-#: an injected style would need an HTML injection first. ``form-action 'none'``:
-#: the page's forms are sent by its script; if the script did not load, a form
-#: must not put a password into a URL.
+#: hashes cannot list them, and xterm gives its elements no nonce. The session
+#: player (asciinema-player) sets its size and colours in ``style`` attributes
+#: too. Scripts stay ``'self'`` only (no inline script, no ``eval``): the page
+#: has no inline script and no inline style in its HTML, and writes every text
+#: it did not write itself with ``textContent``, so an injected style would need
+#: an HTML injection first.
+#:
+#: Why ``script-src ... 'wasm-unsafe-eval'``: the auditors' session player,
+#: asciinema-player 3.x (vendored, served from ``'self'``), runs its terminal
+#: emulator as WebAssembly that its own module carries inline (base64) and
+#: compiles with ``WebAssembly.instantiate``; under ``script-src 'self'`` alone
+#: Chromium refuses the compilation and the player shows nothing. The keyword
+#: allows compiling WebAssembly only: it does not allow ``eval``, ``new
+#: Function``, inline scripts or scripts from elsewhere, so only the page's own
+#: modules (``'self'``) can compile any. ``form-action 'none'``: the
+#: page's forms are sent by its script; if the script did not load, a form must
+#: not put a password into a URL.
 CONSOLE_CSP: Final = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; "
+    "style-src 'self' 'unsafe-inline'; "
     "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'none'"
 )

@@ -105,6 +105,7 @@ class SessionRoutes:
                 engineer_role=principal.role,
                 reason=reason,
                 channels=body["channels"],
+                source=request.client.host if request.client is not None else "unknown",
             )
         except RequestRefused as refused:
             return self._refused(refused.status, refused.error, refused.outcome)

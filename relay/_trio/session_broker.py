@@ -91,6 +91,9 @@ import trio
 from cryptography import x509
 from starlette.websockets import WebSocket
 
+import auth
+from relay import __version__
+from relay._trio.session_archive import SessionArchive
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
 from relay.config import SessionConfig
 from relay.metrics import RelayMetrics
@@ -120,6 +123,8 @@ from relay.proto.session import (
     new_session_id,
     validate_channels,
 )
+from relay.recordings import RecordingError, SessionRecording
+from relay.store import StoreError
 
 __all__ = [
     "DeviceControl",
@@ -264,6 +269,14 @@ class _Live:
     end_receipt: trio.Event = field(default_factory=trio.Event)
     control_lost: bool = False
     metric_state: str | None = None
+    source: str = "unknown"
+    fingerprint: str = ""
+    decided_by: str | None = None
+    recording: SessionRecording | None = None
+    end_signed: receipts.SignedReceipt | None = None
+    archived: bool = False
+    # The channel of each stream the engineer opened, until it closes.
+    stream_channels: dict[int, str] = field(default_factory=dict)
 
 
 class SessionBroker:
@@ -275,6 +288,11 @@ class SessionBroker:
         metrics: Where sessions are counted.
         log: Structured logger (``audit=True`` marks audit events).
         clock: The session clock.
+        archive: Rows, recordings and receipts (none: nothing is kept beyond
+            the log, as in tests of the relay alone).
+        audit_ok: Whether the audit log is being written; while it is not, no
+            session starts (Invariant 7, fail closed).
+        audit_seq: The audit log's last seq (where a session's timeline starts).
     """
 
     def __init__(
@@ -285,8 +303,14 @@ class SessionBroker:
         metrics: RelayMetrics,
         log: Any,
         clock: SessionClock | None = None,
+        archive: SessionArchive | None = None,
+        audit_ok: Callable[[], bool] = lambda: True,
+        audit_seq: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
+        self._archive = archive
+        self._audit_ok = audit_ok
+        self._audit_seq = audit_seq
         self._control = control
         self._metrics = metrics
         self._log = log
@@ -323,13 +347,15 @@ class SessionBroker:
         engineer_role: str,
         reason: str,
         channels: object,
+        source: str = "unknown",
     ) -> dict[str, Any]:
         """Start a session; returns its view once the offer is on its way.
 
         Raises:
             RequestRefused: 400 bad channels, 403 a channel the policy does not
                 allow, 404 the device is not connected, 409 it is busy, 503 the
-                broker is not taking sessions.
+                broker is not taking sessions (shutting down, or the audit log
+                or the store cannot record it).
         """
         try:
             wanted = validate_channels(channels)
@@ -345,6 +371,8 @@ class SessionBroker:
             raise RequestRefused(404, "device not connected", "not_connected")
         if self._nursery is None:
             raise RequestRefused(503, "not taking sessions", "unavailable")
+        if not self._audit_ok():
+            raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
         connection_id, certificate = found
         session = Session(
             new_session_id(os.urandom(16)),
@@ -367,9 +395,29 @@ class SessionBroker:
             certificate=certificate,
             inbox=inbox,
             inbox_out=inbox_out,
+            source=source,
+            fingerprint=auth.certificate_fingerprint(certificate),
         )
         self._sessions[session.session_id] = live
         self._by_device[device_id] = session.session_id
+        start_seq = self._audit_seq()
+        if self._archive is not None:
+            try:
+                await self._archive.requested(
+                    session_id=session.session_id,
+                    device_id=device_id,
+                    engineer=engineer,
+                    reason=reason,
+                    channels=wanted,
+                    source=source,
+                    device_fingerprint=live.fingerprint,
+                    start_seq=start_seq,
+                )
+            except StoreError:
+                self._forget(live)
+                raise RequestRefused(
+                    503, "store unavailable", "store_unavailable"
+                ) from None
         self._set_metric_state(live)
         self._log.info(
             "session.requested",
@@ -378,10 +426,34 @@ class SessionBroker:
             engineer=engineer,
             reason=reason,
             channels=list(wanted),
+            source=source,
+            device_fingerprint=live.fingerprint,
+            broker_version=__version__,
             audit=True,
         )
+        if not self._audit_ok() or self._nursery is None:
+            # The start could not be recorded: the session ends before its
+            # offer goes out (its end waits in the audit backlog with its start).
+            await self._abort(live, EndReason.AUDIT_FAILURE)
+            raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
         await self._nursery.start(self._run_session, live)
         return self.view(session.session_id) or {}
+
+    def _forget(self, live: _Live) -> None:
+        session = live.session
+        self._sessions.pop(session.session_id, None)
+        if self._by_device.get(session.device_id) == session.session_id:
+            del self._by_device[session.device_id]
+        self._set_metric_state(live, gone=True)
+        self._idle.unpark_all()
+
+    async def _abort(self, live: _Live, reason: EndReason) -> None:
+        """End a session that never got its task (nothing was offered)."""
+        live.session.handle(EndRequested(now_ms=self._clock.now_ms(), reason=reason))
+        self._metrics.session_ends.labels(reason.value).inc()
+        self._log_end(live, reason)
+        self._forget(live)
+        await self._archive_end(live)
 
     def view(self, session_id: str) -> dict[str, Any] | None:
         """The API's view of a session, live or recently ended; None if unknown."""
@@ -614,8 +686,14 @@ class SessionBroker:
                 task_status.started()
                 await self._drive(live)
                 await self._linger(live)
+                await self._archive_end(live)
                 nursery.cancel_scope.cancel()
         finally:
+            if not live.archived and live.session.state.is_terminal:
+                # Cancelled (the broker is going down) after the end: still keep
+                # what the session left, bounded.
+                with trio.CancelScope(shield=True), trio.move_on_after(LEG_CLOSE_S * 2):
+                    await self._archive_end(live)
             live.inbox.close()
             while True:
                 try:
@@ -819,6 +897,7 @@ class SessionBroker:
             return
         live.granted_channels = grant.channels
         live.granted_max_seconds = grant.max_seconds
+        live.decided_by = grant.decided_by
         live.table = tunnel.StreamTable(channels=grant.channels)
         live.granted_at_s = trio.current_time()
         self._metrics.session_grant_wait.observe(live.granted_at_s - live.offered_at_s)
@@ -831,9 +910,30 @@ class SessionBroker:
             decided_by=grant.decided_by,
             audit=True,
         )
+        kept = await self._archive_grant(live, grant, event, now)
         # The device may grant a shorter cap than offered (its own limit); the
         # broker then ends the session at that one too.
         await self._apply(live, Granted(now_ms=now, max_seconds=grant.max_seconds))
+        if not kept:
+            # Its receipt or its recording cannot be kept: no byte may flow.
+            await self._apply(
+                live, EndRequested(now_ms=now, reason=EndReason.AUDIT_FAILURE)
+            )
+
+    async def _archive_grant(
+        self, live: _Live, grant: receipts.GrantReceipt, event: control.Grant, now: int
+    ) -> bool:
+        if self._archive is None:
+            return True
+        granted_at = datetime.fromtimestamp(now / 1000, UTC)
+        live.recording = self._archive.recording(live.session.session_id, granted_at)
+        return await self._archive.granted(
+            live.session.session_id,
+            at=granted_at,
+            grant=grant,
+            signed=receipts.SignedReceipt.from_wire(event.receipt, event.signature),
+            certificate=live.certificate,
+        )
 
     def _end_receipt(self, live: _Live, event: control.SessionEnded) -> None:
         session = live.session
@@ -865,6 +965,9 @@ class SessionBroker:
             )
             return
         live.end_receipt.set()
+        live.end_signed = receipts.SignedReceipt.from_wire(
+            event.receipt, event.signature
+        )
         self._log.info(
             "session.end_receipt",
             session_id=session.session_id,
@@ -918,16 +1021,7 @@ class SessionBroker:
             self._metrics.session_duration.observe(
                 trio.current_time() - live.granted_at_s
             )
-        self._log.info(
-            "session.end",
-            session_id=session.session_id,
-            device_id=session.device_id,
-            engineer=session.engineer,
-            reason=reason.value,
-            bytes_to_device=live.bytes_to_device,
-            bytes_from_device=live.bytes_from_device,
-            audit=True,
-        )
+        self._log_end(live, reason)
         live.ended.set()
         for leg in (live.engineer, live.device):
             if leg is not None:
@@ -947,6 +1041,51 @@ class SessionBroker:
                 live,
                 control.SessionEnd(session_id=session.session_id, reason=reason.value),
             )
+
+    def _log_end(self, live: _Live, reason: EndReason) -> None:
+        """The one ``session.end`` record of a session (BRIEF, session flow 6)."""
+        session = live.session
+        duration_ms = None
+        if session.granted_at_ms is not None:
+            duration_ms = max(0, self._clock.now_ms() - session.granted_at_ms)
+        self._log.info(
+            "session.end",
+            session_id=session.session_id,
+            device_id=session.device_id,
+            engineer=session.engineer,
+            reason=reason.value,
+            granted=session.granted_at_ms is not None,
+            decided_by=live.decided_by,
+            granted_at=_iso(session.granted_at_ms),
+            duration_ms=duration_ms,
+            bytes_to_device=live.bytes_to_device,
+            bytes_from_device=live.bytes_from_device,
+            device_fingerprint=live.fingerprint,
+            source=live.source,
+            broker_version=__version__,
+            audit=True,
+        )
+
+    async def _archive_end(self, live: _Live) -> None:
+        """Keep the end receipt, close the recording, end the row; once."""
+        if self._archive is None or live.archived:
+            return
+        live.archived = True
+        session = live.session
+        if live.end_signed is not None:
+            await self._archive.end_receipt(session.session_id, live.end_signed)
+        elapsed = 0.0
+        if live.granted_at_s is not None:
+            elapsed = max(0.0, trio.current_time() - live.granted_at_s)
+        reason = session.end_reason
+        await self._archive.ended(
+            session.session_id,
+            reason=(reason or EndReason.BROKER_SHUTDOWN).value,
+            bytes_to_device=live.bytes_to_device,
+            bytes_from_device=live.bytes_from_device,
+            recording=live.recording,
+            t=elapsed,
+        )
 
     async def _send_control(self, live: _Live, event: control.Event) -> bool:
         if live.control_lost:
@@ -999,6 +1138,7 @@ class SessionBroker:
                         is tunnel.Disposition.DROP
                     ):
                         continue
+                    self._record(live, frame, side)
                     if isinstance(frame, tunnel.StreamData):
                         size = len(frame.payload)
                         if side is tunnel.Side.ENGINEER:
@@ -1028,6 +1168,56 @@ class SessionBroker:
                 gone = _LegGone(leg, protocol_error=str(exc))
         if gone is not None:
             self._post(live, gone)
+
+    def _record(self, live: _Live, frame: tunnel.Frame, side: tunnel.Side) -> None:
+        """Audit stream opens and closes, and hand *frame* to the recording."""
+        session_id = live.session.session_id
+        match frame:
+            case tunnel.StreamOpen(stream_id=stream_id, channel=channel):
+                live.stream_channels[stream_id] = channel
+            case tunnel.StreamOpenOk(stream_id=stream_id):
+                self._log.info(
+                    "stream.opened",
+                    session_id=session_id,
+                    stream_id=stream_id,
+                    channel=live.stream_channels.get(stream_id),
+                    audit=True,
+                )
+            case tunnel.StreamOpenFail(stream_id=stream_id):
+                self._log.info(
+                    "stream.refused",
+                    session_id=session_id,
+                    stream_id=stream_id,
+                    channel=live.stream_channels.pop(stream_id, ""),
+                    audit=True,
+                )
+            case tunnel.StreamClose(stream_id=stream_id):
+                channel = live.stream_channels.pop(stream_id, "")
+                if channel:
+                    self._log.info(
+                        "stream.closed",
+                        session_id=session_id,
+                        stream_id=stream_id,
+                        channel=channel,
+                        closed_by=side.value,
+                        audit=True,
+                    )
+        if live.recording is None or live.granted_at_s is None:
+            return
+        try:
+            live.recording.observe(
+                frame, side, max(0.0, trio.current_time() - live.granted_at_s)
+            )
+        except RecordingError as exc:
+            # Fail closed: a session that cannot be recorded does not go on.
+            live.recording = None
+            self._log.error(
+                "session.recording_failed",
+                session_id=session_id,
+                detail=str(exc)[:200],
+                audit=True,
+            )
+            self._post(live, _End(EndReason.AUDIT_FAILURE))
 
     def _set_metric_state(self, live: _Live, *, gone: bool = False) -> None:
         state = live.session.state

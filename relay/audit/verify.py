@@ -119,6 +119,7 @@ def verify_lines(
     public_key: Ed25519PublicKey,
     *,
     expect_checkpoint_seq: int | None = None,
+    segment: bool = False,
 ) -> VerifyReport:
     """Verify an audit log and report its first bad record.
 
@@ -131,6 +132,12 @@ def verify_lines(
         expect_checkpoint_seq: The seq of a checkpoint record known, from
             outside the log, to have been written. The log must hold a valid
             checkpoint at or beyond it, or the report says ``truncated``.
+        segment: The lines are a contiguous part of a chain (an evidence
+            bundle's excerpt), not the whole of it: the first record's seq and
+            prev are taken as given, and everything after is checked as usual.
+            A checkpoint still seals every record before it in the segment:
+            each one's hash is bound into the next one's prev, up to the
+            signed head.
 
     Returns:
         The report; ``report.ok`` is true only if every line verified.
@@ -171,6 +178,8 @@ def verify_lines(
             return report(
                 Problem(reason="malformed", line=number, seq=None, detail=str(error))
             )
+        if segment and records == 0:
+            seq, head = record.seq - 1, record.prev
         found = _check_link(record, seq, head, public_key)
         if found is not None:
             reason, detail = found

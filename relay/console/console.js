@@ -1,5 +1,6 @@
 // The engineers' console: login, the instrument list, session requests, and the
-// terminal of a remote session.
+// terminal of a remote session; for auditors and admins the audit pages
+// (audit.js).
 //
 // Security rules this file keeps:
 // - The login token is never stored or read: the browser holds it in the
@@ -14,6 +15,7 @@ import { Terminal } from "./vendor/xterm/xterm.mjs";
 import { FitAddon } from "./vendor/addon-fit/addon-fit.mjs";
 import { END_WORDING } from "./end-wording.js";
 import { Countdown, byId, endWords, setText, show, warningText } from "./common.js";
+import { AUDIT_ROLES, AuditPages } from "./audit.js";
 import {
   FrameType,
   INITIAL_WINDOW_BYTES,
@@ -34,6 +36,8 @@ const MAX_PENDING_INPUT = 1024 * 1024;
 const SHELL_CLOSED_GRACE_MS = 1500;
 const SESSION_CLOSED = 4005;
 const LOGIN_ENDED = 4004;
+/** Roles that may list instruments and open sessions (GET /api/v1/devices). */
+const SESSION_ROLES = new Set(["engineer", "admin"]);
 
 const utf8 = new TextEncoder();
 
@@ -95,13 +99,28 @@ function say(text) {
 
 // Views ---------------------------------------------------------------------------
 
-const VIEWS = ["login-view", "devices-view", "session-view"];
+const VIEWS = ["login-view", "devices-view", "session-view", "audit-view", "audit-session-view"];
+/** The header's section buttons, and the views that belong to each. */
+const NAV = [
+  ["nav-devices", ["devices-view"]],
+  ["nav-audit", ["audit-view", "audit-session-view"]],
+];
 
 function showView(id, focusId) {
   for (const view of VIEWS) show(view, view === id);
   const loggedIn = id !== "login-view";
   show("who", loggedIn);
   show("logout", loggedIn);
+  // The sections are offered to those who may use both or the audit pages, and
+  // never over a remote session's view (leaving it would end the terminal).
+  const audits = AUDIT_ROLES.has(app.role);
+  show("nav", loggedIn && audits && id !== "session-view");
+  show("nav-devices", SESSION_ROLES.has(app.role));
+  show("nav-audit", audits);
+  for (const [button, views] of NAV) {
+    if (views.includes(id)) byId(button).setAttribute("aria-current", "page");
+    else byId(button).removeAttribute("aria-current");
+  }
   if (focusId) byId(focusId).focus();
 }
 
@@ -109,6 +128,7 @@ function showView(id, focusId) {
 
 function showLogin(message = "") {
   stopEvents();
+  audit.reset();
   app.csrf = null;
   app.username = null;
   app.role = null;
@@ -155,17 +175,26 @@ async function login(event) {
   byId(answer.status === 401 ? "password" : "totp").focus();
 }
 
-/** Load who is logged in (cookie) and open the instrument list; false if nobody. */
+/**
+ * Load who is logged in (cookie) and open the instrument list, or the audit
+ * pages for a role that cannot open sessions; false if nobody.
+ */
 async function enter() {
   const me = await api("GET", "/api/v1/me");
   if (me.status !== 200) return false;
   app.csrf = me.data.csrf_token;
   app.username = me.data.username;
   app.role = me.data.role;
+  say("");
   setText("who-name", `${app.username} (${app.role})`);
+  if (!SESSION_ROLES.has(app.role) && AUDIT_ROLES.has(app.role)) {
+    await audit.showList(app.role);
+    return true;
+  }
   showDevices();
   await loadDevices();
-  startEvents();
+  // The device feed is refused to roles without the instrument list.
+  if (SESSION_ROLES.has(app.role)) startEvents();
   return true;
 }
 
@@ -801,6 +830,23 @@ function backToDevices() {
   showDevices();
 }
 
+// The audit pages (audit.js) ------------------------------------------------------------
+
+const audit = new AuditPages({ api, say, showView, loginEnded: () => loginEnded() });
+
+function openDevicesSection() {
+  audit.leaveSession();
+  say("");
+  showDevices();
+}
+
+function openAuditSection() {
+  if (app.session !== null) app.session.dispose();
+  app.session = null;
+  say("");
+  audit.showList(app.role);
+}
+
 // Start ------------------------------------------------------------------------------------
 
 async function start() {
@@ -812,6 +858,9 @@ async function start() {
   byId("cancel").addEventListener("click", () => app.session?.end());
   byId("end").addEventListener("click", () => app.session?.end());
   byId("back").addEventListener("click", backToDevices);
+  byId("nav-devices").addEventListener("click", openDevicesSection);
+  byId("nav-audit").addEventListener("click", openAuditSection);
+  audit.install();
   say("Loading...");
   const resumed = await enter();
   if (!resumed) {

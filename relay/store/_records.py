@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 # The roles a user can have; anything else is refused before it reaches the database.
 USER_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
@@ -183,3 +183,60 @@ class SessionRevocation:
 
     token_hash: str
     username: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteSessionRecord:
+    """One remote session as the store knows it (see ``remote_sessions``)."""
+
+    session_id: str
+    node_id: str
+    device_id: str
+    engineer: str
+    reason: str
+    channels: tuple[str, ...]
+    source: str
+    device_fingerprint: str
+    requested_at: datetime
+    start_seq: int
+    granted_at: datetime | None = None
+    decided_by: str | None = None
+    granted_channels: tuple[str, ...] | None = None
+    max_seconds: int | None = None
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+    recordings: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The auditor API's view of the row."""
+        duration = None
+        if self.granted_at is not None and self.ended_at is not None:
+            duration = round((self.ended_at - self.granted_at).total_seconds(), 3)
+        return {
+            "session_id": self.session_id,
+            "device_id": self.device_id,
+            "engineer": self.engineer,
+            "reason": self.reason,
+            "channels": list(self.channels),
+            "source": self.source,
+            "device_fingerprint": self.device_fingerprint,
+            "requested_at": self.requested_at.isoformat(),
+            "granted_at": _iso(self.granted_at),
+            "decided_by": self.decided_by,
+            "granted_channels": (
+                None if self.granted_channels is None else list(self.granted_channels)
+            ),
+            "max_seconds": self.max_seconds,
+            "ended_at": _iso(self.ended_at),
+            "end_reason": self.end_reason,
+            "duration_s": duration,
+            "bytes_to_device": self.bytes_to_device,
+            "bytes_from_device": self.bytes_from_device,
+            "recordings": [dict(r) for r in self.recordings],
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -32,6 +32,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     TypeDecorator,
     false,
 )
@@ -58,6 +59,10 @@ PASSWORD_HASH_LENGTH: Final = 200
 SEALED_SECRET_LENGTH: Final = 200
 TOKEN_HASH_LENGTH: Final = 64
 SOURCE_LENGTH: Final = 100
+SESSION_ID_LENGTH: Final = 64
+SESSION_REASON_LENGTH: Final = 500
+CHANNELS_LENGTH: Final = 400
+END_REASON_LENGTH: Final = 32
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -223,4 +228,35 @@ login_session_revocations: Final = Table(
     Column("username", String(USERNAME_LENGTH), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=False),
     sqlite_autoincrement=True,
+)
+
+
+# One row per remote session, from the request to its end: the index of the audit
+# log for auditors (the log is the evidence; this finds it). ``node_id`` says which
+# broker held the session, so that a restarted node closes only its own as
+# ``broker_crash``. ``channels``, ``granted_channels`` and ``recordings`` are JSON
+# text. ``start_seq`` is the audit seq before the session's first record: reading
+# the log for its timeline starts there.
+remote_sessions: Final = Table(
+    "remote_sessions",
+    metadata,
+    Column("session_id", String(SESSION_ID_LENGTH), primary_key=True),
+    Column("node_id", String(NODE_ID_LENGTH), nullable=False, index=True),
+    Column("device_id", String(DEVICE_ID_LENGTH), nullable=False, index=True),
+    Column("engineer", String(USERNAME_LENGTH), nullable=False, index=True),
+    Column("reason", String(SESSION_REASON_LENGTH), nullable=False),
+    Column("channels", String(CHANNELS_LENGTH), nullable=False),
+    Column("source", String(SOURCE_LENGTH), nullable=False),
+    Column("device_fingerprint", String(FINGERPRINT_LENGTH), nullable=False),
+    Column("requested_at", UTCDateTime(), nullable=False, index=True),
+    Column("start_seq", BigInteger, nullable=False),
+    Column("granted_at", UTCDateTime(), nullable=True),
+    Column("decided_by", String(USERNAME_LENGTH), nullable=True),
+    Column("granted_channels", String(CHANNELS_LENGTH), nullable=True),
+    Column("max_seconds", Integer, nullable=True),
+    Column("ended_at", UTCDateTime(), nullable=True),
+    Column("end_reason", String(END_REASON_LENGTH), nullable=True, index=True),
+    Column("bytes_to_device", BigInteger, nullable=False, server_default="0"),
+    Column("bytes_from_device", BigInteger, nullable=False, server_default="0"),
+    Column("recordings", Text, nullable=True),
 )

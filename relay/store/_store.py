@@ -92,6 +92,7 @@ from ._records import (
     UserExists,
     UserRecord,
 )
+from ._remote_sessions import RemoteSessions
 from ._schema import (
     AGENT_VERSION_LENGTH,
     DEVICE_ID_LENGTH,
@@ -116,7 +117,7 @@ from ._schema import (
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 #: The newest revision in ``migrations/versions``; a database there needs no
 #: migration. tests/relay/store holds it equal to Alembic's own head.
-SCHEMA_HEAD: Final = "0003"
+SCHEMA_HEAD: Final = "0004"
 
 # How long a SQLite writer waits for the file's single write lock before giving up
 # with "database is locked". Transactions here last milliseconds; 5 s covers a CLI
@@ -156,7 +157,7 @@ _USER_COLUMNS: Final = (
 _NEVER_ENROLLS: Final = "auditor"
 
 
-class Store:
+class Store(RemoteSessions):
     """Devices, certificates, the revocation feeds, presence, users and sessions.
 
     Thread safety:

@@ -463,6 +463,7 @@ async def test_metrics_listener_routes(broker: RunningBroker, pki: PKI) -> None:
             "listeners_bound": True,
             "store_reachable": True,
             "data_dir_writable": True,
+            "audit_writable": True,
         }
     async with httpx.AsyncClient(
         verify=ssl.create_default_context(cafile=str(pki.ca_file))

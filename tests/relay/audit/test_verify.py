@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,7 +56,7 @@ SIX: Final = build_log(
 )
 
 
-def problem_of(lines: list[bytes], **kwargs: int) -> Problem:
+def problem_of(lines: list[bytes], **kwargs: Any) -> Problem:
     report = verify_lines(lines, PUBLIC, **kwargs)
     assert report.problem is not None
     assert report.problem.reason in PROBLEM_REASONS
@@ -283,3 +283,33 @@ def test_every_reason_is_reachable(reason: str) -> None:
         "truncated": SIX[:3],
     }
     assert problem_of(cases[reason], expect_checkpoint_seq=4).reason == reason
+
+
+class TestSegment:
+    """An excerpt of a chain (an evidence bundle) verifies from its first record."""
+
+    def test_a_segment_from_the_middle_verifies(self) -> None:
+        report = verify_lines(SIX[1:5], PUBLIC, segment=True)
+        assert report.ok
+        assert (report.records, report.last_seq, report.last_checkpoint_seq) == (
+            4,
+            5,
+            4,
+        )
+        assert report.unsealed == 1
+
+    def test_without_segment_the_same_excerpt_is_a_gap(self) -> None:
+        assert problem_of(SIX[1:5]).reason == "seq_gap"
+
+    def test_a_changed_record_inside_a_segment_is_found(self) -> None:
+        lines = list(SIX[1:5])
+        lines[1] = lines[1].replace(b'"text":"3"', b'"text":"X"')
+        report = verify_lines(lines, PUBLIC, segment=True)
+        assert report.problem is not None
+        assert (report.problem.reason, report.problem.seq) == ("bad_prev", 4)
+
+    def test_a_deleted_record_inside_a_segment_is_a_gap(self) -> None:
+        lines = [SIX[0], SIX[2], SIX[3]]
+        report = verify_lines(lines, PUBLIC, segment=True)
+        assert report.problem is not None
+        assert report.problem.reason == "seq_gap"

@@ -14,6 +14,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, create_engine, inspect, text
 
 from relay.store import MIGRATIONS_DIR, Store, UnknownUser
+from relay.store._store import SCHEMA_HEAD
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
@@ -118,7 +119,7 @@ def test_upgrade_from_0002_keeps_users_and_grants_nothing(tmp_path: Path) -> Non
     finally:
         upgraded.close()
     [(version,)] = _sql(url, "SELECT version_num FROM alembic_version")
-    assert version == "0003"
+    assert version == SCHEMA_HEAD
 
 
 def test_downgrade_to_0002_drops_the_columns_and_keeps_the_rows(

@@ -27,6 +27,7 @@ from relay.store import (
     UserExists,
     UserRecord,
 )
+from relay.store._store import SCHEMA_HEAD
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
@@ -161,7 +162,7 @@ def test_upgrade_from_0001_keeps_devices(tmp_path: Path) -> None:
             ).scalar_one()
     finally:
         engine.dispose()
-    assert version == "0003"
+    assert version == SCHEMA_HEAD
 
 
 def test_open_creates_user_tables(store: Store, db_url: str) -> None:

@@ -1,0 +1,377 @@
+"""What stays of a remote session: its row in the store, recordings, receipts.
+
+Theory of operation
+===================
+The audit log is the evidence of a session; :class:`SessionArchive` keeps the
+rest beside it and makes it findable. For each session the
+:class:`~relay._trio.session_broker.SessionBroker` calls, in order:
+
+1. :meth:`~SessionArchive.requested` before the ``session.requested`` record is
+   written: the row in ``remote_sessions`` (who, which device, why, from
+   where, the device certificate's fingerprint, the audit seq to start reading
+   the timeline from). A store that cannot take it refuses the session.
+2. :meth:`~SessionArchive.granted` after a verified grant: the row's grant
+   columns, and into ``recordings/ID/`` the device's signed grant receipt and
+   the device certificate it verifies with (so that an auditor can check the
+   signature offline); :meth:`~SessionArchive.recording` opens the session's
+   :class:`~relay.recordings.SessionRecording` in the same directory.
+3. :meth:`~SessionArchive.end_receipt` when the device's signed end receipt
+   verified.
+4. :meth:`~SessionArchive.ended` once the session is over and its end receipt
+   came or timed out: the recording is closed, each file's SHA-256 goes into
+   the chain as ``session.recording``, and the row gets the end.
+
+:meth:`~SessionArchive.recover` runs once at start: every row of this node
+without an end belongs to a session the last process did not finish (it was
+killed or crashed); each gets ``session.end`` with ``broker_crash`` in the log
+and in the row, so that every session has exactly one start and one end.
+
+Files are written in worker threads; errors are logged and counted as audit
+failures by the caller (a receipt or recording that cannot be kept ends the
+session with ``audit_failure``).
+
+Known gap: a process killed between the row's insert and the
+``session.requested`` record leaves a row whose recovery writes an end with no
+start before it. The window is one store round trip wide; the verifier of a
+bundle reports such a session (``relay audit show`` marks it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from relay import __version__
+from relay.config import AuditConfig
+from relay.proto import receipts
+from relay.recordings import RecordingError, RecordingSummary, SessionRecording
+from relay.store import RemoteSessionRecord, Store, StoreError
+
+__all__ = [
+    "DEVICE_CERT_FILE",
+    "END_RECEIPT_FILE",
+    "GRANT_RECEIPT_FILE",
+    "SessionArchive",
+    "receipt_document",
+]
+
+GRANT_RECEIPT_FILE: Final = "grant-receipt.json"
+END_RECEIPT_FILE: Final = "end-receipt.json"
+DEVICE_CERT_FILE: Final = "device.crt"
+BROKER_CRASH: Final = "broker_crash"
+
+
+def receipt_document(kind: str, signed: receipts.SignedReceipt) -> dict[str, Any]:
+    """A receipt as stored: the wire form that the signature covers, and what it says."""
+    receipt, signature = signed.to_wire()
+    decoded = receipts.decode(signed.payload)
+    fields = {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in (
+            (n, getattr(decoded, n)) for n in decoded.__dataclass_fields__
+        )
+    }
+    return {"kind": kind, "receipt": receipt, "signature": signature, "fields": fields}
+
+
+class SessionArchive:
+    """Rows, recordings and receipts of this node's sessions; see the module docstring.
+
+    Args:
+        store: Where the rows go.
+        recordings_dir: ``$RELAY_DATA_DIR/recordings``.
+        config: Recording switches and caps.
+        node_id: This broker node (rows are recovered per node).
+        log: The audit logger.
+        wall_clock: Aware UTC now.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        recordings_dir: Path,
+        config: AuditConfig,
+        node_id: str,
+        log: Any,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.recordings_dir = recordings_dir
+        self._store = store
+        self._config = config
+        self._node_id = node_id
+        self._log = log
+        self._now = wall_clock
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def requested(
+        self,
+        *,
+        session_id: str,
+        device_id: str,
+        engineer: str,
+        reason: str,
+        channels: Sequence[str],
+        source: str,
+        device_fingerprint: str,
+        start_seq: int,
+    ) -> datetime:
+        """Insert the session's row; returns the time it was recorded with.
+
+        Raises:
+            StoreError: The store did not take it.
+        """
+        at = self._now()
+        record = RemoteSessionRecord(
+            session_id=session_id,
+            node_id=self._node_id,
+            device_id=device_id,
+            engineer=engineer,
+            reason=reason,
+            channels=tuple(channels),
+            source=source,
+            device_fingerprint=device_fingerprint,
+            requested_at=at,
+            start_seq=start_seq,
+        )
+        await trio.to_thread.run_sync(self._store.record_session_request, record)
+        return at
+
+    def recording(self, session_id: str, started_at: datetime) -> SessionRecording:
+        """The recording of a session granted at *started_at*."""
+        return SessionRecording(
+            self.recordings_dir,
+            session_id=session_id,
+            started_at=started_at,
+            record_input=self._config.record_input,
+            max_bytes=self._config.recording_max_bytes,
+        )
+
+    async def granted(
+        self,
+        session_id: str,
+        *,
+        at: datetime,
+        grant: receipts.GrantReceipt,
+        signed: receipts.SignedReceipt,
+        certificate: x509.Certificate,
+    ) -> bool:
+        """Keep the grant receipt and the device certificate; update the row.
+
+        Returns whether everything was kept (False: the caller fails closed).
+        """
+        document = receipt_document("grant", signed)
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        try:
+            await trio.to_thread.run_sync(
+                self._write_files,
+                session_id,
+                {GRANT_RECEIPT_FILE: _json_bytes(document), DEVICE_CERT_FILE: pem},
+            )
+            await trio.to_thread.run_sync(
+                lambda: self._store.record_session_grant(
+                    session_id,
+                    at=at,
+                    decided_by=grant.decided_by,
+                    channels=grant.channels,
+                    max_seconds=grant.max_seconds,
+                )
+            )
+        except (OSError, StoreError) as exc:
+            self._log.error(
+                "session.archive_failed",
+                session_id=session_id,
+                step="grant",
+                detail=str(exc)[:200],
+                audit=True,
+            )
+            return False
+        return True
+
+    async def end_receipt(
+        self, session_id: str, signed: receipts.SignedReceipt
+    ) -> bool:
+        """Keep the device's verified end receipt."""
+        document = receipt_document("end", signed)
+        try:
+            await trio.to_thread.run_sync(
+                self._write_files, session_id, {END_RECEIPT_FILE: _json_bytes(document)}
+            )
+        except OSError as exc:
+            self._log.error(
+                "session.archive_failed",
+                session_id=session_id,
+                step="end_receipt",
+                detail=str(exc)[:200],
+                audit=True,
+            )
+            return False
+        return True
+
+    async def ended(
+        self,
+        session_id: str,
+        *,
+        reason: str,
+        bytes_to_device: int,
+        bytes_from_device: int,
+        recording: SessionRecording | None,
+        t: float,
+    ) -> None:
+        """Close the recording, chain its files' hashes, and end the row."""
+        files: list[dict[str, Any]] = []
+        if recording is not None:
+            summary: RecordingSummary | None = None
+            try:
+                summary = await trio.to_thread.run_sync(recording.close, t)
+            except RecordingError as exc:
+                self._log.error(
+                    "session.recording_failed",
+                    session_id=session_id,
+                    detail=str(exc)[:200],
+                    audit=True,
+                )
+            if summary is not None:
+                for file in summary.files:
+                    files.append(
+                        {
+                            "name": file.name,
+                            "kind": file.kind,
+                            "size_bytes": file.size_bytes,
+                            "sha256": file.sha256,
+                        }
+                    )
+                    self._log.info(
+                        "session.recording",
+                        session_id=session_id,
+                        name=file.name,
+                        kind=file.kind,
+                        size_bytes=file.size_bytes,
+                        sha256=file.sha256,
+                        truncated=summary.truncated,
+                        audit=True,
+                    )
+        try:
+            await trio.to_thread.run_sync(
+                lambda: self._store.record_session_end(
+                    session_id,
+                    at=self._now(),
+                    reason=reason,
+                    bytes_to_device=bytes_to_device,
+                    bytes_from_device=bytes_from_device,
+                    recordings=files,
+                )
+            )
+        except StoreError as exc:
+            self._log.error(
+                "session.archive_failed",
+                session_id=session_id,
+                step="end",
+                detail=str(exc)[:200],
+                audit=True,
+            )
+
+    async def recover(self) -> int:
+        """End the sessions a crash left open; returns how many."""
+        rows = await trio.to_thread.run_sync(
+            self._store.open_remote_sessions, self._node_id
+        )
+        for row in rows:
+            self._log.warning(
+                "session.end",
+                session_id=row.session_id,
+                device_id=row.device_id,
+                engineer=row.engineer,
+                reason=BROKER_CRASH,
+                granted=row.granted_at is not None,
+                decided_by=row.decided_by,
+                requested_at=row.requested_at.isoformat(),
+                granted_at=None
+                if row.granted_at is None
+                else row.granted_at.isoformat(),
+                duration_ms=None,
+                bytes_to_device=None,
+                bytes_from_device=None,
+                device_fingerprint=row.device_fingerprint,
+                source=row.source,
+                broker_version=__version__,
+                audit=True,
+            )
+            recordings = await trio.to_thread.run_sync(
+                self._recover_recording_files, row.session_id
+            )
+            await trio.to_thread.run_sync(
+                partial(
+                    self._store.record_session_end,
+                    row.session_id,
+                    at=self._now(),
+                    reason=BROKER_CRASH,
+                    bytes_to_device=row.bytes_to_device,
+                    bytes_from_device=row.bytes_from_device,
+                    recordings=recordings,
+                )
+            )
+        return len(rows)
+
+    def _recover_recording_files(self, session_id: str) -> list[dict[str, Any]]:
+        """Hash what a crashed session's recording left, and chain the hashes."""
+        directory = self.recordings_dir / session_id
+        if not directory.is_dir():
+            return []
+        found: list[dict[str, Any]] = []
+        for path in sorted(directory.glob("shell-*.cast")):
+            digest = _sha256_file(path)
+            entry = {
+                "name": path.name,
+                "kind": "shell",
+                "size_bytes": path.stat().st_size,
+                "sha256": digest,
+            }
+            found.append(entry)
+            self._log.info(
+                "session.recording",
+                session_id=session_id,
+                truncated=True,
+                audit=True,
+                **entry,
+            )
+        return found
+
+    def _write_files(self, session_id: str, files: dict[str, bytes]) -> None:
+        directory = self.recordings_dir / session_id
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, data in files.items():
+            fd = os.open(
+                directory / name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+            )
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, indent=2).encode("ascii") + b"\n"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
