@@ -351,12 +351,47 @@ class SessionBroker:
     ) -> dict[str, Any]:
         """Start a session; returns its view once the offer is on its way.
 
+        Every refusal is an audit event ``session.refused`` (the policy's
+        decision, or why the broker could not take the session).
+
         Raises:
             RequestRefused: 400 bad channels, 403 a channel the policy does not
                 allow, 404 the device is not connected, 409 it is busy, 503 the
                 broker is not taking sessions (shutting down, or the audit log
                 or the store cannot record it).
         """
+        try:
+            return await self._request(
+                device_id=device_id,
+                engineer=engineer,
+                engineer_role=engineer_role,
+                reason=reason,
+                channels=channels,
+                source=source,
+            )
+        except RequestRefused as refused:
+            self._log.warning(
+                "session.refused",
+                device_id=device_id,
+                engineer=engineer,
+                source=source,
+                status=refused.status,
+                outcome=refused.outcome,
+                error=refused.error,
+                audit=True,
+            )
+            raise
+
+    async def _request(
+        self,
+        *,
+        device_id: str,
+        engineer: str,
+        engineer_role: str,
+        reason: str,
+        channels: object,
+        source: str,
+    ) -> dict[str, Any]:
         try:
             wanted = validate_channels(channels)
         except ValueError as exc:
@@ -680,6 +715,15 @@ class SessionBroker:
                 )
                 live.offered_at_s = trio.current_time()
                 sent = await self._send_control(live, offer)
+                self._log.info(
+                    "session.offered",
+                    session_id=session.session_id,
+                    device_id=session.device_id,
+                    sent=sent,
+                    max_seconds=session.max_seconds,
+                    grant_deadline=_iso(session.grant_deadline_ms),
+                    audit=True,
+                )
                 await self._apply(live, OfferSent(now_ms=self._clock.now_ms()))
                 if not sent:
                     await self._apply(live, DeviceDetached(now_ms=self._clock.now_ms()))
@@ -996,6 +1040,18 @@ class SessionBroker:
                     if live.engineer is not None:
                         await self._engineer_state(live, live.engineer)
                 case Pair():
+                    # Pair comes again when the engineer is back within the
+                    # reattach grace: the session started once.
+                    self._log.info(
+                        "session.reattached"
+                        if live.paired.is_set()
+                        else "session.started",
+                        session_id=live.session.session_id,
+                        device_id=live.session.device_id,
+                        engineer=live.session.engineer,
+                        ends_at=_iso(live.session.ends_at_ms),
+                        audit=True,
+                    )
                     live.paired.set()
                 case Warn(seconds_left=seconds, minutes_left=minutes):
                     if live.engineer is not None:

@@ -142,15 +142,17 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def broker(data_dir: Path) -> Iterator[Broker]:
     """``relay serve`` on *data_dir* with every listener on port 0, killed at teardown."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", *ALL_ON_PORT_ZERO],
-        env=relay_env(data_dir),
-        cwd=data_dir.parent,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # The audit records' copy for a log shipper (audit.stdout).
+    with (data_dir.parent / "serve.stdout").open("w") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", *ALL_ON_PORT_ZERO],
+            env=relay_env(data_dir),
+            cwd=data_dir.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     running = Broker(process=process)
     running.start_reading()
     yield running
@@ -184,6 +186,26 @@ def test_serve_is_ready_and_stops_cleanly_on_sigterm(broker: Broker) -> None:
         event.get("event") for event in log_events(broker.lines)
     ]
     assert not any("Traceback" in line for line in broker.lines), broker.lines
+
+
+@pytest.mark.slow
+def test_serve_copies_every_audit_record_to_stdout(
+    broker: Broker, data_dir: Path
+) -> None:
+    """For a SIEM shipper: standard output carries each record the broker
+    appended to the audit log, byte for byte, sealed by the last checkpoint."""
+    broker.wait_for_event("broker.started", START_TIMEOUT_S)
+    assert broker.stop(signal.SIGTERM) == 0
+    mirrored = (data_dir.parent / "serve.stdout").read_bytes().splitlines()
+    chain = b"".join(
+        path.read_bytes() for path in sorted((data_dir / "audit").glob("audit-*.jsonl"))
+    ).splitlines()
+    assert mirrored, "nothing on stdout"
+    assert mirrored == chain[-len(mirrored) :]
+    events = [json.loads(line)["event"] for line in mirrored]
+    assert events[0] == "broker.config_loaded"
+    assert "broker.started" in events
+    assert events[-2:] == ["broker.stopped", "audit.checkpoint"]
 
 
 @pytest.mark.slow
