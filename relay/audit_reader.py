@@ -283,14 +283,18 @@ def export_bundle(
     (out / "checkpoints.jsonl").write_bytes(b"".join(sink_lines))
     shutil.copyfile(audit_dir / "audit-key.pem", out / "audit-key.pem")
     sessions: list[str] = []
+    # A recording goes into the bundle only with the record that holds its
+    # hash: a file nothing in the excerpt vouches for proves nothing.
+    vouched: set[tuple[str, str]] = set()
     for line in selected:
-        session_id = json.loads(line).get("session_id")
-        if (
-            isinstance(session_id, str)
-            and _SESSION_ID.fullmatch(session_id)
-            and session_id not in sessions
-        ):
+        record = json.loads(line)
+        session_id = record.get("session_id")
+        if not (isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id)):
+            continue
+        if session_id not in sessions:
             sessions.append(session_id)
+        if record.get("event") == "session.recording":
+            vouched.add((session_id, str(record.get("name"))))
     for session_id in sessions:
         source = recordings_dir / session_id
         if not source.is_dir():
@@ -298,8 +302,13 @@ def export_bundle(
         target = out / "sessions" / session_id
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in sorted(source.iterdir()):
-            if path.is_file() and _SESSION_FILES.fullmatch(path.name):
-                shutil.copyfile(path, target / path.name)
+            if not (path.is_file() and _SESSION_FILES.fullmatch(path.name)):
+                continue
+            if RECORDING_NAME.fullmatch(path.name) and (
+                (session_id, path.name) not in vouched
+            ):
+                continue  # the session's end (and its hashes) came later
+            shutil.copyfile(path, target / path.name)
     manifest = {
         "format": BUNDLE_FORMAT,
         "created_at": _iso_ms(datetime.now(UTC)),
@@ -421,6 +430,18 @@ def verify_bundle(path: Path) -> BundleReport:
             )
         else:
             result.recordings_checked += 1
+    vouched = {
+        (r.get("session_id"), r.get("name"))
+        for r in records
+        if r.get("event") == "session.recording"
+    }
+    for file in sorted((path / "sessions").glob("*/*")):
+        sid, name = file.parent.name, file.name
+        if RECORDING_NAME.fullmatch(name) and (sid, name) not in vouched:
+            result.problems.append(
+                f"sessions/{sid}/{name}: no session.recording record in the "
+                "bundle vouches for it"
+            )
     for sid in sorted(sessions):
         result.receipts_checked += _check_receipts(path / "sessions" / sid, sid, result)
     return result

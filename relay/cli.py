@@ -22,7 +22,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -72,6 +72,7 @@ from relay.users import (
 )
 
 if TYPE_CHECKING:
+    from relay.audit_commands import CliAudit
     from relay.store import Store
 
 DEMO_DEVICE_ID = "demo-0001"
@@ -93,6 +94,17 @@ def _open_store(config: BrokerConfig) -> closing[Store]:
     from relay.store import Store
 
     return closing(Store.open(config.effective_database_url))
+
+
+def _audited(config: BrokerConfig) -> AbstractContextManager[CliAudit]:
+    """The data dir's audit log for one state-changing command (see
+    :func:`relay.audit_commands.cli_audit`): opened before the change, so a log
+    that cannot be written refuses the command with nothing changed; closed
+    (sealed with a checkpoint) after it. Use its ``logger`` for ``audit=True``.
+    """
+    from relay.audit_commands import cli_audit
+
+    return cli_audit(config)
 
 
 class CLIError(Exception):
@@ -188,11 +200,13 @@ def _broker_config(args: argparse.Namespace) -> BrokerConfig:
 def cmd_ca_init(args: argparse.Namespace) -> int:
     config = BrokerConfig(data_dir=_data_dir())
     data_dir = DataDir(config.data_dir)
-    created = init_ca(
-        data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days)
-    )
+    with _audited(config) as audit:
+        created = init_ca(
+            data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days)
+        )
+        if created:
+            audit.logger.info("pki.ca_created", path=str(data_dir.ca_cert), audit=True)
     if created:
-        get_logger("cli").info("pki.ca_created", path=str(data_dir.ca_cert), audit=True)
         print(f"created device CA in {data_dir.ca_cert.parent}", file=sys.stderr)
     else:
         print(
@@ -220,7 +234,21 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
             csr = handle.read(config.pki.max_csr_bytes + 1)
     except OSError as exc:
         raise CLIError(f"cannot read {csr_path}: {exc.strerror}", exit_code=2) from None
-    log = get_logger("cli")
+    with _audited(config) as audit:
+        signed = _sign_csr(config, csr, csr_path, out, audit.logger)
+    identity = signed.identity
+    print(
+        f"signed device {identity.device_id}: serial {identity.serial_hex}, "
+        f"valid until {identity.not_after:%Y-%m-%d}, written to {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _sign_csr(
+    config: BrokerConfig, csr: bytes, csr_path: Path, out: Path, log: Any
+) -> auth.SignedDevice:
+    """Sign and record *csr*; the refusal or the signature goes to *log*."""
     try:
         signed = sign_and_record(config, csr, out, now=_now())
     except auth.CertificateRequestError as exc:
@@ -256,12 +284,7 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
         ignored_requests=list(signed.ignored_requests),
         audit=True,
     )
-    print(
-        f"signed device {identity.device_id}: serial {identity.serial_hex}, "
-        f"valid until {identity.not_after:%Y-%m-%d}, written to {out}",
-        file=sys.stderr,
-    )
-    return 0
+    return signed
 
 
 # agent --------------------------------------------------------------------------------
@@ -385,18 +408,18 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
     config = BrokerConfig(data_dir=_data_dir())
-    with _open_store(config) as store:
+    with _audited(config) as audit, _open_store(config) as store:
         try:
             revoked = store.revoke_device(args.device_id, at=_now(), reason=args.reason)
         except UnknownDevice:
             raise CLIError(f"unknown device {args.device_id!r}") from None
-    get_logger("cli").warning(
-        "device.revoked" if revoked else "device.revoke_repeated",
-        device_id=args.device_id,
-        reason=args.reason,
-        serials=[r.serial_hex for r in revoked],
-        audit=True,
-    )
+        audit.logger.warning(
+            "device.revoked" if revoked else "device.revoke_repeated",
+            device_id=args.device_id,
+            reason=args.reason,
+            serials=[r.serial_hex for r in revoked],
+            audit=True,
+        )
     if revoked:
         print(
             f"revoked device {args.device_id} ({len(revoked)} certificate(s)); a live connection closes within seconds",
@@ -636,7 +659,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     _check_can_enroll(role, args.can_enroll)
     config = BrokerConfig(data_dir=_data_dir())
     exists = CLIError(f"user {username} exists")
-    with _open_store(config) as store:
+    with _audited(config) as audit, _open_store(config) as store:
         # Checked before the prompt too, so nobody types a password for nothing.
         if store.get_user(username) is not None:
             raise exists
@@ -659,13 +682,13 @@ def cmd_user_add(args: argparse.Namespace) -> int:
             )
         except UserExists:
             raise exists from None
-    get_logger("cli").info(
-        "user.added",
-        username=username,
-        role=role,
-        can_enroll=args.can_enroll,
-        audit=True,
-    )
+        audit.logger.info(
+            "user.added",
+            username=username,
+            role=role,
+            can_enroll=args.can_enroll,
+            audit=True,
+        )
     if args.json:
         json.dump(
             {
@@ -686,20 +709,20 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_disable(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
     config = BrokerConfig(data_dir=_data_dir())
-    with _open_store(config) as store:
+    with _audited(config) as audit, _open_store(config) as store:
         before = store.get_user(username)
         try:
             revoked = store.disable_user(username, at=_now(), reason=_DISABLE_REASON)
         except UnknownUser:
             raise CLIError(f"unknown user {username!r}") from None
-    already = before is not None and before.disabled_at is not None
-    get_logger("cli").warning(
-        "user.disabled",
-        username=username,
-        sessions_revoked=len(revoked),
-        already_disabled=already,
-        audit=True,
-    )
+        already = before is not None and before.disabled_at is not None
+        audit.logger.warning(
+            "user.disabled",
+            username=username,
+            sessions_revoked=len(revoked),
+            already_disabled=already,
+            audit=True,
+        )
     if already:
         print(
             f"user {username} was already disabled ({len(revoked)} session(s) ended)",
@@ -714,7 +737,7 @@ def cmd_user_reset_totp(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
     config = BrokerConfig(data_dir=_data_dir())
     unknown = CLIError(f"unknown user {username!r}")
-    with _open_store(config) as store:
+    with _audited(config) as audit, _open_store(config) as store:
         # Checked first, so that a typo creates no sealing key file.
         if store.get_user(username) is None:
             raise unknown
@@ -723,12 +746,12 @@ def cmd_user_reset_totp(args: argparse.Namespace) -> int:
             new_user, revoked = reset_totp(store, sealer, username=username, now=_now())
         except UnknownUser:
             raise unknown from None
-    get_logger("cli").warning(
-        "user.totp_reset",
-        username=username,
-        sessions_revoked=len(revoked),
-        audit=True,
-    )
+        audit.logger.warning(
+            "user.totp_reset",
+            username=username,
+            sessions_revoked=len(revoked),
+            audit=True,
+        )
     print(f"new TOTP secret for {username} ({len(revoked)} session(s) ended)")
     _print_enrolment(new_user)
     return 0
@@ -764,7 +787,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
         raise CLIError("nothing to set: give --can-enroll yes|no", exit_code=2)
     config = BrokerConfig(data_dir=_data_dir())
     unknown = CLIError(f"unknown user {username!r}")
-    with _open_store(config) as store:
+    with _audited(config) as audit, _open_store(config) as store:
         user = store.get_user(username)
         if user is None:
             raise unknown
@@ -778,14 +801,14 @@ def cmd_user_set(args: argparse.Namespace) -> int:
         user = store.get_user(username)
         if user is None:
             raise unknown
-    get_logger("cli").warning(
-        "user.permissions_changed",
-        username=username,
-        role=user.role,
-        can_enroll=user.can_enroll,
-        previous_can_enroll=previous,
-        audit=True,
-    )
+        audit.logger.warning(
+            "user.permissions_changed",
+            username=username,
+            role=user.role,
+            can_enroll=user.can_enroll,
+            previous_can_enroll=previous,
+            audit=True,
+        )
     if args.json:
         json.dump(_user_row(user), sys.stdout)
         sys.stdout.write("\n")
@@ -821,6 +844,36 @@ def cmd_user_list(args: argparse.Namespace) -> int:
             f"{enroll:<7} {'yes' if row['disabled'] else 'no'}"
         )
     return 0
+
+
+# audit ------------------------------------------------------------------------------------
+# The implementations live in relay/audit_commands.py (imported on use).
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from relay.audit_commands import cmd_audit_verify as verify
+
+    data_dir = _data_dir() if args.path is None else data_dir_from_env()
+    return verify(args, data_dir)
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from relay.audit_commands import cmd_audit_show as show
+
+    return show(args, BrokerConfig(data_dir=_data_dir()))
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from relay.audit_commands import cmd_audit_export as export
+
+    return export(args, BrokerConfig(data_dir=_data_dir()))
+
+
+def _iso_time(text: str) -> datetime:
+    """argparse type of ``--from``/``--to`` (see audit_commands.parse_time)."""
+    from relay.audit_commands import parse_time
+
+    return parse_time(text)
 
 
 # serve and demo --------------------------------------------------------------------------
@@ -915,11 +968,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from relay._trio.broker import serve_broker
 
     config = _session_config(args, _broker_config(args))
+    # The demo's standard output is for a person (addresses, credentials): its
+    # audit records stay in the log, not mirrored there as for `relay serve`.
+    config = replace(config, audit=replace(config.audit, stdout=False))
     data_dir = DataDir(config.data_dir)
-    init_ca(data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days))
     agent_dir = AgentDir(config.data_dir / "demo-device")
-    _enroll_demo_device(config, agent_dir)
-    engineer, created = _demo_engineer(config)
+    # Closed (sealed) before the broker opens its own log on the same directory.
+    with _audited(config) as audit:
+        lifetime = timedelta(days=config.pki.ca_lifetime_days)
+        if init_ca(data_dir, now=_now(), lifetime=lifetime):
+            audit.logger.info("pki.ca_created", path=str(data_dir.ca_cert), audit=True)
+        _enroll_demo_device(config, agent_dir, audit.logger)
+        engineer, created = _demo_engineer(config, audit.logger)
     out = sys.stdout
 
     async def main() -> None:
@@ -1002,7 +1062,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_engineer(config: BrokerConfig) -> tuple[DemoEngineer | None, bool]:
+def _demo_engineer(config: BrokerConfig, log: Any) -> tuple[DemoEngineer | None, bool]:
     """The demo engineer's credentials (made on first run), and whether they are new."""
     with _open_store(config) as store:
         existed = store.get_user(DEMO_ENGINEER) is not None
@@ -1010,9 +1070,7 @@ def _demo_engineer(config: BrokerConfig) -> tuple[DemoEngineer | None, bool]:
             store, _totp_sealer(config), config.data_dir, now=_now()
         )
     if engineer is not None and not existed:
-        get_logger("cli").info(
-            "user.added", username=engineer.username, role="engineer", audit=True
-        )
+        log.info("user.added", username=engineer.username, role="engineer", audit=True)
     return engineer, not existed
 
 
@@ -1053,7 +1111,7 @@ def _print_demo_engineer(
     print(f"                     command line: `{login} --username demo`", file=out)
 
 
-def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
+def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir, log: Any) -> None:
     """Enroll and sign the demo device on first run; refuse a revoked one.
 
     Raises:
@@ -1078,9 +1136,20 @@ def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir) -> None:
     if not agent_dir.key.exists():
         enroll_agent(agent_dir, DEMO_DEVICE_ID)
     try:
-        sign_and_record(config, agent_dir.csr.read_bytes(), agent_dir.cert, now=_now())
+        signed = sign_and_record(
+            config, agent_dir.csr.read_bytes(), agent_dir.cert, now=_now()
+        )
     except DeviceRevoked:
         raise revoked from None
+    log.info(
+        "pki.device_signed",
+        device_id=signed.identity.device_id,
+        serial=signed.identity.serial_hex,
+        fingerprint=signed.identity.fingerprint_sha256,
+        not_after=signed.identity.not_after.isoformat(),
+        ignored_requests=list(signed.ignored_requests),
+        audit=True,
+    )
 
 
 # parser -----------------------------------------------------------------------------------
@@ -1345,6 +1414,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user_list.add_argument("--json", action="store_true")
     user_list.set_defaults(func=cmd_user_list)
+
+    audit = commands.add_parser(
+        "audit", help="the tamper-evident audit log: verify, show, export"
+    ).add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit.add_parser(
+        "verify",
+        help="verify an audit log, one of its files, or an evidence bundle "
+        "(exit 0 verified, 1 problem found, 2 cannot read)",
+    )
+    verify.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        metavar="PATH",
+        help="a bundle directory (has manifest.json), an audit directory, or one "
+        "audit-*.jsonl file (default: $RELAY_DATA_DIR/audit)",
+    )
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the audit public key (PEM) to verify with; default audit-key.pem "
+        "in the directory (for a bundle: must be the key the bundle holds)",
+    )
+    verify.add_argument(
+        "--sink",
+        type=Path,
+        metavar="FILE",
+        help="the checkpoint sink to check the tail against (default: "
+        "checkpoints.jsonl in the directory; none for a single file)",
+    )
+    verify.add_argument("--json", action="store_true", help="a machine-readable report")
+    verify.set_defaults(func=cmd_audit_verify)
+    show = audit.add_parser(
+        "show",
+        help="one session: who, why, the grant, its audit records, receipts, "
+        "recordings (reads files; no broker needed)",
+    )
+    show.add_argument("--session", required=True, metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_audit_show)
+    export = audit.add_parser(
+        "export",
+        help="write an evidence bundle of [--from, --to) that verifies offline",
+    )
+    export.add_argument(
+        "--from",
+        dest="since",
+        required=True,
+        type=_iso_time,
+        metavar="T",
+        help="ISO 8601; a date alone is midnight UTC, a time without offset is UTC",
+    )
+    export.add_argument(
+        "--to", dest="until", required=True, type=_iso_time, metavar="T"
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="a new or empty directory",
+    )
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=cmd_audit_export)
     return parser
 
 

@@ -32,8 +32,8 @@ session with ``audit_failure``).
 
 Known gap: a process killed between the row's insert and the
 ``session.requested`` record leaves a row whose recovery writes an end with no
-start before it. The window is one store round trip wide; the verifier of a
-bundle reports such a session (``relay audit show`` marks it).
+start before it. The window is one store round trip wide; ``relay audit
+show`` marks such a session.
 """
 
 from __future__ import annotations

@@ -1,0 +1,538 @@
+"""``relay audit ...`` and the CLI's own audit records, run as real subprocesses.
+
+The data dir with a session in it is built in this process through the classes
+the broker uses (AuditLog, Store, SessionRecording, signed receipts, the device
+CA), as the broker's SessionArchive writes them; the commands under test then
+run as ``python -m relay audit ...`` against it. Evidence bundles are verified
+by a fresh process in another working directory, with nothing but the bundle.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from relay._trio.session_archive import receipt_document
+from relay.audit_log import AuditLog, load_or_create_audit_key
+from relay.config import AuditConfig, BrokerConfig
+from relay.enrollment import sign_and_record
+from relay.pki_files import AgentDir, DataDir, enroll_agent, init_ca
+from relay.proto import receipts
+from relay.proto.tunnel import Side, StreamClose, StreamData, StreamOpen, StreamOpenOk
+from relay.recordings import SessionRecording
+from relay.store import RemoteSessionRecord, Store
+
+PASSWORD = "correct horse battery staple"  # noqa: S105 - a test input
+DEVICE_ID = "pump-7"
+SESSION_ID = "0123456789abcdef0123456789abcdef"
+REASON = "ticket 4711: conductivity alarm"
+
+
+def run_relay(
+    *args: str | Path,
+    data_dir: Path | None,
+    cwd: Path,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m relay ARGS`` in *cwd*; RELAY_DATA_DIR is *data_dir* (or unset).
+
+    Fails the test on a traceback or private key material in the output.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_DATA_DIR"}
+    if data_dir is not None:
+        env["RELAY_DATA_DIR"] = str(data_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", *(str(arg) for arg in args)],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "PRIVATE KEY" not in result.stdout + result.stderr
+    return result
+
+
+@dataclass(frozen=True)
+class Data:
+    """A data dir and a way to run the CLI on it."""
+
+    workdir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def audit_dir(self) -> Path:
+        return DataDir(self.root).audit_dir
+
+    @property
+    def chain_file(self) -> Path:
+        return self.audit_dir / "audit-000000000001.jsonl"
+
+    def __call__(
+        self, *args: str | Path, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run_relay(*args, data_dir=self.root, cwd=self.workdir, stdin=stdin)
+
+    def records(self) -> list[dict[str, Any]]:
+        lines = self.chain_file.read_bytes().splitlines()
+        return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Data:
+    return Data(tmp_path)
+
+
+def _nonce() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+
+
+def _receipt_file(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, sort_keys=True, indent=2) + "\n", "ascii")
+
+
+@pytest.fixture
+def session_data(data: Data) -> Data:
+    """A data dir holding one finished session, written as the broker writes it:
+    row, records (checkpoint every 4), grant and end receipts, device
+    certificate, and a shell recording whose hash is in the chain."""
+    now = datetime.now(UTC)
+    config = BrokerConfig(data_dir=data.root)
+    data_dir = DataDir(data.root)
+    init_ca(data_dir, now=now, lifetime=timedelta(days=30))
+    agent = AgentDir(data.workdir / "agent")
+    enroll_agent(agent, DEVICE_ID)
+    signed = sign_and_record(config, agent.csr.read_bytes(), agent.cert, now=now)
+    device_key = serialization.load_pem_private_key(
+        agent.key.read_bytes(), password=None
+    )
+    key = load_or_create_audit_key(data_dir.audit_key, data_dir.audit_public_key)
+    log = AuditLog(
+        data_dir.audit_dir,
+        signer=key,
+        config=AuditConfig(checkpoint_every_records=4),
+        mirror=None,
+    )
+    store = Store.open(config.effective_database_url)
+    try:
+        log.append("user.added", {"username": "alice", "role": "engineer"})
+        fingerprint = signed.identity.fingerprint_sha256
+        store.record_session_request(
+            RemoteSessionRecord(
+                session_id=SESSION_ID,
+                node_id="node-1",
+                device_id=DEVICE_ID,
+                engineer="alice",
+                reason=REASON,
+                channels=("shell",),
+                source="127.0.0.1",
+                device_fingerprint=fingerprint,
+                requested_at=now,
+                start_seq=log.seq,
+            )
+        )
+        log.append(
+            "session.requested",
+            {
+                "session_id": SESSION_ID,
+                "device_id": DEVICE_ID,
+                "engineer": "alice",
+                "reason": REASON,
+                "channels": ["shell"],
+            },
+        )
+        nonce = _nonce()
+        grant = receipts.GrantReceipt(
+            session_id=SESSION_ID,
+            device_id=DEVICE_ID,
+            nonce=nonce,
+            engineer="alice",
+            channels=("shell",),
+            max_seconds=3600,
+            granted_at_ms=int(now.timestamp() * 1000),
+            decided_by="nurse on site",
+        )
+        folder = data_dir.recordings / SESSION_ID
+        folder.mkdir(parents=True)
+        _receipt_file(
+            folder / "grant-receipt.json",
+            receipt_document("grant", receipts.sign_grant(device_key, grant)),  # type: ignore[arg-type]
+        )
+        shutil.copyfile(agent.cert, folder / "device.crt")
+        store.record_session_grant(
+            SESSION_ID,
+            at=now,
+            decided_by="nurse on site",
+            channels=("shell",),
+            max_seconds=3600,
+        )
+        log.append(
+            "session.granted",
+            {"session_id": SESSION_ID, "decided_by": "nurse on site"},
+        )
+        recording = SessionRecording(
+            data_dir.recordings,
+            session_id=SESSION_ID,
+            started_at=now,
+            record_input=False,
+            max_bytes=1 << 20,
+        )
+        recording.observe(
+            StreamOpen(stream_id=1, channel="shell", cols=80, rows=24), Side.ENGINEER, 1
+        )
+        recording.observe(StreamOpenOk(stream_id=1), Side.DEVICE, 1.1)
+        recording.observe(
+            StreamData(stream_id=1, payload=b"$ uptime\r\n"), Side.DEVICE, 1.5
+        )
+        recording.observe(StreamClose(stream_id=1), Side.DEVICE, 2)
+        recording.observe(StreamClose(stream_id=1), Side.ENGINEER, 2)
+        summary = recording.close(3)
+        end = receipts.EndReceipt(
+            session_id=SESSION_ID,
+            device_id=DEVICE_ID,
+            nonce=nonce,
+            reason="engineer",
+            ended_at_ms=int(now.timestamp() * 1000) + 3000,
+            bytes_to_device=7,
+            bytes_from_device=10,
+            streams_opened=1,
+        )
+        _receipt_file(
+            folder / "end-receipt.json",
+            receipt_document("end", receipts.sign_end(device_key, end)),  # type: ignore[arg-type]
+        )
+        log.append(
+            "session.end",
+            {"session_id": SESSION_ID, "reason": "engineer", "bytes_to_device": 7},
+        )
+        files = [
+            {
+                "name": f.name,
+                "kind": f.kind,
+                "size_bytes": f.size_bytes,
+                "sha256": f.sha256,
+            }
+            for f in summary.files
+        ]
+        for entry in files:
+            log.append("session.recording", {"session_id": SESSION_ID, **entry})
+        store.record_session_end(
+            SESSION_ID,
+            at=now + timedelta(seconds=3),
+            reason="engineer",
+            bytes_to_device=7,
+            bytes_from_device=10,
+            recordings=files,
+        )
+    finally:
+        log.close()
+        store.close()
+    return data
+
+
+def _export(data: Data, out: Path) -> subprocess.CompletedProcess[str]:
+    today = datetime.now(UTC).date()
+    return data(
+        "audit",
+        "export",
+        "--from",
+        str(today - timedelta(days=1)),
+        "--to",
+        str(today + timedelta(days=1)),
+        "--out",
+        out,
+    )
+
+
+# The CLI's own records --------------------------------------------------------------
+
+
+def test_user_add_is_audited_and_the_log_verifies(data: Data) -> None:
+    """`user add` appends user.added (with the OS user) and seals it; verify says 0."""
+    added = data(
+        "user",
+        "add",
+        "alice",
+        "--role",
+        "engineer",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+    assert added.returncode == 0, added.stderr
+    records = data.records()
+    assert [r["event"] for r in records] == ["user.added", "audit.checkpoint"]
+    assert records[0]["username"] == "alice"
+    assert records[0]["role"] == "engineer"
+    assert records[0]["by"]
+    assert (data.audit_dir / "checkpoints.jsonl").read_bytes().count(b"\n") == 1
+
+    human = data("audit", "verify")
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert "records verified   2 (seq 1 to 2)" in human.stdout
+    assert "OK: the log verifies" in human.stdout
+    assert "out of band" in human.stdout
+
+    report = json.loads(data("audit", "verify", "--json").stdout)
+    assert report["ok"] is True
+    assert (report["records"], report["last_checkpoint_seq"]) == (2, 2)
+    assert len(report["key_fingerprint"]) == 64
+
+    # One file on its own, with the key beside it.
+    single = data("audit", "verify", data.chain_file)
+    assert single.returncode == 0, single.stdout + single.stderr
+
+
+def test_a_log_that_cannot_be_continued_refuses_the_change(data: Data) -> None:
+    """Fail closed: a damaged last line stops `user add` before the user exists."""
+    data.audit_dir.mkdir(parents=True)
+    data.chain_file.write_bytes(b"this is not an audit record\n")
+    added = data(
+        "user",
+        "add",
+        "bob",
+        "--role",
+        "engineer",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+    assert added.returncode == 1
+    assert "relay: error: the audit log cannot be continued" in added.stderr
+    assert "nothing was changed" in added.stderr
+    listed = data("user", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
+# verify: tampering -------------------------------------------------------------------
+
+
+def _lines(data: Data) -> list[bytes]:
+    return data.chain_file.read_bytes().splitlines(keepends=True)
+
+
+def _flip_byte(data: Data) -> tuple[str, int]:
+    lines = _lines(data)
+    index = next(i for i, line in enumerate(lines) if b"conductivity" in line)
+    lines[index] = lines[index].replace(b"conductivity", b"conductivitz")
+    data.chain_file.write_bytes(b"".join(lines))
+    # The changed record still parses; the next one no longer follows it.
+    return "bad_prev", index + 2
+
+
+def _delete_line(data: Data) -> tuple[str, int]:
+    lines = _lines(data)
+    index = next(i for i, line in enumerate(lines) if b"session.granted" in line)
+    del lines[index]
+    data.chain_file.write_bytes(b"".join(lines))
+    return "seq_gap", index + 2
+
+
+def _cut_tail(data: Data) -> tuple[str, int]:
+    lines = _lines(data)
+    assert b"audit.checkpoint" in lines[-1]
+    data.chain_file.write_bytes(b"".join(lines[:-2]))  # the sink still has it
+    return "truncated", len(lines) - 2
+
+
+@pytest.mark.parametrize("tamper", [_flip_byte, _delete_line, _cut_tail])
+def test_tampering_is_found_and_named(
+    session_data: Data, tamper: Callable[[Data], tuple[str, int]]
+) -> None:
+    """A changed byte, a deleted line, a cut tail: exit 1, first bad record named."""
+    reason, seq = tamper(session_data)
+    result = session_data("audit", "verify", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = json.loads(result.stdout)["problem"]
+    assert problem["reason"] == reason
+    human = session_data("audit", "verify")
+    assert human.returncode == 1
+    assert "TAMPERED OR DAMAGED" in human.stdout
+    if reason == "bad_prev":
+        assert problem["seq"] == seq
+        assert (
+            f"record {seq} does not follow record {seq - 1}: a record before it "
+            "was changed, removed or reordered"
+        ) in human.stdout
+    elif reason == "seq_gap":
+        assert problem["seq"] == seq
+        assert (
+            f"record {seq} follows record {seq - 2}: record {seq - 1} is missing"
+            in (human.stdout)
+        )
+    else:
+        assert f"the log ends at record {seq}" in human.stdout
+        assert "records after it were cut off" in human.stdout
+
+
+def test_verify_cannot_read_is_exit_2(data: Data) -> None:
+    result = data("audit", "verify", data.workdir / "nowhere")
+    assert result.returncode == 2
+    assert "relay: error: cannot read" in result.stderr
+
+
+# export and verify a bundle ------------------------------------------------------------
+
+
+def test_export_verifies_offline_and_tampering_is_found(
+    session_data: Data, tmp_path: Path
+) -> None:
+    """Export, copy the bundle away, verify it in a fresh process: 0; tamper: 1."""
+    out = session_data.workdir / "bundle"
+    exported = _export(session_data, out)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert f"verify it anywhere: relay audit verify {out}" in exported.stdout
+    last = session_data.records()
+    assert last[-1]["event"] == "audit.checkpoint"
+    record = last[-2]
+    assert record["event"] == "audit.exported"
+    assert record["out"] == str(out.resolve())
+    assert record["by"]
+    assert record["from"].endswith("T00:00:00Z")
+
+    elsewhere = tmp_path / "auditor"
+    elsewhere.mkdir()
+    bundle = elsewhere / "evidence"
+    shutil.copytree(out, bundle)
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return run_relay(
+            "audit", "verify", "evidence", *extra, data_dir=None, cwd=elsewhere
+        )
+
+    good = verify()
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "evidence bundle evidence" in good.stdout
+    assert "1 recording(s) and 2 receipt(s) verified" in good.stdout
+    assert "OK: the log verifies" in good.stdout
+    report = json.loads(verify("--json").stdout)
+    assert report["ok"] is True
+    assert report["bundle"]["sessions"] == 1
+
+    # A recording changed, and the manifest rewritten to match: the chain's
+    # session.recording record still names the old hash.
+    cast = bundle / "sessions" / SESSION_ID / "shell-1.cast"
+    cast.write_bytes(cast.read_bytes().replace(b"uptime", b"rm -rf"))
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    digest = hashlib.sha256(cast.read_bytes()).hexdigest()
+    manifest["files"][f"sessions/{SESSION_ID}/shell-1.cast"] = digest
+    manifest_path.write_text(json.dumps(manifest))
+    changed = verify()
+    assert changed.returncode == 1
+    assert (
+        f"PROBLEM: sessions/{SESSION_ID}/shell-1.cast: SHA-256 differs from the "
+        "audit record"
+    ) in changed.stdout
+
+    # A record changed.
+    shutil.rmtree(bundle)
+    shutil.copytree(out, bundle)
+    records = bundle / "records.jsonl"
+    records.write_bytes(
+        records.read_bytes().replace(b"nurse on site", b"nurse on sitf")
+    )
+    forged = verify("--json")
+    assert forged.returncode == 1
+    report = json.loads(forged.stdout)
+    assert report["problem"]["reason"] == "bad_prev"
+    assert "records.jsonl: SHA-256 differs from the manifest" in report["problems"]
+
+    # A recording slipped in that no record vouches for, manifest rewritten.
+    shutil.rmtree(bundle)
+    shutil.copytree(out, bundle)
+    planted = bundle / "sessions" / SESSION_ID / "shell-9.cast"
+    planted.write_bytes(b'{"version": 2, "width": 80, "height": 24}\n')
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][f"sessions/{SESSION_ID}/shell-9.cast"] = hashlib.sha256(
+        planted.read_bytes()
+    ).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    slipped = verify()
+    assert slipped.returncode == 1
+    assert (
+        f"sessions/{SESSION_ID}/shell-9.cast: no session.recording record in the "
+        "bundle vouches for it"
+    ) in slipped.stdout
+
+
+def test_export_refuses_bad_ranges_and_non_empty_directories(
+    session_data: Data,
+) -> None:
+    out = session_data.workdir / "used"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused = _export(session_data, out)
+    assert refused.returncode == 2
+    assert "is not empty" in refused.stderr
+    backwards = session_data(
+        "audit",
+        "export",
+        "--from",
+        "2026-06-02",
+        "--to",
+        "2026-06-01",
+        "--out",
+        session_data.workdir / "new",
+    )
+    assert backwards.returncode == 2
+    assert "--from must be before --to" in backwards.stderr
+
+
+# show --------------------------------------------------------------------------------
+
+
+def test_show_a_session_and_an_unknown_one(session_data: Data) -> None:
+    shown = session_data("audit", "show", "--session", SESSION_ID)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    text = shown.stdout
+    for expected in (
+        f"session {SESSION_ID}",
+        "engineer           alice",
+        f"reason             {REASON}",
+        "by nurse on site",
+        "(engineer)",
+        "7 to the device, 10 from it",
+        "session.requested",
+        "session.recording",
+        'grant  decided_by="nurse on site"',
+        "end    reason=engineer bytes_to_device=7",
+        "shell-1.cast",
+        "file matches",
+    ):
+        assert expected in text, (expected, text)
+    report = json.loads(
+        session_data("audit", "show", "--session", SESSION_ID, "--json").stdout
+    )
+    assert report["session"]["duration_s"] == 3.0
+    assert [r["event"] for r in report["timeline"]] == [
+        "session.requested",
+        "session.granted",
+        "session.end",
+        "session.recording",
+    ]
+    assert report["notes"] == []
+
+    unknown = session_data("audit", "show", "--session", "f" * 32)
+    assert unknown.returncode == 1
+    assert f"relay: error: unknown session '{'f' * 32}'" in unknown.stderr
