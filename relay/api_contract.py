@@ -10,8 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from relay.proto.session import EndReason
+
 __all__ = [
     "ALL_ROLES",
+    "AUDIT_END_REASONS",
+    "AUDIT_LIST_DEFAULT",
+    "AUDIT_LIST_MAX",
+    "AUDIT_RECORDING_PATH",
+    "AUDIT_ROLES",
+    "AUDIT_SESSIONS_PATH",
+    "AUDIT_SESSION_PATH",
     "CONSOLE_ASSETS_PATH",
     "CONSOLE_PAGE_PATH",
     "CSRF_HEADER",
@@ -59,6 +68,23 @@ SESSION_PATH: Final = "/api/v1/sessions/{session_id}"
 SESSION_ATTACH_PATH: Final = "/api/v1/sessions/{session_id}/attach"
 #: Largest body of POST /api/v1/sessions (a reason of 500 characters fits well).
 MAX_SESSION_BODY_BYTES: Final = 4 * 1024
+#: The audit trail of remote sessions: the list, one session with its timeline
+#: and receipts, one of its recordings (relay._trio.audit_api).
+AUDIT_SESSIONS_PATH: Final = "/api/v1/audit/sessions"
+AUDIT_SESSION_PATH: Final = "/api/v1/audit/sessions/{session_id}"
+AUDIT_RECORDING_PATH: Final = "/api/v1/audit/sessions/{session_id}/recordings/{name}"
+#: The sessions a listing answers without ``limit``, and the most it may ask for
+#: (the store's cap, relay.store MAX_LIST).
+AUDIT_LIST_DEFAULT: Final = 100
+AUDIT_LIST_MAX: Final = 1000
+#: The end reasons the audit listing filters by: every EndReason, and
+#: ``broker_crash`` (BROKER_CRASH of relay._trio.session_archive: a session the
+#: last broker process left open, closed at the next start).
+AUDIT_END_REASONS: Final = frozenset(
+    {reason.value for reason in EndReason} | {"broker_crash"}
+)
+#: Who may read the audit trail.
+AUDIT_ROLES: Final = frozenset({"auditor", "admin"})
 
 #: Every route of the engineer listener and the roles it allows; default deny.
 ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
@@ -77,6 +103,10 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], frozenset[str]]] = {
     ("POST", SESSIONS_PATH): frozenset({"engineer", "admin"}),
     ("GET", SESSION_PATH): frozenset({"engineer", "admin"}),
     ("DELETE", SESSION_PATH): frozenset({"engineer", "admin"}),
+    # Auditors and admins read the audit trail; engineers not even their own.
+    ("GET", AUDIT_SESSIONS_PATH): AUDIT_ROLES,
+    ("GET", AUDIT_SESSION_PATH): AUDIT_ROLES,
+    ("GET", AUDIT_RECORDING_PATH): AUDIT_ROLES,
 }
 
 #: The engineers' live event feed (WebSocket): the device list as it changes.

@@ -63,6 +63,7 @@ from relay.proto import receipts
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "RECORDING_NAME",
     "BundleReport",
     "BundleSummary",
     "DirectoryReport",

@@ -7,6 +7,9 @@ module (:mod:`relay.console`), so a reason reads the same everywhere.
 :data:`END_WORDING` speaks to the engineer ("ended by you"). The device page
 speaks to the person at the instrument: :data:`DEVICE_END_WORDING` is the same
 table with the reasons that name the engineer said from that side.
+:data:`AUDIT_END_WORDING`, for auditors, adds the one reason only the audit log
+knows: ``broker_crash``, written at the next start for a session a crash left
+open.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["DEVICE_END_WORDING", "END_WORDING"]
+__all__ = ["AUDIT_END_WORDING", "DEVICE_END_WORDING", "END_WORDING"]
 
 #: What the engineer reads for each end reason (:class:`relay.proto.session.EndReason`).
 END_WORDING: Final[Mapping[str, str]] = {
@@ -40,4 +43,10 @@ DEVICE_END_WORDING: Final[Mapping[str, str]] = {
     "engineer": "ended by the engineer",
     "engineer_disconnect": "the engineer's connection was lost",
     "login_ended": "the engineer's login ended",
+}
+
+#: What auditors read: the device's table and the audit log's own reason.
+AUDIT_END_WORDING: Final[Mapping[str, str]] = {
+    **DEVICE_END_WORDING,
+    "broker_crash": "the relay stopped unexpectedly (closed at its next start)",
 }

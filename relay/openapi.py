@@ -15,6 +15,13 @@ from typing import Any, Final
 from relay import __version__
 from relay.api_contract import (
     ALL_ROLES,
+    AUDIT_END_REASONS,
+    AUDIT_LIST_DEFAULT,
+    AUDIT_LIST_MAX,
+    AUDIT_RECORDING_PATH,
+    AUDIT_ROLES,
+    AUDIT_SESSION_PATH,
+    AUDIT_SESSIONS_PATH,
     CSRF_HEADER,
     ENROLLMENTS_PATH,
     INFO_PATH,
@@ -128,6 +135,373 @@ _SESSION_SECURITY: Final[list[dict[str, list[str]]]] = [
     {"bearer": []},
     {"session_cookie": []},
 ]
+
+_SESSION_ID_PARAMETER: Final[dict[str, Any]] = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_TIME_FILTER: Final = (
+    "ISO 8601 with a timezone, e.g. `2026-05-04T13:02:00Z`; a time without one "
+    "is refused."
+)
+
+_AUDIT_PATHS: Final[Mapping[str, dict[str, Any]]] = {
+    AUDIT_SESSIONS_PATH: {
+        "get": {
+            "operationId": "listAuditSessions",
+            "summary": "The remote sessions of the audit trail, newest first.",
+            "description": (
+                "Every session the broker recorded (requested, granted or not, "
+                "live or ended), filtered; all filters are optional and combine. "
+                "A filter given twice, or with a value of the wrong form, is "
+                "refused with 400 naming the parameter."
+            ),
+            "x-roles": sorted(AUDIT_ROLES),
+            "security": _SESSION_SECURITY,
+            "parameters": [
+                _query("device_id", "Only this instrument.", {"type": "string"}),
+                _query("engineer", "Only this engineer's.", {"type": "string"}),
+                _query(
+                    "since",
+                    f"Requested at or after this time. {_TIME_FILTER}",
+                    {"type": "string", "format": "date-time"},
+                ),
+                _query(
+                    "until",
+                    f"Requested before this time (later than `since`). {_TIME_FILTER}",
+                    {"type": "string", "format": "date-time"},
+                ),
+                _query(
+                    "end_reason",
+                    "Only sessions that ended for this reason.",
+                    {"$ref": "#/components/schemas/EndReason"},
+                ),
+                _query(
+                    "limit",
+                    f"At most this many (default {AUDIT_LIST_DEFAULT}).",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": AUDIT_LIST_MAX,
+                        "default": AUDIT_LIST_DEFAULT,
+                    },
+                ),
+            ],
+            "responses": {
+                "200": _answer("The sessions.", "AuditSessionList"),
+                "400": _answer(
+                    "A filter has the wrong form or is given twice; `error` names it.",
+                    "Error",
+                ),
+                "401": _ERROR_ANSWERS["401"],
+                "403": _ERROR_ANSWERS["403"],
+                "503": _ERROR_ANSWERS["503"],
+            },
+        }
+    },
+    AUDIT_SESSION_PATH: {
+        "parameters": [_SESSION_ID_PARAMETER],
+        "get": {
+            "operationId": "getAuditSession",
+            "summary": "One session with its audit timeline and receipts.",
+            "description": (
+                "The session's row, the audit log's records that name it (from "
+                "its request on, parsed but not verified: `relay audit verify` "
+                "verifies the chain) and the receipts the instrument signed. "
+                "Each answer is itself audited (`audit.session_viewed`)."
+            ),
+            "x-roles": sorted(AUDIT_ROLES),
+            "security": _SESSION_SECURITY,
+            "responses": {
+                "200": _answer("The session.", "AuditSessionDetail"),
+                "401": _ERROR_ANSWERS["401"],
+                "403": _ERROR_ANSWERS["403"],
+                "404": _answer("No such session.", "Error"),
+                "500": _answer("The session's audit files cannot be read.", "Error"),
+                "503": _ERROR_ANSWERS["503"],
+            },
+        },
+    },
+    AUDIT_RECORDING_PATH: {
+        "parameters": [
+            _SESSION_ID_PARAMETER,
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "description": (
+                    "A name from the session's `recordings`: `shell-N.cast` or "
+                    "`forwards.json`."
+                ),
+                "schema": {"type": "string"},
+            },
+        ],
+        "get": {
+            "operationId": "getAuditRecording",
+            "summary": "One recording of a session, as stored.",
+            "description": (
+                "The file byte for byte: its SHA-256 is the one in the session's "
+                "`recordings` and in its `session.recording` audit record. Each "
+                "answer is itself audited (`audit.recording_read`)."
+            ),
+            "x-roles": sorted(AUDIT_ROLES),
+            "security": _SESSION_SECURITY,
+            "parameters": [
+                _query(
+                    "download",
+                    "`1`: answer with `Content-Disposition: attachment`.",
+                    {"enum": ["0", "1"]},
+                )
+            ],
+            "responses": {
+                "200": {
+                    "description": (
+                        "The recording: a shell as asciicast v2, the port "
+                        "forwards as a JSON list (metadata and digests, never "
+                        "the bytes forwarded)."
+                    ),
+                    "headers": {
+                        "Content-Disposition": {
+                            "description": (
+                                'With `download=1`: `attachment; filename="NAME"`.'
+                            ),
+                            "schema": {"type": "string"},
+                        }
+                    },
+                    "content": {
+                        "application/x-asciicast": {
+                            "schema": {
+                                "type": "string",
+                                "description": (
+                                    "asciicast v2: a header line, then one JSON "
+                                    "event per line."
+                                ),
+                            }
+                        },
+                        "application/json": {
+                            "schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Forward"},
+                            }
+                        },
+                    },
+                },
+                "400": _answer("`download` is not 0 or 1.", "Error"),
+                "401": _ERROR_ANSWERS["401"],
+                "403": _ERROR_ANSWERS["403"],
+                "404": _answer(
+                    "No such session, or the name is not one of its recordings.",
+                    "Error",
+                ),
+                "416": {"description": "A Range that the file cannot satisfy."},
+                "500": _answer("The recording cannot be read.", "Error"),
+                "503": _ERROR_ANSWERS["503"],
+            },
+        },
+    },
+}
+
+_NULLABLE_TIME: Final = {"type": ["string", "null"], "format": "date-time"}
+_SHA256: Final = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+
+_AUDIT_SCHEMAS: Final[Mapping[str, dict[str, Any]]] = {
+    "EndReason": {
+        "enum": sorted(AUDIT_END_REASONS),
+        "description": (
+            "Why a session ended; `broker_crash`: the broker process stopped "
+            "without ending it, and the next start closed it."
+        ),
+    },
+    "Recording": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["shell", "forwards"]},
+            "size_bytes": {"type": "integer", "minimum": 0},
+            "sha256": _SHA256,
+        },
+        "required": ["name", "kind", "size_bytes", "sha256"],
+    },
+    "AuditSession": {
+        "type": "object",
+        "description": "A remote session as the audit trail keeps it.",
+        "properties": {
+            "session_id": {"type": "string"},
+            "device_id": {"type": "string"},
+            "engineer": {"type": "string"},
+            "reason": {"type": "string"},
+            "channels": {"type": "array", "items": {"type": "string"}},
+            "source": {
+                "type": "string",
+                "description": "The engineer's address.",
+            },
+            "device_fingerprint": {
+                "type": "string",
+                "description": "SHA-256 of the device certificate, hex.",
+            },
+            "requested_at": {"type": "string", "format": "date-time"},
+            "granted_at": _NULLABLE_TIME,
+            "decided_by": {
+                "type": ["string", "null"],
+                "description": "Who granted it at the instrument.",
+            },
+            "granted_channels": {
+                "type": ["array", "null"],
+                "items": {"type": "string"},
+            },
+            "max_seconds": {"type": ["integer", "null"]},
+            "ended_at": _NULLABLE_TIME,
+            "end_reason": {
+                "anyOf": [{"$ref": "#/components/schemas/EndReason"}, {"type": "null"}]
+            },
+            "duration_s": {
+                "type": ["number", "null"],
+                "description": "From the grant to the end.",
+            },
+            "bytes_to_device": {"type": "integer", "minimum": 0},
+            "bytes_from_device": {"type": "integer", "minimum": 0},
+            "recordings": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Recording"},
+            },
+        },
+        "required": [
+            "session_id",
+            "device_id",
+            "engineer",
+            "reason",
+            "channels",
+            "source",
+            "device_fingerprint",
+            "requested_at",
+            "granted_at",
+            "decided_by",
+            "granted_channels",
+            "max_seconds",
+            "ended_at",
+            "end_reason",
+            "duration_s",
+            "bytes_to_device",
+            "bytes_from_device",
+            "recordings",
+        ],
+    },
+    "AuditSessionList": {
+        "type": "object",
+        "properties": {
+            "sessions": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/AuditSession"},
+            }
+        },
+        "required": ["sessions"],
+        "additionalProperties": False,
+    },
+    "AuditRecord": {
+        "type": "object",
+        "description": (
+            "One record of the audit log's chain, as written (its other fields "
+            "depend on the event)."
+        ),
+        "properties": {
+            "seq": {"type": "integer", "minimum": 1},
+            "ts": {"type": "string"},
+            "event": {"type": "string"},
+        },
+        "required": ["seq", "ts", "event"],
+    },
+    "Receipt": {
+        "type": "object",
+        "description": (
+            "A receipt the instrument signed: the signed bytes and signature "
+            "(base64url), verifiable with the session's device certificate, "
+            "and what the receipt says."
+        ),
+        "properties": {
+            "kind": {"enum": ["grant", "end"]},
+            "receipt": {"type": "string"},
+            "signature": {"type": "string"},
+            "fields": {"type": "object"},
+        },
+        "required": ["kind", "receipt", "signature", "fields"],
+    },
+    "AuditSessionDetail": {
+        "allOf": [{"$ref": "#/components/schemas/AuditSession"}],
+        "type": "object",
+        "properties": {
+            "timeline": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/AuditRecord"},
+            },
+            "receipts": {
+                "type": "object",
+                "properties": {
+                    "grant": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/Receipt"},
+                            {"type": "null"},
+                        ]
+                    },
+                    "end": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/Receipt"},
+                            {"type": "null"},
+                        ]
+                    },
+                },
+                "required": ["grant", "end"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["timeline", "receipts"],
+    },
+    "DirectionTotals": {
+        "type": "object",
+        "properties": {
+            "bytes": {"type": "integer", "minimum": 0},
+            "sha256": _SHA256,
+        },
+        "required": ["bytes", "sha256"],
+    },
+    "Forward": {
+        "type": "object",
+        "description": "One port-forward stream of `forwards.json`.",
+        "properties": {
+            "stream_id": {"type": "integer"},
+            "channel": {"type": "string"},
+            "port": {"type": "integer"},
+            "opened_s": {"type": "number"},
+            "outcome": {"type": ["string", "null"]},
+            "closed_s": {"type": ["number", "null"]},
+            "to_device": {"$ref": "#/components/schemas/DirectionTotals"},
+            "from_device": {"$ref": "#/components/schemas/DirectionTotals"},
+        },
+        "required": [
+            "stream_id",
+            "channel",
+            "port",
+            "opened_s",
+            "outcome",
+            "closed_s",
+            "to_device",
+            "from_device",
+        ],
+    },
+}
 
 #: The OpenAPI 3.1 document of the engineer API, served at :data:`OPENAPI_PATH`.
 OPENAPI: Final[Mapping[str, Any]] = {
@@ -339,6 +713,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 },
             },
         },
+        **_AUDIT_PATHS,
         INFO_PATH: {
             "get": {
                 "operationId": "info",
@@ -578,6 +953,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 ],
                 "additionalProperties": False,
             },
+            **_AUDIT_SCHEMAS,
             "Info": {
                 "type": "object",
                 "properties": {

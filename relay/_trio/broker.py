@@ -317,6 +317,7 @@ async def _serve(
         wall_clock=wall_clock,
         enroller=enroller,
         sessions=SessionRoutes(sessions, metrics),
+        audit_data=DataDir(config.data_dir),
     )
     bound = False
 

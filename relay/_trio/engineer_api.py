@@ -49,6 +49,8 @@ takes at most 100 failures an hour from all addresses together.
 
 Authenticated routes take ``Authorization: Bearer TOKEN`` or the session cookie
 (the header wins when both are sent); a token in the query string is ignored.
+:func:`guarded_route` is that check, shared by every authenticated route;
+:func:`audit_routes` guards the auditors' routes (:mod:`relay._trio.audit_api`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import auth
+from relay._trio.audit_api import AuditRoutes
 from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_middleware import CONSOLE_CSP
 from relay._trio.engineer_sockets import EngineerSockets, SocketEnd
@@ -71,6 +74,9 @@ from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
 from relay._trio.session_api import SessionRoutes
 from relay.api_contract import (
+    AUDIT_RECORDING_PATH,
+    AUDIT_SESSION_PATH,
+    AUDIT_SESSIONS_PATH,
     CONSOLE_ASSETS_PATH,
     CONSOLE_PAGE_PATH,
     CSRF_HEADER,
@@ -89,7 +95,7 @@ from relay.api_contract import (
 from relay.console import ConsoleFiles
 from relay.openapi import OPENAPI
 
-__all__ = ["api_routes", "device_list"]
+__all__ = ["api_routes", "audit_routes", "device_list", "guarded_route"]
 
 _UNAUTHORIZED_BODY: Final = {"error": "invalid username, password or code"}
 _SESSION_UNAUTHORIZED_BODY: Final = {"error": "unauthorized"}
@@ -200,6 +206,52 @@ async def device_list(
     ]
 
 
+def guarded_route(
+    service: LoginService,
+    origins: Callable[[], auth.OriginAllowList],
+    method: str,
+    path: str,
+    handler: Handler,
+) -> Route:
+    """A route that authenticates, refuses cross-site state changes and checks
+    :data:`ROUTE_ROLES` (default deny) before it calls *handler*."""
+    route = (method, path)
+
+    async def endpoint(request: Request) -> Response:
+        allowed = ROUTE_ROLES.get(route, frozenset())
+        try:
+            principal = await service.authenticate(request)
+        except auth.InvalidToken:
+            return JSONResponse(_SESSION_UNAUTHORIZED_BODY, status_code=401)
+        if method in _STATE_CHANGING and principal.by_cookie:
+            refusal = _cross_site_refusal(request, principal, origins())
+            if refusal is not None:
+                service.csrf_refused(principal, route, refusal)
+                return _error(403, "cross-site request refused")
+        if principal.role not in allowed:
+            service.forbidden(principal, route)
+            return _error(403, "forbidden")
+        return await handler(request, principal)
+
+    return Route(path, endpoint, methods=[method])
+
+
+def audit_routes(
+    service: LoginService,
+    audit: AuditRoutes,
+    *,
+    origins: Callable[[], auth.OriginAllowList],
+) -> list[BaseRoute]:
+    """The auditors' routes (:mod:`relay._trio.audit_api`), guarded like the rest."""
+    return [
+        guarded_route(
+            service, origins, "GET", AUDIT_SESSIONS_PATH, audit.list_sessions
+        ),
+        guarded_route(service, origins, "GET", AUDIT_SESSION_PATH, audit.session),
+        guarded_route(service, origins, "GET", AUDIT_RECORDING_PATH, audit.recording),
+    ]
+
+
 def api_routes(
     service: LoginService,
     *,
@@ -216,25 +268,7 @@ def api_routes(
     :data:`WEBSOCKET_ROLES`."""
 
     def guarded(method: str, path: str, handler: Handler) -> Route:
-        route = (method, path)
-
-        async def endpoint(request: Request) -> Response:
-            allowed = ROUTE_ROLES.get(route, frozenset())
-            try:
-                principal = await service.authenticate(request)
-            except auth.InvalidToken:
-                return JSONResponse(_SESSION_UNAUTHORIZED_BODY, status_code=401)
-            if method in _STATE_CHANGING and principal.by_cookie:
-                refusal = _cross_site_refusal(request, principal, origins())
-                if refusal is not None:
-                    service.csrf_refused(principal, route, refusal)
-                    return _error(403, "cross-site request refused")
-            if principal.role not in allowed:
-                service.forbidden(principal, route)
-                return _error(403, "forbidden")
-            return await handler(request, principal)
-
-        return Route(path, endpoint, methods=[method])
+        return guarded_route(service, origins, method, path, handler)
 
     console = ConsoleFiles()
 

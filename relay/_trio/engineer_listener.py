@@ -6,7 +6,8 @@ Theory of operation
 together with what its WebSockets need while they live: the
 :class:`~relay._trio.engineer_sockets.EngineerSockets` registry and its watcher,
 and the shared :class:`~relay._trio.device_feed.DeviceFeed`. :meth:`serve` runs
-the watcher and the feed, then Hypercorn, in one nursery.
+the watcher and the feed, then Hypercorn, in one nursery. Given the data dir,
+it adds the auditors' routes (:mod:`relay._trio.audit_api`) to the app.
 
 The Origin allow-list is ``allowed_origins`` from the config when that is set;
 otherwise it is the listener's own origins, ``https://NAME:PORT`` for each DNS
@@ -24,16 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from starlette.routing import BaseRoute
 
 import auth
+from relay._trio.audit_api import AuditRoutes
 from relay._trio.device_feed import DeviceFeed
-from relay._trio.engineer_api import device_list
+from relay._trio.engineer_api import audit_routes, device_list
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.http import engineer_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
 from relay.config import EngineerListenerConfig, ListenAddress
+from relay.pki_files import DataDir
 from relay.store import Store
 
 __all__ = ["EngineerListener"]
@@ -51,6 +55,8 @@ class EngineerListener:
         wall_clock: The current time, timezone-aware.
         enroller: Signs CSRs for ``POST /api/v1/enrollments``.
         sessions: The remote-session routes, when the broker runs sessions.
+        audit_data: The data dir whose audit log and recordings the auditors'
+            routes (``/api/v1/audit/...``) read; None: no such routes.
 
     Raises:
         ValueError: An entry of ``allowed_origins`` is not a web origin.
@@ -67,6 +73,7 @@ class EngineerListener:
         wall_clock: Callable[[], datetime],
         enroller: Enroller,
         sessions: SessionRoutes | None = None,
+        audit_data: DataDir | None = None,
     ) -> None:
         self.config = config
         self.sockets = EngineerSockets(
@@ -89,6 +96,15 @@ class EngineerListener:
             log=log,
         )
         self.origins = auth.OriginAllowList(config.allowed_origins)
+        extra_routes: list[BaseRoute] = []
+        if audit_data is not None:
+            audit = AuditRoutes(
+                store=store,
+                audit_dir=audit_data.audit_dir,
+                recordings_dir=audit_data.recordings,
+                log=log,
+            )
+            extra_routes = audit_routes(service, audit, origins=lambda: self.origins)
         self.app = engineer_app(
             service,
             presence_stale_after=presence_stale_after,
@@ -98,6 +114,7 @@ class EngineerListener:
             origins=lambda: self.origins,
             enroller=enroller,
             sessions=sessions,
+            extra_routes=extra_routes,
         )
 
     async def serve(

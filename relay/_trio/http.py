@@ -16,7 +16,7 @@ headers are added by :mod:`relay._trio.engineer_middleware`).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 import auth
 from relay import __version__
@@ -105,9 +105,10 @@ def engineer_app(
     origins: Callable[[], auth.OriginAllowList],
     enroller: Enroller,
     sessions: SessionRoutes | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The engineer listener: the console, the banner, login, the API and the
-    WebSockets (relay._trio.engineer_api).
+    WebSockets (relay._trio.engineer_api), plus *extra_routes* (the auditors').
 
     *sockets* and *device_feed* do their work in tasks the caller runs
     (:meth:`EngineerSockets.watch`, :meth:`DeviceFeed.run`). *origins* is asked
@@ -145,7 +146,8 @@ def engineer_app(
             websocket_send_timeout_s=config.websocket_send_timeout_s,
             enroller=enroller,
             sessions=sessions,
-        ),
+        )
+        + list(extra_routes),
         middleware=[
             # Outermost first: the head cap's 431 gets the security headers too.
             Middleware(SecurityHeaders),

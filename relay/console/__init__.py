@@ -42,7 +42,7 @@ from typing import Final
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay.end_wording import DEVICE_END_WORDING, END_WORDING
+from relay.end_wording import AUDIT_END_WORDING, DEVICE_END_WORDING, END_WORDING
 
 __all__ = ["DEVICE_ASSETS", "ConsoleFiles", "StaticFile", "end_wording_module"]
 
@@ -89,6 +89,8 @@ def end_wording_module() -> str:
         f"export const END_WORDING = Object.freeze({table(dict(END_WORDING))});\n"
         f"export const DEVICE_END_WORDING = Object.freeze("
         f"{table(dict(DEVICE_END_WORDING))});\n"
+        f"export const AUDIT_END_WORDING = Object.freeze("
+        f"{table(dict(AUDIT_END_WORDING))});\n"
     )
 
 

@@ -16,7 +16,7 @@
 //   is why the page's CSP allows 'wasm-unsafe-eval' (see CONSOLE_CSP in
 //   relay/_trio/engineer_middleware.py).
 
-import { DEVICE_END_WORDING } from "./end-wording.js";
+import { AUDIT_END_WORDING } from "./end-wording.js";
 import { byId, clock, endWords, setText, show } from "./common.js";
 
 const SESSIONS_PATH = "/api/v1/audit/sessions";
@@ -74,7 +74,7 @@ function endText(session) {
   if (session.ended_at === null || session.ended_at === undefined) return "still live";
   const reason = session.end_reason;
   if (typeof reason !== "string" || reason === "") return "ended";
-  return endWords(DEVICE_END_WORDING, reason);
+  return endWords(AUDIT_END_WORDING, reason);
 }
 
 function element(tag, text, className) {
@@ -95,6 +95,12 @@ function fieldText(value) {
 
 function list(value) {
   return Array.isArray(value) ? value : [];
+}
+
+/** One direction of a forward in forwards.json: {bytes, sha256}, or empty values. */
+function direction(value) {
+  const totals = value !== null && typeof value === "object" ? value : {};
+  return { bytes: totals.bytes, sha256: typeof totals.sha256 === "string" ? totals.sha256 : "" };
 }
 
 function downloadLink(sessionId, recording) {
@@ -135,7 +141,7 @@ export class AuditPages {
   /** Wire the filter form and the buttons (once, at start). */
   install() {
     const reasons = byId("audit-end-reason");
-    for (const [reason, words] of Object.entries(DEVICE_END_WORDING)) {
+    for (const [reason, words] of Object.entries(AUDIT_END_WORDING)) {
       const option = element("option", `${words} (${reason})`);
       option.value = reason;
       reasons.append(option);
@@ -449,6 +455,9 @@ export class AuditPages {
     head.append(headings);
     const body = element("tbody");
     for (const stream of streams) {
+      // forwards.json keeps each direction as {bytes, sha256} (relay/audit/recording.py).
+      const to = direction(stream.to_device);
+      const from = direction(stream.from_device);
       const row = element("tr");
       row.append(cell(stream.stream_id, "nowrap"));
       row.append(cell(stream.channel, "nowrap"));
@@ -456,14 +465,10 @@ export class AuditPages {
       row.append(cell(Number.isFinite(stream.opened_s) ? stream.opened_s.toFixed(1) : "", "nowrap"));
       row.append(cell(Number.isFinite(stream.closed_s) ? stream.closed_s.toFixed(1) : "", "nowrap"));
       row.append(cell(stream.outcome));
-      row.append(cell(bytesText(stream.bytes_to_device), "nowrap"));
-      row.append(cell(bytesText(stream.bytes_from_device), "nowrap"));
+      row.append(cell(bytesText(to.bytes), "nowrap"));
+      row.append(cell(bytesText(from.bytes), "nowrap"));
       const digests = cell(null);
-      digests.append(
-        element("code", stream.sha256_to_device, "digest"),
-        element("br"),
-        element("code", stream.sha256_from_device, "digest"),
-      );
+      digests.append(element("code", to.sha256, "digest"), element("br"), element("code", from.sha256, "digest"));
       row.append(digests);
       body.append(row);
     }

@@ -19,128 +19,23 @@ committed).
 from __future__ import annotations
 
 import os
-import queue
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyotp
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.cli.lines import LineReader
-from tests.cli.listen import ALL_ON_PORT_ZERO
+from tests.demo_process import DemoProcess, start_demo
 
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
 )
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 ARTIFACTS = Path(os.environ.get("RELAY_TEST_ARTIFACTS", "test-artifacts"))
 
-# What `relay demo` prints (see relay/cli.py cmd_demo).
-_CONSOLE = re.compile(r"^  engineer listener  (https://127\.0\.0\.1:\d+/)")
-_DEVICE_PAGE = re.compile(r"^  device page        (http://127\.0\.0\.1:\d+/)")
-_PASSWORD = re.compile(r"^  demo engineer      user (\S+), password (\S+)")
-_SECRET = re.compile(r"TOTP secret ([A-Z2-7]+)")
-_READY = "Press Ctrl-C to stop."
-
-
-@dataclass
-class Demo:
-    """A running ``relay demo`` and what it printed."""
-
-    process: subprocess.Popen[str]
-    data_dir: Path
-    console_url: str = ""
-    device_page_url: str = ""
-    username: str = ""
-    password: str = ""
-    totp_secret: str = ""
-    output: list[str] = field(default_factory=list)
-    reader: LineReader | None = None
-
-    def totp(self) -> str:
-        """A code for the demo engineer that no login of this demo used yet.
-
-        A code is accepted once per 30 s step; a second login in the same step
-        waits for the next one.
-        """
-        totp = pyotp.TOTP(self.totp_secret)
-        code = totp.now()
-        if getattr(self, "_last_code", None) == code:
-            time.sleep(30 - time.time() % 30 + 0.5)
-            code = totp.now()
-        self._last_code = code
-        return code
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.reader is not None:
-            self.reader.join(STOP_TIMEOUT_S)  # reads to EOF, then the pipe closes
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
-def _start_demo(data_dir: Path, flags: dict[str, object]) -> Demo:
-    argv = [sys.executable, "-m", "relay", "demo", *ALL_ON_PORT_ZERO]
-    for name, value in flags.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    env = {**os.environ, "RELAY_DATA_DIR": str(data_dir)}
-    env.pop("RELAY_TOTP_SEALING_KEY", None)
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=data_dir.parent,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    # The reader drains the pipe to its end, so the demo never blocks on it.
-    reader = LineReader(process.stdout)
-    demo = Demo(process, data_dir, reader=reader)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not (demo.output and demo.output[-1].startswith(_READY)):
-        try:
-            line = reader.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            line = None
-        if line is None:  # exited, or nothing in time
-            demo.stop()
-            raise AssertionError("relay demo did not start:\n" + "\n".join(demo.output))
-        demo.output.append(line)
-        _parse(demo, line)
-    printed = (demo.console_url, demo.device_page_url, demo.username, demo.password)
-    assert all(printed), demo.output
-    assert demo.totp_secret, demo.output
-    return demo
-
-
-def _parse(demo: Demo, line: str) -> None:
-    if match := _CONSOLE.match(line):
-        demo.console_url = match.group(1)
-    elif match := _DEVICE_PAGE.match(line):
-        demo.device_page_url = match.group(1)
-    elif match := _PASSWORD.match(line):
-        demo.username, demo.password = match.group(1), match.group(2)
-    elif match := _SECRET.search(line):
-        demo.totp_secret = demo.totp_secret or match.group(1)
+#: A running ``relay demo`` (tests/demo_process.py), as the fixtures give it.
+Demo = DemoProcess
 
 
 @pytest.fixture
@@ -149,7 +44,7 @@ def demo_with(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
     started: list[Demo] = []
 
     def start(**flags: object) -> Demo:
-        demo = _start_demo(tmp_path / f"data-{len(started)}", flags)
+        demo = start_demo(tmp_path / f"data-{len(started)}", flags)
         started.append(demo)
         return demo
 

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 
 from relay.audit_reader import read_records, verify_directory
 from tests.demo_process import DemoProcess, start_demo
+from tests.small_disk import small_disk
 
 DEVICE_ID = "demo-0001"
 #: Invariant 7's budget for ending live sessions once the log fails (BRIEF).
@@ -161,25 +160,10 @@ def _assert_chain_verifies(data_dir: Path) -> None:
 
 @pytest.fixture
 def small_audit_disk(tmp_path: Path) -> Iterator[Path]:
-    """A data dir whose ``audit/`` is a 256 KiB tmpfs (a disk that can fill);
-    skipped (a failure under RELAY_TEST_REQUIRE_ALL=1) where mounting is not
-    permitted."""
+    """A data dir whose ``audit/`` is a 256 KiB tmpfs (a disk that can fill)."""
     data_dir = tmp_path / "data"
-    audit = data_dir / "audit"
-    audit.mkdir(parents=True)
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8): cannot make a small disk to fill")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(audit)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted: {done.stderr.decode().strip()}")
-    try:
+    with small_disk(data_dir / "audit", "256k"):
         yield data_dir
-    finally:
-        subprocess.run(["umount", "-l", str(audit)], check=True)
 
 
 def _fill(directory: Path) -> Path:

@@ -25,7 +25,7 @@ import trio_websocket
 from relay._trio import engineer_session
 from relay._trio.engineer_middleware import CONSOLE_CSP, CSP
 from relay.console import DEVICE_ASSETS, ConsoleFiles, end_wording_module
-from relay.end_wording import DEVICE_END_WORDING, END_WORDING
+from relay.end_wording import AUDIT_END_WORDING, DEVICE_END_WORDING, END_WORDING
 from relay.proto.session import EndReason
 from tests.e2e.conftest import LOOPBACK, PKI, RunningBroker, wait_until
 from tests.e2e.test_engineer_websockets import _events, _headers
@@ -248,6 +248,10 @@ async def test_served_end_wording_is_the_python_table(
     assert tables == {
         "END_WORDING": dict(END_WORDING),
         "DEVICE_END_WORDING": dict(DEVICE_END_WORDING),
+        "AUDIT_END_WORDING": dict(AUDIT_END_WORDING),
+    }
+    assert set(AUDIT_END_WORDING) == {reason.value for reason in EndReason} | {
+        "broker_crash"
     }
     reasons = {reason.value for reason in EndReason}
     assert set(END_WORDING) == set(DEVICE_END_WORDING) == reasons

@@ -35,6 +35,9 @@ API_PATHS = {
     "/api/v1/enrollments",
     "/api/v1/sessions",
     "/api/v1/sessions/{session_id}",
+    "/api/v1/audit/sessions",
+    "/api/v1/audit/sessions/{session_id}",
+    "/api/v1/audit/sessions/{session_id}/recordings/{name}",
     "/api/v1/info",
     OPENAPI_PATH,
 }
@@ -194,18 +197,33 @@ async def test_schemathesis_finds_no_server_errors(
     )
     assert response.status_code == 200, response.text
     bearer = f"Authorization: Bearer {response.json()['token']}"
+    # The audit routes refuse engineers: an auditor fuzzes their parameters.
+    auditor_secret = add_engineer(pki, "audrey", role="auditor", password=PASSWORD)
+    response = await client.post(
+        "/api/v1/login",
+        json={
+            "username": "audrey",
+            "password": PASSWORD,
+            "totp": pyotp.TOTP(auditor_secret).at(time.time()),
+        },
+    )
+    assert response.status_code == 200, response.text
+    auditor = f"Authorization: Bearer {response.json()['token']}"
     url = f"https://{LOOPBACK}:{broker.ports.engineer}{OPENAPI_PATH}"
     ca_file, cwd = str(pki.ca_file), str(tmp_path)
     runs = {
         "logged out": (),
         # Logout last, on its own: it revokes the token the other operations use.
         "logged in": ("-H", bearer, "--exclude-path", "/api/v1/logout"),
+        "auditor": ("-H", auditor, "--include-path-regex", "^/api/v1/audit/"),
         "logout": ("-H", bearer, "--include-path", "/api/v1/logout"),
     }
     for name, extra in runs.items():
         returncode, output = await _schemathesis(url, ca_file, cwd, *extra)
         assert returncode == 0, f"schemathesis run {name!r}:\n{output}"
         assert "No issues found" in output or "passed" in output, output
+        if name == "auditor":
+            assert "/api/v1/audit/sessions/{session_id}/recordings/{name}" in output
     # The fuzzed enrollments got past the permission check to the body parser and
     # the CA code.
     reached = ("bad_request", "bad_csr")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from relay.audit_log import (
     public_key_pem,
 )
 from relay.config import AuditConfig
+from tests.small_disk import small_disk
 
 KEY: Final = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER_KEY: Final = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -616,23 +616,9 @@ def test_open_failures_do_not_leak_file_descriptors(audit_dir: Path) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs; skipped (a failure under RELAY_TEST_REQUIRE_ALL=1) where
-    mounting is not permitted."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8): cannot make a small disk to fill")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted: {done.stderr.decode().strip()}")
-    try:
+    """A 64 KiB tmpfs."""
+    with small_disk(tmp_path / "disk", "64k") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 def fill_until_failure(log: AuditLog, limit: int = 5000) -> int:
