@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import sys
@@ -64,6 +63,7 @@ from relay.audit_reader import (
     key_fingerprint,
     read_receipts,
     session_timeline,
+    sha256_file,
     verify_bundle,
     verify_directory,
 )
@@ -612,14 +612,6 @@ def _print_verified(result: _Verified) -> None:
 # relay audit show ---------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cmd_audit_show(args: argparse.Namespace, config: BrokerConfig) -> int:
     """``relay audit show --session ID``: row, timeline, receipts, recordings."""
     session_id: str = args.session
@@ -643,7 +635,7 @@ def cmd_audit_show(args: argparse.Namespace, config: BrokerConfig) -> int:
         file = data_dir.recordings / session_id / name
         if not name or "/" in name or not file.is_file():
             state = "missing"
-        elif _sha256(file) != entry.get("sha256"):
+        elif sha256_file(file) != entry.get("sha256"):
             state = "changed"
         else:
             state = "matches"

@@ -72,6 +72,7 @@ __all__ = [
     "read_receipts",
     "read_records",
     "session_timeline",
+    "sha256_file",
     "verify_bundle",
     "verify_directory",
 ]
@@ -319,7 +320,7 @@ def export_bundle(
         "last_seq": last,
         "broker_version": __version__,
         "files": {
-            str(path.relative_to(out)): _sha256(path)
+            str(path.relative_to(out)): sha256_file(path)
             for path in sorted(out.rglob("*"))
             if path.is_file()
         },
@@ -375,7 +376,7 @@ def verify_bundle(path: Path) -> BundleReport:
         file = path / name
         if name not in present:
             result.problems.append(f"{name}: listed in the manifest but missing")
-        elif _sha256(file) != digest:
+        elif sha256_file(file) != digest:
             result.problems.append(f"{name}: SHA-256 differs from the manifest")
     try:
         key = load_public_key(path / "audit-key.pem")
@@ -424,7 +425,7 @@ def verify_bundle(path: Path) -> BundleReport:
         file = path / "sessions" / sid / name
         if not file.is_file():
             result.problems.append(f"sessions/{sid}/{name}: missing")
-        elif _sha256(file) != record.get("sha256"):
+        elif sha256_file(file) != record.get("sha256"):
             result.problems.append(
                 f"sessions/{sid}/{name}: SHA-256 differs from the audit record "
                 f"seq {record['seq']}"
@@ -503,7 +504,8 @@ def _check_receipts(directory: Path, session_id: str, result: BundleReport) -> i
     return checked
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB pieces)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -932,6 +932,8 @@ def _session_config(args: argparse.Namespace, config: BrokerConfig) -> BrokerCon
         overrides["max_session_seconds"] = args.max_session_seconds
     if args.grant_timeout_seconds is not None:
         overrides["grant_timeout_s"] = args.grant_timeout_seconds
+    if getattr(args, "record_input", False):
+        config = replace(config, audit=replace(config.audit, record_input=True))
     if not overrides:
         return config
     try:
@@ -1210,6 +1212,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             metavar="N",
             help="how long the person at the device has to answer an offer (default 60)",
+        )
+        p.add_argument(
+            "--record-input",
+            action="store_true",
+            help="also record what engineers type in shell sessions (off by "
+            "default: typed input holds passwords; see docs/audit.md)",
         )
 
     demo = commands.add_parser(

@@ -38,7 +38,6 @@ show`` marks such a session.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay import __version__
+from relay.audit_reader import sha256_file
 from relay.config import AuditConfig
 from relay.proto import receipts
 from relay.recordings import RecordingError, RecordingSummary, SessionRecording
@@ -333,7 +333,7 @@ class SessionArchive:
             return []
         found: list[dict[str, Any]] = []
         for path in sorted(directory.glob("shell-*.cast")):
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             entry = {
                 "name": path.name,
                 "kind": "shell",
@@ -367,11 +367,3 @@ class SessionArchive:
 
 def _json_bytes(document: dict[str, Any]) -> bytes:
     return json.dumps(document, sort_keys=True, indent=2).encode("ascii") + b"\n"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

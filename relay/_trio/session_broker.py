@@ -466,13 +466,20 @@ class SessionBroker:
             broker_version=__version__,
             audit=True,
         )
-        if not self._audit_ok() or self._nursery is None:
+        if not self._audit_ok():
             # The start could not be recorded: the session ends before its
             # offer goes out (its end waits in the audit backlog with its start).
             await self._abort(live, EndReason.AUDIT_FAILURE)
             raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
-        await self._nursery.start(self._run_session, live)
+        nursery = self._running_nursery()
+        if nursery is None:  # the broker began to stop during the awaits above
+            await self._abort(live, EndReason.BROKER_SHUTDOWN)
+            raise RequestRefused(503, "not taking sessions", "unavailable")
+        await nursery.start(self._run_session, live)
         return self.view(session.session_id) or {}
+
+    def _running_nursery(self) -> trio.Nursery | None:
+        return self._nursery
 
     def _forget(self, live: _Live) -> None:
         session = live.session

@@ -9,6 +9,7 @@ session (roles, refusals of bad parameters) run against the plain ``broker``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -289,6 +290,8 @@ async def test_shell_session_detail_timeline_receipts_and_cast(
         assert json.loads(header)["version"] == 2
         cast = [json.loads(line) for line in lines if line.strip()]
         assert OUTPUT in "".join(data for _t, code, data in cast if code == "o")
+        # What the engineer typed is not recorded by default (docs/audit.md).
+        assert not [event for event in cast if event[1] == "i"]
 
         download = await a.get(_recording(session_id, name), download="1")
         assert download.status_code == 200
@@ -319,6 +322,25 @@ async def test_shell_session_detail_timeline_receipts_and_cast(
         ]
         assert views
         assert (views[-1]["username"], views[-1]["role"]) == ("audrey", "auditor")
+
+
+async def test_typed_input_is_recorded_only_when_switched_on(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """With ``audit.record_input`` the cast holds the keystrokes too ("i"
+    events), beside the output."""
+    pki.config = dataclasses.replace(
+        pki.config, audit=dataclasses.replace(pki.config.audit, record_input=True)
+    )
+    async with auditing(pki, nursery) as a:
+        session_id = await run_shell_session(a)
+        detail = await a.ended_row(session_id)
+        [recording] = detail["recordings"]
+        answer = await a.get(_recording(session_id, recording["name"]))
+        cast = [json.loads(line) for line in answer.text.splitlines()[1:]]
+        typed = "".join(data for _t, code, data in cast if code == "i")
+        assert typed == COMMAND.decode()
+        assert OUTPUT in "".join(data for _t, code, data in cast if code == "o")
 
 
 async def test_forwards_json_holds_the_digests_of_the_bytes_forwarded(
