@@ -275,6 +275,7 @@ class _Live:
     recording: SessionRecording | None = None
     end_signed: receipts.SignedReceipt | None = None
     archived: bool = False
+    recording_failed: bool = False
     # The channel of each stream the engineer opened, until it closes.
     stream_channels: dict[int, str] = field(default_factory=dict)
 
@@ -1201,7 +1202,8 @@ class SessionBroker:
                         is tunnel.Disposition.DROP
                     ):
                         continue
-                    self._record(live, frame, side)
+                    if not self._record(live, frame, side):
+                        continue  # unrecorded: not relayed; the session ends
                     if isinstance(frame, tunnel.StreamData):
                         size = len(frame.payload)
                         if side is tunnel.Side.ENGINEER:
@@ -1232,8 +1234,9 @@ class SessionBroker:
         if gone is not None:
             self._post(live, gone)
 
-    def _record(self, live: _Live, frame: tunnel.Frame, side: tunnel.Side) -> None:
-        """Audit stream opens and closes, and hand *frame* to the recording."""
+    def _record(self, live: _Live, frame: tunnel.Frame, side: tunnel.Side) -> bool:
+        """Audit stream opens and closes, and hand *frame* to the recording;
+        False if the recording failed (then the session is ending)."""
         session_id = live.session.session_id
         match frame:
             case tunnel.StreamOpen(stream_id=stream_id, channel=channel):
@@ -1265,15 +1268,19 @@ class SessionBroker:
                         closed_by=side.value,
                         audit=True,
                     )
+        if live.recording_failed:
+            return False
         if live.recording is None or live.granted_at_s is None:
-            return
+            return True
         try:
             live.recording.observe(
                 frame, side, max(0.0, trio.current_time() - live.granted_at_s)
             )
         except RecordingError as exc:
-            # Fail closed: a session that cannot be recorded does not go on.
+            # Fail closed: a session that cannot be recorded does not go on,
+            # and this frame is not relayed.
             live.recording = None
+            live.recording_failed = True
             self._log.error(
                 "session.recording_failed",
                 session_id=session_id,
@@ -1281,6 +1288,8 @@ class SessionBroker:
                 audit=True,
             )
             self._post(live, _End(EndReason.AUDIT_FAILURE))
+            return False
+        return True
 
     def _set_metric_state(self, live: _Live, *, gone: bool = False) -> None:
         state = live.session.state

@@ -37,6 +37,7 @@ from tests.e2e.conftest import LOOPBACK, PKI, add_engineer, login_token
 from tests.e2e.test_engineer_cli_session import engineer_credentials, forward_to
 from tests.e2e.test_sessions_broker import Harness
 from tests.e2e.test_sessions_end_to_end import DEVICE_ID, Instrument, session_setup
+from tests.small_disk import small_disk
 
 pytestmark = pytest.mark.slow
 
@@ -341,6 +342,52 @@ async def test_typed_input_is_recorded_only_when_switched_on(
         typed = "".join(data for _t, code, data in cast if code == "i")
         assert typed == COMMAND.decode()
         assert OUTPUT in "".join(data for _t, code, data in cast if code == "o")
+
+
+async def test_a_session_whose_recording_cannot_be_written_ends_with_audit_failure(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Fail closed for recordings: the recordings' disk fills while the shell
+    prints; the session ends with ``audit_failure`` and the log says why."""
+    with small_disk(DataDir(pki.data_dir).recordings, "64k"):
+        async with auditing(pki, nursery) as a:
+            stdin_read, stdin_write = os.pipe()
+            sink = os.open(os.devnull, os.O_WRONLY)
+
+            async def person_and_keyboard() -> None:
+                offer = await a.device.wait_for_offer()
+                await a.device.press("grant", offer["session_id"])
+                await trio.sleep(0.5)
+                # About 1 MB of output: far more than the 64 KiB disk holds.
+                os.write(stdin_write, b"head -c 700000 /dev/zero | base64\r")
+
+            async def work(mux: TunnelMux, status: SessionStatus) -> None:
+                await shell_work(mux, status, stdin_fd=stdin_read, stdout_fd=sink)
+
+            try:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(person_and_keyboard)
+                    with trio.fail_after(30):
+                        outcome = await run_session(
+                            engineer_credentials(a.h),
+                            device_id=DEVICE_ID,
+                            reason="ticket 4721: fill the disk",
+                            channels=["shell"],
+                            work=work,
+                            out=io.StringIO(),
+                        )
+            finally:
+                for fd in (stdin_read, stdin_write, sink):
+                    os.close(fd)
+            assert outcome.end_reason == "audit_failure"
+            records = await trio.to_thread.run_sync(
+                lambda: list(read_records(DataDir(pki.data_dir).audit_dir))
+            )
+            mine = [r for r in records if r.get("session_id") == outcome.session_id]
+            events = [r["event"] for r in mine]
+            assert "session.recording_failed" in events
+            [end] = [r for r in mine if r["event"] == "session.end"]
+            assert end["reason"] == "audit_failure"
 
 
 async def test_forwards_json_holds_the_digests_of_the_bytes_forwarded(
