@@ -9,13 +9,17 @@ exporting) and :mod:`relay.audit_log` (appending).
 - ``relay audit verify [PATH]`` takes an evidence bundle (a directory with
   ``manifest.json``), an audit directory, or one chain file, and says in plain
   words what it found. Exit 0: everything verified; 1: a problem was found
-  (the first bad record is named); 2: the input could not be read.
+  (the first bad record is named); 2: the input could not be read. An audit
+  directory must start at record 1 and hold, at its seq, the checkpoint line
+  the sink saw last; ``--partial`` accepts a directory whose oldest files were
+  archived on purpose (the rest is checked as a part of the chain).
 - ``relay audit show --session ID`` prints what the store, the log and the
   recordings directory hold of one session; it reads files only, so it works
   without a running broker. The timeline is read, not verified.
 - ``relay audit export`` first appends ``audit.exported`` and closes the log
-  (which seals everything so far with a checkpoint), then writes the bundle,
-  then verifies what it wrote.
+  (which seals everything so far with a checkpoint), then writes the bundle
+  (its manifest signed with the data dir's audit key), then verifies what it
+  wrote.
 
 :func:`cli_audit` gives the CLI's state-changing commands (``user add``,
 ``device revoke``, ``ca sign`` ...) a logger whose ``audit=True`` events are
@@ -303,6 +307,13 @@ def explain(problem: Problem, *, last_seq: int, sink_seq: int | None) -> str:
             "audit key: it was forged or rewritten, or signed with another key"
         )
     # "truncated", the last reason
+    if seq is not None:
+        # verify_directory: the record at the sink's seq is another line.
+        return (
+            f"record {seq} of the log is not the checkpoint the checkpoint sink "
+            f"holds for seq {seq}: the log was cut back before it and written "
+            "again (records were replaced)"
+        )
     sealed = f" at seq {sink_seq}" if sink_seq is not None else ""
     ends = f"ends at record {last_seq}" if last_seq else "holds no records"
     return (
@@ -366,36 +377,60 @@ def _key(path: Path) -> Ed25519PublicKey:
 
 
 def _verify_directory(
-    path: Path, key_file: Path | None, sink: Path | None
+    path: Path, key_file: Path | None, sink: Path | None, *, partial: bool = False
 ) -> _Verified:
     key = _key(key_file or path / "audit-key.pem")
     sink_path = sink or path / "checkpoints.jsonl"
     if sink is not None and not sink.is_file():
         raise CLIError(f"--sink {sink}: no such file", 2)
-    found = verify_directory(path, public_key=key, sink=sink_path)
+    found = verify_directory(
+        path, public_key=key, sink=sink_path, allow_missing_head=partial
+    )
     result = _Verified("directory", path, found.key_fingerprint)
     result.take(found.report)
     result.sink_seq = found.sink_seq
     result.last_checkpoint_ts = _sink_ts(sink_path, found.report.last_checkpoint_seq)
+    problem = found.report.problem
+    head = found.missing_head + 1
     if not found.files:
         result.notes.append(f"no audit files (audit-NNNNNNNNNNNN.jsonl) in {path}")
-    elif result.first_seq not in (None, 1):
+    elif found.missing_head and partial:
         result.notes.append(
-            f"the chain starts at record {result.first_seq}: the files before it "
-            "are not here (removed under retention, or deleted)"
+            f"--partial: checked from record {head} on; records 1 to {head - 1} "
+            "are in the archived files, not verified here"
         )
+        if (
+            problem is None
+            and found.sink_seq is not None
+            and found.sink_seq < head
+            and not found.sink_matched
+        ):
+            result.notes.append(
+                f"the sink's last checkpoint (seq {found.sink_seq}) is in the "
+                "archived files: it could not be compared with the log"
+            )
     if not sink_path.is_file():
         result.notes.append(
             f"no checkpoint sink at {sink_path}: a cut-off tail cannot be detected"
         )
-    problem = found.report.problem
     if problem is not None:
-        message = explain(
-            problem, last_seq=found.report.last_seq, sink_seq=found.sink_seq
+        head_problem = (
+            found.missing_head > 0 and problem.line == 1 and problem.reason == "seq_gap"
         )
+        if head_problem and not partial:
+            message = (
+                f"the log starts at record {head}: {problem.detail} (or pass "
+                "--partial if they were archived on purpose)"
+            )
+        elif head_problem:
+            message = problem.detail
+        else:
+            message = explain(
+                problem, last_seq=found.report.last_seq, sink_seq=found.sink_seq
+            )
         where = (
             None
-            if problem.reason == "truncated"
+            if problem.reason == "truncated" and problem.seq is None
             else _locate(found.files, problem.line)
         )
         result.problem = _problem_json(problem, message, where)
@@ -528,6 +563,7 @@ def _verify_bundle(path: Path, key_file: Path | None) -> _Verified:
         "recordings_checked": found.recordings_checked,
         "receipts_checked": found.receipts_checked,
     }
+    result.notes.extend(found.notes)
     if found.records == 0 and found.chain is not None and found.chain.ok:
         result.notes.append("the bundle holds no records")
     return result
@@ -536,6 +572,8 @@ def _verify_bundle(path: Path, key_file: Path | None) -> _Verified:
 def cmd_audit_verify(args: argparse.Namespace, data_dir: Path) -> int:
     """``relay audit verify``; exit 0 verified, 1 a problem, 2 cannot read."""
     path: Path = args.path if args.path is not None else DataDir(data_dir).audit_dir
+    # --partial: the oldest files of an audit directory were archived on purpose.
+    partial = bool(getattr(args, "partial", False))
     if not path.exists():
         raise CLIError(f"cannot read {path}: no such file or directory", 2)
     try:
@@ -546,7 +584,9 @@ def cmd_audit_verify(args: argparse.Namespace, data_dir: Path) -> int:
                 )
             result = _verify_bundle(path, args.public_key)
         elif path.is_dir():
-            result = _verify_directory(path, args.public_key, args.sink)
+            result = _verify_directory(
+                path, args.public_key, args.sink, partial=partial
+            )
         else:
             result = _verify_file(path, args.public_key, args.sink)
     except OSError as exc:
@@ -606,7 +646,10 @@ def _print_verified(result: _Verified) -> None:
     for text in result.problems:
         print(f"PROBLEM: {_text(text)}", file=out)
     if result.ok:
-        print("OK: the log verifies", file=out)
+        part = ""
+        if result.kind == "directory" and result.first_seq not in (None, 1):
+            part = f" from record {result.first_seq} on (--partial)"
+        print(f"OK: the log verifies{part}", file=out)
 
 
 # relay audit show ---------------------------------------------------------------------
@@ -810,12 +853,20 @@ def cmd_audit_export(args: argparse.Namespace, config: BrokerConfig) -> int:
             audit=True,
         )
         audit.require_written("nothing was exported")
+    try:
+        signer = load_or_create_audit_key(data_dir.audit_key, data_dir.audit_public_key)
+    except (OSError, ValueError) as exc:
+        text = _describe(exc) if isinstance(exc, OSError) else str(exc)
+        raise CLIError(
+            f"cannot read the audit key to sign the bundle: {text}"
+        ) from None
     summary = export_bundle(
         audit_dir=data_dir.audit_dir,
         recordings_dir=data_dir.recordings,
         since=since,
         until=until,
         out=out,
+        signer=signer,
         sink=config.audit.checkpoint_sink,
     )
     check = verify_bundle(out)
@@ -844,7 +895,10 @@ def cmd_audit_export(args: argparse.Namespace, config: BrokerConfig) -> int:
         print(f"  range              {low} to {high}")
         print(f"  records            {summary.records}{span}, ending in a checkpoint")
         print(f"  sessions           {len(summary.sessions)} (recordings and receipts)")
-        print(f"  audit key          sha256 {check.key_fingerprint}")
+        print(
+            f"  audit key          sha256 {check.key_fingerprint} (signs the "
+            "manifest, manifest.sig)"
+        )
         print(f"verify it anywhere: relay audit verify {out}")
         for text in check.problems:
             print(f"PROBLEM: {_text(text)}")

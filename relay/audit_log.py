@@ -61,6 +61,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import queue
 import re
 import threading
 import time
@@ -69,7 +70,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -84,6 +85,7 @@ __all__ = [
     "AUDIT_FILE",
     "AuditLog",
     "AuditLogCorrupt",
+    "QueuedMirror",
     "audit_files",
     "iter_lines",
     "load_or_create_audit_key",
@@ -174,6 +176,57 @@ def load_or_create_audit_key(key_path: Path, public_path: Path) -> Ed25519Privat
     return key
 
 
+class TextSink(Protocol):
+    """What :class:`AuditLog` copies lines to: a text stream's write and flush."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+class QueuedMirror:
+    """A text stream for :class:`AuditLog`'s *mirror* that copies lines to
+    *stream* from a thread of its own.
+
+    The audit log writes its mirror while it holds the log's lock; a reader
+    that stalls (a log shipper behind a full pipe) must not hold up the log,
+    the broker or a CLI command. At most *max_lines* lines wait; beyond that
+    lines are dropped and counted in :attr:`dropped` (the log itself keeps
+    every record; the mirror is a copy).
+    """
+
+    def __init__(self, stream: IO[str], *, max_lines: int = 10_000) -> None:
+        self._stream = stream
+        self._lines: queue.Queue[str | None] = queue.Queue(max_lines)
+        self.dropped = 0
+        self._thread = threading.Thread(
+            target=self._copy, name="audit-mirror", daemon=True
+        )
+        self._thread.start()
+
+    def write(self, text: str) -> int:
+        try:
+            self._lines.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do here: the thread flushes after each line."""
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Copy what waits (for up to *timeout* seconds), then stop the thread."""
+        with contextlib.suppress(queue.Full):
+            self._lines.put(None, timeout=timeout)
+        self._thread.join(timeout)
+
+    def _copy(self) -> None:
+        while (text := self._lines.get()) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write(text)
+                self._stream.flush()
+
+
 class AuditLog:
     """Appends audit records to the chain in *directory*; see the module docstring.
 
@@ -201,7 +254,7 @@ class AuditLog:
         config: AuditConfig,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
-        mirror: IO[str] | None = None,
+        mirror: TextSink | None = None,
         on_write_failure: Callable[[], None] = lambda: None,
         on_health: Callable[[bool], None] = lambda _healthy: None,
     ) -> None:
@@ -238,6 +291,8 @@ class AuditLog:
         self._stamp = b""
         self._repaired_bytes = 0  # cut off a torn last line, not yet logged
         self.last_error: str | None = None
+        #: Records that were still waiting when :meth:`close` gave up.
+        self.lost_at_close = 0
         try:
             with self._locked():
                 self._resync()
@@ -275,19 +330,26 @@ class AuditLog:
                 the caller, not an I/O problem); nothing was written.
         """
         pending = _Pending(event, dict(fields), self._now())
-        if self._closed or not self._healthy:
-            self._queue(pending)
-            return None
-        with self._locked():
-            seq = self._write_pending(pending)
-            if (
-                seq is not None
-                and self._unsealed >= self._config.checkpoint_every_records
-            ):
-                self._checkpoint()
-        if seq is None:
-            self._queue(pending)
-        return seq
+        with self._thread_lock:
+            if self._closed or not self._healthy:
+                self._queue(pending)
+                return None
+            seq: int | None = None
+            try:
+                with self._locked():
+                    seq = self._write_pending(pending)
+                    if (
+                        seq is not None
+                        and self._unsealed >= self._config.checkpoint_every_records
+                    ):
+                        self._checkpoint()
+            except (OSError, AuditLogCorrupt) as exc:
+                # flock itself failed, or another writer left a last line that
+                # is not a record: fail closed, as for a failed write.
+                self._fail_on(exc)
+            if seq is None:
+                self._queue(pending)
+            return seq
 
     def tick(self) -> None:
         """Write a checkpoint if one is due by time (the broker calls this often)."""
@@ -300,11 +362,23 @@ class AuditLog:
             every_seconds=self._config.checkpoint_every_s,
         )
         if due:
-            with self._locked():
-                self._checkpoint()
+            with self._thread_lock:
+                try:
+                    with self._locked():
+                        self._checkpoint()
+                except (OSError, AuditLogCorrupt) as exc:
+                    self._fail_on(exc)
 
     def recover(self) -> bool:
         """Try to write the backlog after a failure; returns :attr:`healthy`."""
+        with self._thread_lock:
+            try:
+                return self._recover()
+            except (OSError, AuditLogCorrupt) as exc:
+                self._note_error(exc)
+                return False
+
+    def _recover(self) -> bool:
         if self._healthy or self._closed:
             return self._healthy
         now = self._monotonic()
@@ -350,14 +424,27 @@ class AuditLog:
         return True
 
     def close(self) -> None:
-        """Seal what this process wrote and release the files; idempotent."""
-        if self._closed:
-            return
-        if self._healthy and self._unsealed:
-            with self._locked():
-                self._checkpoint()
-        self._closed = True
-        self._release()
+        """Seal what this process wrote and release the files; idempotent.
+
+        A log that is failing gets one more try to write what waits; what
+        still cannot be written is lost, and :attr:`lost_at_close` says how
+        many records that was.
+        """
+        with self._thread_lock:
+            if self._closed:
+                return
+            if not self._healthy:
+                self.recover()
+            try:
+                if self._healthy and self._unsealed:
+                    with self._locked():
+                        self._checkpoint()
+            except (OSError, AuditLogCorrupt) as exc:
+                self._note_error(exc)
+            if not self._healthy:
+                self.lost_at_close = len(self._backlog) + self._lost
+            self._closed = True
+            self._release()
 
     # Internals ---------------------------------------------------------------------
 
@@ -521,6 +608,16 @@ class AuditLog:
             chain = AuditChain.resume(last)
             last_is_checkpoint = record.is_checkpoint
             break
+        sealed = _sink_seq(self.sink_path)
+        if sealed is not None and sealed > chain.seq:
+            # A checkpoint reached the sink only after its line was fsync'ed
+            # in the log: the log has lost a sealed tail. Appending now would
+            # write new records over the gap and hide it.
+            raise AuditLogCorrupt(
+                f"the audit log ends at seq {chain.seq}, but the checkpoint sink "
+                f"{self.sink_path} holds a checkpoint at seq {sealed}: the log's "
+                "tail was cut (relay audit verify names it)"
+            )
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -562,7 +659,17 @@ class AuditLog:
             self._resumed = False
             self._set_health(False)
 
-    def _note_error(self, exc: OSError) -> None:
+    def _fail_on(self, exc: OSError | AuditLogCorrupt) -> None:
+        if isinstance(exc, OSError):
+            self._fail(exc)
+        else:
+            self._fail(OSError(errno.EIO, str(exc)))
+            self.last_error = "corrupt"
+
+    def _note_error(self, exc: OSError | AuditLogCorrupt) -> None:
+        if not isinstance(exc, OSError):
+            self.last_error = "corrupt"
+            return
         self.last_error = (
             errno.errorcode.get(exc.errno, "EIO") if exc.errno else type(exc).__name__
         )
@@ -588,6 +695,22 @@ def _append_synced(path: Path, line: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sink_seq(path: Path) -> int | None:
+    """The seq of the checkpoint sink's last checkpoint, or None (no sink yet)."""
+    try:
+        last = _last_line(path)
+    except OSError:
+        # No sink yet, or one that cannot be read: the next checkpoint's
+        # copy to it fails closed, if it cannot be written either.
+        return None
+    if last is None:
+        return None
+    try:
+        return parse_record(last).seq
+    except ValueError:
+        return None
 
 
 def _last_line(path: Path) -> bytes | None:

@@ -1453,6 +1453,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the checkpoint sink to check the tail against (default: "
         "checkpoints.jsonl in the directory; none for a single file)",
     )
+    verify.add_argument(
+        "--partial",
+        action="store_true",
+        help="the oldest files were archived on purpose: check the rest as a "
+        "part of the chain",
+    )
     verify.add_argument("--json", action="store_true", help="a machine-readable report")
     verify.set_defaults(func=cmd_audit_verify)
     show = audit.add_parser(

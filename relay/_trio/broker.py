@@ -45,7 +45,7 @@ from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
 from relay._trio.session_archive import SessionArchive
 from relay._trio.session_broker import SessionBroker, SessionClock
-from relay.audit_log import AuditLog, load_or_create_audit_key
+from relay.audit_log import AuditLog, QueuedMirror, load_or_create_audit_key
 from relay.config import BrokerConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics
@@ -69,7 +69,10 @@ AUDIT_WATCH_S = 0.25
 
 
 def _open_audit(
-    config: BrokerConfig, metrics: RelayMetrics, wall_clock: Callable[[], datetime]
+    config: BrokerConfig,
+    metrics: RelayMetrics,
+    wall_clock: Callable[[], datetime],
+    mirror: QueuedMirror | None,
 ) -> AuditLog:
     data_dir = DataDir(config.data_dir)
     key = load_or_create_audit_key(data_dir.audit_key, data_dir.audit_public_key)
@@ -78,7 +81,7 @@ def _open_audit(
         signer=key,
         config=config.audit,
         wall_clock=wall_clock,
-        mirror=sys.stdout if config.audit.stdout else None,
+        mirror=mirror,
         on_write_failure=metrics.audit_write_failures.inc,
         on_health=lambda healthy: metrics.audit_writable.set(1 if healthy else 0),
     )
@@ -87,6 +90,7 @@ def _open_audit(
 async def _audit_watch(
     audit: AuditLog,
     sessions: SessionBroker,
+    archive: SessionArchive,
     metrics: RelayMetrics,
     retry_s: float,
     log: Any,
@@ -109,6 +113,7 @@ async def _audit_watch(
                 if audit.recover():
                     was_healthy = True
                     log.warning("audit.writable_again", audit=True)
+                    await archive.flush_deferred()
         await trio.sleep(AUDIT_WATCH_S)
 
 
@@ -202,13 +207,29 @@ async def serve_broker(
             broker does not append to a chain it cannot continue.
     """
     metrics = metrics if metrics is not None else RelayMetrics()
-    audit = await trio.to_thread.run_sync(_open_audit, config, metrics, wall_clock)
+    # stdout gets a copy of each record for a log shipper, from a thread: a
+    # shipper that stalls must not stall the broker.
+    mirror = QueuedMirror(sys.stdout) if config.audit.stdout else None
     try:
-        await _serve(
-            config, shutdown, audit, wall_clock, metrics, sessions_hook, task_status
+        audit = await trio.to_thread.run_sync(
+            _open_audit, config, metrics, wall_clock, mirror
         )
+        try:
+            await _serve(
+                config, shutdown, audit, wall_clock, metrics, sessions_hook, task_status
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(audit.close)
+            if audit.lost_at_close:
+                get_logger("broker").error(
+                    "audit.records_lost_at_stop",
+                    records=audit.lost_at_close,
+                    error=audit.last_error,
+                )
     finally:
-        audit.close()
+        if mirror is not None:
+            mirror.close()
 
 
 async def _serve(
@@ -290,6 +311,7 @@ async def _serve(
         config=config.audit,
         node_id=node_id,
         log=session_log,
+        audit_dir=DataDir(config.data_dir).audit_dir,
         wall_clock=wall_clock,
     )
     crashed = await archive.recover()
@@ -338,7 +360,13 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
             nursery.start_soon(
-                _audit_watch, audit, sessions, metrics, config.audit.retry_s, log
+                _audit_watch,
+                audit,
+                sessions,
+                archive,
+                metrics,
+                config.audit.retry_s,
+                log,
             )
             device_port = await nursery.start(listener.serve)
             engineer_port = await nursery.start(

@@ -51,7 +51,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay import __version__
-from relay.audit_reader import sha256_file
+from relay.audit_reader import session_timeline, sha256_file
 from relay.config import AuditConfig
 from relay.proto import receipts
 from relay.recordings import RecordingError, RecordingSummary, SessionRecording
@@ -93,6 +93,8 @@ class SessionArchive:
         config: Recording switches and caps.
         node_id: This broker node (rows are recovered per node).
         log: The audit logger.
+        audit_dir: The audit log's directory: recovery reads it to find the
+            ends that were written before a crash.
         wall_clock: Aware UTC now.
     """
 
@@ -104,9 +106,13 @@ class SessionArchive:
         config: AuditConfig,
         node_id: str,
         log: Any,
+        audit_dir: Path | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.recordings_dir = recordings_dir
+        self._audit_dir = audit_dir
+        # Row ends that wait for the audit log to be written again.
+        self._deferred: list[partial[bool]] = []
         self._store = store
         self._config = config
         self._node_id = node_id
@@ -230,8 +236,15 @@ class SessionArchive:
         bytes_from_device: int,
         recording: SessionRecording | None,
         t: float,
+        audit_ok: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Close the recording, chain its files' hashes, and end the row."""
+        """Close the recording, chain its files' hashes, and end the row.
+
+        While the audit log fails (*audit_ok* false), the row's end waits
+        (:meth:`flush_deferred`): the session's ``session.end`` is in the
+        log's backlog, not yet in the log, and a row ended now would hide a
+        lost end from the next start's recovery.
+        """
         files: list[dict[str, Any]] = []
         if recording is not None:
             summary: RecordingSummary | None = None
@@ -264,17 +277,20 @@ class SessionArchive:
                         truncated=summary.truncated,
                         audit=True,
                     )
+        end_row = partial(
+            self._store.record_session_end,
+            session_id,
+            at=self._now(),
+            reason=reason,
+            bytes_to_device=bytes_to_device,
+            bytes_from_device=bytes_from_device,
+            recordings=files,
+        )
+        if not audit_ok():
+            self._deferred.append(end_row)
+            return
         try:
-            await trio.to_thread.run_sync(
-                lambda: self._store.record_session_end(
-                    session_id,
-                    at=self._now(),
-                    reason=reason,
-                    bytes_to_device=bytes_to_device,
-                    bytes_from_device=bytes_from_device,
-                    recordings=files,
-                )
-            )
+            await trio.to_thread.run_sync(end_row)
         except StoreError as exc:
             self._log.error(
                 "session.archive_failed",
@@ -284,12 +300,44 @@ class SessionArchive:
                 audit=True,
             )
 
+    async def flush_deferred(self) -> None:
+        """End the rows that waited for the audit log (it is written again)."""
+        while self._deferred:
+            end_row = self._deferred[0]
+            try:
+                await trio.to_thread.run_sync(end_row)
+            except StoreError:
+                return  # the next start's recovery finds the row open
+            self._deferred.pop(0)
+
     async def recover(self) -> int:
-        """End the sessions a crash left open; returns how many."""
+        """End the sessions a crash left open; returns how many.
+
+        A row without an end may belong to a session whose ``session.end``
+        is in the log all the same (the store failed, or the process died,
+        after the record was written): the log is read from the row's
+        ``start_seq`` first, and such a row gets the logged end, not a second
+        one.
+        """
         rows = await trio.to_thread.run_sync(
             self._store.open_remote_sessions, self._node_id
         )
+        crashed = 0
         for row in rows:
+            logged = await trio.to_thread.run_sync(self._logged_end, row)
+            if logged is not None:
+                await trio.to_thread.run_sync(
+                    partial(
+                        self._store.record_session_end,
+                        row.session_id,
+                        at=self._now(),
+                        reason=logged,
+                        bytes_to_device=row.bytes_to_device,
+                        bytes_from_device=row.bytes_from_device,
+                    )
+                )
+                continue
+            crashed += 1
             self._log.warning(
                 "session.end",
                 session_id=row.session_id,
@@ -324,7 +372,18 @@ class SessionArchive:
                     recordings=recordings,
                 )
             )
-        return len(rows)
+        return crashed
+
+    def _logged_end(self, row: RemoteSessionRecord) -> str | None:
+        """The reason of *row*'s ``session.end`` if the log has one."""
+        if self._audit_dir is None:
+            return None
+        for record in session_timeline(
+            self._audit_dir, row.session_id, start_seq=row.start_seq
+        ):
+            if record.get("event") == "session.end":
+                return str(record.get("reason"))
+        return None
 
     def _recover_recording_files(self, session_id: str) -> list[dict[str, Any]]:
         """Hash what a crashed session's recording left, and chain the hashes."""

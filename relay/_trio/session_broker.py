@@ -276,6 +276,8 @@ class _Live:
     end_signed: receipts.SignedReceipt | None = None
     archived: bool = False
     recording_failed: bool = False
+    # An end the full inbox could not take (see _post).
+    forced_end: EndReason | None = None
     # The channel of each stream the engineer opened, until it closes.
     stream_channels: dict[int, str] = field(default_factory=dict)
 
@@ -692,8 +694,14 @@ class SessionBroker:
             live.inbox.send_nowait(item)
         except trio.WouldBlock:
             # Only a device flooding its control channel fills the inbox; its
-            # messages are dropped, the broker's own ends are not.
+            # messages are dropped, the broker's own ends are not: the driver
+            # takes a forced end before its next input.
             self._log.warning("session.inbox_full", session_id=live.session.session_id)
+            if isinstance(item, _End):
+                if live.forced_end is None:
+                    live.forced_end = item.reason
+                if item.done is not None:
+                    item.done.set()
             if isinstance(item, _Attach):
                 item.leg.refusal = (int(CloseCode.TRY_AGAIN_LATER), "busy")
                 item.leg.decided.set()
@@ -765,6 +773,13 @@ class SessionBroker:
     async def _drive(self, live: _Live) -> None:
         session = live.session
         while not session.state.is_terminal:
+            if live.forced_end is not None:
+                reason, live.forced_end = live.forced_end, None
+                with contextlib.suppress(ProtocolError):
+                    await self._apply(
+                        live, EndRequested(now_ms=self._clock.now_ms(), reason=reason)
+                    )
+                continue
             deadline_ms = session.next_deadline_ms()
             assert deadline_ms is not None  # noqa: S101 - live sessions always have a timer
             item: _Input | None = None
@@ -1085,6 +1100,17 @@ class SessionBroker:
             self._metrics.session_duration.observe(
                 trio.current_time() - live.granted_at_s
             )
+        for stream_id, channel in sorted(live.stream_channels.items()):
+            # Streams still open go with the tunnel: each gets its close.
+            self._log.info(
+                "stream.closed",
+                session_id=session.session_id,
+                stream_id=stream_id,
+                channel=channel,
+                closed_by="session_end",
+                audit=True,
+            )
+        live.stream_channels.clear()
         self._log_end(live, reason)
         live.ended.set()
         for leg in (live.engineer, live.device):
@@ -1149,6 +1175,7 @@ class SessionBroker:
             bytes_from_device=live.bytes_from_device,
             recording=live.recording,
             t=elapsed,
+            audit_ok=self._audit_ok,
         )
 
     async def _send_control(self, live: _Live, event: control.Event) -> bool:

@@ -9,6 +9,7 @@ by a fresh process in another working directory, with nothing but the bundle.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -24,9 +25,19 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay._trio.session_archive import receipt_document
+from relay.audit import AuditChain
+from relay.audit_commands import cmd_audit_verify
 from relay.audit_log import AuditLog, load_or_create_audit_key
+from relay.audit_reader import (
+    BUNDLE_SIG_CONTEXT,
+    BundleReport,
+    export_bundle,
+    sha256_file,
+    verify_bundle,
+)
 from relay.config import AuditConfig, BrokerConfig
 from relay.enrollment import sign_and_record
 from relay.pki_files import AgentDir, DataDir, enroll_agent, init_ca
@@ -160,6 +171,7 @@ def session_data(data: Data) -> Data:
                 "engineer": "alice",
                 "reason": REASON,
                 "channels": ["shell"],
+                "device_fingerprint": fingerprint,
             },
         )
         nonce = _nonce()
@@ -189,7 +201,13 @@ def session_data(data: Data) -> Data:
         )
         log.append(
             "session.granted",
-            {"session_id": SESSION_ID, "decided_by": "nurse on site"},
+            {
+                "session_id": SESSION_ID,
+                "device_id": DEVICE_ID,
+                "channels": ["shell"],
+                "max_seconds": 3600,
+                "decided_by": "nurse on site",
+            },
         )
         recording = SessionRecording(
             data_dir.recordings,
@@ -224,7 +242,12 @@ def session_data(data: Data) -> Data:
         )
         log.append(
             "session.end",
-            {"session_id": SESSION_ID, "reason": "engineer", "bytes_to_device": 7},
+            {
+                "session_id": SESSION_ID,
+                "reason": "engineer",
+                "bytes_to_device": 7,
+                "device_fingerprint": fingerprint,
+            },
         )
         files = [
             {
@@ -536,3 +559,296 @@ def test_show_a_session_and_an_unknown_one(session_data: Data) -> None:
     unknown = session_data("audit", "show", "--session", "f" * 32)
     assert unknown.returncode == 1
     assert f"relay: error: unknown session '{'f' * 32}'" in unknown.stderr
+
+
+# verify: a log cut back and written again, archived head -------------------------------
+
+
+def _audit_key(data: Data) -> Ed25519PrivateKey:
+    data_dir = DataDir(data.root)
+    return load_or_create_audit_key(data_dir.audit_key, data_dir.audit_public_key)
+
+
+def test_a_log_cut_back_and_written_again_is_found(session_data: Data) -> None:
+    """The sink's last checkpoint line must be the log's record at its seq: a log
+    cut back before it and extended past it (with the key) does not verify."""
+    sink = session_data.audit_dir / "checkpoints.jsonl"
+    sealed = json.loads(sink.read_bytes().splitlines()[-1])["seq"]
+    lines = _lines(session_data)
+    kept = lines[:2]
+    chain = AuditChain.resume(kept[-1])
+    now = datetime.now(UTC)
+    key = _audit_key(session_data)
+    while chain.seq < sealed + 1:
+        kept.append(chain.append("user.added", {"username": "mallory"}, now))
+    kept.append(chain.checkpoint(now, key))
+    session_data.chain_file.write_bytes(b"".join(kept))
+
+    result = session_data("audit", "verify", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = json.loads(result.stdout)["problem"]
+    assert (problem["reason"], problem["seq"]) == ("truncated", sealed)
+    assert problem["file_line"] == sealed
+    human = session_data("audit", "verify")
+    assert human.returncode == 1
+    assert (
+        f"record {sealed} of the log is not the checkpoint the checkpoint sink "
+        f"holds for seq {sealed}"
+    ) in human.stdout
+    assert f"records verified   {sealed - 1} (seq 1 to {sealed - 1})" in human.stdout
+
+
+def _verify_in_process(
+    path: Path, capsys: pytest.CaptureFixture[str], *, partial: bool, json_out: bool
+) -> tuple[int, str]:
+    args = argparse.Namespace(
+        path=path, public_key=None, sink=None, json=json_out, partial=partial
+    )
+    code = cmd_audit_verify(args, path.parent)
+    return code, capsys.readouterr().out
+
+
+def test_an_archived_head_is_a_problem_unless_partial(
+    session_data: Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory whose first file does not start at record 1 fails, naming the
+    missing records; with --partial it verifies from its first record on."""
+    lines = _lines(session_data)
+    start = 3  # records 1 and 2 archived
+    session_data.chain_file.unlink()
+    (session_data.audit_dir / f"audit-{start:012d}.jsonl").write_bytes(
+        b"".join(lines[start - 1 :])
+    )
+    code, out = _verify_in_process(
+        session_data.audit_dir, capsys, partial=False, json_out=True
+    )
+    assert code == 1
+    problem = json.loads(out)["problem"]
+    assert (problem["reason"], problem["line"], problem["seq"]) == ("seq_gap", 1, 3)
+    code, out = _verify_in_process(
+        session_data.audit_dir, capsys, partial=False, json_out=False
+    )
+    assert code == 1
+    assert "the first 2 records are missing: the oldest files were removed" in out
+    assert "--partial" in out
+
+    code, out = _verify_in_process(
+        session_data.audit_dir, capsys, partial=True, json_out=False
+    )
+    assert code == 0, out
+    assert "OK: the log verifies from record 3 on (--partial)" in out
+    assert "records 1 to 2 are in the archived files" in out
+
+
+# bundles: signed manifest, range, receipts tied to the chain, paths ---------------------
+
+
+def _bundle(data: Data) -> Path:
+    """An in-process export of the whole of *data*'s log, signed with its key."""
+    data_dir = DataDir(data.root)
+    now = datetime.now(UTC)
+    out = data.workdir / "bundle"
+    export_bundle(
+        audit_dir=data_dir.audit_dir,
+        recordings_dir=data_dir.recordings,
+        since=now - timedelta(days=1),
+        until=now + timedelta(days=1),
+        out=out,
+        signer=_audit_key(data),
+    )
+    return out
+
+
+def _reseal(bundle: Path, key: Ed25519PrivateKey) -> None:
+    """Rehash every file into the manifest and sign it again with *key*."""
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {name: sha256_file(bundle / name) for name in manifest["files"]}
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    manifest_path.write_bytes(raw)
+    signature = key.sign(BUNDLE_SIG_CONTEXT + raw)
+    (bundle / "manifest.sig").write_bytes(
+        base64.urlsafe_b64encode(signature).rstrip(b"=") + b"\n"
+    )
+
+
+def _rewrite_records(
+    bundle: Path, key: Ed25519PrivateKey, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Rebuild the bundle's chain with *change* applied to each record, as the
+    key's holder could: re-chained, checkpoints re-signed, manifest re-signed."""
+    chain = AuditChain()
+    lines: list[bytes] = []
+    sink: list[bytes] = []
+    for raw in (bundle / "records.jsonl").read_bytes().splitlines():
+        record = json.loads(raw)
+        change(record)
+        ts = datetime.fromisoformat(record["ts"])
+        if record["event"] == "audit.checkpoint":
+            line = chain.checkpoint(ts, key)
+            sink.append(line)
+        else:
+            fields = {
+                k: v
+                for k, v in record.items()
+                if k not in ("seq", "prev", "ts", "event")
+            }
+            line = chain.append(record["event"], fields, ts)
+        lines.append(line)
+    (bundle / "records.jsonl").write_bytes(b"".join(lines))
+    (bundle / "checkpoints.jsonl").write_bytes(b"".join(sink))
+    _reseal(bundle, key)
+
+
+def test_bundle_manifest_is_signed_and_names_the_records(session_data: Data) -> None:
+    bundle = _bundle(session_data)
+    key = _audit_key(session_data)
+    good = verify_bundle(bundle)
+    assert good.ok, good.problems
+    assert good.receipts_checked == 2
+    assert (bundle / "manifest.sig").is_file()
+    assert (
+        "manifest.sig"
+        not in json.loads((bundle / "manifest.json").read_text())["files"]
+    )
+
+    # The manifest changed (its range widened), the signature not renewed.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["from"] = "2000-01-01T00:00:00.000Z"
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    changed = verify_bundle(bundle)
+    assert any(
+        p.startswith("manifest.sig: the signature over manifest.json does not verify")
+        for p in changed.problems
+    ), changed.problems
+    # Signed with another key.
+    _reseal(bundle, Ed25519PrivateKey.generate())
+    assert any(p.startswith("manifest.sig") for p in verify_bundle(bundle).problems)
+    # No signature at all.
+    _reseal(bundle, key)
+    assert verify_bundle(bundle).ok
+    (bundle / "manifest.sig").unlink()
+    assert any(
+        p.startswith("manifest.sig: missing") for p in verify_bundle(bundle).problems
+    )
+
+
+def _problems_after(bundle: Path, key: Ed25519PrivateKey, **fields: Any) -> list[str]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(fields)
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _reseal(bundle, key)
+    return verify_bundle(bundle).problems
+
+
+def test_bundle_records_must_be_the_manifests_range(session_data: Data) -> None:
+    """Records trimmed off the start, the manifest re-signed but its seqs left
+    as they were: found; so are seqs or a range that do not agree."""
+    bundle = _bundle(session_data)
+    key = _audit_key(session_data)
+    records = (bundle / "records.jsonl").read_bytes().splitlines(keepends=True)
+    first = json.loads(records[0])["seq"]
+    (bundle / "records.jsonl").write_bytes(b"".join(records[1:]))
+    _reseal(bundle, key)
+    problems = verify_bundle(bundle).problems
+    assert any(
+        p.startswith(f"manifest.json: names seq {first} to") for p in problems
+    ), problems
+    # Seqs and range consistent again, then a range that ends before it starts.
+    problems = _problems_after(bundle, key, first_seq=first + 1)
+    assert problems == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    problems = _problems_after(bundle, key, to=manifest["from"])
+    assert "manifest.json: from is not before to" in problems
+    problems = _problems_after(
+        bundle,
+        key,
+        **{"from": "2999-01-01T00:00:00.000Z", "to": "3000-01-01T00:00:00.000Z"},
+    )
+    assert any("is older than the manifest's from" in p for p in problems), problems
+    problems = _problems_after(bundle, key, last_seq=True)
+    assert any(p.startswith("manifest.json: names seq") for p in problems), problems
+
+
+def _requested(value: str) -> Callable[[dict[str, Any]], None]:
+    def change(record: dict[str, Any]) -> None:
+        if record["event"] == "session.requested":
+            record["device_fingerprint"] = value
+
+    return change
+
+
+def _granted_by(value: str) -> Callable[[dict[str, Any]], None]:
+    def change(record: dict[str, Any]) -> None:
+        if record["event"] == "session.granted":
+            record["decided_by"] = value
+
+    return change
+
+
+def _no_change(record: dict[str, Any]) -> None:
+    del record
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_no_change, None),
+        (_requested("0" * 64), "device.crt: its fingerprint"),
+        (_granted_by("the engineer"), "grant-receipt.json: decided_by 'nurse on site'"),
+    ],
+)
+def test_bundle_receipts_are_tied_to_the_chain(
+    session_data: Data,
+    change: Callable[[dict[str, Any]], None],
+    expected: str | None,
+) -> None:
+    """The device certificate's fingerprint is the one the session's records
+    name, and the grant receipt says what the session.granted record says."""
+    bundle = _bundle(session_data)
+    _rewrite_records(bundle, _audit_key(session_data), change)
+    report: BundleReport = verify_bundle(bundle)
+    if expected is None:
+        assert report.ok, report.problems
+        assert report.receipts_checked == 2
+        return
+    assert any(f"sessions/{SESSION_ID}/{expected}" in p for p in report.problems), (
+        report.problems
+    )
+
+
+def test_bundle_paths_stay_inside_the_bundle(session_data: Data) -> None:
+    """A session id from a record is a path only if it is a plain id; a symlink
+    anywhere in the bundle is a problem and is not followed."""
+    bundle = _bundle(session_data)
+    key = _audit_key(session_data)
+    outside = bundle.parent / "outside"
+    outside.mkdir()
+    (outside / "grant-receipt.json").write_text("{}")
+
+    def escape(record: dict[str, Any]) -> None:
+        if record["event"] == "session.requested":
+            record["session_id"] = "../../outside"
+
+    _rewrite_records(bundle, key, escape)
+    report = verify_bundle(bundle)
+    assert not any("outside" in p for p in report.problems), report.problems
+    assert any("its session id is not of the form" in n for n in report.notes)
+
+    shutil.rmtree(bundle)
+    bundle = _bundle(session_data)
+    crt = bundle / "sessions" / SESSION_ID / "device.crt"
+    (outside / "device.crt").write_bytes(crt.read_bytes())
+    crt.unlink()
+    crt.symlink_to(outside / "device.crt")
+    report = verify_bundle(bundle)
+    assert report.problems == [
+        f"symlink in the bundle: sessions/{SESSION_ID}/device.crt"
+    ]
+    human = run_relay(
+        "audit", "verify", bundle, data_dir=None, cwd=session_data.workdir
+    )
+    assert human.returncode == 1
+    assert f"PROBLEM: symlink in the bundle: sessions/{SESSION_ID}/device.crt" in (
+        human.stdout
+    )

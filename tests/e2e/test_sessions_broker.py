@@ -29,11 +29,13 @@ import auth
 from relay._trio.broker import serve_broker
 from relay._trio.session_broker import SessionBroker
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
+from relay.audit_reader import read_records
 from relay.config import SessionConfig
 from relay.metrics import SESSION_STATES, RelayMetrics
-from relay.pki_files import AgentDir
+from relay.pki_files import AgentDir, DataDir
 from relay.proto import control, receipts, tunnel
 from relay.proto.close import CloseCode
+from relay.proto.session import EndReason
 from tests.e2e.conftest import (
     LOOPBACK,
     PKI,
@@ -426,6 +428,33 @@ async def test_happy_path_relays_and_engineer_ends(
         view = (await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers())).json()
         assert view["state"] == "ended"
         assert view["end_reason"] == "engineer"
+    # The audit trail of it, in order; the stream still open at the end is
+    # closed with the session.
+    records = [
+        r
+        for r in read_records(DataDir(pki.data_dir).audit_dir)
+        if r.get("session_id") == sid
+    ]
+    events = [
+        r["event"]
+        for r in records
+        if r["event"].startswith(("session.", "stream."))
+        and r["event"] != "session.end_receipt"
+    ]
+    assert events[:7] == [
+        "session.requested",
+        "session.offered",
+        "session.granted",
+        "session.started",
+        "stream.opened",
+        "stream.closed",
+        "session.end",
+    ]
+    stream_closed = next(r for r in records if r["event"] == "stream.closed")
+    assert (stream_closed["channel"], stream_closed["closed_by"]) == (
+        "tcp:22",
+        "session_end",
+    )
 
 
 async def test_second_request_is_busy_and_cancel_withdraws(
@@ -888,3 +917,24 @@ def test_session_cap_above_3600_is_refused() -> None:
     assert SessionConfig().warning_seconds == (600, 60)
     with pytest.raises(ValueError, match="warning_seconds"):
         SessionConfig(warning_seconds=(0,))
+
+
+async def test_an_end_is_kept_when_a_flood_fills_the_session_inbox(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A device flooding its control channel fills the session's inbox; the
+    broker's own end (here: the audit log failing) still ends the session
+    (Invariant 7 depends on it)."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await requested(h, device)
+        junk = control.SessionEnded(
+            session_id=offer.session_id, receipt="x", signature="y"
+        )
+        # No await between them: the driver cannot drain the inbox meanwhile.
+        for _ in range(200):
+            h.sessions.device_message(DEVICE, junk)
+        h.sessions.end_all(EndReason.AUDIT_FAILURE)
+        with trio.fail_after(5):
+            await h.sessions.wait_idle()
+        assert h.sessions.view(offer.session_id)["end_reason"] == "audit_failure"  # type: ignore[index]
+        await h.assert_clean()

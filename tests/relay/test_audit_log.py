@@ -8,6 +8,7 @@ seq of the sink's last checkpoint as the expected seal).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -39,6 +40,7 @@ from relay.audit import (
 from relay.audit_log import (
     AuditLog,
     AuditLogCorrupt,
+    QueuedMirror,
     audit_files,
     iter_lines,
     load_or_create_audit_key,
@@ -593,8 +595,26 @@ def test_a_corrupt_last_line_found_by_a_running_writer_stops_it(
     with audit_files(audit_dir)[-1].open("ab") as handle:
         handle.write(b"junk\n")
     # b has not seen a's record: its stamp differs, it resumes and finds junk.
-    with pytest.raises(AuditLogCorrupt):
-        b.append("a.b", {})
+    # It does not append after it: it fails closed, as for a failed write.
+    assert b.append("a.b", {}) is None
+    assert not b.healthy
+    assert b.last_error == "corrupt"
+    assert b.recover() is False
+
+
+def test_a_log_whose_sealed_tail_was_cut_is_not_continued(audit_dir: Path) -> None:
+    """The sink holds a checkpoint beyond the log's end: the writer refuses to
+    start, instead of writing new records over the gap."""
+    h = Harness(audit_dir, AuditConfig())
+    log = h.open()
+    for i in range(10):
+        log.append("a.b", {"i": i})
+    log.close()  # a checkpoint at seq 11, copied to the sink
+    [path] = audit_files(audit_dir)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5]))
+    with pytest.raises(AuditLogCorrupt, match="holds a checkpoint at seq 11"):
+        h.open()
 
 
 def test_open_failures_do_not_leak_file_descriptors(audit_dir: Path) -> None:
@@ -984,3 +1004,29 @@ def test_keys_of_another_kind_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="not an Ed25519 public key"):
         load_public_key(public_path)
+
+
+def test_a_stalled_mirror_never_holds_up_the_log(audit_dir: Path) -> None:
+    """A log shipper that stops reading (a full pipe) costs mirror lines, which
+    are counted, never a record or the writer's time."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    mirror = QueuedMirror(stream, max_lines=5)
+    log = AuditLog(
+        audit_dir,
+        signer=KEY,
+        config=AuditConfig(),
+        mirror=mirror,
+    )
+    started = time.monotonic()
+    # Far more than a pipe holds (64 KiB), with nobody reading it.
+    for i in range(2000):
+        assert log.append("a.b", {"i": i, "text": "x" * 200}) is not None
+    assert time.monotonic() - started < 5
+    assert mirror.dropped > 0
+    log.close()
+    os.close(read_end)  # the copying thread's write now fails; it ends
+    mirror.close(timeout=2)
+    with contextlib.suppress(OSError):
+        stream.close()
+    assert verify_lines(iter_lines(audit_files(audit_dir)), PUBLIC).ok
