@@ -138,6 +138,19 @@ def _data_dir() -> Path:
     return path
 
 
+def _base_config() -> BrokerConfig:
+    """The configuration every command starts from: the data dir, and the audit
+    settings that the broker and the CLI must share (``RELAY_AUDIT_CHECKPOINT_SINK``:
+    where the copy of every checkpoint goes, e.g. another volume)."""
+    config = BrokerConfig(data_dir=_data_dir())
+    sink = os.environ.get("RELAY_AUDIT_CHECKPOINT_SINK")
+    if sink:
+        config = replace(
+            config, audit=replace(config.audit, checkpoint_sink=Path(sink))
+        )
+    return config
+
+
 def _describe(exc: BaseException) -> str:
     """One line for *exc*, one of ``_FAILURES``, for ``relay: error: ...``."""
     if isinstance(exc, StoreError):
@@ -176,7 +189,7 @@ def _address(text: str) -> ListenAddress:
 
 
 def _broker_config(args: argparse.Namespace) -> BrokerConfig:
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     overrides: dict[str, Any] = {}
     for name in ("device_listen", "engineer_listen", "metrics_listen"):
         value = getattr(args, name, None)
@@ -198,7 +211,7 @@ def _broker_config(args: argparse.Namespace) -> BrokerConfig:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     data_dir = DataDir(config.data_dir)
     with _audited(config) as audit:
         created = init_ca(
@@ -225,7 +238,7 @@ def cmd_ca_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_sign(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     csr_path: Path = args.csr
     out: Path = args.out
     try:
@@ -377,7 +390,7 @@ def _print_json(rows: list[dict[str, Any]], *, enabled: bool) -> bool:
 def cmd_device_list(args: argparse.Namespace) -> int:
     from relay._trio.device_listener import presence_stale_after
 
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     with _open_store(config) as store:
         devices = store.list_devices(
             now=_now(), stale_after=presence_stale_after(config)
@@ -407,7 +420,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     with _audited(config) as audit, _open_store(config) as store:
         try:
             revoked = store.revoke_device(args.device_id, at=_now(), reason=args.reason)
@@ -657,7 +670,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"invalid role {args.role!r}: {exc}", exit_code=2) from None
     _check_can_enroll(role, args.can_enroll)
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     exists = CLIError(f"user {username} exists")
     with _audited(config) as audit, _open_store(config) as store:
         # Checked before the prompt too, so nobody types a password for nothing.
@@ -708,7 +721,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_disable(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     with _audited(config) as audit, _open_store(config) as store:
         before = store.get_user(username)
         try:
@@ -735,7 +748,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
 
 def cmd_user_reset_totp(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     unknown = CLIError(f"unknown user {username!r}")
     with _audited(config) as audit, _open_store(config) as store:
         # Checked first, so that a typo creates no sealing key file.
@@ -785,7 +798,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
     # One optional flag per setting (later: --group ...); at least one is needed.
     if args.can_enroll is None:
         raise CLIError("nothing to set: give --can-enroll yes|no", exit_code=2)
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     unknown = CLIError(f"unknown user {username!r}")
     with _audited(config) as audit, _open_store(config) as store:
         user = store.get_user(username)
@@ -825,7 +838,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    config = BrokerConfig(data_dir=_data_dir())
+    config = _base_config()
     with _open_store(config) as store:
         users = store.list_users()
     rows = [_user_row(user) for user in users]
@@ -854,19 +867,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from relay.audit_commands import cmd_audit_verify as verify
 
     data_dir = _data_dir() if args.path is None else data_dir_from_env()
+    if args.path is None and args.sink is None:
+        # The data dir's own log: its sink is where the broker puts it.
+        args.sink = _base_config().audit.checkpoint_sink
     return verify(args, data_dir)
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from relay.audit_commands import cmd_audit_show as show
 
-    return show(args, BrokerConfig(data_dir=_data_dir()))
+    return show(args, _base_config())
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from relay.audit_commands import cmd_audit_export as export
 
-    return export(args, BrokerConfig(data_dir=_data_dir()))
+    return export(args, _base_config())
 
 
 def _iso_time(text: str) -> datetime:

@@ -57,14 +57,20 @@ def run_relay(
     data_dir: Path | None,
     cwd: Path,
     stdin: str | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m relay ARGS`` in *cwd*; RELAY_DATA_DIR is *data_dir* (or unset).
 
     Fails the test on a traceback or private key material in the output.
     """
-    env = {k: v for k, v in os.environ.items() if k != "RELAY_DATA_DIR"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RELAY_DATA_DIR", "RELAY_AUDIT_CHECKPOINT_SINK")
+    }
     if data_dir is not None:
         env["RELAY_DATA_DIR"] = str(data_dir)
+    env.update(env_extra or {})
     result = subprocess.run(
         [sys.executable, "-m", "relay", *(str(arg) for arg in args)],
         env=env,
@@ -852,3 +858,24 @@ def test_bundle_paths_stay_inside_the_bundle(session_data: Data) -> None:
     assert f"PROBLEM: symlink in the bundle: sessions/{SESSION_ID}/device.crt" in (
         human.stdout
     )
+
+
+def test_the_checkpoint_sink_can_live_elsewhere(tmp_path: Path) -> None:
+    """RELAY_AUDIT_CHECKPOINT_SINK puts the sink on another volume: the CLI's
+    checkpoints go there, and verify checks the log's tail against it."""
+    data_dir = tmp_path / "data"
+    sink = tmp_path / "elsewhere" / "checkpoints.jsonl"
+    sink.parent.mkdir()
+    env = {"RELAY_AUDIT_CHECKPOINT_SINK": str(sink)}
+    done = run_relay("ca", "init", data_dir=data_dir, cwd=tmp_path, env_extra=env)
+    assert done.returncode == 0, done.stderr
+    assert sink.is_file()
+    assert not (data_dir / "audit" / "checkpoints.jsonl").exists()
+    good = run_relay("audit", "verify", data_dir=data_dir, cwd=tmp_path, env_extra=env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    # Cut the log back to nothing sealed: only the sink elsewhere knows.
+    [log_file] = sorted((data_dir / "audit").glob("audit-*.jsonl"))
+    lines = log_file.read_bytes().splitlines(keepends=True)
+    log_file.write_bytes(b"".join(lines[:-1]))
+    cut = run_relay("audit", "verify", data_dir=data_dir, cwd=tmp_path, env_extra=env)
+    assert cut.returncode == 1, cut.stdout + cut.stderr
