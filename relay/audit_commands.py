@@ -152,6 +152,10 @@ class CliAudit:
             self.failed += 1
         return seq
 
+    def lost(self) -> int:
+        """How many records could not be written so far."""
+        return self.failed
+
     def require_written(self, what: str) -> None:
         """Refuse to go on (exit 1) if a record so far was not written."""
         if self.failed or not self._log.healthy:
@@ -198,12 +202,24 @@ def cli_audit(config: BrokerConfig) -> Iterator[CliAudit]:
     """
     log = _open_log(config)
     audit = CliAudit(log, _os_user())
+    # The command itself is the first record: an admin action is on record
+    # even if it is refused, and a log that takes no record (a full disk)
+    # stops the command before it changes anything.
+    audit.append("cli.command", {"command": " ".join(sys.argv[1:3])[:64]})
+    if audit.failed:
+        error = log.last_error or "write failed"
+        log.close()
+        raise CLIError(
+            f"cannot write the audit log in {log.directory} ({error}); "
+            "nothing was changed"
+        )
     try:
         yield audit
     finally:
         log.close()
-    if audit.failed or not log.healthy:
-        lost = f"{audit.failed} record(s) lost" if audit.failed else "not sealed"
+    failed = audit.lost()
+    if failed or not log.healthy:
+        lost = f"{failed} record(s) lost" if failed else "not sealed"
         raise CLIError(
             f"the change was made, but the audit log in {log.directory} could not "
             f"be written ({log.last_error or 'write failed'}; {lost}); fix the "

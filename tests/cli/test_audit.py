@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay._trio.session_archive import receipt_document
 from relay.audit import AuditChain
-from relay.audit_commands import cmd_audit_verify
+from relay.audit_commands import cli_audit, cmd_audit_verify
 from relay.audit_log import AuditLog, load_or_create_audit_key
 from relay.audit_reader import (
     BUNDLE_SIG_CONTEXT,
@@ -38,6 +38,7 @@ from relay.audit_reader import (
     sha256_file,
     verify_bundle,
 )
+from relay.cli import CLIError
 from relay.config import AuditConfig, BrokerConfig
 from relay.enrollment import sign_and_record
 from relay.pki_files import AgentDir, DataDir, enroll_agent, init_ca
@@ -45,6 +46,7 @@ from relay.proto import receipts
 from relay.proto.tunnel import Side, StreamClose, StreamData, StreamOpen, StreamOpenOk
 from relay.recordings import SessionRecording
 from relay.store import RemoteSessionRecord, Store
+from tests.small_disk import small_disk
 
 PASSWORD = "correct horse battery staple"  # noqa: S105 - a test input
 DEVICE_ID = "pump-7"
@@ -310,21 +312,26 @@ def test_user_add_is_audited_and_the_log_verifies(data: Data) -> None:
     )
     assert added.returncode == 0, added.stderr
     records = data.records()
-    assert [r["event"] for r in records] == ["user.added", "audit.checkpoint"]
-    assert records[0]["username"] == "alice"
-    assert records[0]["role"] == "engineer"
+    assert [r["event"] for r in records] == [
+        "cli.command",
+        "user.added",
+        "audit.checkpoint",
+    ]
+    assert records[0]["command"] == "user add"
+    assert records[1]["username"] == "alice"
+    assert records[1]["role"] == "engineer"
     assert records[0]["by"]
     assert (data.audit_dir / "checkpoints.jsonl").read_bytes().count(b"\n") == 1
 
     human = data("audit", "verify")
     assert human.returncode == 0, human.stdout + human.stderr
-    assert "records verified   2 (seq 1 to 2)" in human.stdout
+    assert "records verified   3 (seq 1 to 3)" in human.stdout
     assert "OK: the log verifies" in human.stdout
     assert "out of band" in human.stdout
 
     report = json.loads(data("audit", "verify", "--json").stdout)
     assert report["ok"] is True
-    assert (report["records"], report["last_checkpoint_seq"]) == (2, 2)
+    assert (report["records"], report["last_checkpoint_seq"]) == (3, 3)
     assert len(report["key_fingerprint"]) == 64
 
     # One file on its own, with the key beside it.
@@ -879,3 +886,30 @@ def test_the_checkpoint_sink_can_live_elsewhere(tmp_path: Path) -> None:
     log_file.write_bytes(b"".join(lines[:-1]))
     cut = run_relay("audit", "verify", data_dir=data_dir, cwd=tmp_path, env_extra=env)
     assert cut.returncode == 1, cut.stdout + cut.stderr
+
+
+def test_a_full_audit_disk_stops_a_command_before_it_changes_anything(
+    tmp_path: Path,
+) -> None:
+    """The command's own record (``cli.command``) comes first: on a full disk it
+    cannot be written, and the command refuses before touching the store."""
+    data_dir = tmp_path / "data"
+    config = BrokerConfig(data_dir=data_dir)
+    with small_disk(DataDir(data_dir).audit_dir, "64k") as disk:
+        key = load_or_create_audit_key(
+            DataDir(data_dir).audit_key, DataDir(data_dir).audit_public_key
+        )
+        # Fill the disk with records, down to the last bytes of the log's
+        # last page: smaller and smaller, each size until one fails.
+        for size in (200, 20, 0):
+            filler = AuditLog(disk, signer=key, config=AuditConfig())
+            while filler.append("a.b", {"t": "y" * size}) is not None:
+                pass
+            filler.close()
+        ran = False
+        with (
+            pytest.raises(CLIError, match="nothing was changed"),
+            cli_audit(config),
+        ):
+            ran = True
+        assert not ran
