@@ -181,46 +181,44 @@ class SessionArchive:
         """
         document = receipt_document("grant", signed)
         pem = certificate.public_bytes(serialization.Encoding.PEM)
-        try:
-            await trio.to_thread.run_sync(
-                self._write_files,
+
+        def keep() -> None:
+            self._write_files(
                 session_id,
                 {GRANT_RECEIPT_FILE: _json_bytes(document), DEVICE_CERT_FILE: pem},
             )
-            await trio.to_thread.run_sync(
-                lambda: self._store.record_session_grant(
-                    session_id,
-                    at=at,
-                    decided_by=grant.decided_by,
-                    channels=grant.channels,
-                    max_seconds=grant.max_seconds,
-                )
+            self._store.record_session_grant(
+                session_id,
+                at=at,
+                decided_by=grant.decided_by,
+                channels=grant.channels,
+                max_seconds=grant.max_seconds,
             )
-        except (OSError, StoreError) as exc:
-            self._log.error(
-                "session.archive_failed",
-                session_id=session_id,
-                step="grant",
-                detail=str(exc)[:200],
-                audit=True,
-            )
-            return False
-        return True
+
+        return await self._keep(session_id, "grant", keep)
 
     async def end_receipt(
         self, session_id: str, signed: receipts.SignedReceipt
     ) -> bool:
         """Keep the device's verified end receipt."""
         document = receipt_document("end", signed)
-        try:
-            await trio.to_thread.run_sync(
+        return await self._keep(
+            session_id,
+            "end_receipt",
+            partial(
                 self._write_files, session_id, {END_RECEIPT_FILE: _json_bytes(document)}
-            )
-        except OSError as exc:
+            ),
+        )
+
+    async def _keep(self, session_id: str, step: str, work: Callable[[], None]) -> bool:
+        """Run *work* in a worker thread; a failure is an audit event and False."""
+        try:
+            await trio.to_thread.run_sync(work)
+        except (OSError, StoreError) as exc:
             self._log.error(
                 "session.archive_failed",
                 session_id=session_id,
-                step="end_receipt",
+                step=step,
                 detail=str(exc)[:200],
                 audit=True,
             )

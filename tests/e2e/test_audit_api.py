@@ -112,19 +112,24 @@ async def auditing(pki: PKI, nursery: trio.Nursery) -> AsyncIterator[Auditing]:
         yield Auditing(h, device, auditor, admin)
 
 
-async def run_shell_session(a: Auditing) -> str:
-    """The engineer runs :data:`COMMAND` in a granted shell; `exit` ends it."""
+async def run_shell_session(
+    a: Auditing, command: bytes = COMMAND, *, end_reason: str = "engineer"
+) -> str:
+    """The engineer types *command* in a granted shell (by default
+    :data:`COMMAND`, whose `exit` ends it); the session must end with
+    *end_reason*. What the shell prints goes to /dev/null here: the tests read
+    it back from the recording."""
     stdin_read, stdin_write = os.pipe()
-    stdout_read, stdout_write = os.pipe()
+    sink = os.open(os.devnull, os.O_WRONLY)
 
     async def person_and_keyboard() -> None:
         offer = await a.device.wait_for_offer()
         await a.device.press("grant", offer["session_id"])
         await trio.sleep(0.5)
-        os.write(stdin_write, COMMAND)
+        os.write(stdin_write, command)
 
     async def work(mux: TunnelMux, status: SessionStatus) -> None:
-        await shell_work(mux, status, stdin_fd=stdin_read, stdout_fd=stdout_write)
+        await shell_work(mux, status, stdin_fd=stdin_read, stdout_fd=sink)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -139,9 +144,9 @@ async def run_shell_session(a: Auditing) -> str:
                     out=io.StringIO(),
                 )
     finally:
-        for fd in (stdin_read, stdin_write, stdout_read, stdout_write):
+        for fd in (stdin_read, stdin_write, sink):
             os.close(fd)
-    assert outcome.end_reason == "engineer"
+    assert outcome.end_reason == end_reason
     return outcome.session_id
 
 
@@ -351,43 +356,38 @@ async def test_a_session_whose_recording_cannot_be_written_ends_with_audit_failu
     prints; the session ends with ``audit_failure`` and the log says why."""
     with small_disk(DataDir(pki.data_dir).recordings, "64k"):
         async with auditing(pki, nursery) as a:
-            stdin_read, stdin_write = os.pipe()
-            sink = os.open(os.devnull, os.O_WRONLY)
-
-            async def person_and_keyboard() -> None:
-                offer = await a.device.wait_for_offer()
-                await a.device.press("grant", offer["session_id"])
-                await trio.sleep(0.5)
-                # About 1 MB of output: far more than the 64 KiB disk holds.
-                os.write(stdin_write, b"head -c 700000 /dev/zero | base64\r")
-
-            async def work(mux: TunnelMux, status: SessionStatus) -> None:
-                await shell_work(mux, status, stdin_fd=stdin_read, stdout_fd=sink)
-
-            try:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(person_and_keyboard)
-                    with trio.fail_after(30):
-                        outcome = await run_session(
-                            engineer_credentials(a.h),
-                            device_id=DEVICE_ID,
-                            reason="ticket 4721: fill the disk",
-                            channels=["shell"],
-                            work=work,
-                            out=io.StringIO(),
-                        )
-            finally:
-                for fd in (stdin_read, stdin_write, sink):
-                    os.close(fd)
-            assert outcome.end_reason == "audit_failure"
+            # About 1 MB of output: far more than the 64 KiB disk holds.
+            session_id = await run_shell_session(
+                a,
+                b"head -c 700000 /dev/zero | base64\r",
+                end_reason="audit_failure",
+            )
             records = await trio.to_thread.run_sync(
                 lambda: list(read_records(DataDir(pki.data_dir).audit_dir))
             )
-            mine = [r for r in records if r.get("session_id") == outcome.session_id]
+            mine = [r for r in records if r.get("session_id") == session_id]
             events = [r["event"] for r in mine]
             assert "session.recording_failed" in events
             [end] = [r for r in mine if r["event"] == "session.end"]
             assert end["reason"] == "audit_failure"
+
+
+async def test_a_grant_whose_receipt_cannot_be_kept_ends_the_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """The device's grant receipt cannot be stored (``recordings`` is a file):
+    the session ends with ``audit_failure`` before a byte flows."""
+    DataDir(pki.data_dir).recordings.write_text("not a directory")
+    async with auditing(pki, nursery) as a:
+        session_id = await run_shell_session(a, end_reason="audit_failure")
+        records = await trio.to_thread.run_sync(
+            lambda: list(read_records(DataDir(pki.data_dir).audit_dir))
+        )
+        mine = [r for r in records if r.get("session_id") == session_id]
+        failed = [r["step"] for r in mine if r["event"] == "session.archive_failed"]
+        assert failed[0] == "grant"
+        [end] = [r for r in mine if r["event"] == "session.end"]
+        assert (end["reason"], end["bytes_to_device"]) == ("audit_failure", 0)
 
 
 async def test_forwards_json_holds_the_digests_of_the_bytes_forwarded(
