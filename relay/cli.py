@@ -127,28 +127,49 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _data_dir() -> Path:
-    """``$RELAY_DATA_DIR``, refused when it exists and is not a directory."""
-    path = data_dir_from_env()
+def _data_dir(path: Path | None = None) -> Path:
+    """*path* or ``$RELAY_DATA_DIR``, refused when it exists and is not a directory."""
+    if path is None:
+        path = data_dir_from_env()
     if path.exists() and not path.is_dir():
+        name = "RELAY_DATA_DIR" if os.environ.get("RELAY_DATA_DIR") else "data_dir"
         raise CLIError(
-            f"RELAY_DATA_DIR {path} is not a directory; point it at a directory "
+            f"{name} {path} is not a directory; point it at a directory "
             "(it is created if missing)"
         )
     return path
 
 
-def _base_config() -> BrokerConfig:
-    """The configuration every command starts from: the data dir, and the audit
-    settings that the broker and the CLI must share (``RELAY_AUDIT_CHECKPOINT_SINK``:
-    where the copy of every checkpoint goes, e.g. another volume)."""
-    config = BrokerConfig(data_dir=_data_dir())
-    sink = os.environ.get("RELAY_AUDIT_CHECKPOINT_SINK")
-    if sink:
-        config = replace(
-            config, audit=replace(config.audit, checkpoint_sink=Path(sink))
-        )
-    return config
+def _config_path(args: argparse.Namespace | None = None) -> Path | None:
+    """``--config FILE``, else ``$RELAY_CONFIG``, else no file."""
+    given = getattr(args, "config", None)
+    if given is not None:
+        return Path(given)
+    from_env = os.environ.get("RELAY_CONFIG")
+    return Path(from_env) if from_env else None
+
+
+def _load_config(path: Path | None) -> BrokerConfig:
+    """The configuration file at *path* (if any) under the ``RELAY_*`` environment.
+
+    Raises:
+        CLIError: Exit code 2, naming the file or variable and the key.
+    """
+    from relay.config_file import ConfigError, load_config
+
+    try:
+        return load_config(path, os.environ)
+    except ConfigError as exc:
+        raise CLIError(f"{exc.source}: {exc}", exit_code=2) from None
+
+
+def _base_config(args: argparse.Namespace | None = None) -> BrokerConfig:
+    """The configuration every command starts from: defaults < the configuration
+    file (``--config`` or ``$RELAY_CONFIG``) < ``RELAY_*`` variables (the data dir,
+    ``RELAY_AUDIT_CHECKPOINT_SINK``, ``RELAY_<TABLE>__<KEY>``; see
+    :mod:`relay.config_file`). The command-line flags go on top of it."""
+    config = _load_config(_config_path(args))
+    return replace(config, data_dir=_data_dir(config.data_dir))
 
 
 def _describe(exc: BaseException) -> str:
@@ -189,7 +210,7 @@ def _address(text: str) -> ListenAddress:
 
 
 def _broker_config(args: argparse.Namespace) -> BrokerConfig:
-    config = _base_config()
+    config = _base_config(args)
     overrides: dict[str, Any] = {}
     for name in ("device_listen", "engineer_listen", "metrics_listen"):
         value = getattr(args, name, None)
@@ -463,14 +484,19 @@ def _totp_sealer(config: BrokerConfig) -> auth.SecretSealer:
     when the key file was created by this call.
     """
     data_dir = DataDir(config.data_dir)
-    configured = os.environ.get("RELAY_TOTP_SEALING_KEY")
+    configured = config.engineer_auth.totp_sealing_key or os.environ.get(
+        "RELAY_TOTP_SEALING_KEY"
+    )
     existed = data_dir.totp_sealing_key.exists()
     try:
         key, source = load_or_create_sealing_key(data_dir, configured)
     except ValueError as exc:
-        where = (
-            "RELAY_TOTP_SEALING_KEY" if configured else str(data_dir.totp_sealing_key)
-        )
+        if os.environ.get("RELAY_TOTP_SEALING_KEY"):
+            where = "RELAY_TOTP_SEALING_KEY"
+        elif configured:
+            where = "engineer_auth.totp_sealing_key"
+        else:
+            where = str(data_dir.totp_sealing_key)
         raise CLIError(f"unusable TOTP sealing key in {where}: {exc}") from None
     created = not configured and not existed
     get_logger("cli").info("secrets.sealing_key", source=source, created=created)
@@ -866,11 +892,13 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from relay.audit_commands import cmd_audit_verify as verify
 
-    data_dir = _data_dir() if args.path is None else data_dir_from_env()
-    if args.path is None and args.sink is None:
+    if args.path is not None:
+        return verify(args, data_dir_from_env())
+    config = _base_config()
+    if args.sink is None:
         # The data dir's own log: its sink is where the broker puts it.
-        args.sink = _base_config().audit.checkpoint_sink
-    return verify(args, data_dir)
+        args.sink = config.audit.checkpoint_sink
+    return verify(args, config.data_dir)
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -1173,6 +1201,26 @@ def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir, log: Any) -> 
 # parser -----------------------------------------------------------------------------------
 
 
+# config -----------------------------------------------------------------------------
+
+
+def cmd_config_example(args: argparse.Namespace) -> int:
+    from relay.config_file import example_config
+
+    sys.stdout.write(example_config())
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from relay.config_file import effective_changes
+
+    config = _load_config(args.file)
+    print("ok")
+    for line in effective_changes(config):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="relay",
@@ -1216,6 +1264,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--tls-key", type=Path, metavar="FILE", help="key for --tls-cert (PEM)"
         )
 
+    def config_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help="TOML configuration file (default $RELAY_CONFIG; see "
+            "`relay config example`); RELAY_* variables and flags override it",
+        )
+
     def session_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--max-session-seconds",
@@ -1239,14 +1296,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="broker + one simulated device, embedded defaults"
     )
+    config_flag(demo)
     listen_flags(demo)
     session_flags(demo)
     demo.set_defaults(func=cmd_demo)
 
     serve = commands.add_parser("serve", help="run the broker")
+    config_flag(serve)
     listen_flags(serve)
     session_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    config = commands.add_parser(
+        "config", help="the broker's TOML configuration file"
+    ).add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config.add_parser(
+        "check",
+        help="check a configuration file (with the RELAY_* variables) and print "
+        "the values that differ from the defaults; exit 2 when invalid",
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(func=cmd_config_check)
+    config.add_parser(
+        "example", help="print a commented configuration with every key at its default"
+    ).set_defaults(func=cmd_config_example)
 
     ca = commands.add_parser("ca", help="the device CA").add_subparsers(
         dest="ca_command", required=True, metavar="ACTION"

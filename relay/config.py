@@ -329,8 +329,8 @@ class SessionConfig:
             )
         if cap > SESSION_CAP_CEILING_S:
             raise ValueError(
-                f"max_session_seconds is {cap}: a session never lasts more than "
-                f"{SESSION_CAP_CEILING_S} s"
+                f"max_session_seconds must be in 1..{SESSION_CAP_CEILING_S}, got "
+                f"{cap}: a session never lasts more than {SESSION_CAP_CEILING_S} s"
             )
         if not self.grant_timeout_s > 0:
             raise ValueError(
