@@ -195,8 +195,15 @@ class QueuedMirror:
     every record; the mirror is a copy).
     """
 
-    def __init__(self, stream: IO[str], *, max_lines: int = 10_000) -> None:
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        max_lines: int = 10_000,
+        on_drop: Callable[[], None] = lambda: None,
+    ) -> None:
         self._stream = stream
+        self._on_drop = on_drop
         self._lines: queue.Queue[str | None] = queue.Queue(max_lines)
         self.dropped = 0
         self._thread = threading.Thread(
@@ -209,6 +216,7 @@ class QueuedMirror:
             self._lines.put_nowait(text)
         except queue.Full:
             self.dropped += 1
+            self._on_drop()
         return len(text)
 
     def flush(self) -> None:

@@ -394,6 +394,10 @@ class AuditConfig:
             passwords and secrets that the output never echoes.
         recording_max_bytes: The most a session's recordings may take on disk;
             past it the recording says so and stops.
+        watch_s: How often the broker looks at the log's health: a failure
+            ends live sessions within this (BRIEF budget: 2 s).
+        mirror_max_lines: Lines of the stdout copy that may wait for a slow
+            reader; beyond that they are dropped (and counted).
 
     Raises:
         ValueError: A value is out of range (at construction).
@@ -408,6 +412,8 @@ class AuditConfig:
     stdout: bool = True
     record_input: bool = False
     recording_max_bytes: int = 256 * 1024 * 1024
+    watch_s: float = 0.25
+    mirror_max_lines: int = 10_000
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -415,6 +421,7 @@ class AuditConfig:
             ("max_file_bytes", 4096),
             ("backlog_max_records", 0),
             ("recording_max_bytes", 4096),
+            ("mirror_max_lines", 1),
         ):
             value = getattr(self, name)
             if type(value) is not int or value < low:
@@ -423,6 +430,11 @@ class AuditConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not 0 < self.watch_s <= 2:
+            raise ValueError(
+                f"watch_s must be in (0, 2] (the 2 s fail-closed budget), "
+                f"got {self.watch_s!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -198,6 +198,12 @@ class RelayMetrics:
             "sessions with audit_failure).",
             registry=r,
         )
+        self.audit_mirror_dropped = Counter(
+            "relay_audit_mirror_dropped_total",
+            "Copies of audit records not written to stdout because its reader "
+            "fell behind (the records themselves are in the log).",
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:

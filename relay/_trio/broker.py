@@ -46,7 +46,7 @@ from relay._trio.session_api import SessionRoutes
 from relay._trio.session_archive import SessionArchive
 from relay._trio.session_broker import SessionBroker, SessionClock
 from relay.audit_log import AuditLog, QueuedMirror, load_or_create_audit_key
-from relay.config import BrokerConfig
+from relay.config import AuditConfig, BrokerConfig
 from relay.log import get_logger
 from relay.metrics import RelayMetrics
 from relay.pki_files import (
@@ -63,9 +63,6 @@ from relay.proto.close import CloseCode
 from relay.proto.session import EndReason
 from relay.store import Store, StoreError
 from relay.tls import device_listener_context
-
-#: How often the audit watch looks at the log (fail closed within 2 s: BRIEF).
-AUDIT_WATCH_S = 0.25
 
 
 def _open_audit(
@@ -92,7 +89,7 @@ async def _audit_watch(
     sessions: SessionBroker,
     archive: SessionArchive,
     metrics: RelayMetrics,
-    retry_s: float,
+    config: AuditConfig,
     log: Any,
 ) -> None:
     """Seal checkpoints on time; fail closed while the log cannot be written."""
@@ -107,14 +104,14 @@ async def _audit_watch(
                 was_healthy = False
                 metrics.audit_failure_ends.inc()
                 sessions.end_all(EndReason.AUDIT_FAILURE)
-                next_retry = now + retry_s
+                next_retry = now + config.retry_s
             elif now >= next_retry:
-                next_retry = now + retry_s
+                next_retry = now + config.retry_s
                 if audit.recover():
                     was_healthy = True
                     log.warning("audit.writable_again", audit=True)
                     await archive.flush_deferred()
-        await trio.sleep(AUDIT_WATCH_S)
+        await trio.sleep(config.watch_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +206,15 @@ async def serve_broker(
     metrics = metrics if metrics is not None else RelayMetrics()
     # stdout gets a copy of each record for a log shipper, from a thread: a
     # shipper that stalls must not stall the broker.
-    mirror = QueuedMirror(sys.stdout) if config.audit.stdout else None
+    mirror = (
+        QueuedMirror(
+            sys.stdout,
+            max_lines=config.audit.mirror_max_lines,
+            on_drop=metrics.audit_mirror_dropped.inc,
+        )
+        if config.audit.stdout
+        else None
+    )
     try:
         audit = await trio.to_thread.run_sync(
             _open_audit, config, metrics, wall_clock, mirror
@@ -365,7 +370,7 @@ async def _serve(
                 sessions,
                 archive,
                 metrics,
-                config.audit.retry_s,
+                config.audit,
                 log,
             )
             device_port = await nursery.start(listener.serve)

@@ -322,55 +322,48 @@ class SessionArchive:
         )
         crashed = 0
         for row in rows:
-            logged = await trio.to_thread.run_sync(self._logged_end, row)
-            if logged is not None:
-                await trio.to_thread.run_sync(
-                    partial(
-                        self._store.record_session_end,
-                        row.session_id,
-                        at=self._now(),
-                        reason=logged,
-                        bytes_to_device=row.bytes_to_device,
-                        bytes_from_device=row.bytes_from_device,
-                    )
+            reason = await trio.to_thread.run_sync(self._logged_end, row)
+            recordings: list[dict[str, Any]] = []
+            if reason is None:
+                crashed += 1
+                reason = BROKER_CRASH
+                self._log_crash_end(row)
+                recordings = await trio.to_thread.run_sync(
+                    self._recover_recording_files, row.session_id
                 )
-                continue
-            crashed += 1
-            self._log.warning(
-                "session.end",
-                session_id=row.session_id,
-                device_id=row.device_id,
-                engineer=row.engineer,
-                reason=BROKER_CRASH,
-                granted=row.granted_at is not None,
-                decided_by=row.decided_by,
-                requested_at=row.requested_at.isoformat(),
-                granted_at=None
-                if row.granted_at is None
-                else row.granted_at.isoformat(),
-                duration_ms=None,
-                bytes_to_device=None,
-                bytes_from_device=None,
-                device_fingerprint=row.device_fingerprint,
-                source=row.source,
-                broker_version=__version__,
-                audit=True,
-            )
-            recordings = await trio.to_thread.run_sync(
-                self._recover_recording_files, row.session_id
-            )
             await trio.to_thread.run_sync(
                 partial(
                     self._store.record_session_end,
                     row.session_id,
                     at=self._now(),
-                    reason=BROKER_CRASH,
+                    reason=reason,
                     bytes_to_device=row.bytes_to_device,
                     bytes_from_device=row.bytes_from_device,
                     recordings=recordings,
                 )
             )
         return crashed
+
+    def _log_crash_end(self, row: RemoteSessionRecord) -> None:
+        """The ``session.end`` a crash left unwritten (bytes unknown: None)."""
+        self._log.warning(
+            "session.end",
+            session_id=row.session_id,
+            device_id=row.device_id,
+            engineer=row.engineer,
+            reason=BROKER_CRASH,
+            granted=row.granted_at is not None,
+            decided_by=row.decided_by,
+            requested_at=row.requested_at.isoformat(),
+            granted_at=None if row.granted_at is None else row.granted_at.isoformat(),
+            duration_ms=None,
+            bytes_to_device=None,
+            bytes_from_device=None,
+            device_fingerprint=row.device_fingerprint,
+            source=row.source,
+            broker_version=__version__,
+            audit=True,
+        )
 
     def _logged_end(self, row: RemoteSessionRecord) -> str | None:
         """The reason of *row*'s ``session.end`` if the log has one."""

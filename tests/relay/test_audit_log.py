@@ -1011,7 +1011,8 @@ def test_a_stalled_mirror_never_holds_up_the_log(audit_dir: Path) -> None:
     are counted, never a record or the writer's time."""
     read_end, write_end = os.pipe()
     stream = os.fdopen(write_end, "w")
-    mirror = QueuedMirror(stream, max_lines=5)
+    drops: list[None] = []
+    mirror = QueuedMirror(stream, max_lines=5, on_drop=lambda: drops.append(None))
     log = AuditLog(
         audit_dir,
         signer=KEY,
@@ -1024,6 +1025,7 @@ def test_a_stalled_mirror_never_holds_up_the_log(audit_dir: Path) -> None:
         assert log.append("a.b", {"i": i, "text": "x" * 200}) is not None
     assert time.monotonic() - started < 5
     assert mirror.dropped > 0
+    assert len(drops) == mirror.dropped  # the broker counts them in a metric
     log.close()
     os.close(read_end)  # the copying thread's write now fails; it ends
     mirror.close(timeout=2)

@@ -131,6 +131,14 @@ def test_a_cap_over_an_hour_is_refused_with_the_range(tmp_path: Path) -> None:
     assert exc.source == str(tmp_path / "relay.toml")
 
 
+def test_an_audit_watch_slower_than_the_fail_closed_budget_is_refused(
+    tmp_path: Path,
+) -> None:
+    exc = error(tmp_path, "[audit]\nwatch_s = 3\n")
+    assert "audit.watch_s" in str(exc)
+    assert "(0, 2]" in str(exc)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
