@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +45,7 @@ from tests.e2e.conftest import (
     wait_until,
 )
 from tests.e2e.test_device_listener import open_device, say_hello
+from tests.fds import open_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,6 @@ async def harness(
             yield h
     finally:
         shutdown.set()
-
-
-def open_fds() -> set[int]:
-    """This process's open file descriptors (the broker runs in it too)."""
-    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 # --- the fake device ------------------------------------------------------------
@@ -352,7 +347,7 @@ async def test_happy_path_relays_and_engineer_ends(
     async with harness(pki, nursery) as h, fake_device(h) as device:
         # Baseline with the API client's keep-alive connection already open.
         await h.api.get("/api/v1/me", headers=h.headers())
-        fds_before = open_fds()
+        sockets_before = open_sockets()
         response = await h.request()
         offer = await device.next_event()
         assert isinstance(offer, control.Offer)
@@ -421,7 +416,7 @@ async def test_happy_path_relays_and_engineer_ends(
             assert (reason.code, reason.reason) == (4005, "engineer")
         await h.assert_clean()
         # Both legs' sockets are closed on the broker's side too (and ours).
-        await wait_until(lambda: open_fds() <= fds_before)
+        await wait_until(lambda: open_sockets() <= sockets_before)
         assert h.broker.sample("relay_relay_bytes_total", direction="to_device") == 4
         assert h.broker.sample("relay_relay_bytes_total", direction="from_device") == 5
         assert h.broker.sample("relay_session_ends_total", reason="engineer") == 1
