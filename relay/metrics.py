@@ -28,6 +28,9 @@ ENROLLMENT_OUTCOMES = (
     "store_error",
 )
 
+#: The directions of relay_tunnel_bytes_total and relay_tunnel_messages_total.
+DIRECTIONS = ("to_device", "from_device")
+
 #: The live session states of relay_sessions{state}.
 SESSION_STATES = ("requested", "offered", "granted", "active")
 
@@ -160,8 +163,8 @@ class RelayMetrics:
             ["reason"],
             registry=r,
         )
-        self.session_grant_wait = Histogram(
-            "relay_session_grant_wait_seconds",
+        self.grant_wait = Histogram(
+            "relay_grant_wait_seconds",
             "From the offer to the verified grant.",
             buckets=(1, 2, 5, 10, 20, 30, 45, 60, 120),
             registry=r,
@@ -172,10 +175,24 @@ class RelayMetrics:
             buckets=(1, 10, 60, 300, 600, 1200, 1800, 2700, 3600, 3700),
             registry=r,
         )
-        self.relay_bytes = Counter(
-            "relay_relay_bytes_total",
+        self.teardown = Histogram(
+            "relay_teardown_seconds",
+            "From the decision to end a session to the close of every leg that "
+            "was attached then (budget: on-site kill, engineer told <= 2 s).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.tunnel_bytes = Counter(
+            "relay_tunnel_bytes_total",
             "Stream payload bytes relayed between the legs, by direction "
             "(to_device, from_device).",
+            ["direction"],
+            registry=r,
+        )
+        self.tunnel_messages = Counter(
+            "relay_tunnel_messages_total",
+            "Tunnel messages relayed between the legs (data and stream control), "
+            "by direction (to_device, from_device).",
             ["direction"],
             registry=r,
         )
@@ -212,5 +229,6 @@ class RelayMetrics:
             self.enrollments.labels(outcome)
         for state in SESSION_STATES:
             self.sessions.labels(state)
-        for direction in ("to_device", "from_device"):
-            self.relay_bytes.labels(direction)
+        for direction in DIRECTIONS:
+            self.tunnel_bytes.labels(direction)
+            self.tunnel_messages.labels(direction)

@@ -92,6 +92,9 @@ class SocketHold:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     end_reason: SocketEnd | None = None
     used: bool = False
+    #: Called once the route has closed the socket (or found it closed), for
+    #: handlers that time their teardown.
+    after_close: list[Callable[[], None]] = field(default_factory=list)
 
     def mark_used(self) -> None:
         """Count engineer input on this socket as use of its login session."""

@@ -134,13 +134,19 @@ def socket_route(
         if close is None:
             metrics.websocket_closes.labels(_LISTENER, "client").inc()
             service.log.info("engineer.websocket_closed", by="client", **who)
-            return
-        code, reason = close
-        metrics.websocket_closes.labels(_LISTENER, close_code_label(code)).inc()
-        service.log.info(
-            "engineer.websocket_closed", by="broker", code=code, reason=reason, **who
-        )
-        await _close(websocket, code, reason)
+        else:
+            code, reason = close
+            metrics.websocket_closes.labels(_LISTENER, close_code_label(code)).inc()
+            service.log.info(
+                "engineer.websocket_closed",
+                by="broker",
+                code=code,
+                reason=reason,
+                **who,
+            )
+            await _close(websocket, code, reason)
+        for closed in hold.after_close:
+            closed()
 
     return WebSocketRoute(path, endpoint)
 

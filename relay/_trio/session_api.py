@@ -176,4 +176,5 @@ class SessionRoutes:
             str(websocket.path_params["session_id"]),
             websocket,
             on_input=hold.mark_used,
+            after_close=hold.after_close,
         )

@@ -202,6 +202,8 @@ class _Leg:
     refusal: tuple[int, str] | None = None
     decided: trio.Event = field(default_factory=trio.Event)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # Set once its handler closed the socket (relay_teardown_seconds).
+    closed: bool = False
     # Set on the engineer leg: sends JSON status text.
     send_text: Callable[[str], Any] | None = None
 
@@ -280,6 +282,10 @@ class _Live:
     forced_end: EndReason | None = None
     # The channel of each stream the engineer opened, until it closes.
     stream_channels: dict[int, str] = field(default_factory=dict)
+    # Teardown: when the end was decided and the legs attached then, until
+    # all of them are closed (relay_teardown_seconds).
+    teardown_from_s: float | None = None
+    teardown_legs: tuple[_Leg, ...] = ()
 
 
 class SessionBroker:
@@ -316,6 +322,11 @@ class SessionBroker:
         self._audit_seq = audit_seq
         self._control = control
         self._metrics = metrics
+        # Bound once: the pumps count every relayed message.
+        self._bytes_to_device = metrics.tunnel_bytes.labels("to_device")
+        self._bytes_from_device = metrics.tunnel_bytes.labels("from_device")
+        self._messages_to_device = metrics.tunnel_messages.labels("to_device")
+        self._messages_from_device = metrics.tunnel_messages.labels("from_device")
         self._log = log
         self._clock = clock if clock is not None else SessionClock()
         self._sessions: dict[str, _Live] = {}
@@ -621,6 +632,7 @@ class SessionBroker:
         await self._run_leg(live, leg, _Attach(leg, ws.receive_message))
         code, reason = leg.refusal or (CloseCode.SESSION_ENDED, _reason(live))
         await _close_device(ws, code, reason)
+        self._leg_closed(live, leg)
 
     # Events from the engineer listener ---------------------------------------
 
@@ -642,11 +654,14 @@ class SessionBroker:
         websocket: WebSocket,
         *,
         on_input: Callable[[], None] = lambda: None,
+        after_close: list[Callable[[], None]] | None = None,
     ) -> tuple[int, str] | None:
         """Run the engineer leg on *websocket*; returns the close the route sends.
 
         *on_input* is called for every message from the engineer: typing in the
-        terminal is use of the login session (against its idle timeout).
+        terminal is use of the login session (against its idle timeout). The
+        route calls what this adds to *after_close* once it has closed the
+        socket (the end of the session's teardown on this side).
 
         Cancellation: when the login session ends the route cancels this; the
         session then ends with ``login_ended`` and the engineer is told so
@@ -658,6 +673,8 @@ class SessionBroker:
         leg = _Leg(
             tunnel.Side.ENGINEER, websocket.send_bytes, send_text=websocket.send_text
         )
+        if after_close is not None:
+            after_close.append(lambda: self._leg_closed(live, leg))
         try:
             await self._run_leg(
                 live, leg, _Attach(leg, _engineer_receiver(websocket, on_input))
@@ -680,6 +697,16 @@ class SessionBroker:
             await self._engineer_text(
                 leg, {"type": "end", "reason": live.session.end_reason.value}
             )
+
+    def _leg_closed(self, live: _Live, leg: _Leg) -> None:
+        """*leg*'s socket is closed; the teardown is timed once the last of the
+        legs attached at the end decision is."""
+        leg.closed = True
+        if live.teardown_from_s is None:
+            return
+        if all(attached.closed for attached in live.teardown_legs):
+            self._metrics.teardown.observe(trio.current_time() - live.teardown_from_s)
+            live.teardown_from_s = None
 
     async def _run_leg(self, live: _Live, leg: _Leg, attach: _Attach) -> None:
         self._post(live, attach)
@@ -967,7 +994,7 @@ class SessionBroker:
         live.decided_by = grant.decided_by
         live.table = tunnel.StreamTable(channels=grant.channels)
         live.granted_at_s = trio.current_time()
-        self._metrics.session_grant_wait.observe(live.granted_at_s - live.offered_at_s)
+        self._metrics.grant_wait.observe(live.granted_at_s - live.offered_at_s)
         self._log.info(
             "session.granted",
             session_id=session.session_id,
@@ -1112,6 +1139,14 @@ class SessionBroker:
             )
         live.stream_channels.clear()
         self._log_end(live, reason)
+        attached = tuple(
+            leg
+            for leg in (live.engineer, live.device)
+            if leg is not None and not leg.closed
+        )
+        if attached:
+            live.teardown_from_s = trio.current_time()
+            live.teardown_legs = attached
         live.ended.set()
         for leg in (live.engineer, live.device):
             if leg is not None:
@@ -1231,14 +1266,19 @@ class SessionBroker:
                         continue
                     if not self._record(live, frame, side):
                         continue  # unrecorded: not relayed; the session ends
+                    to_device = side is tunnel.Side.ENGINEER
+                    if to_device:
+                        self._messages_to_device.inc()
+                    else:
+                        self._messages_from_device.inc()
                     if isinstance(frame, tunnel.StreamData):
                         size = len(frame.payload)
-                        if side is tunnel.Side.ENGINEER:
+                        if to_device:
                             live.bytes_to_device += size
-                            self._metrics.relay_bytes.labels("to_device").inc(size)
+                            self._bytes_to_device.inc(size)
                         else:
                             live.bytes_from_device += size
-                            self._metrics.relay_bytes.labels("from_device").inc(size)
+                            self._bytes_from_device.inc(size)
                     peer = (
                         live.device if side is tunnel.Side.ENGINEER else live.engineer
                     )

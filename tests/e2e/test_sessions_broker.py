@@ -417,8 +417,17 @@ async def test_happy_path_relays_and_engineer_ends(
         await h.assert_clean()
         # Both legs' sockets are closed on the broker's side too (and ours).
         await wait_until(lambda: open_sockets() <= sockets_before)
-        assert h.broker.sample("relay_relay_bytes_total", direction="to_device") == 4
-        assert h.broker.sample("relay_relay_bytes_total", direction="from_device") == 5
+        assert h.broker.sample("relay_tunnel_bytes_total", direction="to_device") == 4
+        assert h.broker.sample("relay_tunnel_bytes_total", direction="from_device") == 5
+        # Open and data each way.
+        for direction in ("to_device", "from_device"):
+            assert (
+                h.broker.sample("relay_tunnel_messages_total", direction=direction) == 2
+            )
+        assert h.broker.sample("relay_grant_wait_seconds_count") == 1
+        # One teardown, timed from the DELETE to both legs closed.
+        await wait_until(lambda: h.broker.sample("relay_teardown_seconds_count") == 1)
+        assert h.broker.sample("relay_teardown_seconds_sum") < 2.0
         assert h.broker.sample("relay_session_ends_total", reason="engineer") == 1
         view = (await h.api.get(f"/api/v1/sessions/{sid}", headers=h.headers())).json()
         assert view["state"] == "ended"
