@@ -2,16 +2,21 @@
 
 Pure: the caller passes the current time and the user's last accepted time step,
 and stores the step this module returns. pyotp computes the codes; the window,
-the reuse rule and the input checks are ours.
+the reuse rule and the input checks are ours. Step length, digits and window come
+from a :class:`TotpPolicy` (default: 30 s, 6 digits, steps t-1..t).
 """
 
 # Theory of operation
 # ===================
-# A code belongs to a time step: step = floor(unix_time / 30). At server step t a
-# code is accepted for step t or t-1 only. RFC 6238 §5.2: "We RECOMMEND that at
+# A code belongs to a time step: step = floor(unix_time / step_s), step_s being
+# 30 s unless the policy says 60. At server step t a code is accepted for step t
+# or t-1 only (t only with past_steps=0). RFC 6238 §5.2: "We RECOMMEND that at
 # most one time step is allowed as the network delay"; we allow it backwards
 # only (a code typed just before the step changed), never forwards, so a client
 # clock ahead of the server's is refused (see the tests for exact cases).
+# Step numbers depend on step_s: a stored last step means nothing under another
+# step length, so a secret keeps the policy it was provisioned with (the caller
+# re-provisions every secret when its policy changes).
 #
 # Rule 1: a code is single-use. verify_totp() refuses any code whose step is not
 #         greater than the user's last accepted step, and returns the step it
@@ -19,12 +24,12 @@ the reuse rule and the input checks are ours.
 #         (UPDATE ... SET last_step = :step WHERE last_step < :step, success only
 #         if one row changed), so that two logins racing with one code cannot
 #         both win. pyotp alone accepts a code any number of times in its window.
-# Rule 2: the code is checked for shape (exactly six ASCII digits) before any
+# Rule 2: the code is checked for shape (exactly `digits` ASCII digits) before any
 #         comparison. pyotp NFKC-normalises both sides before comparing, so its
 #         own verify() would accept full-width digits (U+FF11 U+FF12 ... for
 #         "12..."); we never give it the chance.
-# Rule 3: comparisons are constant-time (hmac.compare_digest), and both window
-#         steps are always compared, so the time taken does not depend on which
+# Rule 3: comparisons are constant-time (hmac.compare_digest), and every window
+#         step is always compared, so the time taken does not depend on which
 #         step (if any) matched.
 # Nothing here is stateful. How many codes one client may try is the login
 # throttle's business (auth/limits.py): a login request carries one code, and
@@ -34,7 +39,8 @@ from __future__ import annotations
 
 import hmac
 import math
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import pyotp
@@ -45,24 +51,63 @@ __all__ = [
     "TOTP_DIGITS",
     "TOTP_ISSUER",
     "TOTP_STEP_S",
+    "TotpPolicy",
     "generate_secret",
     "provisioning_uri",
     "verify_totp",
 ]
 
-#: Length of a TOTP time step, in seconds (RFC 6238's default; what every
+#: Default length of a TOTP time step, in seconds (RFC 6238's default; what every
 #: authenticator app assumes when the URI does not say otherwise).
 TOTP_STEP_S: Final = 30
-#: Digits per code.
+#: Default digits per code.
 TOTP_DIGITS: Final = 6
 #: Default issuer shown in authenticator apps.
 TOTP_ISSUER: Final = "Remote Care relay"
 
-# Steps accepted relative to the server's current step t: t-1 and t.
-_WINDOW: Final = (-1, 0)
+# What authenticator apps support (Google Authenticator: 30 or 60 s, 6 or 8
+# digits); anything else would provision secrets that apps silently get wrong.
+_STEP_CHOICES: Final = (30, 60)
+_DIGIT_CHOICES: Final = (6, 8)
+_MAX_PAST_STEPS: Final = 1
 # pyotp.random_base32's default: 32 base32 characters = 160 bits, the HMAC-SHA1
 # key length RFC 4226 §4 recommends.
 _SECRET_CHARS: Final = 32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TotpPolicy:
+    """How codes are made and which steps are accepted.
+
+    Attributes:
+        step_s: Length of a time step in seconds: 30 or 60.
+        digits: Digits per code: 6 or 8.
+        past_steps: Steps before the current one that are still accepted: 0
+            (step t only) or 1 (t-1 and t). Never future steps.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
+    """
+
+    step_s: int = TOTP_STEP_S
+    digits: int = TOTP_DIGITS
+    past_steps: int = 1
+
+    def __post_init__(self) -> None:
+        # type() is checked: bool is an int subclass, and 30.0 would slip through.
+        if type(self.step_s) is not int or self.step_s not in _STEP_CHOICES:
+            raise ValueError(f"step_s must be 30 or 60, got {self.step_s!r}")
+        if type(self.digits) is not int or self.digits not in _DIGIT_CHOICES:
+            raise ValueError(f"digits must be 6 or 8, got {self.digits!r}")
+        if type(self.past_steps) is not int or not (
+            0 <= self.past_steps <= _MAX_PAST_STEPS
+        ):
+            raise ValueError(
+                f"past_steps must be in 0..{_MAX_PAST_STEPS}, got {self.past_steps!r}"
+            )
+
+
+_DEFAULT_POLICY: Final = TotpPolicy()
 
 
 def generate_secret() -> str:
@@ -76,17 +121,25 @@ def generate_secret() -> str:
     return pyotp.random_base32(_SECRET_CHARS)
 
 
-def provisioning_uri(secret: str, *, username: str, issuer: str = TOTP_ISSUER) -> str:
+def provisioning_uri(
+    secret: str,
+    *,
+    username: str,
+    issuer: str = TOTP_ISSUER,
+    policy: TotpPolicy = _DEFAULT_POLICY,
+) -> str:
     """Build the ``otpauth://totp/...`` URI an authenticator app scans.
 
-    The URI states SHA-1, 6 digits and 30 s implicitly (the Key URI Format's
-    defaults), which is what this module checks. It contains the secret: show it
-    to the new user once, never log it.
+    The URI states SHA-1 implicitly, and 6 digits and 30 s implicitly too (the
+    Key URI Format's defaults) unless *policy* says otherwise: then it carries
+    ``digits=`` and ``period=``. It contains the secret: show it to the new user
+    once, never log it.
 
     Args:
         secret: The user's base32 secret.
         username: The account name shown in the app.
         issuer: The issuer shown in the app.
+        policy: Step length and digits the codes will be checked with.
 
     Raises:
         ValueError: *secret* is not base32 of at least 112 bits, or *username* or
@@ -96,18 +149,24 @@ def provisioning_uri(secret: str, *, username: str, issuer: str = TOTP_ISSUER) -
     for what, value in (("username", username), ("issuer", issuer)):
         if not value or ":" in value:
             raise ValueError(f"TOTP {what} must be non-empty and contain no ':'")
-    return _totp(secret).provisioning_uri(name=username, issuer_name=issuer)
+    return _totp(secret, policy).provisioning_uri(name=username, issuer_name=issuer)
 
 
 def verify_totp(
-    secret: str, code: str, *, now: datetime, last_accepted_step: int | None
+    secret: str,
+    code: str,
+    *,
+    now: datetime,
+    last_accepted_step: int | None,
+    policy: TotpPolicy = _DEFAULT_POLICY,
 ) -> int:
     """Check a TOTP *code* and return the time step it was accepted for.
 
-    A code is accepted if it is six ASCII digits, matches step t or t-1 (where
-    t = floor(now / 30 s)), and that step is greater than *last_accepted_step*.
-    If it matches both steps (possible only by chance), the newest step that is
-    still unused wins.
+    A code is accepted if it is ``policy.digits`` ASCII digits (default six),
+    matches step t or t-1 (where t = floor(now / policy.step_s); t only when
+    ``policy.past_steps`` is 0), and that step is greater than
+    *last_accepted_step*. If it matches several steps (possible only by chance),
+    the newest step that is still unused wins.
 
     Not checked: how many codes this client already tried (the login
     throttle's job, auth/limits.py), and races between logins (the caller's
@@ -118,7 +177,9 @@ def verify_totp(
         code: The code as the user typed it; no spaces are stripped.
         now: The current time, timezone-aware.
         last_accepted_step: The step stored at the user's last successful login,
-            or ``None`` if there was none.
+            or ``None`` if there was none. Counted in ``policy.step_s`` steps.
+        policy: Step length, digits and window; the one the secret was
+            provisioned with.
 
     Returns:
         The accepted step; store it as the user's new last accepted step.
@@ -127,26 +188,32 @@ def verify_totp(
         InvalidCredentials: ``reason='bad_totp'`` if the code is malformed or
             matches neither step; ``reason='totp_reused'`` if it matches, but only
             for a step at or before *last_accepted_step*.
-        ValueError: *now* is naive or before 1970-01-01 00:00:30 UTC, or *secret*
-            is not a usable base32 secret (a store problem, not a login failure).
+        ValueError: *now* is naive or before the oldest accepted step would
+            start (1970-01-01 00:00:30 UTC by default), or *secret* is not a
+            usable base32 secret (a store problem, not a login failure).
     """
     if now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
-    step = math.floor(now.timestamp()) // TOTP_STEP_S
-    if step + _WINDOW[0] < 0:
-        raise ValueError("now must be at or after 1970-01-01T00:00:30Z")
+    step = math.floor(now.timestamp()) // policy.step_s
+    if step - policy.past_steps < 0:
+        earliest = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+            seconds=policy.step_s * policy.past_steps
+        )
+        raise ValueError(
+            f"now must be at or after {earliest.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        )
     # Built before the shape check, so that a broken secret is reported the same
     # way whatever code was typed.
-    totp = _totp(secret)
-    if len(code) != TOTP_DIGITS or not (code.isascii() and code.isdigit()):
+    totp = _totp(secret, policy)
+    if len(code) != policy.digits or not (code.isascii() and code.isdigit()):
         raise InvalidCredentials("bad_totp")
 
     candidate = code.encode("ascii")
     # A list, not a generator with any(): every step is compared (Rule 3).
     matched = [
-        step + offset
-        for offset in _WINDOW
-        if hmac.compare_digest(candidate, totp.generate_otp(step + offset).encode())
+        step - back
+        for back in range(policy.past_steps, -1, -1)
+        if hmac.compare_digest(candidate, totp.generate_otp(step - back).encode())
     ]
     if not matched:
         raise InvalidCredentials("bad_totp")
@@ -158,12 +225,12 @@ def verify_totp(
     return max(unused)
 
 
-def _totp(secret: str) -> pyotp.TOTP:
+def _totp(secret: str, policy: TotpPolicy) -> pyotp.TOTP:
     # pyotp checks the secret here: base32 (case-insensitive, padding optional)
     # and at least 112 bits (NIST SP 800-63B-4 §3.1.4.1). Both kinds of failure
     # become one ValueError (binascii.Error is already a subclass).
     try:
-        return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_STEP_S)
+        return pyotp.TOTP(secret, digits=policy.digits, interval=policy.step_s)
     except ValueError:
         raise ValueError(
             "TOTP secret is not a base32 secret of 112 bits or more"

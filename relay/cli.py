@@ -67,6 +67,7 @@ from relay.users import (
     NewUser,
     create_user,
     reset_totp,
+    totp_policy,
     validate_role,
     validate_username,
 )
@@ -279,6 +280,59 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ca_rollover(args: argparse.Namespace) -> int:
+    """``relay ca rollover``: a new device CA; the current one stays trusted."""
+    from relay.pki_files import rollover_ca
+
+    config = _base_config()
+    data_dir = DataDir(config.data_dir)
+    with _audited(config) as audit:
+        previous, new = rollover_ca(
+            data_dir, now=_now(), lifetime=timedelta(days=config.pki.ca_lifetime_days)
+        )
+        audit.logger.warning(
+            "pki.ca_rollover",
+            previous_fingerprint=auth.certificate_fingerprint(previous),
+            previous_not_after=previous.not_valid_after_utc.isoformat(),
+            new_fingerprint=auth.certificate_fingerprint(new),
+            new_not_after=new.not_valid_after_utc.isoformat(),
+            audit=True,
+        )
+    print(
+        f"new device CA in {data_dir.ca_cert}; the previous one is trusted until "
+        "`relay ca retire-previous` (devices move over by renewing; see "
+        "docs/certificates.md)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_ca_retire_previous(args: argparse.Namespace) -> int:
+    """``relay ca retire-previous``: stop trusting the CA before the rollover."""
+    from relay.pki_files import retire_previous_ca
+
+    config = _base_config()
+    data_dir = DataDir(config.data_dir)
+    with _audited(config) as audit:
+        retired = retire_previous_ca(data_dir)
+        if retired is not None:
+            audit.logger.warning(
+                "pki.ca_previous_retired",
+                fingerprint=auth.certificate_fingerprint(retired),
+                not_after=retired.not_valid_after_utc.isoformat(),
+                audit=True,
+            )
+    if retired is None:
+        print("no previous device CA; nothing to retire", file=sys.stderr)
+    else:
+        print(
+            "previous device CA retired: certificates it issued are refused from "
+            "the broker's next look at the files (pki.tls_reload_poll_s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _sign_csr(
     config: BrokerConfig, csr: bytes, csr_path: Path, out: Path, log: Any
 ) -> auth.SignedDevice:
@@ -338,12 +392,24 @@ def cmd_agent_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_agent_config(path: Path) -> AgentConfig:
+    from relay.config_file import ConfigError, load_agent_config
+
+    try:
+        return load_agent_config(path)
+    except ConfigError as exc:
+        raise CLIError(f"{exc.source}: {exc}", exit_code=2) from None
+
+
 def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """The agent's session settings from ``relay agent run`` flags.
+    """The agent's settings: its ``--config`` file (if any) under the
+    ``relay agent run`` flags.
 
     Raises:
-        CLIError: A flag's value is out of range (exit 2).
+        CLIError: The file is invalid or a flag's value is out of range (exit 2).
     """
+    config_file = getattr(args, "config", None)
+    base = AgentConfig() if config_file is None else _load_agent_config(config_file)
     changes: dict[str, Any] = {}
     try:
         if args.ui_listen is not None:
@@ -354,7 +420,9 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
             changes["shell_command"] = tuple(shlex.split(args.shell))
         if args.max_session_seconds is not None:
             changes["max_session_seconds"] = args.max_session_seconds
-        return AgentConfig(ui_allow_remote=args.ui_allow_remote, **changes)
+        if args.ui_allow_remote:
+            changes["ui_allow_remote"] = True
+        return replace(base, **changes)
     except ValueError as exc:
         raise CLIError(str(exc), exit_code=2) from None
 
@@ -382,16 +450,26 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         deciders = [TerminalPrompt.on_stdio()] if args.prompt else []
         runtime = make_session_runtime(settings, deciders=deciders)
+        stopping = trio.Event()
+
+        async def shutdown() -> None:
+            await runtime.shutdown()
+            stopping.set()  # run_agent closes the control channel and returns
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope.cancel)
+            nursery.start_soon(
+                _stop_agent_on_signal, shutdown, nursery.cancel_scope.cancel
+            )
             await nursery.start(runtime.run)
             port = await nursery.start(
                 serve_agent_ui, runtime, settings.limits.ui_listen
             )
             host = settings.limits.ui_listen.host
             print(f"device UI: http://{host}:{port}/", file=sys.stderr)
-            await run_agent(settings, runtime=runtime)
+            await run_agent(settings, runtime=runtime, stopping=stopping)
             nursery.cancel_scope.cancel()
+        if stopping.is_set():
+            get_logger("agent").info("agent.stopped")
 
     _run_trio(main)
     return 0
@@ -718,6 +796,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
                 password=password,
                 now=_now(),
                 can_enroll=args.can_enroll,
+                policy=totp_policy(config.engineer_auth),
             )
         except UserExists:
             raise exists from None
@@ -782,7 +861,13 @@ def cmd_user_reset_totp(args: argparse.Namespace) -> int:
             raise unknown
         sealer = _totp_sealer(config)
         try:
-            new_user, revoked = reset_totp(store, sealer, username=username, now=_now())
+            new_user, revoked = reset_totp(
+                store,
+                sealer,
+                username=username,
+                now=_now(),
+                policy=totp_policy(config.engineer_auth),
+            )
         except UnknownUser:
             raise unknown from None
         audit.logger.warning(
@@ -970,6 +1055,35 @@ async def _cancel_on_signal(stop: Callable[[], None]) -> None:
             return
 
 
+#: After the agent's orderly end, how long its control channel gets to close
+#: before the rest is cancelled.
+_AGENT_CLOSE_S = 2.0
+
+
+async def _stop_agent_on_signal(
+    shutdown: Callable[[], Awaitable[None]], stop: Callable[[], None]
+) -> None:
+    """SIGTERM/SIGINT: end what is live in order (*shutdown*), then *stop* as a
+    backstop; a second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            break
+        get_logger("agent").info("agent.stopping")
+        async with trio.open_nursery() as nursery:
+
+            async def on_second_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(on_second_signal)
+            await shutdown()
+            # The agent now returns by itself; this only bounds a stuck close.
+            await trio.sleep(_AGENT_CLOSE_S)
+            nursery.cancel_scope.cancel()
+        stop()
+
+
 def _session_config(args: argparse.Namespace, config: BrokerConfig) -> BrokerConfig:
     overrides: dict[str, Any] = {}
     if args.max_session_seconds is not None:
@@ -1113,7 +1227,11 @@ def _demo_engineer(config: BrokerConfig, log: Any) -> tuple[DemoEngineer | None,
     with _open_store(config) as store:
         existed = store.get_user(DEMO_ENGINEER) is not None
         engineer = ensure_demo_engineer(
-            store, _totp_sealer(config), config.data_dir, now=_now()
+            store,
+            _totp_sealer(config),
+            config.data_dir,
+            now=_now(),
+            policy=totp_policy(config.engineer_auth),
         )
     if engineer is not None and not existed:
         log.info("user.added", username=engineer.username, role="engineer", audit=True)
@@ -1205,18 +1323,21 @@ def _enroll_demo_device(config: BrokerConfig, agent_dir: AgentDir, log: Any) -> 
 
 
 def cmd_config_example(args: argparse.Namespace) -> int:
-    from relay.config_file import example_config
+    from relay.config_file import example_agent_config, example_config
 
-    sys.stdout.write(example_config())
+    sys.stdout.write(example_agent_config() if args.agent else example_config())
     return 0
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from relay.config_file import effective_changes
+    from relay.config_file import agent_changes, effective_changes
 
-    config = _load_config(args.file)
+    if args.agent:
+        lines = agent_changes(_load_agent_config(args.file))
+    else:
+        lines = effective_changes(_load_config(args.file))
     print("ok")
-    for line in effective_changes(config):
+    for line in lines:
         print(line)
     return 0
 
@@ -1316,10 +1437,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the values that differ from the defaults; exit 2 when invalid",
     )
     check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument(
+        "--agent", action="store_true", help="FILE is an agent's (relay agent run)"
+    )
     check.set_defaults(func=cmd_config_check)
-    config.add_parser(
+    example = config.add_parser(
         "example", help="print a commented configuration with every key at its default"
-    ).set_defaults(func=cmd_config_example)
+    )
+    example.add_argument(
+        "--agent", action="store_true", help="the agent's file (relay agent run)"
+    )
+    example.set_defaults(func=cmd_config_example)
 
     ca = commands.add_parser("ca", help="the device CA").add_subparsers(
         dest="ca_command", required=True, metavar="ACTION"
@@ -1334,6 +1462,15 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("csr", type=Path, metavar="CSR")
     sign.add_argument("--out", type=Path, required=True, metavar="CERT")
     sign.set_defaults(func=cmd_ca_sign)
+    ca.add_parser(
+        "rollover",
+        help="create a new device CA; the current one stays trusted until "
+        "retire-previous (docs/certificates.md)",
+    ).set_defaults(func=cmd_ca_rollover)
+    ca.add_parser(
+        "retire-previous",
+        help="stop trusting the device CA that `ca rollover` replaced",
+    ).set_defaults(func=cmd_ca_retire_previous)
 
     agent = commands.add_parser("agent", help="the device agent").add_subparsers(
         dest="agent_command", required=True, metavar="ACTION"
@@ -1344,6 +1481,12 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.set_defaults(func=cmd_agent_enroll)
     run = agent.add_parser("run", help="connect out to the broker and stay connected")
     run.add_argument("--broker", required=True, metavar="wss://HOST:PORT")
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's TOML settings (relay config example --agent); flags win",
+    )
     run.add_argument(
         "--dir",
         type=Path,

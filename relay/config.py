@@ -59,8 +59,22 @@ class PKIConfig:
         ca_lifetime_days: Lifetime of a newly created CA.
         max_csr_bytes: A CSR larger than this is refused before it is parsed.
         max_concurrent_signings: CSRs parsed and signed at once for the
-            engineer API (``POST /api/v1/enrollments``); further requests wait
-            for a slot instead of taking every worker thread.
+            engineer API (``POST /api/v1/enrollments``) and for renewals over
+            the control channel; further requests wait for a slot instead of
+            taking every worker thread.
+        renew_before_days: The broker's renewal window: a connected device
+            whose certificate ends within it counts in
+            ``relay_device_certificates_expiring_soon`` (agents renew at their
+            own ``renew_before_days``; keep the two equal).
+        renewal_min_interval_s: A device gets at most one renewed certificate
+            per this many seconds (read from the store's newest issue time, so
+            it holds across nodes and restarts); earlier requests are refused
+            with ``rate_limited``.
+        tls_reload_poll_s: How often the broker looks at its listener
+            certificate and key and the device CA files for changes (content
+            hash), loads a changed set into the live TLS contexts, re-issues
+            a dev-mode listener certificate due for renewal, and updates the
+            certificate expiry metrics.
     """
 
     device_cert_lifetime_days: int = 365
@@ -68,6 +82,9 @@ class PKIConfig:
     ca_lifetime_days: int = 3650
     max_csr_bytes: int = 16 * 1024
     max_concurrent_signings: int = 2
+    renew_before_days: float = 30.0
+    renewal_min_interval_s: float = 3600.0
+    tls_reload_poll_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,9 +176,9 @@ class AgentConfig:
         stable_after_s: A connection that lasted this long resets the backoff.
         allowed_ports: Local TCP ports (on 127.0.0.1) engineers may reach with a
             ``tcp:PORT`` stream; the device decides, the broker cannot widen it.
-        shell_command: The command the ``shell`` channel runs on a PTY. ``None``
-            runs the agent user's login shell (``$SHELL -l``); an empty tuple
-            disables the shell channel.
+        shell_command: The command the ``shell`` channel runs on a PTY, as an
+            array of arguments. Unset: the agent user's login shell
+            (``$SHELL -l``); empty (``[]``): no shell channel.
         max_session_seconds: The device's own cap on a session (1..3600, measured
             from the moment the agent sent its grant); a grant never allows more.
         ui_listen: Where the local device UI (page and JSON API) listens.
@@ -182,6 +199,20 @@ class AgentConfig:
             ends at the cap (<= cap + 1 s), the agent at cap + ``cap_grace_s``
             at the latest, also when the broker is unreachable; 0..1 s, so
             the device's end stays within the BRIEF's cap + 2 s.
+        shutdown_grace_s: On SIGTERM/SIGINT, how long the agent gives a live
+            session's orderly end (local streams, then the tunnel, then the end
+            receipt to the broker) before it stops anyway; 0..9 s, inside the
+            BRIEF's 10 s exit budget.
+        renew_before_days: The agent renews its certificate over the control
+            channel when less than this many days of it are left (30 days of a
+            365-day certificate); also at once when the broker advises it
+            (a CA rollover). See docs/certificates.md.
+        renew_check_s: How often a connected agent looks at its certificate's
+            end (it also looks at every connect).
+        renew_timeout_s: How long the agent waits for the broker's answer to
+            a renewal request before it tries again later.
+        renew_retry_s: After a refused or unanswered renewal, how long the
+            agent waits before it asks again (the broker rate-limits too).
 
     Raises:
         ValueError: A port outside 1..65535, a cap outside 1..3600 s, or a
@@ -206,11 +237,38 @@ class AgentConfig:
     local_connect_timeout_s: float = 5.0
     warning_seconds: tuple[int, ...] = WARNING_SECONDS
     cap_grace_s: float = 1.0
+    shutdown_grace_s: float = 5.0
+    renew_before_days: float = 30.0
+    renew_check_s: float = 3600.0
+    renew_timeout_s: float = 30.0
+    renew_retry_s: float = 3600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "warning_seconds", check_warnings(self.warning_seconds)
         )
+        if not self.renew_before_days >= 0:
+            raise ValueError(
+                f"renew_before_days must be >= 0, got {self.renew_before_days!r}"
+            )
+        for name in _AGENT_POSITIVE:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise ValueError(
+                f"backoff_cap_s must be >= backoff_base_s ({self.backoff_base_s!r}), "
+                f"got {self.backoff_cap_s!r}"
+            )
+        if self.pty_kill_grace_s < 0:
+            raise ValueError(
+                f"pty_kill_grace_s must be >= 0, got {self.pty_kill_grace_s!r}"
+            )
+        if not 0 <= self.shutdown_grace_s <= _AGENT_MAX_SHUTDOWN_GRACE_S:
+            raise ValueError(
+                f"shutdown_grace_s must be in 0..{_AGENT_MAX_SHUTDOWN_GRACE_S}, "
+                f"got {self.shutdown_grace_s!r}"
+            )
         if not 0 <= self.cap_grace_s <= _AGENT_MAX_CAP_GRACE_S:
             raise ValueError(
                 f"cap_grace_s must be in 0..{_AGENT_MAX_CAP_GRACE_S}, "
@@ -236,6 +294,22 @@ _AGENT_MAX_SESSION_SECONDS = 3600
 #: The agent's end comes at most this long after its cap (plus a scheduling
 #: delay), inside the BRIEF's cap + 2 s for a device cut off from the broker.
 _AGENT_MAX_CAP_GRACE_S = 1.0
+#: Agent settings that must be above zero.
+_AGENT_POSITIVE = (
+    "backoff_base_s",
+    "backoff_cap_s",
+    "auth_failure_retry_s",
+    "connect_timeout_s",
+    "eof_after_tls_as_auth_failure",
+    "stable_after_s",
+    "tunnel_connect_timeout_s",
+    "local_connect_timeout_s",
+    "renew_check_s",
+    "renew_timeout_s",
+    "renew_retry_s",
+)
+#: The agent's orderly stop must fit the BRIEF's 10 s exit budget.
+_AGENT_MAX_SHUTDOWN_GRACE_S = 9.0
 
 
 def is_loopback_host(host: str) -> bool:
@@ -272,6 +346,17 @@ class EngineerAuthConfig:
             store (production: from config or ``RELAY_TOTP_SEALING_KEY``). When
             unset, a key is generated on first use into its own 0600 file in the
             data dir, away from the database file.
+        totp_step_s: TOTP time step in seconds, 30 or 60 (what authenticator
+            apps support). It and totp_digits go into the URI of the secrets
+            that ``relay user add`` and ``relay user reset-totp`` make; after
+            changing either, run ``relay user reset-totp`` for every user (their
+            apps, and the stored step that refuses reuse, follow the old values).
+        totp_digits: Digits per TOTP code, 6 or 8 (see totp_step_s).
+        totp_past_steps: 1 accepts the code of the previous step too (typed just
+            as it changed), 0 only the current one. Never future steps.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
     """
 
     session_idle_s: float = 15 * 60.0
@@ -284,6 +369,39 @@ class EngineerAuthConfig:
     unauthenticated_burst: int = 40
     max_concurrent_password_hashes: int = 4
     totp_sealing_key: str | None = None
+    totp_step_s: int = 30
+    totp_digits: int = 6
+    totp_past_steps: int = 1
+
+    def __post_init__(self) -> None:
+        # Own checks replace config_file's generic "stays > 0" one for this class.
+        for name in (
+            "login_free_failures",
+            "login_failures_per_hour",
+            "unauthenticated_burst",
+            "max_concurrent_password_hashes",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:  # bool is an int: refused
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in (
+            "session_idle_s",
+            "session_absolute_s",
+            "login_base_delay_s",
+            "login_max_delay_s",
+            "unauthenticated_per_minute",
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if type(self.totp_step_s) is not int or self.totp_step_s not in (30, 60):
+            raise ValueError(f"totp_step_s must be 30 or 60, got {self.totp_step_s!r}")
+        if type(self.totp_digits) is not int or self.totp_digits not in (6, 8):
+            raise ValueError(f"totp_digits must be 6 or 8, got {self.totp_digits!r}")
+        if type(self.totp_past_steps) is not int or self.totp_past_steps not in (0, 1):
+            raise ValueError(
+                f"totp_past_steps must be in 0..1, got {self.totp_past_steps!r}"
+            )
 
 
 #: Invariant 2: no remote session lasts longer, whatever the config says.
@@ -452,7 +570,11 @@ class BrokerConfig:
         tls_cert_file: Operator-provided listener certificate chain (production);
             when unset a dev certificate is issued by the local CA.
         tls_key_file: Key for ``tls_cert_file``.
-        shutdown_grace_s: Time given to live connections on shutdown.
+        shutdown_grace_s: On SIGTERM/SIGINT, the time live sessions (ended
+            with ``broker_shutdown``) and then control channels (closed with
+            1001) get to close in order, all within one deadline; then the rest
+            is cut. 0..9 s, so that with the audit log's last checkpoint the
+            process is gone within the BRIEF's 10 s.
         sessions: Remote-session cap, grant timeout and channel policy.
         audit: The audit log's checkpoints, files and failure handling, and
             the session recordings.
@@ -483,12 +605,24 @@ class BrokerConfig:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.shutdown_grace_s <= _BROKER_MAX_SHUTDOWN_GRACE_S:
+            raise ValueError(
+                f"shutdown_grace_s must be in 0..{_BROKER_MAX_SHUTDOWN_GRACE_S}, "
+                f"got {self.shutdown_grace_s!r}: the broker exits within 10 s"
+            )
+
     @property
     def effective_database_url(self) -> str:
         """The configured database URL, or the embedded SQLite file."""
         if self.database_url is not None:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'relay.sqlite3').resolve()}"
+
+
+#: The broker's orderly stop must leave time for the audit log's last
+#: checkpoint inside the BRIEF's 10 s exit budget.
+_BROKER_MAX_SHUTDOWN_GRACE_S = 9.0
 
 
 def data_dir_from_env() -> Path:

@@ -34,9 +34,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from relay.config import BrokerConfig, ListenAddress
+from relay.config import AgentConfig, BrokerConfig, ListenAddress
 
-__all__ = ["ConfigError", "effective_changes", "example_config", "load_config"]
+__all__ = [
+    "ConfigError",
+    "agent_changes",
+    "effective_changes",
+    "example_agent_config",
+    "example_config",
+    "load_agent_config",
+    "load_config",
+]
 
 _ENV_PREFIX = "RELAY_"
 #: Older environment names, kept working: name -> (table, key).
@@ -270,6 +278,30 @@ def _env_value(env: str, full: str, text: str, tp: Any) -> object:
         ) from None
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read: {reason}", source=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from None
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """The agent's settings from the TOML file at *path*: the keys of
+    :class:`~relay.config.AgentConfig` at the top level, checked like the
+    broker's (``relay agent run`` flags override them).
+
+    Raises:
+        ConfigError: As for :func:`load_config`.
+    """
+    config: AgentConfig = _build(AgentConfig, "", _read_toml(path), {}, str(path))
+    return config
+
+
 def load_config(path: Path | None, env: Mapping[str, str]) -> BrokerConfig:
     """The broker configuration from the file at *path* (if any) and *env*.
 
@@ -280,17 +312,7 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> BrokerConfig:
     data: dict[str, Any] = {}
     file_source = str(path) if path is not None else "configuration"
     if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = (
-                exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            )
-            raise ConfigError(f"cannot read: {reason}", source=file_source) from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"not valid TOML: {exc}", source=file_source) from None
+        data = _read_toml(path)
     sources: dict[str, str] = {}
     known = _env_names()
     # Aliases first, so that the RELAY_<TABLE>__<KEY> spelling wins over them.
@@ -408,6 +430,21 @@ def example_config() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def example_agent_config() -> str:
+    """A commented TOML file with every agent key at its default.
+
+    ``load_agent_config`` on it gives ``AgentConfig()``.
+    """
+    lines = [
+        "# Remote Care agent configuration (relay agent run --config FILE): every",
+        "# key at its default. Command-line flags override these values.",
+        "# Check a file: relay config check --agent FILE",
+        "",
+    ]
+    lines.extend(_example_fields(AgentConfig, AgentConfig()))
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
 def _flatten(config: BrokerConfig) -> dict[str, object]:
     flat: dict[str, object] = {}
     for name in _field_names(BrokerConfig):
@@ -439,4 +476,15 @@ def effective_changes(config: BrokerConfig) -> list[str]:
             if key == "database_url":
                 shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)
         lines.append(f"{key} = {shown}")
+    return lines
+
+
+def agent_changes(config: AgentConfig) -> list[str]:
+    """``key = value`` lines for the agent settings that differ from the defaults."""
+    default = AgentConfig()
+    lines = []
+    for key in _field_names(AgentConfig):
+        value = getattr(config, key)
+        if value != getattr(default, key):
+            lines.append(f"{key} = {'(unset)' if value is None else _render(value)}")
     return lines

@@ -39,6 +39,7 @@ __all__ = ["DEMO_ENGINEER", "DemoEngineer", "ensure_demo_engineer"]
 DEMO_ENGINEER: Final = "demo"
 CREDENTIALS_FILE: Final = "demo-engineer.json"
 _PASSWORD_BYTES: Final = 12  # 16 URL-safe characters, within the password rules
+_DEFAULT_TOTP_POLICY: Final = auth.TotpPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +58,17 @@ class DemoEngineer:
 
 
 def ensure_demo_engineer(
-    store: Store, sealer: auth.SecretSealer, data_dir: Path, *, now: datetime
+    store: Store,
+    sealer: auth.SecretSealer,
+    data_dir: Path,
+    *,
+    now: datetime,
+    policy: auth.TotpPolicy = _DEFAULT_TOTP_POLICY,
 ) -> DemoEngineer | None:
     """The demo engineer's credentials, creating the account on first use.
+
+    *policy* (step length and digits) goes into a new account's URI; a saved
+    account keeps the URI it was made with.
 
     Returns:
         The credentials, or None when the account exists but its credentials
@@ -79,6 +88,7 @@ def ensure_demo_engineer(
         role="engineer",
         password=password,
         now=now,
+        policy=policy,
     )
     engineer = DemoEngineer(DEMO_ENGINEER, password, new_user.otpauth_uri)
     _write(path, engineer)

@@ -23,6 +23,7 @@ __all__ = ["AUDIT_END_WORDING", "DEVICE_END_WORDING", "END_WORDING"]
 END_WORDING: Final[Mapping[str, str]] = {
     "engineer": "ended by you",
     "onsite": "ended by the person at the instrument",
+    "device_shutdown": "the instrument's remote-care agent stopped",
     "time_cap": "one-hour limit reached",
     "admin": "ended by an administrator",
     "denied": "denied by the person at the instrument",

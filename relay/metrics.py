@@ -31,6 +31,27 @@ ENROLLMENT_OUTCOMES = (
 #: The directions of relay_tunnel_bytes_total and relay_tunnel_messages_total.
 DIRECTIONS = ("to_device", "from_device")
 
+#: Every outcome of a certificate renewal over the control channel.
+RENEWAL_OUTCOMES = (
+    "signed",
+    "refused_revoked",
+    "refused_superseded",
+    "refused_expired",
+    "bad_csr",
+    "id_mismatch",
+    "rate_limited",
+    "unavailable",
+    "store_error",
+)
+
+#: The certificates of relay_certificate_expiry_timestamp_seconds{certificate}:
+#: the listener certificate (both TLS listeners serve it), the device CA, and the
+#: previous device CA while a rollover is in progress.
+EXPIRY_CERTIFICATES = ("listener", "device_ca", "device_ca_previous")
+
+#: Outcomes of relay_tls_reloads_total.
+TLS_RELOAD_OUTCOMES = ("reloaded", "refused")
+
 #: The live session states of relay_sessions{state}.
 SESSION_STATES = ("requested", "offered", "granted", "active")
 
@@ -221,6 +242,35 @@ class RelayMetrics:
             "fell behind (the records themselves are in the log).",
             registry=r,
         )
+        self.certificate_expiry = Gauge(
+            "relay_certificate_expiry_timestamp_seconds",
+            "Unix time at which a certificate the broker serves or trusts ends "
+            "(notAfter), by certificate (listener, device_ca, device_ca_previous "
+            "while a CA rollover is in progress).",
+            ["certificate"],
+            registry=r,
+        )
+        self.device_certificates_expiring_soon = Gauge(
+            "relay_device_certificates_expiring_soon",
+            "Connected devices whose certificate ends within the renewal window "
+            "(pki.renew_before_days); a value that stays above 0 means renewals "
+            "are failing.",
+            registry=r,
+        )
+        self.certificate_renewals = Counter(
+            "relay_device_certificate_renewals_total",
+            "Device certificate renewals over the control channel, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "relay_tls_reloads_total",
+            "Changed listener certificates or device CAs picked up from disk, by "
+            "outcome (reloaded; refused: the files did not load, the old ones "
+            "stay in use).",
+            ["outcome"],
+            registry=r,
+        )
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:
@@ -229,6 +279,10 @@ class RelayMetrics:
             self.enrollments.labels(outcome)
         for state in SESSION_STATES:
             self.sessions.labels(state)
+        for outcome in RENEWAL_OUTCOMES:
+            self.certificate_renewals.labels(outcome)
+        for outcome in TLS_RELOAD_OUTCOMES:
+            self.tls_reloads.labels(outcome)
         for direction in DIRECTIONS:
             self.tunnel_bytes.labels(direction)
             self.tunnel_messages.labels(direction)

@@ -5,6 +5,8 @@ around it. Layout of the broker's data dir::
 
     $RELAY_DATA_DIR/ca/ca.key          device CA key (0600)
     $RELAY_DATA_DIR/ca/ca.crt          device CA certificate (what `relay ca cert` prints)
+    $RELAY_DATA_DIR/ca/previous/       the CA before `relay ca rollover` (ca.key,
+                                       ca.crt), trusted until `relay ca retire-previous`
     $RELAY_DATA_DIR/tls/listener.key   dev-mode listener key (0600)
     $RELAY_DATA_DIR/tls/listener.crt   dev-mode listener certificate, issued by the CA
     $RELAY_DATA_DIR/relay.sqlite3      the embedded store
@@ -12,7 +14,10 @@ around it. Layout of the broker's data dir::
     $RELAY_DATA_DIR/audit/             the audit log (relay/audit_log.py)
     $RELAY_DATA_DIR/recordings/ID/     each session's recordings and receipts
 
-and of an agent's directory: ``device.key`` (0600), ``device.csr``, ``device.crt``.
+and of an agent's directory: ``device.key`` (0600), ``device.csr``, ``device.crt``,
+and after a renewal ``broker-ca.crt`` (the CA bundle the broker sent; trusted
+beside ``--ca-file``) and, only while a renewal is being installed,
+``device.key.new`` and ``device.crt.new`` (docs/certificates.md).
 Private keys are written with mode 0600 from the start (never chmod'ed after the
 fact) and never overwritten: replacing a key is a deliberate operator action.
 """
@@ -27,6 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 import auth
@@ -66,6 +72,14 @@ class DataDir:
     @property
     def ca_cert(self) -> Path:
         return self.root / "ca" / "ca.crt"
+
+    @property
+    def previous_ca_key(self) -> Path:
+        return self.root / "ca" / "previous" / "ca.key"
+
+    @property
+    def previous_ca_cert(self) -> Path:
+        return self.root / "ca" / "previous" / "ca.crt"
 
     @property
     def listener_key(self) -> Path:
@@ -116,6 +130,18 @@ class AgentDir:
     @property
     def cert(self) -> Path:
         return self.root / "device.crt"
+
+    @property
+    def key_new(self) -> Path:
+        return self.root / "device.key.new"
+
+    @property
+    def cert_new(self) -> Path:
+        return self.root / "device.crt.new"
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "broker-ca.crt"
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -294,7 +320,11 @@ def ensure_listener_certificate(
     """Issue a dev-mode listener certificate from the local CA when needed.
 
     A new one is issued when there is none, when the present one expires within a
-    third of *lifetime*, or when it does not cover every name in *names*.
+    third of *lifetime*, when it does not cover every name in *names*, or when it
+    was not issued by the CA that should issue it: the previous CA while a
+    rollover is in progress (agents that have not renewed yet trust only that
+    one), the current CA otherwise (so ``relay ca retire-previous`` leads to a
+    new one).
 
     A certificate that does not parse is replaced too: it is a dev certificate this
     function made, with a key nobody else uses, so there is nothing to keep.
@@ -306,13 +336,21 @@ def ensure_listener_certificate(
         MissingCA, IncompleteCA, CAError: A certificate is needed and the CA
             cannot be used.
     """
+    ca: auth.CertificateAuthority | None = None
     if data_dir.listener_cert.exists() and data_dir.listener_key.exists():
         current = _load_listener_certificate(data_dir.listener_cert)
         if current is not None:
             fresh = current.not_valid_after_utc - now > lifetime / 3
             if fresh and set(names) <= _certificate_names(current):
-                return False
-    ca = load_ca(data_dir)
+                try:
+                    ca = listener_issuer(data_dir)
+                except CAError:
+                    # No usable CA key (kept offline): the certificate stays.
+                    return False
+                if _issued_by(current, ca.certificate):
+                    return False
+    if ca is None:
+        ca = listener_issuer(data_dir)
     key, certificate = auth.issue_server_certificate(
         ca, names=names, now=now, lifetime=lifetime
     )
@@ -323,6 +361,122 @@ def ensure_listener_certificate(
         data_dir.listener_cert, certificate.public_bytes(serialization.Encoding.PEM)
     )
     return True
+
+
+def listener_issuer(data_dir: DataDir) -> auth.CertificateAuthority:
+    """The CA that issues the dev-mode listener certificate: the previous CA while
+    a rollover is in progress (its key is kept until retirement), else the CA.
+
+    Raises:
+        MissingCA, IncompleteCA, CAError: That CA cannot be used.
+    """
+    if data_dir.previous_ca_cert.exists() and data_dir.previous_ca_key.exists():
+        return _load_ca_pair(data_dir.previous_ca_key, data_dir.previous_ca_cert)
+    return load_ca(data_dir)
+
+
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _load_ca_pair(key_path: Path, cert_path: Path) -> auth.CertificateAuthority:
+    certificate = _parse_ca_certificate(cert_path)
+    try:
+        return auth.load_ca(
+            key_pem=_read_ca_file(key_path),
+            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM),
+        )
+    except ValueError as exc:
+        raise CAError(f"cannot use the CA in {key_path.parent}: {exc}") from None
+
+
+def load_previous_ca_certificate(data_dir: DataDir) -> x509.Certificate | None:
+    """The previous device CA's certificate while a rollover is in progress.
+
+    Raises:
+        CAError: ``ca/previous/ca.crt`` exists but is not a CA certificate.
+    """
+    if not data_dir.previous_ca_cert.exists():
+        return None
+    return _parse_ca_certificate(data_dir.previous_ca_cert)
+
+
+def rollover_ca(
+    data_dir: DataDir, *, now: datetime, lifetime: timedelta
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """Make a new device CA and keep the current one as the previous CA.
+
+    Order (each step a rename inside ``ca/``): the new key and certificate are
+    written as ``ca/next.key``/``ca/next.crt`` first; then ``ca.key`` and
+    ``ca.crt`` move to ``ca/previous/``; then ``next.*`` become ``ca.*``. A
+    crash in between leaves an incomplete CA that the broker refuses to load
+    (it keeps the CAs it has) and that ``relay ca init`` reports; the files
+    are all there to finish by hand (docs/certificates.md).
+
+    Returns:
+        (the previous CA certificate, the new CA certificate).
+
+    Raises:
+        CAError: No usable CA, or a previous CA is still trusted (retire it
+            first: only one rollover at a time).
+    """
+    old = load_ca(data_dir)
+    if data_dir.previous_ca_cert.exists() or data_dir.previous_ca_key.exists():
+        raise CAError(
+            f"a previous CA is still trusted ({data_dir.previous_ca_cert.parent}); "
+            "run `relay ca retire-previous` first"
+        )
+    new = auth.create_ca(
+        # A distinct name per generation: clients pick the issuer by name first.
+        common_name=f"Remote Care device CA {now:%Y-%m-%d %H%M%S}",
+        now=now,
+        lifetime=lifetime,
+    )
+    ca_dir = data_dir.ca_cert.parent
+    next_key, next_cert = ca_dir / "next.key", ca_dir / "next.crt"
+    for leftover in (next_key, next_cert):
+        leftover.unlink(missing_ok=True)
+    write_private(next_key, new.key_pem())
+    write_public(next_cert, new.certificate_pem())
+    data_dir.previous_ca_cert.parent.mkdir(mode=0o700, exist_ok=True)
+    os.replace(data_dir.ca_key, data_dir.previous_ca_key)
+    os.replace(data_dir.ca_cert, data_dir.previous_ca_cert)
+    os.replace(next_key, data_dir.ca_key)
+    os.replace(next_cert, data_dir.ca_cert)
+    fsync_directory(ca_dir)
+    return old.certificate, new.certificate
+
+
+def retire_previous_ca(data_dir: DataDir) -> x509.Certificate | None:
+    """Stop trusting the previous CA: remove ``ca/previous/``.
+
+    Returns:
+        The retired CA certificate, or None when there was none.
+
+    Raises:
+        CAError: ``ca/previous/ca.crt`` does not parse; nothing is removed
+            then (a person must look).
+    """
+    previous = load_previous_ca_certificate(data_dir)
+    for path in (data_dir.previous_ca_key, data_dir.previous_ca_cert):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        data_dir.previous_ca_cert.parent.rmdir()
+    return previous
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory *path* durable: files created, renamed or
+    removed in it survive a crash (Linux/POSIX)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_listener_certificate(path: Path) -> x509.Certificate | None:

@@ -67,6 +67,7 @@ from relay.audit.recording import (
     ForwardRecord,
     RecordingCap,
 )
+from relay.pki_files import fsync_directory
 from relay.proto import tunnel
 
 __all__ = [
@@ -239,7 +240,7 @@ class SessionRecording:
             if forwards:
                 self._write_forwards(sorted(forwards, key=lambda r: r.stream_id))
             if self._directory_made:
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         except OSError as exc:
             raise self._fail(exc) from exc
         self._summary = RecordingSummary(
@@ -389,12 +390,3 @@ class SessionRecording:
                 cast.file.abandon()
         self._casts.clear()
         return self._failure
-
-
-def _fsync_directory(path: Path) -> None:
-    # Makes the new directory entries themselves durable (Linux/POSIX).
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -55,12 +55,21 @@ def engineer_listener_context(*, cert_file: Path, key_file: Path) -> ssl.SSLCont
     return context
 
 
-def agent_context(*, ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """Client context for the agent: trusts only *ca_file*, presents the device cert.
+def agent_context(
+    *,
+    ca_file: Path,
+    cert_file: Path,
+    key_file: Path,
+    extra_ca_file: Path | None = None,
+) -> ssl.SSLContext:
+    """Client context for the agent: trusts only *ca_file* (and *extra_ca_file*,
+    the CA bundle a renewal brought, when it exists), presents the device cert.
 
     The broker's name is checked against its certificate (``check_hostname``).
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    if extra_ca_file is not None and extra_ca_file.exists():
+        context.load_verify_locations(cafile=str(extra_ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))

@@ -18,9 +18,11 @@ import auth
 from relay.store import USER_ROLES
 
 if TYPE_CHECKING:
+    from relay.config import EngineerAuthConfig
     from relay.store import Store
 
 USERNAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_DEFAULT_TOTP_POLICY: Final = auth.TotpPolicy()
 
 
 def validate_username(text: str) -> str:
@@ -61,6 +63,15 @@ class NewUser:
     otpauth_uri: str
 
 
+def totp_policy(config: EngineerAuthConfig) -> auth.TotpPolicy:
+    """The TOTP policy the ``engineer_auth`` settings ask for."""
+    return auth.TotpPolicy(
+        step_s=config.totp_step_s,
+        digits=config.totp_digits,
+        past_steps=config.totp_past_steps,
+    )
+
+
 def totp_context(username: str) -> str:
     """Associated data for a user's sealed TOTP secret (binds it to the row)."""
     return f"totp:{username}"
@@ -76,12 +87,14 @@ def create_user(
     password: str,
     now: datetime,
     can_enroll: bool = False,
+    policy: auth.TotpPolicy = _DEFAULT_TOTP_POLICY,
 ) -> NewUser:
     """Create an account with a new TOTP secret.
 
     Args:
         can_enroll: Give the account the enroll permission (engineers; admins
             may enroll anyway; refused for auditors).
+        policy: Step length and digits, stated in the provisioning URI.
 
     Raises:
         ValueError: Invalid name, role or password (too short or too long), or
@@ -100,13 +113,26 @@ def create_user(
         at=now,
         can_enroll=can_enroll,
     )
-    return NewUser(username, role, auth.provisioning_uri(secret, username=username))
+    return NewUser(
+        username, role, auth.provisioning_uri(secret, username=username, policy=policy)
+    )
 
 
 def reset_totp(
-    store: Store, sealer: auth.SecretSealer, *, username: str, now: datetime
+    store: Store,
+    sealer: auth.SecretSealer,
+    *,
+    username: str,
+    now: datetime,
+    policy: auth.TotpPolicy = _DEFAULT_TOTP_POLICY,
 ) -> tuple[NewUser, list[str]]:
     """Give *username* a new TOTP secret; their sessions end.
+
+    The last accepted TOTP step is cleared with the old secret, so this is also
+    how a user moves to a changed *policy* (step numbers depend on its step).
+
+    Args:
+        policy: Step length and digits, stated in the provisioning URI.
 
     Returns:
         The new enrolment, and the token hashes of the sessions that were revoked.
@@ -123,5 +149,5 @@ def reset_totp(
     user = store.get_user(username)
     role = user.role if user is not None else ""
     return NewUser(
-        username, role, auth.provisioning_uri(secret, username=username)
+        username, role, auth.provisioning_uri(secret, username=username, policy=policy)
     ), revoked

@@ -13,7 +13,9 @@ full-jitter exponential backoff for network trouble, a long fixed wait
 logged as an error an instrument maker can act on.
 
 The key, certificate and CA are re-read at every attempt, so replacing
-``device.crt`` (a renewed certificate) needs no restart.
+``device.crt`` (a renewed certificate) needs no restart. Renewal over the
+control channel lives in :mod:`relay._trio.agent_renewal`; a swap that a crash
+interrupted is finished or undone before each attempt.
 
 Remote sessions live in a :class:`~relay._trio.agent_sessions.SessionRuntime`
 that outlives the attempts: each open channel hands it the session messages
@@ -42,6 +44,12 @@ from cryptography import x509
 
 import auth
 from relay import __version__
+from relay._trio.agent_renewal import (
+    RENEWAL_EVENTS,
+    CertificateRenewal,
+    close_renewed,
+    finish_pending_swap,
+)
 from relay._trio.agent_sessions import (
     TUNNEL_PATH,
     Decider,
@@ -136,6 +144,7 @@ async def _client_context(settings: AgentSettings, files: AgentDir) -> ssl.SSLCo
             ca_file=settings.ca_file,
             cert_file=files.cert,
             key_file=files.key,
+            extra_ca_file=files.trust,
         )
     )
 
@@ -213,8 +222,9 @@ async def run_agent(
     runtime: SessionRuntime | None = None,
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rng: random.Random | None = None,
+    stopping: trio.Event | None = None,
 ) -> None:
-    """Keep the control channel up until cancelled.
+    """Keep the control channel up until cancelled, or until *stopping* is set.
 
     Args:
         settings: What ``relay agent run`` was told.
@@ -224,15 +234,25 @@ async def run_agent(
             which no person can answer (offers lapse).
         wall_clock: For the certificate's validity check.
         rng: The backoff jitter.
+        stopping: Set when the agent stops (SIGTERM, after the runtime's
+            orderly end): the control channel is closed with 1001 "agent
+            stopping", no new attempt is made, and this returns.
     """
     if runtime is None:
         own = make_session_runtime(settings)
         async with trio.open_nursery() as nursery:
             await nursery.start(own.run)
             await run_agent(
-                settings, status=status, runtime=own, wall_clock=wall_clock, rng=rng
+                settings,
+                status=status,
+                runtime=own,
+                wall_clock=wall_clock,
+                rng=rng,
+                stopping=stopping,
             )
-        return  # pragma: no cover - run_agent only returns by raising
+            nursery.cancel_scope.cancel()
+        return
+    stopping = stopping if stopping is not None else trio.Event()
     log = get_logger("agent")
     status = status if status is not None else AgentStatus()
     rng = rng if rng is not None else random.SystemRandom()
@@ -243,11 +263,22 @@ async def run_agent(
         auth_failure_s=limits.auth_failure_retry_s,
     )
     eof_streak = 0
-    while True:
+    renewal = CertificateRenewal(
+        AgentDir(settings.agent_dir),
+        limits,
+        log=log,
+        wall_clock=wall_clock,
+        busy=lambda: (
+            runtime.offer is not None or runtime.state()["session"] is not None
+        ),
+    )
+    while not stopping.is_set():
         status.attempts += 1
         started = trio.current_time()
         try:
-            await _attempt(settings, status, runtime, wall_clock, log)
+            await _attempt(
+                settings, status, runtime, wall_clock, log, renewal, stopping
+            )
             outcome, message = (
                 Outcome.LOST,
                 "connection ended",
@@ -258,6 +289,9 @@ async def run_agent(
             if status.connected:
                 status.connected = False
                 status._notify()
+        if stopping.is_set():
+            log.info("agent.control_channel_closed", reason="agent stopping")
+            return
         connected_for = trio.current_time() - started
         eof_streak = eof_streak + 1 if outcome is Outcome.EOF_AFTER_TLS else 0
         delay, auth_wait = plan_retry(
@@ -287,7 +321,8 @@ async def run_agent(
                 detail=message,
                 retry_in_s=round(delay, 2),
             )
-        await trio.sleep(delay)
+        with trio.move_on_after(delay):
+            await stopping.wait()
 
 
 async def _attempt(
@@ -296,10 +331,20 @@ async def _attempt(
     runtime: SessionRuntime,
     wall_clock: Callable[[], datetime],
     log: Any,
+    renewal: CertificateRenewal,
+    stopping: trio.Event,
 ) -> None:
     """One connection attempt; always ends by raising :class:`_AttemptFailed`."""
     host, port, url = parse_broker_url(settings.broker_url)
     files = AgentDir(settings.agent_dir)
+    try:
+        swap = await trio.to_thread.run_sync(finish_pending_swap, files)
+    except OSError as exc:
+        raise _AttemptFailed(
+            Outcome.LOCAL_CERTIFICATE, f"cannot finish a certificate swap: {exc}"
+        ) from None
+    if swap is not None:
+        log.warning("agent.certificate_swap_recovered", outcome=swap)
     device_id = await trio.to_thread.run_sync(
         _check_own_certificate, files, wall_clock()
     )
@@ -337,7 +382,9 @@ async def _attempt(
                 log.info(
                     "agent.connected", device_id=device_id, broker=f"{host}:{port}"
                 )
-                await _run_open_channel(ws, channel, welcome, status, runtime)
+                await _run_open_channel(
+                    ws, channel, welcome, status, runtime, renewal, stopping
+                )
         except HandshakeFailed as exc:
             if exc.status == 403:
                 raise _AttemptFailed(
@@ -439,6 +486,8 @@ async def _run_open_channel(
     welcome: control.Welcome,
     status: AgentStatus,
     runtime: SessionRuntime,
+    renewal: CertificateRenewal,
+    stopping: trio.Event,
 ) -> None:
     sent_at: dict[int, float] = {}
 
@@ -454,11 +503,19 @@ async def _run_open_channel(
         except ConnectionClosed:
             return  # the receive loop sees the close and reports it
 
+    async def close_when_stopping() -> None:
+        # The broker learns at once that the device left on purpose (1001, like
+        # its own shutdown) instead of waiting for missed heartbeats.
+        await stopping.wait()
+        await ws.aclose(CloseCode.GOING_AWAY, "agent stopping")
+
     ended: ConnectionClosed | RemoteProtocolError | None = None
     runtime.attach_control(send_event)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeats)
+            nursery.start_soon(close_when_stopping)
+            nursery.start_soon(renewal.run, send_event, partial(close_renewed, ws))
             try:
                 while True:
                     channel.receive_message(await ws.receive_message())
@@ -470,6 +527,8 @@ async def _run_open_channel(
                         sent_at.clear()
                     elif isinstance(event, _CONTROL_SESSION_EVENTS):
                         runtime.handle_control(event)
+                    elif isinstance(event, RENEWAL_EVENTS):
+                        renewal.handle(event)
             except (ConnectionClosed, RemoteProtocolError) as exc:
                 # Raised after the nursery, so the caller sees it alone, not in a group.
                 ended = exc

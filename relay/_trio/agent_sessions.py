@@ -279,6 +279,7 @@ class SessionRuntime:
         self._sender: ControlSender | None = None
         self._outbox: deque[control.Event] = deque()
         self._outbox_changed = trio.Event()
+        self._outbox_sent = trio.Event()
         self.changed = trio.Event()
 
     # Lifecycle ----------------------------------------------------------------
@@ -388,6 +389,31 @@ class SessionRuntime:
             raise StaleSession(f"no session {session_id!r} on this device")
         session.request_end(EndReason.ONSITE)
         self._notify()
+
+    async def shutdown(self) -> None:
+        """The agent is stopping (SIGTERM/SIGINT): end what is live, in order.
+
+        A pending offer is denied ("device shutting down"); a granted session
+        ends with ``device_shutdown`` like an on-site End: local streams first,
+        then the tunnel, then the signed end receipt on the control channel if
+        one is up. Returns when that is done, or after the configured
+        ``shutdown_grace_s``; the caller then cancels the agent's tasks.
+        """
+        with trio.move_on_after(self._config.shutdown_grace_s):
+            pending = self._offer
+            if pending is not None:
+                self.deny(pending.view.session_id, reason="device shutting down")
+            session = self._session
+            if session is not None:
+                self._log.info("session.device_shutdown", session_id=session.session_id)
+                session.request_end(EndReason.DEVICE_SHUTDOWN)
+                self._notify()
+            while self._session is not None:
+                await self.changed.wait()
+            # The deny or the end receipt goes out on a channel that is up; with
+            # none up it would wait for a reconnect that is not coming.
+            while self._outbox and self._sender is not None:
+                await self._outbox_sent.wait()
 
     # Views ------------------------------------------------------------------------
 
@@ -855,6 +881,9 @@ class SessionRuntime:
             sent = await self._send_now(event)
             if sent and self._outbox and self._outbox[0] is event:
                 self._outbox.popleft()
+            # Sent or not (the channel failed): shutdown() looks again.
+            self._outbox_sent.set()
+            self._outbox_sent = trio.Event()
 
 
 # Moving bytes between a stream and its local end ------------------------------------

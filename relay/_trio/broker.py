@@ -11,6 +11,12 @@ Remote sessions end with ``broker_shutdown`` before the control channels close,
 so that each device still gets its ``SessionEnd``.
 Blocking work (files, key generation, the database) runs in worker threads.
 
+Certificates: :class:`~relay._trio.broker_pki.BrokerPKI` holds the listener
+certificate and the device CAs and reloads them when their files change (every
+``pki.tls_reload_poll_s``, and on SIGHUP when the broker runs in the main
+thread); device certificate renewals over the control channel are signed by a
+:class:`~relay._trio.certificate_renewal.Renewer` (docs/certificates.md).
+
 Audit: the audit log (:class:`relay.audit_log.AuditLog`) opens before anything
 else; every component's logger appends its ``audit=True`` events to it. Sessions
 that the last process left open are closed as ``broker_crash`` before the
@@ -24,9 +30,11 @@ last checkpoint.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +45,8 @@ import trio
 from cryptography import x509
 
 import auth
+from relay._trio.broker_pki import BrokerPKI
+from relay._trio.certificate_renewal import Renewer
 from relay._trio.device_listener import DeviceListener, presence_stale_after
 from relay._trio.engineer_listener import EngineerListener
 from relay._trio.enrollment_api import Enroller
@@ -54,15 +64,13 @@ from relay.pki_files import (
     default_server_names,
     ensure_listener_certificate,
     listener_certificate_names,
-    load_ca,
-    load_ca_certificate,
     load_or_create_sealing_key,
 )
 from relay.presence import LocalPresence
 from relay.proto.close import CloseCode
 from relay.proto.session import EndReason
 from relay.store import Store, StoreError
-from relay.tls import device_listener_context
+from relay.tls import engineer_listener_context
 
 
 def _open_audit(
@@ -114,6 +122,16 @@ async def _audit_watch(
         await trio.sleep(config.watch_s)
 
 
+async def _reload_on_sighup(pki: BrokerPKI) -> None:
+    """Reload certificates at once on SIGHUP (only in the main thread, where
+    signals can be caught; tests and embedded brokers rely on polling)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            await pki.reload_now()
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerPorts:
     """The ports the broker's listeners are bound to."""
@@ -126,32 +144,44 @@ class BrokerPorts:
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     store: Store
-    ca_certificate: x509.Certificate
-    device_context: ssl.SSLContext
-    cert_file: Any
-    key_file: Any
+    pki: BrokerPKI
+    engineer_context: ssl.SSLContext
     dev_certificate_issued: bool
     sealer: auth.SecretSealer
     sealing_key_origin: str
     hasher: auth.PasswordHasher
     certificate_names: list[str]
-    # The device CA with its key, for API enrollment; None without the key.
-    ca: auth.CertificateAuthority | None = None
+
+    @property
+    def ca(self) -> auth.CertificateAuthority | None:
+        """The device CA with its key, for API enrollment; None without the key."""
+        return self.pki.current.signing_ca
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        return self.pki.current.ca_certificate
+
+    @property
+    def cert_file(self) -> Any:
+        return self.pki.cert_file
+
+    @property
+    def key_file(self) -> Any:
+        return self.pki.key_file
 
 
-def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
+def _prepare(config: BrokerConfig, now: datetime, pki_factory: Any) -> _Prepared:
     data_dir = DataDir(config.data_dir)
     sealing_key, sealing_key_origin = load_or_create_sealing_key(
         data_dir,
         config.engineer_auth.totp_sealing_key
         or os.environ.get("RELAY_TOTP_SEALING_KEY"),
     )
-    ca_certificate = load_ca_certificate(data_dir)
-    # The CA key signs CSRs for POST /api/v1/enrollments. A broker without it (the
-    # key kept offline, certificates signed with `relay ca sign` elsewhere) still
-    # verifies devices with ca.crt; the route answers 503 then. A key that is
-    # present but unusable stops the start (CAError), as for `relay ca sign`.
-    signing_ca = load_ca(data_dir) if data_dir.ca_key.exists() else None
+    # The CA key signs CSRs for POST /api/v1/enrollments and renewals. A broker
+    # without it (the key kept offline, certificates signed with `relay ca sign`
+    # elsewhere) still verifies devices with ca.crt; the route answers 503 then.
+    # A key that is present but unusable stops the start (CAError), as for
+    # `relay ca sign` (BrokerPKI.load_initial loads both).
     issued = False
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         cert_file, key_file = config.tls_cert_file, config.tls_key_file
@@ -163,24 +193,23 @@ def _prepare(config: BrokerConfig, now: datetime) -> _Prepared:
             lifetime=timedelta(days=config.pki.server_cert_lifetime_days),
         )
         cert_file, key_file = data_dir.listener_cert, data_dir.listener_key
-    device_context = device_listener_context(
-        cert_file=cert_file, key_file=key_file, device_ca_file=data_dir.ca_cert
-    )
+    dev_mode = config.tls_cert_file is None or config.tls_key_file is None
+    pki: BrokerPKI = pki_factory(cert_file, key_file, dev_mode)
+    pki.load_initial(now)
+    # Built here and kept: a reloaded certificate goes into this very object.
+    engineer_context = engineer_listener_context(cert_file=cert_file, key_file=key_file)
     # Computes one argon2 hash (the unknown-user dummy): worker thread work too.
     hasher = auth.PasswordHasher()
     store = Store.open(config.effective_database_url)
     return _Prepared(
         store,
-        ca_certificate,
-        device_context,
-        cert_file,
-        key_file,
+        pki,
+        engineer_context,
         issued,
         auth.SecretSealer(sealing_key),
         sealing_key_origin,
         hasher,
         listener_certificate_names(cert_file),
-        ca=signing_ca,
     )
 
 
@@ -191,12 +220,14 @@ async def serve_broker(
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     metrics: RelayMetrics | None = None,
     sessions_hook: Callable[[SessionBroker], None] | None = None,
+    pki_hook: Callable[[BrokerPKI], None] | None = None,
     task_status: trio.TaskStatus[BrokerPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the broker until *shutdown* is set; see the module docstring.
 
     *sessions_hook*, if given, is called with the session broker once it exists
-    (tests inspect it: sessions held, their tasks).
+    (tests inspect it: sessions held, their tasks). *pki_hook* likewise gets
+    the :class:`BrokerPKI` (its ``reload_now()`` reloads certificates at once).
 
     Raises:
         CAError: The data dir has no usable CA.
@@ -221,7 +252,14 @@ async def serve_broker(
         )
         try:
             await _serve(
-                config, shutdown, audit, wall_clock, metrics, sessions_hook, task_status
+                config,
+                shutdown,
+                audit,
+                wall_clock,
+                metrics,
+                sessions_hook,
+                pki_hook,
+                task_status,
             )
         finally:
             with trio.CancelScope(shield=True):
@@ -244,6 +282,7 @@ async def _serve(
     wall_clock: Callable[[], datetime],
     metrics: RelayMetrics,
     sessions_hook: Callable[[SessionBroker], None] | None,
+    pki_hook: Callable[[BrokerPKI], None] | None,
     task_status: trio.TaskStatus[BrokerPorts],
 ) -> None:
     log = get_logger("broker", audit=audit)
@@ -261,7 +300,26 @@ async def _serve(
         checkpoint_every_s=str(config.audit.checkpoint_every_s),
         audit=True,
     )
-    prepared = await trio.to_thread.run_sync(_prepare, config, wall_clock())
+    pki_log = get_logger("pki", audit=audit)
+
+    def pki_factory(cert_file: Any, key_file: Any, dev_mode: bool) -> BrokerPKI:
+        return BrokerPKI(
+            config,
+            cert_file=cert_file,
+            key_file=key_file,
+            dev_mode=dev_mode,
+            metrics=metrics,
+            log=pki_log,
+            wall_clock=wall_clock,
+        )
+
+    prepared = await trio.to_thread.run_sync(
+        _prepare, config, wall_clock(), pki_factory
+    )
+    pki = prepared.pki
+    pki.engineer_context = prepared.engineer_context
+    if pki_hook is not None:
+        pki_hook(pki)
     if prepared.dev_certificate_issued:
         log.warning(
             "tls.dev_certificate_issued",
@@ -300,8 +358,9 @@ async def _serve(
     node_id = socket.gethostname()[:64] or "local"
     listener = DeviceListener(
         config=config,
-        ssl_context=prepared.device_context,
-        ca_certificate=prepared.ca_certificate,
+        ssl_context=pki.current.device_context,
+        ca_certificate=pki.current.ca_certificate,
+        previous_ca_certificates=pki.current.trusted[1:],
         store=store,
         presence=LocalPresence(),
         metrics=metrics,
@@ -309,6 +368,17 @@ async def _serve(
         node_id=node_id,
         wall_clock=wall_clock,
     )
+    listener.renewer = Renewer(
+        pki=pki,
+        store=store,
+        config=config.pki,
+        metrics=metrics,
+        log=get_logger("device_listener", audit=audit),
+        wall_clock=wall_clock,
+    )
+    pki.listener = listener
+    pki.enroller = enroller
+    pki.update_gauges()
     session_log = get_logger("sessions", audit=audit)
     archive = SessionArchive(
         store=store,
@@ -380,6 +450,7 @@ async def _serve(
                     config.engineer_listen,
                     tls_files=(prepared.cert_file, prepared.key_file),
                     certificate_names=prepared.certificate_names,
+                    ssl_context=prepared.engineer_context,
                 )
             )
             metrics_port = await nursery.start(
@@ -389,6 +460,8 @@ async def _serve(
                     task_status=task_status,
                 )
             )
+            nursery.start_soon(pki.watch)
+            nursery.start_soon(_reload_on_sighup, pki)
             bound = True
             ports = BrokerPorts(
                 device=device_port, engineer=engineer_port, metrics=metrics_port
@@ -403,13 +476,21 @@ async def _serve(
             )
             task_status.started(ports)
             await shutdown.wait()
-            log.info("broker.stopping", live_devices=listener.live_count(), audit=True)
+            log.info(
+                "broker.stopping",
+                live_devices=listener.live_count(),
+                live_sessions=len(sessions),
+                audit=True,
+            )
+            # One deadline for all of it: the process must be gone within the
+            # BRIEF's 10 s of SIGTERM, whatever a peer does.
+            deadline = trio.current_time() + config.shutdown_grace_s
             listener.accepting = False
-            sessions.end_all(EndReason.BROKER_SHUTDOWN)
-            with trio.move_on_after(config.shutdown_grace_s):
+            sessions.stop()
+            with trio.move_on_at(deadline):
                 await sessions.wait_idle()
             listener.close_all(CloseCode.GOING_AWAY, "broker shutdown", "shutdown")
-            with trio.move_on_after(config.shutdown_grace_s):
+            with trio.move_on_at(deadline):
                 await listener.wait_idle()
             nursery.cancel_scope.cancel()
     finally:

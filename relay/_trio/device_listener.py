@@ -33,6 +33,15 @@ the device's session messages (grant, deny, session ended) to the broker, and
 tells it when a channel ends (``device_disconnect``) or a device is revoked
 (``revoked``, told before the channel is closed so that reason wins).
 
+Certificates (docs/certificates.md): a device may renew its certificate on
+its control channel (:class:`~relay._trio.certificate_renewal.Renewer`); once it
+authenticates with the new one, its older certificates are marked superseded and
+refused at later handshakes (403, ``certificate_superseded``). The trust set
+(device CA, plus the previous CA during a rollover) and the TLS context are
+swapped by :class:`~relay._trio.broker_pki.BrokerPKI` (:meth:`set_trust`); a
+certificate issued by the previous CA is told to renew at once
+(``renewal_advised``).
+
 Rule: every way out of a handler closes the stream, bounded and shielded.
 """
 
@@ -50,9 +59,11 @@ from typing import Any, Final
 
 import trio
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 import auth
 from relay import __version__
+from relay._trio.certificate_renewal import Renewer
 from relay._trio.session_broker import SessionBroker
 from relay._trio.websocket import (
     ConnectionClosed,
@@ -142,6 +153,9 @@ class DeviceListener:
     _connection_ids: Any = field(default_factory=lambda: count(1))
     _random: random.Random = field(default_factory=random.Random)
     sessions: SessionBroker | None = None
+    renewer: Renewer | None = None
+    #: CAs still trusted beside ``ca_certificate`` (a rollover in progress).
+    previous_ca_certificates: tuple[x509.Certificate, ...] = ()
 
     # Serving -----------------------------------------------------------------------
 
@@ -172,6 +186,62 @@ class DeviceListener:
     def live_count(self) -> int:
         """Open control channels held by this process."""
         return len(self._live)
+
+    # Certificates ------------------------------------------------------------------
+
+    def set_trust(
+        self,
+        context: ssl.SSLContext,
+        ca_certificate: x509.Certificate,
+        previous: tuple[x509.Certificate, ...],
+    ) -> None:
+        """Use *context* and these device CAs for every new connection."""
+        self.ssl_context = context
+        self.ca_certificate = ca_certificate
+        self.previous_ca_certificates = previous
+
+    def close_untrusted(self) -> None:
+        """Close live channels whose certificate no trusted CA verifies (4001)."""
+        now = self.wall_clock()
+        for live in list(self._live.values()):
+            if live.certificate is None or self._verify(live.certificate, now):
+                continue
+            self.log.warning(
+                "device.ca_retired_disconnect",
+                device_id=live.device_id,
+                serial=live.serial_hex,
+                audit=True,
+            )
+            live.kick(CloseCode.REVOKED, "certificate authority retired", "ca_retired")
+
+    def count_expiring_before(self, moment: datetime) -> int:
+        """Live channels whose certificate ends before *moment*."""
+        return sum(
+            1
+            for live in self._live.values()
+            if live.certificate is not None
+            and live.certificate.not_valid_after_utc < moment
+        )
+
+    def _verify(
+        self, certificate: x509.Certificate, now: datetime
+    ) -> auth.DeviceIdentity | None:
+        """The identity if a trusted CA verifies *certificate*, else None."""
+        for ca in (self.ca_certificate, *self.previous_ca_certificates):
+            try:
+                return auth.verify_device_certificate(ca, certificate, now=now)
+            except auth.UntrustedPeer:
+                continue
+        return None
+
+    def _issued_by_previous(self, certificate: x509.Certificate) -> bool:
+        for ca in self.previous_ca_certificates:
+            try:
+                certificate.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            return True
+        return False
 
     # The session broker's DeviceControl ----------------------------------------------
 
@@ -392,11 +462,19 @@ class DeviceListener:
                 self.ca_certificate, certificate, now=self.wall_clock()
             )
         except auth.UntrustedPeer as exc:
-            return (
-                403,
-                f"certificate_{exc.reason}",
-                "certificate not acceptable",
-            ), None
+            # During a CA rollover the previous CA still vouches for its devices.
+            previous = (
+                self._verify(certificate, self.wall_clock())
+                if exc.reason == "not_signed_by_ca"
+                else None
+            )
+            if previous is None:
+                return (
+                    403,
+                    f"certificate_{exc.reason}",
+                    "certificate not acceptable",
+                ), None
+            identity = previous
         try:
             # abandon_on_cancel: the handshake deadline must bound this too; a
             # read-only lookup can finish in its thread unobserved.
@@ -419,6 +497,12 @@ class DeviceListener:
             return (403, "id_mismatch", "certificate not on record"), identity
         if record.revoked:
             return (403, "revoked", "certificate revoked"), identity
+        if record.superseded:
+            return (
+                403,
+                "certificate_superseded",
+                "certificate superseded by a renewed one",
+            ), identity
         return None, identity
 
     async def _run_channel(
@@ -542,6 +626,7 @@ class DeviceListener:
                         broker_version=__version__,
                     )
                 )
+                await self._after_welcome(live, identity, certificate)
                 while True:
                     channel.receive_message(await ws.receive_message())
                     event = channel.next_event()
@@ -555,6 +640,8 @@ class DeviceListener:
                         and self.sessions is not None
                     ):
                         self.sessions.device_message(device_id, event)
+                    elif isinstance(event, control.RenewRequest):
+                        await live.send(await self._renew(identity, event))
         except ConnectionClosed as exc:
             label = _LOCAL_DROP_LABELS.get(exc.reason, "peer_closed")
             code, reason = exc.code, exc.reason
@@ -597,6 +684,50 @@ class DeviceListener:
                 peer=peer,
                 audit=True,
             )
+
+    async def _after_welcome(
+        self,
+        live: _LiveChannel,
+        identity: auth.DeviceIdentity,
+        certificate: x509.Certificate,
+    ) -> None:
+        """Supersede the device's older certificates; advise a renewal if due."""
+        try:
+            superseded = await trio.to_thread.run_sync(
+                lambda: self.store.supersede_older_certificates(
+                    identity.device_id, identity.serial_hex, at=self.wall_clock()
+                ),
+                abandon_on_cancel=True,
+            )
+        except StoreError as exc:
+            # The old certificate stays usable until a later connect succeeds
+            # here; it is still only good until its own end.
+            self.metrics.store_errors.labels("supersede_certificates").inc()
+            self.log.error(
+                "store.failed", operation="supersede_certificates", error=str(exc)
+            )
+            superseded = []
+        if superseded:
+            self.log.info(
+                "device.certificate_superseded",
+                device_id=identity.device_id,
+                serials=superseded,
+                by_serial=identity.serial_hex,
+                by_fingerprint=identity.fingerprint_sha256,
+                audit=True,
+            )
+        if self._issued_by_previous(certificate):
+            await live.send(control.RenewalAdvised(reason="ca_rollover"))
+
+    async def _renew(
+        self, identity: auth.DeviceIdentity, request: control.RenewRequest
+    ) -> control.RenewResult | control.RenewRefused:
+        if self.renewer is None:
+            self.metrics.certificate_renewals.labels("unavailable").inc()
+            return control.RenewRefused(
+                reason="unavailable", detail="this broker does not renew certificates"
+            )
+        return await self.renewer.renew(identity, request)
 
     async def _refuse_channel(
         self,

@@ -18,6 +18,7 @@ is safe: nothing can connect before the bind anyway.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from functools import partial
@@ -123,6 +124,7 @@ class EngineerListener:
         *,
         tls_files: tuple[Path, Path],
         certificate_names: Iterable[str],
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; reports the bound port.
@@ -132,13 +134,20 @@ class EngineerListener:
             tls_files: (certificate chain, key).
             certificate_names: The DNS names and IP addresses of the listener
                 certificate, for the default Origin allow-list.
+            ssl_context: The HTTPS context, when the caller keeps it (to reload
+                the certificate in place); else one is made from *tls_files*.
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.sockets.watch)
             await nursery.start(self.feed.run)
             port: int = await nursery.start(
                 partial(
-                    serve_http, self.app, bind, tls_files=tls_files, limits=self.config
+                    serve_http,
+                    self.app,
+                    bind,
+                    tls_files=tls_files,
+                    ssl_context=ssl_context,
+                    limits=self.config,
                 )
             )
             if not self.config.allowed_origins:

@@ -80,6 +80,7 @@ EXIT_CODES: Final = {
     "broker_shutdown": 19,
     "audit_failure": 20,
     "cancelled": 21,
+    "device_shutdown": 22,
 }
 #: Exit status for an end reason this client does not know (a newer broker).
 UNKNOWN_END_EXIT: Final = 29

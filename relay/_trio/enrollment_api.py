@@ -192,6 +192,11 @@ class Enroller:
         self._wall_clock = wall_clock
         self._limiter = trio.CapacityLimiter(config.max_concurrent_signings)
 
+    def set_ca(self, ca: auth.CertificateAuthority | None) -> None:
+        """Sign with *ca* from now on (a CA rollover the broker reloaded)."""
+        self._ca = ca
+        self._ca_pem = None if ca is None else ca.certificate_pem().decode("ascii")
+
     async def enroll(self, request: Request, principal: Principal) -> Response:
         """Handle ``POST /api/v1/enrollments`` for an authenticated *principal*.
 

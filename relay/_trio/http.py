@@ -60,7 +60,13 @@ class _HypercornConfig(HypercornConfig):
     the same settings as the device listener (relay/tls.py).
     """
 
+    #: A context built by the caller (the broker keeps it to reload the
+    #: certificate in place); used instead of one made from the files.
+    relay_ssl_context: ssl.SSLContext | None = None
+
     def create_ssl_context(self) -> ssl.SSLContext | None:
+        if self.relay_ssl_context is not None:
+            return self.relay_ssl_context
         if self.certfile is None or self.keyfile is None:
             return None
         return engineer_listener_context(
@@ -166,6 +172,7 @@ async def serve_http(
     bind: ListenAddress,
     *,
     tls_files: tuple[Path, Path] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     limits: EngineerListenerConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -175,6 +182,9 @@ async def serve_http(
         app: The ASGI application.
         bind: Address to listen on; port 0 picks a free port.
         tls_files: (certificate chain, key) to serve HTTPS, or None for HTTP.
+        ssl_context: The HTTPS context to use instead of one made from
+            *tls_files* (which must be given too); the caller may reload its
+            certificate in place (relay._trio.broker_pki).
         limits: The engineer listener's request and message limits, applied
             where Hypercorn enforces them.
     """
@@ -197,6 +207,7 @@ async def serve_http(
     if tls_files is not None:
         config.certfile = str(tls_files[0])
         config.keyfile = str(tls_files[1])
+        config.relay_ssl_context = ssl_context
     # Hypercorn's ASGI types and Starlette's describe the same protocol but are
     # distinct classes to mypy.
     asgi_app: Any = app

@@ -34,7 +34,7 @@ from relay.store import (
     UserDisabled,
     UserRecord,
 )
-from relay.users import totp_context
+from relay.users import totp_context, totp_policy
 
 __all__ = ["LoginResult", "LoginService", "LoginThrottled", "Principal"]
 
@@ -135,6 +135,7 @@ class LoginService:
         self._monotonic = monotonic
         # Each argon2 hash takes 64 MiB: a login flood must not take the memory.
         self._hash_limiter = trio.CapacityLimiter(config.max_concurrent_password_hashes)
+        self._totp_policy = totp_policy(config)
         self.lifetime: Final = auth.SessionLifetime(
             idle=timedelta(seconds=config.session_idle_s),
             absolute=timedelta(seconds=config.session_absolute_s),
@@ -250,6 +251,7 @@ class LoginService:
                 code,
                 now=self._wall_clock(),
                 last_accepted_step=user.totp_last_step,
+                policy=self._totp_policy,
             )
         except (auth.SealedValueError, ValueError):
             raise auth.InvalidCredentials("totp_secret_unreadable") from None

@@ -51,7 +51,8 @@ Decisions (see also docs/architecture.md):
   sent it: that leg is treated as gone, so the session ends with
   ``engineer_disconnect`` or ``device_disconnect``.
 - A tunnel closed by the device with 4005 "onsite" is the on-site End (the
-  device closes its tunnel before it sends ``SessionEnded``): reason ``onsite``.
+  device closes its tunnel before it sends ``SessionEnded``): reason ``onsite``;
+  4005 "device_shutdown" is the agent stopping (SIGTERM) in the same order.
   Any other loss of the tunnel, or of the control channel the session's offer
   went out on, is ``device_disconnect``.
 - Login ended: the engineer's socket is closed by the socket registry with 4004
@@ -142,6 +143,11 @@ ENGINEER_SEND_S: Final = 5.0
 #: Ended sessions whose summary GET still answers.
 ENDED_KEPT: Final = 256
 _INBOX_SIZE: Final = 64
+#: The ends a device may decide on its own, by the reason it closes its tunnel
+#: with (4005) and puts in its end receipt: the on-site End and the agent stopping.
+_DEVICE_END_REASONS: Final = {
+    reason.value: reason for reason in (EndReason.ONSITE, EndReason.DEVICE_SHUTDOWN)
+}
 
 
 class DeviceControl(Protocol):
@@ -333,6 +339,7 @@ class SessionBroker:
         self._by_device: dict[str, str] = {}
         self._ended: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self._stopping = False
         self._idle = trio.lowlevel.ParkingLot()
 
     def __len__(self) -> int:
@@ -418,7 +425,7 @@ class SessionBroker:
         found = self._control.control_certificate(device_id)
         if found is None:
             raise RequestRefused(404, "device not connected", "not_connected")
-        if self._nursery is None:
+        if self._nursery is None or self._stopping:
             raise RequestRefused(503, "not taking sessions", "unavailable")
         if not self._audit_ok():
             raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
@@ -486,7 +493,7 @@ class SessionBroker:
             await self._abort(live, EndReason.AUDIT_FAILURE)
             raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
         nursery = self._running_nursery()
-        if nursery is None:  # the broker began to stop during the awaits above
+        if nursery is None or self._stopping:  # it began to stop during the awaits
             await self._abort(live, EndReason.BROKER_SHUTDOWN)
             raise RequestRefused(503, "not taking sessions", "unavailable")
         await nursery.start(self._run_session, live)
@@ -552,6 +559,12 @@ class SessionBroker:
         """End every live session (broker shutdown, audit failure)."""
         for live in list(self._sessions.values()):
             self._post(live, _End(reason))
+
+    def stop(self) -> None:
+        """The broker is stopping: every request from now on is refused (503)
+        and every live session ends with ``broker_shutdown``."""
+        self._stopping = True
+        self.end_all(EndReason.BROKER_SHUTDOWN)
 
     async def wait_idle(self) -> None:
         """Return once no session is held."""
@@ -923,14 +936,13 @@ class SessionBroker:
         if leg.side is tunnel.Side.DEVICE:
             if live.device is not leg:
                 return
+            device_reason = _DEVICE_END_REASONS.get(gone.reason)
             if (
                 gone.code == CloseCode.SESSION_ENDED
-                and gone.reason == EndReason.ONSITE.value
+                and device_reason is not None
                 and live.session.granted_at_ms is not None
             ):
-                await self._apply(
-                    live, EndRequested(now_ms=now, reason=EndReason.ONSITE)
-                )
+                await self._apply(live, EndRequested(now_ms=now, reason=device_reason))
             else:
                 await self._apply(live, DeviceDetached(now_ms=now))
         else:
@@ -947,12 +959,10 @@ class SessionBroker:
                 await self._apply(live, Denied(now_ms=now))
             return
         if isinstance(event, control.SessionEnded):
-            self._end_receipt(live, event)
-            if live.end_receipt.is_set():
+            ended = self._end_receipt(live, event)
+            if ended is not None and live.end_receipt.is_set():
                 with contextlib.suppress(ProtocolError):
-                    await self._apply(
-                        live, EndRequested(now_ms=now, reason=EndReason.ONSITE)
-                    )
+                    await self._apply(live, EndRequested(now_ms=now, reason=ended))
             return
         if not isinstance(event, control.Grant):
             return
@@ -1029,7 +1039,12 @@ class SessionBroker:
             certificate=live.certificate,
         )
 
-    def _end_receipt(self, live: _Live, event: control.SessionEnded) -> None:
+    def _end_receipt(
+        self, live: _Live, event: control.SessionEnded
+    ) -> EndReason | None:
+        """Verify and keep the device's end receipt; the device's own end
+        reason (on-site End, agent stopping) when it ends the session unasked,
+        else None."""
         session = live.session
         try:
             end = receipts.verify_end(
@@ -1048,16 +1063,17 @@ class SessionBroker:
                 detail=str(exc)[:200],
                 audit=True,
             )
-            return
-        if end.reason != EndReason.ONSITE.value and not session.state.is_terminal:
-            # Only the on-site End may come unasked; anything else is logged.
+            return None
+        device_reason = _DEVICE_END_REASONS.get(end.reason)
+        if device_reason is None and not session.state.is_terminal:
+            # Only the device's own ends may come unasked; anything else is logged.
             self._log.warning(
                 "session.end_receipt_unexpected",
                 session_id=session.session_id,
                 reason=end.reason,
                 audit=True,
             )
-            return
+            return None
         live.end_receipt.set()
         live.end_signed = receipts.SignedReceipt.from_wire(
             event.receipt, event.signature
@@ -1075,6 +1091,7 @@ class SessionBroker:
             granted_max_seconds=live.granted_max_seconds,
             audit=True,
         )
+        return device_reason
 
     async def _apply(self, live: _Live, event: Event) -> None:
         outputs = live.session.handle(event)
@@ -1161,7 +1178,7 @@ class SessionBroker:
                         session_id=session.session_id, reason=reason.value
                     ),
                 )
-        elif reason is not EndReason.ONSITE:
+        elif reason.value not in _DEVICE_END_REASONS:
             await self._send_control(
                 live,
                 control.SessionEnd(session_id=session.session_id, reason=reason.value),

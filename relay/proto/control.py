@@ -36,6 +36,18 @@ Broker to device: :class:`Offer` (ask the person at the device), :class:`OfferWi
 ``SessionEnded`` carry a signed receipt as two unpadded base64url fields,
 ``receipt`` and ``signature`` (:meth:`relay.proto.receipts.SignedReceipt.to_wire`).
 
+Certificate renewal
+===================
+Device to broker: :class:`RenewRequest` (a PEM certificate signing request for a
+new key). Broker to device: :class:`RenewResult` (the signed certificate, PEM, and
+the CA bundle the agent should trust for the broker's listener, possibly empty),
+:class:`RenewRefused` (a bounded reason code and a short text), and
+:class:`RenewalAdvised` (the broker asks for a renewal now, e.g. because the
+certificate was issued by a CA that is being rolled over). As for sessions, the
+channel checks only the form: PEM text of bounded length in the PEM alphabet.
+Whether the CSR names the channel's device, and whether the device may renew,
+is the broker's decision (see docs/certificates.md).
+
 Field limits
 ============
 Every field has a type (``int``, ``float``, ``str`` or ``tuple[str, ...]``, a JSON
@@ -109,6 +121,15 @@ _SIGNATURE_LIMIT: Final = FieldLimit(
     max_chars=MAX_WIRE_SIGNATURE_CHARS, pattern=_BASE64URL
 )
 _END_REASON_LIMIT: Final = FieldLimit(max_chars=32)
+#: PEM text: base64 lines between ``-----BEGIN ...-----`` and ``-----END ...-----``.
+_PEM: Final = re.compile(r"[-A-Za-z0-9+/= \r\n]*")
+#: Largest PEM CSR or certificate on the control channel (the broker's own
+#: ``max_csr_bytes`` may be lower; 16 KiB is ample for a P-256 or RSA-4096 one).
+MAX_PEM_CHARS: Final = 16 * 1024
+#: Largest CA bundle (a handful of CA certificates during a rollover).
+MAX_CA_BUNDLE_CHARS: Final = 32 * 1024
+_PEM_LIMIT: Final = FieldLimit(max_chars=MAX_PEM_CHARS, pattern=_PEM)
+_RENEW_REASON: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 class Role(Enum):
@@ -303,6 +324,73 @@ class SessionEnded(Event):
     signature: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewRequest(Event):
+    """Ask the broker to sign a new certificate for this device (device to broker).
+
+    *csr* is a PEM certificate signing request made with a new key, of the same
+    form as the enrollment one; its device id must be the channel's.
+    """
+
+    TYPE: ClassVar[str] = "renew_request"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {"csr": _PEM_LIMIT}
+    csr: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewResult(Event):
+    """The renewed certificate (broker to device).
+
+    Attributes:
+        certificate: The new device certificate, PEM.
+        ca_bundle: The CA certificates (PEM, concatenated) the agent should
+            trust for the broker's listener from now on, or ``""`` when the
+            broker does not know them (an operator-provided listener
+            certificate); see docs/certificates.md.
+    """
+
+    TYPE: ClassVar[str] = "renew_result"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "certificate": _PEM_LIMIT,
+        "ca_bundle": FieldLimit(max_chars=MAX_CA_BUNDLE_CHARS, pattern=_PEM),
+    }
+    certificate: str
+    ca_bundle: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewRefused(Event):
+    """The broker refused a renewal (broker to device).
+
+    *reason* is a code (``rate_limited``, ``bad_csr``, ``id_mismatch``,
+    ``refused_revoked``, ...: lowercase, at most 32 characters); *detail* is a
+    short text for the agent's log.
+    """
+
+    TYPE: ClassVar[str] = "renew_refused"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "reason": FieldLimit(max_chars=32, pattern=_RENEW_REASON),
+        "detail": FieldLimit(max_chars=200),
+    }
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenewalAdvised(Event):
+    """The broker asks the device to renew now (broker to device).
+
+    *reason* is a code: ``ca_rollover`` (the certificate was issued by a CA that
+    is being retired) or ``expiring`` (it ends within the broker's window).
+    """
+
+    TYPE: ClassVar[str] = "renewal_advised"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "reason": FieldLimit(max_chars=32, pattern=_RENEW_REASON),
+    }
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLost(Event):
     """Pseudo-event: the transport closed (``receive_message(None)``)."""
@@ -330,6 +418,10 @@ _EVENT_TYPES: Final[dict[str, type[Event]]] = {
         Grant,
         Deny,
         SessionEnded,
+        RenewRequest,
+        RenewResult,
+        RenewRefused,
+        RenewalAdvised,
     )
 }
 
@@ -344,6 +436,10 @@ _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
     (State.OPEN, Grant): State.OPEN,
     (State.OPEN, Deny): State.OPEN,
     (State.OPEN, SessionEnded): State.OPEN,
+    (State.OPEN, RenewRequest): State.OPEN,
+    (State.OPEN, RenewResult): State.OPEN,
+    (State.OPEN, RenewRefused): State.OPEN,
+    (State.OPEN, RenewalAdvised): State.OPEN,
 }
 
 _SENDER: Final[dict[type[Event], Role]] = {
@@ -357,6 +453,10 @@ _SENDER: Final[dict[type[Event], Role]] = {
     Grant: Role.DEVICE,
     Deny: Role.DEVICE,
     SessionEnded: Role.DEVICE,
+    RenewRequest: Role.DEVICE,
+    RenewResult: Role.BROKER,
+    RenewRefused: Role.BROKER,
+    RenewalAdvised: Role.BROKER,
 }
 
 

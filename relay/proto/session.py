@@ -248,6 +248,7 @@ class EndReason(StrEnum):
 
     ENGINEER = "engineer"
     ONSITE = "onsite"
+    DEVICE_SHUTDOWN = "device_shutdown"
     TIME_CAP = "time_cap"
     ADMIN = "admin"
     DEVICE_DISCONNECT = "device_disconnect"
@@ -280,11 +281,13 @@ _END_STATES: Final[dict[EndReason, State]] = {
 # The others come from the machine's own events: Denied, the timers, the
 # Detached events. "cancelled" is the engineer withdrawing before the grant,
 # "engineer" the engineer ending after it; the person on site refuses an offer
-# with Denied and ends a granted session with "onsite".
+# with Denied and ends a granted session with "onsite"; "device_shutdown" is the
+# agent stopping (SIGTERM) with a granted session (it denies a pending offer).
 _REQUESTABLE: Final[dict[EndReason, frozenset[State]]] = {
     EndReason.CANCELLED: _BEFORE_GRANT,
     EndReason.ENGINEER: _AFTER_GRANT,
     EndReason.ONSITE: _AFTER_GRANT,
+    EndReason.DEVICE_SHUTDOWN: _AFTER_GRANT,
     EndReason.ADMIN: frozenset(_LIVE),
     EndReason.REVOKED: frozenset(_LIVE),
     EndReason.LOGIN_ENDED: frozenset(_LIVE),

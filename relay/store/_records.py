@@ -57,6 +57,9 @@ class CertificateRecord:
         not_after: End of validity, aware UTC.
         revoked: The certificate *or its device* is revoked; either way the
             handshake must be refused.
+        superseded: The device has since used a newer certificate (a
+            renewal); the handshake must be refused too, with its own reason.
+        issued_at: When the CA signed it, aware UTC.
     """
 
     serial_hex: str
@@ -64,6 +67,8 @@ class CertificateRecord:
     fingerprint_sha256: str
     not_after: datetime
     revoked: bool
+    superseded: bool = False
+    issued_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

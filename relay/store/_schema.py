@@ -147,6 +147,9 @@ certificates: Final = Table(
     Column("not_after", UTCDateTime(), nullable=False),
     Column("issued_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    # Set when the device first used a newer certificate (a renewal); refused at
+    # the handshake from then on. Not a revocation: not in revocation_events.
+    Column("superseded_at", UTCDateTime(), nullable=True),
 )
 
 # Append-only. The id is the broker's poll cursor, so it must never be reused:

@@ -117,7 +117,7 @@ from ._schema import (
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 #: The newest revision in ``migrations/versions``; a database there needs no
 #: migration. tests/relay/store holds it equal to Alembic's own head.
-SCHEMA_HEAD: Final = "0004"
+SCHEMA_HEAD: Final = "0005"
 
 # How long a SQLite writer waits for the file's single write lock before giving up
 # with "database is locked". Transactions here last milliseconds; 5 s covers a CLI
@@ -437,6 +437,8 @@ class Store(RemoteSessions):
                     certificates.c.fingerprint_sha256,
                     certificates.c.not_after,
                     certificates.c.revoked_at,
+                    certificates.c.superseded_at,
+                    certificates.c.issued_at,
                     devices.c.revoked_at.label("device_revoked_at"),
                 )
                 .join(devices, devices.c.device_id == certificates.c.device_id)
@@ -450,7 +452,87 @@ class Store(RemoteSessions):
             fingerprint_sha256=row.fingerprint_sha256,
             not_after=row.not_after,
             revoked=row.revoked_at is not None or row.device_revoked_at is not None,
+            superseded=row.superseded_at is not None,
+            issued_at=row.issued_at,
         )
+
+    def supersede_older_certificates(
+        self, device_id: str, serial_hex: str, *, at: datetime
+    ) -> list[str]:
+        """Mark *device_id*'s certificates issued before *serial_hex* superseded.
+
+        Called when the device authenticated with *serial_hex*: every older
+        certificate of the device that is neither revoked nor superseded yet is
+        refused from now on. Only older ones: a device that renewed, lost the
+        new files in a crash and came back with its previous certificate does
+        not lose the new one (it can still finish the swap).
+
+        Returns:
+            The serials marked by this call, oldest first (``[]`` when none).
+
+        Raises:
+            StoreError: The database failed.
+            ValueError: A malformed id or serial, or a naive *at*.
+        """
+        _check_text(device_id, "device_id", DEVICE_ID_LENGTH)
+        serial = _canonical_serial(serial_hex)
+        _check_aware(at, "at")
+        # A read first: almost every connect finds nothing to supersede, and
+        # must not take the database's write lock for that.
+        if not self._older_live_certificates(device_id, serial, write=False):
+            return []
+        return self._older_live_certificates(device_id, serial, write=True, at=at)
+
+    def _older_live_certificates(
+        self, device_id: str, serial: str, *, write: bool, at: datetime | None = None
+    ) -> list[str]:
+        """The device's live certificates older than *serial*; marked when *write*."""
+        with self._transaction(write=write) as connection:
+            issued_at = connection.execute(
+                select(certificates.c.issued_at).where(
+                    certificates.c.serial_hex == serial,
+                    certificates.c.device_id == device_id,
+                )
+            ).scalar_one_or_none()
+            if issued_at is None:
+                return []
+            older = (
+                certificates.c.device_id == device_id,
+                certificates.c.serial_hex != serial,
+                certificates.c.issued_at < issued_at,
+                certificates.c.revoked_at.is_(None),
+                certificates.c.superseded_at.is_(None),
+            )
+            serials = list(
+                connection.execute(
+                    select(certificates.c.serial_hex)
+                    .where(*older)
+                    .order_by(certificates.c.issued_at, certificates.c.serial_hex)
+                ).scalars()
+            )
+            if serials and write:
+                connection.execute(
+                    update(certificates).where(*older).values(superseded_at=at)
+                )
+        return serials
+
+    def newest_certificate_issued_at(self, device_id: str) -> datetime | None:
+        """When the newest certificate of *device_id* was issued, or ``None``.
+
+        The renewal rate limit reads it, so the limit holds across broker
+        nodes and restarts.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        _check_text(device_id, "device_id", DEVICE_ID_LENGTH)
+        with self._transaction(write=False) as connection:
+            newest: datetime | None = connection.execute(
+                select(func.max(certificates.c.issued_at)).where(
+                    certificates.c.device_id == device_id
+                )
+            ).scalar_one()
+        return newest
 
     def revoke_device(
         self, device_id: str, *, at: datetime, reason: str

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hmac
 import pickle
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -23,6 +24,7 @@ from auth import (
     TOTP_STEP_S,
     AuthError,
     InvalidCredentials,
+    TotpPolicy,
     generate_secret,
     provisioning_uri,
     verify_totp,
@@ -420,6 +422,165 @@ def test_provisioning_uri_refuses_a_bad_secret() -> None:
     """A secret pyotp cannot use is refused before any URI is built."""
     with pytest.raises(ValueError, match="base32"):
         provisioning_uri("JBSWY3DP", username="alice")
+
+
+# ---------------------------------------------------------------------------
+# Other policies (engineer_auth.totp_step_s, totp_digits, totp_past_steps)
+
+LONG = TotpPolicy(step_s=60, digits=8)
+# NOW starts an even 30 s step, so it starts a 60 s step too.
+T60 = T // 2
+
+
+def _long_code_for_step(step: int, secret: str = SECRET) -> str:
+    """The code an app set up with LONG's URI shows during 60 s step *step*."""
+    app = pyotp.TOTP(secret, digits=8, interval=60)
+    return app.at(datetime.fromtimestamp(step * 60, UTC))
+
+
+def _with(
+    policy: TotpPolicy, code: str, *, now: datetime = NOW, last: int | None = None
+) -> int | str:
+    """The accepted step under *policy*, or the reason of the refusal."""
+    try:
+        return verify_totp(
+            SECRET, code, now=now, last_accepted_step=last, policy=policy
+        )
+    except InvalidCredentials as error:
+        return error.reason
+
+
+def _long(code: str, *, now: datetime = NOW, last: int | None = None) -> int | str:
+    return _with(LONG, code, now=now, last=last)
+
+
+def test_default_policy_is_the_brief_budget() -> None:
+    """30 s steps, 6 digits, steps t-1..t."""
+    assert TotpPolicy() == TotpPolicy(step_s=30, digits=6, past_steps=1)
+    assert (TotpPolicy().step_s, TotpPolicy().digits) == (TOTP_STEP_S, TOTP_DIGITS)
+
+
+def test_60_s_steps_accept_t_and_t_minus_1_of_the_60_s_sequence() -> None:
+    """With 60 s steps the step number halves; codes of t and t-1 pass, t-2 not."""
+    assert NOW.timestamp() == T60 * 60
+    assert _long(_long_code_for_step(T60)) == T60
+    assert _long(_long_code_for_step(T60 - 1)) == T60 - 1
+    # Still step T60 59 s later: both codes still pass.
+    late = NOW + timedelta(seconds=59)
+    assert _long(_long_code_for_step(T60), now=late) == T60
+    assert _long(_long_code_for_step(T60 - 1), now=late) == T60 - 1
+    assert _long(_long_code_for_step(T60 - 2)) == "bad_totp"
+    assert _long(_long_code_for_step(T60 + 1)) == "bad_totp"
+
+
+def test_60_s_policy_refuses_a_30_s_code() -> None:
+    """A code of the 30 s sequence does not pass 60 s steps: not the 6-digit one
+    under a 60 s, 6-digit policy, and not by shape under LONG (8 digits)."""
+    sixty = TotpPolicy(step_s=60)
+    thirty_code = _code_at(NOW + timedelta(seconds=30))  # step T+1, inside T60
+    assert thirty_code != pyotp.TOTP(SECRET, interval=60).at(NOW)
+    assert _with(sixty, thirty_code) == "bad_totp"
+    assert _long(_code_at(NOW)) == "bad_totp"
+    assert _with(sixty, pyotp.TOTP(SECRET, interval=60).at(NOW)) == T60
+
+
+def test_8_digit_codes() -> None:
+    """8 digits: the 8-digit code passes; six digits (its last six are the 6-digit
+    code of the same step) do not, and the default policy refuses eight."""
+    policy = TotpPolicy(digits=8)
+    code = pyotp.TOTP(SECRET, digits=8).at(NOW)
+    assert len(code) == 8
+    assert _with(policy, code) == T
+    assert code[2:] == _code_at(NOW)
+    for other in (code[2:], code[:6], code + "0"):
+        assert _with(policy, other) == "bad_totp"
+    assert _refusal(code) == "bad_totp"
+
+
+def test_no_past_steps_accepts_only_t(monkeypatch: pytest.MonkeyPatch) -> None:
+    """past_steps=0: the code of t-1 is refused, the code of t accepted, and one
+    step is compared."""
+    policy = TotpPolicy(past_steps=0)
+    assert _with(policy, _code_for_step(T)) == T
+    assert _with(policy, _code_for_step(T - 1)) == "bad_totp"
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    with contextlib.suppress(InvalidCredentials):
+        verify_totp(SECRET, WRONG, now=NOW, last_accepted_step=None, policy=policy)
+    assert len(calls) == 1
+
+
+def test_reuse_rule_holds_with_another_policy() -> None:
+    """With 60 s steps a code accepted once is refused again, also a step later,
+    and the t-1 code after the t code is refused too."""
+    code = _long_code_for_step(T60)
+    step = _long(code)
+    assert step == T60
+    assert _long(code, last=step) == "totp_reused"
+    assert _long(code, now=NOW + timedelta(seconds=60), last=step) == "totp_reused"
+    assert _long(_long_code_for_step(T60 - 1), last=step) == "totp_reused"
+    assert (
+        _long(_long_code_for_step(T60 + 1), now=NOW + timedelta(seconds=60), last=step)
+        == T60 + 1
+    )
+
+
+def test_the_epoch_limit_follows_the_policy() -> None:
+    """Step t-1 must exist: with 60 s steps, from 1970-01-01 00:01 UTC on; with no
+    past step, from the epoch on."""
+    with pytest.raises(ValueError, match="1970-01-01T00:01:00Z"):
+        verify_totp(
+            SECRET,
+            "12345678",
+            now=datetime(1970, 1, 1, 0, 0, 59, tzinfo=UTC),
+            last_accepted_step=None,
+            policy=LONG,
+        )
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert _with(TotpPolicy(past_steps=0), _code_for_step(0), now=epoch) == 0
+
+
+def test_provisioning_uri_states_non_default_digits_and_period() -> None:
+    """8 digits and 60 s are in the URI (an app would assume 6 and 30 otherwise);
+    the defaults are left implicit."""
+    uri = provisioning_uri(SECRET, username="alice", policy=LONG)
+    assert "digits=8&period=60" in uri
+    parsed = pyotp.parse_uri(uri)
+    assert isinstance(parsed, pyotp.TOTP)
+    assert (parsed.digits, parsed.interval) == (8, 60)
+    assert _long(parsed.at(NOW)) == T60
+    default = provisioning_uri(SECRET, username="alice", policy=TotpPolicy())
+    assert default == provisioning_uri(SECRET, username="alice")
+    assert "digits=" not in default
+    assert "period=" not in default
+    assert "period=60" in provisioning_uri(
+        SECRET, username="alice", policy=TotpPolicy(step_s=60)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"step_s": 45}, "step_s must be 30 or 60, got 45"),
+        ({"step_s": 30.0}, "step_s must be 30 or 60, got 30.0"),
+        ({"digits": 7}, "digits must be 6 or 8, got 7"),
+        ({"past_steps": 2}, "past_steps must be in 0..1, got 2"),
+        ({"past_steps": -1}, "past_steps must be in 0..1, got -1"),
+        ({"past_steps": True}, "past_steps must be in 0..1, got True"),
+    ],
+)
+def test_policy_refuses_what_apps_do_not_support(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """Only 30/60 s, 6/8 digits and 0/1 past steps (ints, not bools or floats)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TotpPolicy(**kwargs)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------

@@ -83,6 +83,25 @@ def test_check_refuses_a_bad_file_with_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_check_takes_only_totp_steps_apps_support(tmp_path: Path) -> None:
+    """engineer_auth.totp_step_s = 45 is refused naming the key and the allowed
+    values (exit 2); 60 is accepted."""
+    (tmp_path / "bad.toml").write_text("[engineer_auth]\ntotp_step_s = 45\n")
+    result = relay(tmp_path, "config", "check", "bad.toml")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay: error: bad.toml: engineer_auth.totp_step_s must be 30 or 60, got 45"
+    ]
+    (tmp_path / "relay.toml").write_text(
+        "[engineer_auth]\ntotp_step_s = 60\ntotp_digits = 8\n"
+    )
+    result = relay(tmp_path, "config", "check", "relay.toml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "engineer_auth.totp_step_s = 60" in lines
+    assert "engineer_auth.totp_digits = 8" in lines
+
+
 def test_check_gives_the_toml_line(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('data_dir = "x"\n[sessions\n')
     result = relay(tmp_path, "config", "check", "bad.toml")
@@ -187,3 +206,35 @@ def test_serve_runs_on_the_config_file(tmp_path: Path) -> None:
         broker.kill()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_agent_file_example_check_and_errors(tmp_path: Path) -> None:
+    """`relay config example --agent` checks ok with `--agent`; a bad agent file
+    exits 2 naming the key, also from `relay agent run --config`."""
+    example = relay(tmp_path, "config", "example", "--agent")
+    assert example.returncode == 0, example.stderr
+    assert "\nbackoff_cap_s = 60.0\n" in example.stdout
+    (tmp_path / "agent.toml").write_text(example.stdout)
+    check = relay(tmp_path, "config", "check", "--agent", "agent.toml")
+    assert (check.returncode, check.stdout) == (0, "ok\n"), check.stderr
+    (tmp_path / "bad.toml").write_text("shutdown_grace_s = 30\n")
+    bad = relay(tmp_path, "config", "check", "--agent", "bad.toml")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "relay: error: bad.toml: shutdown_grace_s must be in 0..9.0, got 30.0"
+    )
+    run = relay(
+        tmp_path,
+        "agent",
+        "run",
+        "--broker",
+        "wss://127.0.0.1:1",
+        "--dir",
+        str(tmp_path),
+        "--ca-file",
+        str(tmp_path / "ca.crt"),
+        "--config",
+        "bad.toml",
+    )
+    assert run.returncode == 2
+    assert "shutdown_grace_s must be in 0..9.0" in run.stderr

@@ -14,17 +14,23 @@ import queue
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+import auth
+from relay.pki_files import DataDir, load_ca, write_private, write_public
 from tests.cli.lines import LineReader
 from tests.cli.listen import ALL_ON_PORT_ZERO
 
@@ -286,3 +292,62 @@ def test_serve_with_a_corrupt_ca_certificate_is_an_error(data_dir: Path) -> None
 
     assert result.returncode == 1
     assert f"relay: error: {ca_cert} is not a valid PEM certificate" in result.stderr
+
+
+#: SIGHUP must be quicker than the 30 s poll; this leaves no doubt which did it.
+RELOAD_BUDGET_S = 5.0
+
+
+def served_certificate(port: int) -> x509.Certificate:
+    """The certificate a TLS listener on 127.0.0.1:*port* presents now."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only reading what is served
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_sighup_reloads_the_listener_certificate(broker: Broker) -> None:
+    started = broker.wait_for_event("broker.started", START_TIMEOUT_S)
+    data_dir = DataDir(Path(started["data_dir"]))
+    ports = (started["device_port"], started["engineer_port"])
+    before = {served_certificate(port).serial_number for port in ports}
+    assert len(before) == 1  # one listener certificate serves both
+
+    old = x509.load_pem_x509_certificate(data_dir.listener_cert.read_bytes())
+    names = [
+        str(name.value)
+        for name in old.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    ]
+    key, certificate = auth.issue_server_certificate(
+        load_ca(data_dir),
+        names=names,
+        now=datetime.now(UTC),
+        lifetime=timedelta(days=90),
+    )
+    data_dir.listener_key.unlink()
+    data_dir.listener_cert.unlink()
+    write_private(data_dir.listener_key, auth.private_key_pem(key))
+    write_public(
+        data_dir.listener_cert, certificate.public_bytes(serialization.Encoding.PEM)
+    )
+
+    broker.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + RELOAD_BUDGET_S
+    while True:
+        served = {served_certificate(port).serial_number for port in ports}
+        if served == {certificate.serial_number}:
+            break
+        assert time.monotonic() < deadline, f"still serving {served} after SIGHUP"
+        time.sleep(0.1)
+    reloaded = broker.wait_for_event("tls.reloaded", RELOAD_BUDGET_S)
+    assert reloaded["audit"] is True
+    assert broker.process.poll() is None
+    assert broker.stop(signal.SIGTERM) == 0

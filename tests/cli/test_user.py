@@ -345,6 +345,41 @@ def test_reset_totp_replaces_the_secret(users: Users) -> None:
         verify(sealer, sealed, "alice", pyotp.TOTP(old_secret).now())
 
 
+def test_add_and_reset_totp_state_the_configured_digits_and_period(
+    users: Users,
+) -> None:
+    """With engineer_auth.totp_digits = 8 and totp_step_s = 60, the URIs of
+    ``user add`` and ``user reset-totp`` say so, and their codes verify under
+    that policy."""
+    env = {
+        "RELAY_ENGINEER_AUTH__TOTP_STEP_S": "60",
+        "RELAY_ENGINEER_AUTH__TOTP_DIGITS": "8",
+    }
+    added = users.add("alice", env=env)["otpauth_uri"]
+    result = users("reset-totp", "alice", env=env)
+    assert result.returncode == 0, result.stderr
+    reset = result.stdout.split("TOTP for alice: ")[1].split()[0]
+    policy = auth.TotpPolicy(step_s=60, digits=8)
+    sealer = auth.SecretSealer(auth.key_from_text(users.key_file.read_text()))
+    secret = sealer.unseal(users.sealed_secret("alice"), context=totp_context("alice"))
+    for uri in (added, reset):
+        assert "digits=8&period=60" in uri
+    app = pyotp.parse_uri(reset)
+    assert isinstance(app, pyotp.TOTP)
+    assert uri_secret(reset, "alice") == secret
+    code = app.now()
+    assert len(code) == 8
+    now = datetime.now(UTC)
+    assert (
+        auth.verify_totp(secret, code, now=now, last_accepted_step=None, policy=policy)
+        >= 0
+    )
+    # Without the setting, the URI keeps the authenticator defaults.
+    plain = users.add("bob")["otpauth_uri"]
+    assert "digits=" not in plain
+    assert "period=" not in plain
+
+
 def test_reset_totp_unknown_user_is_an_error(users: Users) -> None:
     """reset-totp of a name nobody has exits 1 and creates no sealing key."""
     result = users("reset-totp", "nobody")

@@ -187,6 +187,27 @@ async def test_code_from_two_steps_ago_is_refused(
     assert _failures(broker, "totp", "bad_totp") == 1
 
 
+async def test_login_with_8_digit_60_s_codes_when_configured(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """With engineer_auth.totp_step_s = 60 and totp_digits = 8, an 8-digit code of
+    the 60 s sequence logs in once; a 6-digit 30 s code and a reused code do not."""
+    secret = add_engineer(pki, "alice")
+    code = pyotp.TOTP(secret, digits=8, interval=60).now()
+    async with broker_with(pki, nursery, totp_step_s=60, totp_digits=8) as (
+        broker,
+        api,
+    ):
+        refused = await _login(api, "alice", _code(secret))
+        assert refused.status_code == 401
+        assert _failures(broker, "totp", "bad_totp") == 1
+        response = await _login(api, "alice", code)
+        assert response.status_code == 200, response.text
+        reused = await _login(api, "alice", code)
+        assert reused.status_code == 401
+        assert _failures(broker, "totp", "totp_reused") == 1
+
+
 async def test_sixth_wrong_password_must_wait(pki: PKI, nursery: trio.Nursery) -> None:
     """After 5 wrong passwords from one address, the 6th attempt (even a right one) gets 429 with Retry-After."""
     secret = add_engineer(pki, "alice")

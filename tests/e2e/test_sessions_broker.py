@@ -942,3 +942,25 @@ async def test_an_end_is_kept_when_a_flood_fills_the_session_inbox(
             await h.sessions.wait_idle()
         assert h.sessions.view(offer.session_id)["end_reason"] == "audit_failure"  # type: ignore[index]
         await h.assert_clean()
+
+
+async def test_a_stopping_broker_takes_no_new_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """From the moment shutdown begins, a request is refused with 503 (and
+    audited), even while live sessions still get their grace to end."""
+    async with harness(pki, nursery) as h, fake_device(h):
+        h.sessions.stop()
+        response = await h.request()
+        assert response.status_code == 503
+        assert response.json() == {"error": "not taking sessions"}
+        assert (
+            h.broker.sample("relay_session_requests_total", outcome="unavailable") == 1
+        )
+        await h.assert_clean()
+    refused = [
+        r
+        for r in read_records(DataDir(pki.data_dir).audit_dir)
+        if r["event"] == "session.refused"
+    ]
+    assert [r["outcome"] for r in refused] == ["unavailable"]

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import BrokerConfig, ListenAddress
+from relay.cli import agent_config_from_args, build_parser
+from relay.config import AgentConfig, BrokerConfig, ListenAddress
 from relay.config_file import (
     ConfigError,
+    agent_changes,
     effective_changes,
+    example_agent_config,
     example_config,
+    load_agent_config,
     load_config,
 )
 
@@ -73,8 +77,82 @@ def test_example_names_every_key_and_the_budgets() -> None:
     assert parsed["engineer_auth"]["unauthenticated_burst"] == 40
     assert parsed["engineer_auth"]["session_idle_s"] == 15 * 60.0
     assert parsed["engineer_auth"]["session_absolute_s"] == 12 * 3600.0
+    assert parsed["shutdown_grace_s"] == 5.0
     # Descriptions come from the docstrings.
     assert "# The cap of every session, counted from the grant" in text
+
+
+def test_agent_example_has_the_agent_budgets_and_loads_as_the_defaults(
+    tmp_path: Path,
+) -> None:
+    """`relay config example --agent`: reconnect backoff (1 s base, 60 s cap),
+    the slow retry after a refused certificate (15 min), the SIGTERM grace."""
+    text = example_agent_config()
+    for field in dataclasses.fields(AgentConfig):
+        assert f"\n{field.name} = " in text or f"\n# {field.name} = " in text
+    parsed = tomllib.loads(text)
+    assert parsed["backoff_base_s"] == 1.0
+    assert parsed["backoff_cap_s"] == 60.0
+    assert parsed["auth_failure_retry_s"] == 15 * 60.0
+    assert parsed["max_session_seconds"] == 3600
+    assert parsed["shutdown_grace_s"] == 5.0
+    assert load_agent_config(write(tmp_path, text)) == AgentConfig()
+    assert agent_changes(AgentConfig()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("backoff_base_s = 0\n", "backoff_base_s must be > 0, got 0.0"),
+        (
+            "backoff_base_s = 5\nbackoff_cap_s = 2\n",
+            "backoff_cap_s must be >= backoff_base_s (5.0), got 2.0",
+        ),
+        ("shutdown_grace_s = 10\n", "shutdown_grace_s must be in 0..9.0, got 10.0"),
+        ("max_session_seconds = 3601\n", "max_session_seconds must be in 1..3600"),
+        ("allowed_ports = [0]\n", "allowed port must be in 1..65535, got 0"),
+        ('ui_listen = "0.0.0.0:7070"\n', "loopback address only"),
+        ("sessions = {}\n", "sessions: unknown table"),
+        ('stable_after_s = "60"\n', "stable_after_s: expected a number"),
+    ],
+)
+def test_bad_agent_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(write(tmp_path, text))
+    assert message in str(info.value)
+    assert info.value.source == str(tmp_path / "relay.toml")
+
+
+def test_agent_flags_override_the_agent_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "backoff_cap_s = 30.0\nmax_session_seconds = 900\nallowed_ports = [8080]\n",
+    )
+    args = build_parser().parse_args(
+        [
+            "agent",
+            "run",
+            "--broker",
+            "wss://broker.example:8443",
+            "--dir",
+            str(tmp_path),
+            "--ca-file",
+            str(tmp_path / "ca.crt"),
+            "--config",
+            str(path),
+            "--max-session-seconds",
+            "600",
+        ]
+    )
+    config = agent_config_from_args(args)
+    assert config.backoff_cap_s == 30.0
+    assert config.allowed_ports == (8080,)
+    assert config.max_session_seconds == 600  # the flag wins
+    assert agent_changes(config) == [
+        "backoff_cap_s = 30.0",
+        "allowed_ports = [8080]",
+        "max_session_seconds = 600",
+    ]
 
 
 def test_file_values_reach_the_nested_config(tmp_path: Path) -> None:
@@ -205,6 +283,26 @@ def test_an_audit_watch_slower_than_the_fail_closed_budget_is_refused(
         (
             "[audit]\nmax_file_bytes = 10\n",
             "audit.max_file_bytes must be an integer >= 4096, got 10",
+        ),
+        (
+            "[engineer_auth]\nlogin_free_failures = 0\n",
+            "engineer_auth.login_free_failures must be an integer >= 1, got 0",
+        ),
+        (
+            "[engineer_auth]\nsession_idle_s = 0\n",
+            "engineer_auth.session_idle_s must be > 0, got 0.0",
+        ),
+        (
+            "[engineer_auth]\ntotp_step_s = 45\n",
+            "engineer_auth.totp_step_s must be 30 or 60, got 45",
+        ),
+        (
+            "[engineer_auth]\ntotp_digits = 7\n",
+            "engineer_auth.totp_digits must be 6 or 8, got 7",
+        ),
+        (
+            "[engineer_auth]\ntotp_past_steps = 2\n",
+            "engineer_auth.totp_past_steps must be in 0..1, got 2",
         ),
     ],
 )

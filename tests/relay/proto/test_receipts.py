@@ -332,6 +332,7 @@ def test_end_reason_vocabulary() -> None:
         [
             "engineer",
             "onsite",
+            "device_shutdown",
             "time_cap",
             "admin",
             "device_disconnect",

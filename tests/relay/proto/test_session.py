@@ -110,6 +110,7 @@ def test_end_reasons_are_the_shared_vocabulary() -> None:
     assert {reason.value for reason in EndReason} == {
         "engineer",
         "onsite",
+        "device_shutdown",
         "time_cap",
         "admin",
         "device_disconnect",
@@ -422,6 +423,13 @@ END_PATHS: Final[dict[str, tuple[State, Callable[[Session], list[Output]], State
         lambda s: s.handle(EndRequested(reason=EndReason.ONSITE, now_ms=T0 + 3000)),
         State.ENDED,
     ),
+    "device_shutdown": (
+        State.GRANTED,
+        lambda s: s.handle(
+            EndRequested(reason=EndReason.DEVICE_SHUTDOWN, now_ms=T0 + 3000)
+        ),
+        State.ENDED,
+    ),
     "time_cap": (
         State.ACTIVE,
         lambda s: s.handle(Tick(now_ms=T0 + 1000 + HOUR_MS)),
@@ -544,7 +552,10 @@ def test_end_requested_reasons_by_state(state: State, reason: EndReason) -> None
     allowed = (
         reason in anytime
         or (reason is EndReason.CANCELLED and not granted)
-        or (reason in (EndReason.ENGINEER, EndReason.ONSITE) and granted)
+        or (
+            reason in (EndReason.ENGINEER, EndReason.ONSITE, EndReason.DEVICE_SHUTDOWN)
+            and granted
+        )
     )
     session = session_in(state)
     event = EndRequested(reason=reason, now_ms=now_of(session))

@@ -207,6 +207,8 @@ def test_enrollment_round_trip(store: Store) -> None:
         fingerprint_sha256=fingerprint("7f3a"),
         not_after=T0 + timedelta(days=365),
         revoked=False,
+        superseded=False,
+        issued_at=issued,
     )
     assert record.not_after.tzinfo is UTC
     [device] = store.list_devices(now=T0, stale_after=STALE_AFTER)
