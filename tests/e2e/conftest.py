@@ -93,7 +93,7 @@ class PKI:
         device_id: str,
         *,
         now: datetime | None = None,
-        lifetime: timedelta = timedelta(days=30),
+        lifetime: timedelta = timedelta(days=365),
         record: bool = True,
         ca: auth.CertificateAuthority | None = None,
     ) -> AgentDir:

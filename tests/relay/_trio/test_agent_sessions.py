@@ -87,7 +87,7 @@ def device(tmp_path: Path) -> Device:
         load_ca(data),
         auth.build_device_csr(key, DEVICE_ID),
         now=now,
-        lifetime=timedelta(days=30),
+        lifetime=timedelta(days=365),
         max_csr_bytes=16384,
     )
     agent_dir = AgentDir(tmp_path / "agent")
