@@ -458,7 +458,10 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                _stop_agent_on_signal, shutdown, nursery.cancel_scope.cancel
+                _stop_agent_on_signal,
+                shutdown,
+                nursery.cancel_scope.cancel,
+                settings.limits.shutdown_grace_s,
             )
             await nursery.start(runtime.run)
             port = await nursery.start(
@@ -1055,32 +1058,28 @@ async def _cancel_on_signal(stop: Callable[[], None]) -> None:
             return
 
 
-#: After the agent's orderly end, how long its control channel gets to close
-#: before the rest is cancelled.
-_AGENT_CLOSE_S = 2.0
-
-
 async def _stop_agent_on_signal(
-    shutdown: Callable[[], Awaitable[None]], stop: Callable[[], None]
+    shutdown: Callable[[], Awaitable[None]], stop: Callable[[], None], grace_s: float
 ) -> None:
-    """SIGTERM/SIGINT: end what is live in order (*shutdown*), then *stop* as a
-    backstop; a second signal stops at once."""
+    """SIGTERM/SIGINT: end what is live in order (*shutdown*; the agent then
+    closes its control channel and returns by itself). *stop* cancels whatever
+    is left once *grace_s* has passed since the signal (at most 9 s: the BRIEF's
+    10 s exit budget), or at once on a second signal."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             break
         get_logger("agent").info("agent.stopping")
-        async with trio.open_nursery() as nursery:
+        with trio.move_on_after(grace_s):
+            async with trio.open_nursery() as nursery:
 
-            async def on_second_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
+                async def on_second_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
 
-            nursery.start_soon(on_second_signal)
-            await shutdown()
-            # The agent now returns by itself; this only bounds a stuck close.
-            await trio.sleep(_AGENT_CLOSE_S)
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(on_second_signal)
+                await shutdown()
+                await trio.sleep_forever()  # cancelled when the agent returns
         stop()
 
 

@@ -199,10 +199,11 @@ class AgentConfig:
             ends at the cap (<= cap + 1 s), the agent at cap + ``cap_grace_s``
             at the latest, also when the broker is unreachable; 0..1 s, so
             the device's end stays within the BRIEF's cap + 2 s.
-        shutdown_grace_s: On SIGTERM/SIGINT, how long the agent gives a live
-            session's orderly end (local streams, then the tunnel, then the end
-            receipt to the broker) before it stops anyway; 0..9 s, inside the
-            BRIEF's 10 s exit budget.
+        shutdown_grace_s: On SIGTERM/SIGINT, how long the agent's orderly stop
+            may take (a live session's end: local streams, then the tunnel,
+            then the end receipt to the broker; then the control channel's
+            close) before the rest is cut; 0..9 s, inside the BRIEF's 10 s exit
+            budget.
         renew_before_days: The agent renews its certificate over the control
             channel when less than this many days of it are left (30 days of a
             365-day certificate); also at once when the broker advises it

@@ -709,3 +709,25 @@ def test_config_limits() -> None:
     assert (
         AgentConfig(ui_listen=ListenAddress(host="::1", port=1)).ui_listen.host == "::1"
     )
+
+
+async def test_shutdown_denies_a_pending_offer_and_returns(
+    make_setup: object, nursery: trio.Nursery
+) -> None:
+    """SIGTERM's orderly end with an offer on the screen: the offer is denied
+    ("device shutting down") and shutdown returns once the deny went out; with
+    nothing live it returns at once."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(agent_config())
+    offer = make_offer(("tcp:22",))
+    await setup.broker.send(offer)
+    await wait_for(lambda: setup.runtime.offer is not None)
+    with trio.fail_after(2):
+        await setup.runtime.shutdown()
+    deny = await setup.broker.next_event()
+    assert isinstance(deny, control.Deny)
+    assert (deny.session_id, deny.reason) == (offer.session_id, "device shutting down")
+    assert setup.runtime.state()["offer"] is None
+    with trio.fail_after(0.5):
+        await setup.runtime.shutdown()  # nothing live: at once
+    nursery.cancel_scope.cancel()
