@@ -29,8 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import trio
-
 import auth
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
@@ -73,6 +71,8 @@ from relay.users import (
 )
 
 if TYPE_CHECKING:
+    import trio
+
     from relay.audit_commands import CliAudit
     from relay.store import Store
 
@@ -428,6 +428,8 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
+    import trio
+
     from relay._trio.agent import (
         AgentSettings,
         make_session_runtime,
@@ -674,6 +676,8 @@ def _session_credentials() -> Credentials:
 def _run_engineer_session(
     args: argparse.Namespace, channels: list[str], work: Any
 ) -> int:
+    import trio
+
     from relay._trio.engineer_session import SessionOutcome, run_session
     from relay._trio.websocket import HandshakeFailed
 
@@ -1025,6 +1029,8 @@ def _run_trio(
         listening: The addresses *main* listens on, named when one is in use
             (the error itself does not say which).
     """
+    import trio
+
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
@@ -1052,6 +1058,8 @@ def _listen_addresses(config: BrokerConfig) -> tuple[ListenAddress, ...]:
 
 
 async def _cancel_on_signal(stop: Callable[[], None]) -> None:
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             stop()
@@ -1065,6 +1073,8 @@ async def _stop_agent_on_signal(
     closes its control channel and returns by itself). *stop* cancels whatever
     is left once *grace_s* has passed since the signal (at most 9 s: the BRIEF's
     10 s exit budget), or at once on a second signal."""
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             break
@@ -1101,6 +1111,8 @@ def _session_config(args: argparse.Namespace, config: BrokerConfig) -> BrokerCon
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
     from relay._trio.broker import serve_broker
 
     config = _session_config(args, _broker_config(args))
@@ -1117,6 +1129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import trio
+
     from relay._trio.agent import (
         AgentSettings,
         AgentStatus,
