@@ -131,16 +131,34 @@ def sign_and_record(
     try:
         identity = signed.identity
         with closing(store_module.Store.open(config.effective_database_url)) as store:
-            store.record_enrollment(
-                device_id=identity.device_id,
-                serial_hex=identity.serial_hex,
-                fingerprint_sha256=identity.fingerprint_sha256,
-                not_before=identity.not_before,
-                not_after=identity.not_after,
-                issued_at=now,
-            )
+            record_certificate(store, identity, issued_at=now)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
     return signed
+
+
+def record_certificate(
+    store: store_module.Store,
+    identity: auth.DeviceIdentity,
+    *,
+    issued_at: datetime,
+    new_device_only: bool = False,
+) -> None:
+    """Record a certificate the CA just signed (``relay ca sign``, the
+    enrollment API, a renewal): :meth:`relay.store.Store.record_enrollment` with
+    the fields of its verified *identity*.
+
+    Raises:
+        As :meth:`~relay.store.Store.record_enrollment`.
+    """
+    store.record_enrollment(
+        device_id=identity.device_id,
+        serial_hex=identity.serial_hex,
+        fingerprint_sha256=identity.fingerprint_sha256,
+        not_before=identity.not_before,
+        not_after=identity.not_after,
+        issued_at=issued_at,
+        new_device_only=new_device_only,
+    )

@@ -32,12 +32,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 import auth
 from relay.config import PKIConfig
+from relay.enrollment import record_certificate
 from relay.metrics import RelayMetrics
 from relay.proto import control
 from relay.store import DeviceRevoked, Store, StoreError
@@ -136,14 +138,7 @@ class Renewer:
             )
         try:
             await trio.to_thread.run_sync(
-                lambda: self._store.record_enrollment(
-                    device_id=new.device_id,
-                    serial_hex=new.serial_hex,
-                    fingerprint_sha256=new.fingerprint_sha256,
-                    not_before=new.not_before,
-                    not_after=new.not_after,
-                    issued_at=now,
-                )
+                partial(record_certificate, self._store, new, issued_at=now)
             )
         except DeviceRevoked:
             raise _Refusal("refused_revoked", "the device is revoked") from None

@@ -59,6 +59,7 @@ from relay._trio.login_service import Principal
 from relay._trio.request_body import BadBody, read_json_body
 from relay.api_contract import MAX_ENROLLMENT_BODY_BYTES
 from relay.config import PKIConfig
+from relay.enrollment import record_certificate
 from relay.metrics import RelayMetrics
 from relay.store import DeviceAlreadyEnrolled, DeviceRevoked, Store, StoreError
 
@@ -266,12 +267,9 @@ class Enroller:
         try:
             await trio.to_thread.run_sync(
                 partial(
-                    self._store.record_enrollment,
-                    device_id=identity.device_id,
-                    serial_hex=identity.serial_hex,
-                    fingerprint_sha256=identity.fingerprint_sha256,
-                    not_before=identity.not_before,
-                    not_after=identity.not_after,
+                    record_certificate,
+                    self._store,
+                    identity,
                     issued_at=now,
                     # An engineer may enroll new instruments, never give an
                     # enrolled one a key of their choosing.
