@@ -52,6 +52,7 @@ from relay._trio.websocket import (
 from relay.config import WebSocketLimits
 from relay.end_wording import END_WORDING as END_WORDING
 from relay.engineer_client import ApiError, Credentials, api_call
+from relay.proto import tunnel
 from relay.proto.close import CloseCode
 from relay.proto.tunnel import Side
 
@@ -405,7 +406,10 @@ async def _pump(connection: trio.SocketStream, stream: MuxStream) -> None:
 
         async def upstream() -> None:
             with contextlib.suppress(StreamClosed, trio.BrokenResourceError):
-                while data := await connection.receive_some(64 * 1024):
+                # At most one DATA frame's payload per read: a 64 KiB read
+                # would go out as a full frame plus a 5-byte one, twice the
+                # messages through every hop for the same bytes.
+                while data := await connection.receive_some(tunnel.MAX_DATA_BYTES):
                     await stream.send_all(data)
                 await stream.send_eof()
 

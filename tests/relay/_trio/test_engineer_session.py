@@ -7,14 +7,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
 
 from relay._trio.engineer_session import (
     END_WORDING,
     EXIT_CODES,
     SessionOutcome,
     SessionStatus,
+    _pump,
 )
 from relay.engineer_client import Credentials, load_credentials, save_credentials
+from relay.proto import tunnel
 from relay.proto.session import EndReason
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -95,3 +98,50 @@ def test_credentials_keep_the_ca_file(tmp_path: Path) -> None:
     save_credentials(credentials, path)
     assert load_credentials(path) == credentials
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+class _RecordingStream:
+    """Stands in for a MuxStream: records what the forward hands it."""
+
+    def __init__(self) -> None:
+        self.writes: list[int] = []
+        self.eof = trio.Event()
+        self.peer_closed = False
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(len(data))
+
+    async def send_eof(self) -> None:
+        self.eof.set()
+
+    async def receive_some(self) -> bytes:
+        await self.eof.wait()
+        return b""
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_forward_reads_at_most_one_data_frame_at_a_time() -> None:
+    """A local client writing 64 KiB blocks becomes full DATA frames, never a full
+    frame plus a 5-byte one (twice the messages through every hop)."""
+    total = 16 * 64 * 1024
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    stream = _RecordingStream()
+    async with trio.open_nursery() as nursery:
+
+        async def client() -> None:
+            async with await trio.open_tcp_stream("127.0.0.1", port) as conn:
+                for _ in range(16):
+                    await conn.send_all(bytes(64 * 1024))
+                await conn.send_eof()
+                await conn.receive_some(1)
+
+        nursery.start_soon(client)
+        async with listeners[0], await listeners[0].accept() as connection:
+            with trio.fail_after(10):
+                await _pump(connection, stream)  # type: ignore[arg-type]
+    assert sum(stream.writes) == total
+    assert max(stream.writes) <= tunnel.MAX_DATA_BYTES
+    assert stream.eof.is_set()
