@@ -44,7 +44,15 @@ from typing import Any, Final
 import trio
 
 from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms
-from bench.world import Engineer, World, free_port, percentiles, server_tls, world
+from bench.world import (
+    Engineer,
+    World,
+    free_port,
+    percentiles,
+    sample_process,
+    server_tls,
+    world,
+)
 from relay._trio.engineer_session import SessionStatus, _attach, run_session
 from relay._trio.tunnel_mux import MuxStream, TunnelMux
 from relay._trio.websocket import ConnectionClosed
@@ -214,12 +222,34 @@ async def _typist_direct(
         )
 
 
+@dataclass
+class _CpuWindow:
+    """CPU seconds per keystroke of each process on the path, over the typing only."""
+
+    pids: dict[str, int]
+    before: dict[str, float] = field(default_factory=dict)
+    per_key_s: dict[str, float] = field(default_factory=dict)
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: sample_process(pid).cpu_s for name, pid in self.pids.items()}
+        sample["engineer (bench process)"] = time.process_time()
+        return sample
+
+    def start(self) -> None:
+        self.before = self._sample()
+
+    def stop(self, keys: int) -> None:
+        after = self._sample()
+        self.per_key_s = {k: (after[k] - self.before[k]) / keys for k in after}
+
+
 def _typing_work(
     keys: int,
     pause: tuple[float, float],
     seed: int,
     rtts: list[float],
     done: Callable[[], None],
+    cpu: _CpuWindow | None = None,
 ) -> Callable[[TunnelMux, SessionStatus], Awaitable[None]]:
     async def work(mux: TunnelMux, status: SessionStatus) -> None:
         stream = await mux.open_stream("shell", cols=80, rows=24)
@@ -227,9 +257,13 @@ def _typing_work(
         with trio.move_on_after(0.05):
             while True:
                 await stream.receive_some()  # anything said before raw mode
+        if cpu is not None:
+            cpu.start()
         await _type(
             stream.send_all, stream.receive_some, keys, pause, random.Random(seed), rtts
         )
+        if cpu is not None:
+            cpu.stop(keys)
         done()
         await stream.aclose()
 
@@ -243,6 +277,7 @@ async def _typing_round(
     keys: int,
     pause: tuple[float, float],
     context: ssl.SSLContext,
+    cpu: _CpuWindow | None = None,
 ) -> dict[str, list[float]]:
     relay_rtts: list[float] = []
     direct_rtts: list[float] = []
@@ -268,7 +303,12 @@ async def _typing_round(
                     reason="bench: typing",
                     channels=["shell"],
                     work=_typing_work(
-                        keys, pause, i, relay_rtts, partial(finished.append, device_id)
+                        keys,
+                        pause,
+                        i,
+                        relay_rtts,
+                        partial(finished.append, device_id),
+                        cpu if len(device_ids) == 1 else None,
                     ),
                     out=io.StringIO(),
                 )
@@ -304,12 +344,17 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
         w.broker.start()
         credentials = w.login(engineer)
         _s, client, _c, _k = server_tls(w.root, w.ca_file, w.data_dir)
+        cpu = _CpuWindow({})
 
         async def main() -> dict[str, dict[str, list[float]]]:
             async with run_fleet(w, agent_dirs, banner_port) as fleet:
                 ids = [p.name for p in agent_dirs]
+                cpu.pids = {
+                    "broker": w.broker.pid,
+                    "instrument (fleet process)": fleet.process.pid,
+                }
                 single = await _typing_round(
-                    credentials, fleet, ids[:1], single_keys, (0.01, 0.03), client
+                    credentials, fleet, ids[:1], single_keys, (0.01, 0.03), client, cpu
                 )
                 busy = await _typing_round(
                     credentials, fleet, ids, many_keys, PAUSE_S, client
@@ -341,7 +386,12 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
                 "Keystroke round trip, direct TLS vs through the relay",
                 columns,
                 (row1, row_many),
-            )
+            ),
+            Table(
+                "CPU per keystroke round trip, 1 session (typing only)",
+                ("process", "CPU per round trip"),
+                tuple((name, fmt_ms(v)) for name, v in cpu.per_key_s.items()),
+            ),
         ],
         goals=[
             Goal(
@@ -356,7 +406,10 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
                 met=met,
             )
         ],
-        raw={k: {s: sorted(v) for s, v in r.items()} for k, r in results.items()},
+        raw={
+            **{k: {s: sorted(v) for s, v in r.items()} for k, r in results.items()},
+            "cpu_per_key_s": cpu.per_key_s,
+        },
     )
     result.notes.append(
         f"1 session types {single_keys} keys 10-30 ms apart; {many} sessions type {many_keys} keys each, "

@@ -161,10 +161,16 @@ class BrokerProcess:
             raise RuntimeError("the broker is already running")
         self.starts += 1
         env = dict(os.environ, RELAY_DATA_DIR=str(self.data_dir))
+        python = self.python
+        if profiles := os.environ.get("RELAY_BENCH_CPROFILE_DIR"):
+            # A deterministic profile of every broker the benchmark starts,
+            # written when it stops (bench/README.md).
+            out = Path(profiles) / f"broker-{os.getpid()}-{id(self)}-{self.starts}.prof"
+            python = (*python, "-m", "cProfile", "-o", str(out))
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    *self.python,
+                    *python,
                     "-m",
                     "relay",
                     "serve",
