@@ -35,6 +35,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import random
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -51,6 +52,11 @@ from websockets.uri import parse_uri
 
 from relay.config import WebSocketLimits
 from relay.proto.close import CloseCode
+
+#: A keepalive wait is ping_interval_s stretched by up to this fraction, at random.
+_PING_JITTER = 0.25
+#: Timing jitter only; nothing secret is drawn from it.
+_jitter = random.Random()  # noqa: S311
 
 
 class WebSocketError(Exception):
@@ -316,7 +322,17 @@ class WebSocketConnection:
             await self._abort()
 
     async def _run_keepalive(self) -> None:
-        """Ping on schedule; drop a silent peer; bound the closing handshake.
+        """Ping after silence; drop a silent peer; bound the closing handshake.
+
+        A ping goes out only once nothing has arrived, and no ping has gone
+        out, for ``ping_interval_s``: any frame from the peer proves it alive
+        as well as a pong would. A busy connection sends no pings at all, and
+        an idle one whose two ends both keep it alive sends about one ping (and
+        its pong) per interval instead of one from each end: the peer's ping
+        resets our silence before our own is due. Each wait is stretched by a
+        random 0-25 %, so that the two ends' timers do not keep firing
+        together. On a broker holding thousands of idle device channels, pings
+        and pongs were most of the records it handled (bench/analysis.md).
 
         The peer is dead when nothing at all has arrived for ``ping_interval_s *
         ping_missed_max`` (checked at that exact deadline, not on the next ping
@@ -326,8 +342,10 @@ class WebSocketConnection:
         """
         interval = self._limits.ping_interval_s
         dead_after = interval * self._limits.ping_missed_max
-        next_ping = trio.current_time() + interval
+        last_ping = trio.current_time()
+        wait = interval * (1 + _PING_JITTER * _jitter.random())
         while self._is_open():
+            next_ping = max(self._last_received, last_ping) + wait
             dead_at = self._last_received + dead_after
             # While the application is slow to read, silence is not the peer's.
             wake = next_ping if self._delivering else min(next_ping, dead_at)
@@ -344,10 +362,11 @@ class WebSocketConnection:
                 )
                 await self._abort()
                 return
-            if now >= next_ping:
+            if now >= max(self._last_received, last_ping) + wait:
                 self._protocol.send_ping(os.urandom(4))
                 self._pump()
-                next_ping = now + interval
+                last_ping = now
+                wait = interval * (1 + _PING_JITTER * _jitter.random())
         with trio.move_on_after(self._limits.close_timeout_s):
             await self._closed.wait()
         await self._abort()

@@ -630,3 +630,54 @@ async def test_client_gives_up_on_a_server_that_never_closes_tcp(
         nursery.cancel_scope.cancel()
     assert info.value.code == CloseCode.GOING_AWAY
     assert waited <= LIMITS.close_timeout_s + 0.01
+
+
+@pytest.fixture
+def pings(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Pings sent by each end of our transport, counted at websockets' protocol."""
+    counts = {"client": 0, "server": 0}
+
+    def counting(side: str, original: Callable[..., None]) -> Callable[..., None]:
+        def send_ping(self: object, data: bytes) -> None:
+            counts[side] += 1
+            original(self, data)
+
+        return send_ping
+
+    monkeypatch.setattr(
+        ClientProtocol, "send_ping", counting("client", ClientProtocol.send_ping)
+    )
+    monkeypatch.setattr(
+        ServerProtocol, "send_ping", counting("server", ServerProtocol.send_ping)
+    )
+    return counts
+
+
+async def test_an_idle_connection_kept_alive_by_both_ends_pings_about_once_per_interval(
+    autojump_clock: trio.testing.MockClock, pings: dict[str, int]
+) -> None:
+    """The peer's ping resets our silence: one ping per interval, not one per end."""
+    intervals = 40
+
+    async def idle(ws: WebSocketConnection) -> None:
+        await trio.sleep(LIMITS.ping_interval_s * intervals)
+
+    async with _pair(idle) as ws:
+        await trio.sleep(LIMITS.ping_interval_s * intervals)
+        assert ws._is_open()  # kept alive the whole time
+    total = pings["client"] + pings["server"]
+    # One from each end every interval would be 2 * intervals.
+    assert intervals / 1.25 - 2 <= total <= intervals * 1.1, pings
+
+
+async def test_a_busy_connection_sends_no_pings(
+    autojump_clock: trio.testing.MockClock, pings: dict[str, int]
+) -> None:
+    """Traffic proves the peer alive as well as a pong would."""
+    with trio.fail_after(LIMITS.ping_interval_s * 100):
+        async with _pair(_echo) as ws:
+            for _ in range(40):
+                await ws.send_message(b"k")
+                assert await ws.receive_message() == b"k"
+                await trio.sleep(LIMITS.ping_interval_s / 2)
+    assert pings == {"client": 0, "server": 0}
