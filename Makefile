@@ -1,6 +1,9 @@
 # Two commands for people and CI (see README):
 #   make demo   broker + one simulated device on embedded defaults
 #   make test   format check, lint, type check, tests
+# and, for the performance figures (bench/README.md):
+#   make bench        every scenario at full size; writes docs/benchmarks.md
+#   make bench-quick  the CI smoke run of the same scenarios (seconds each)
 # Each creates .venv on first use (and again when pyproject.toml changes).
 
 PYTHON ?= python3
@@ -8,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint clean
+.PHONY: demo test check lint clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/check
+
+bench: $(STAMP)
+	$(BIN)/python -m bench --full
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
 
 lint: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/check --lint-only

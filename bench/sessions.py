@@ -377,6 +377,7 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
     )
     row1, _added1 = _latency_rows("1", results["1"])
     row_many, added = _latency_rows(str(many), results[str(many)])
+    direct = percentiles(results[str(many)]["direct"])
     met = many >= 100 and added["p50"] < 0.001 and added["p99"] < 0.005
     result = ScenarioResult(
         name="latency",
@@ -398,10 +399,10 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
                 figure=LATENCY_GOAL[0],
                 goal=LATENCY_GOAL[1],
                 measured=f"{many} sessions: added p50 {fmt_ms(added['p50'])}, p99 {fmt_ms(added['p99'])}",
-                baseline=f"direct TLS p50 {fmt_ms(percentiles(results[str(many)]['direct'])['p50'])}",
+                baseline=f"direct TLS p50 {fmt_ms(direct['p50'])}, p99 {fmt_ms(direct['p99'])}",
+                # Round trip through the relay over the direct one, at the median.
                 ratio=_ratio(
-                    percentiles(results[str(many)]["relay"])["p99"],
-                    percentiles(results[str(many)]["direct"])["p99"],
+                    percentiles(results[str(many)]["relay"])["p50"], direct["p50"]
                 ),
                 met=met,
             )
