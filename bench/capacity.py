@@ -110,7 +110,7 @@ def _plan(mode: Mode, devices: int | None) -> _Plan:
     return _Plan(
         devices=devices or GOAL_DEVICES,
         settle_s=5.0,
-        # Two heartbeats per device at 30 s, and pings after 10-12.5 s of silence.
+        # Two heartbeats per device at 30 s, and pings after 7.5-10 s of silence.
         window_s=65.0,
         # Held TLS does nothing when idle; a shorter window shows that as well.
         baseline_window_s=20.0,
@@ -492,7 +492,7 @@ def _idle_result(
         "RSS per connection is (broker RSS with N channels - RSS before the first) / N, "
         "from /proc; the goal's 64 KB is read as 64 KiB (65,536 bytes).",
         "Idle CPU is the broker's user+system time over the idle window, as a share of one core; "
-        "each channel carries the agent's heartbeat and the WebSocket keepalive (a ping after 10-12.5 s of silence, from whichever end's timer fires first).",
+        "each channel carries the agent's heartbeat and the WebSocket keepalive (a ping after 7.5-10 s of silence, from whichever end's timer fires first).",
         "Devices connect 16 at a time (below the broker's early-drop threshold of 32 pending "
         "handshakes), each from its own 127.x.y.z source address.",
         "The ratio column is relay / baseline; the baseline holds TLS only (no WebSocket, no pings), "
