@@ -668,6 +668,25 @@ async def test_onsite_end_tells_the_engineer(pki: PKI, nursery: trio.Nursery) ->
         assert h.broker.sample("relay_session_ends_total", reason="onsite") == 1
 
 
+async def test_a_device_that_cannot_open_its_tunnel_ends_the_granted_session(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Granted, but the device's tunnel connection fails (a dropped handshake):
+    its signed end receipt "device_disconnect" ends the session at once; the
+    engineer is not left waiting for a tunnel until the cap."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await granted(h, device)
+        async with attach(h, offer.session_id) as eng:
+            await device.send(device.ended(offer, "device_disconnect"))
+            seen, reason = await engineer_closed(eng, within_s=2.0)
+            assert {"type": "end", "reason": "device_disconnect"} in seen
+            assert (reason.code, reason.reason) == (4005, "device_disconnect")
+        await h.assert_clean()
+        assert (
+            h.broker.sample("relay_session_ends_total", reason="device_disconnect") == 1
+        )
+
+
 async def test_time_cap_ends_the_session(pki: PKI, nursery: trio.Nursery) -> None:
     """The engineer is warned at each configured instant; the end is by cap + 1 s.
 
