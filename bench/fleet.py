@@ -68,6 +68,7 @@ from relay.log import configure_logging
 
 SHELL: Final = ("/bin/sh", "-c", "stty raw -echo && exec cat")
 READY_TIMEOUT_S: Final = 120.0
+AGENT_START_SPACING_S: Final = 0.02
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -170,6 +171,9 @@ async def main(args: argparse.Namespace) -> None:
             runtimes[device_id] = runtime
             statuses.append(status)
             nursery.start_soon(_agent, settings, runtime, status)
+            # Instruments do not all boot in the same millisecond; all from
+            # 127.0.0.1, a burst would meet the per-source admission cap.
+            await trio.sleep(AGENT_START_SPACING_S)
         with trio.fail_after(READY_TIMEOUT_S):
             while not all(s.connected for s in statuses):  # noqa: ASYNC110 - many agents
                 await trio.sleep(0.05)

@@ -251,7 +251,7 @@ class World:
         self.data_dir = self.root / "broker"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         now = datetime.now(UTC)
-        init_ca(DataDir(self.data_dir), now=now, lifetime=timedelta(days=30))
+        init_ca(DataDir(self.data_dir), now=now, lifetime=timedelta(days=730))
         self.broker = BrokerProcess(
             config_file=self.root / "relay.toml",
             data_dir=self.data_dir,
@@ -306,7 +306,9 @@ class World:
                 ca,
                 auth.build_device_csr(key, device_id),
                 now=now,
-                lifetime=timedelta(days=30),
+                # Outside the agents' 30-day renewal window: a benchmark device
+                # must not spend its first minutes asking for a new certificate.
+                lifetime=timedelta(days=365),
                 max_csr_bytes=16384,
             )
             agent = AgentDir(self.root / "devices" / device_id)
