@@ -27,7 +27,9 @@ class WebSocketLimits:
             connection with 1009 (RFC 6455 §7.4.1).
         max_upgrade_request_bytes: Largest HTTP upgrade request (or response, on the
             client) accepted before the handshake completes.
-        ping_interval_s: Time between keepalive pings.
+        ping_interval_s: The longest silence (nothing received, no ping sent)
+            before a keepalive ping; each wait is 75-100 % of it, at random, so
+            that the two ends do not ping together. A busy connection sends none.
         ping_missed_max: The peer is declared dead when nothing has been received for
             ``ping_interval_s * ping_missed_max`` seconds.
         close_timeout_s: How long a polite close waits for the peer's close frame
