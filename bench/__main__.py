@@ -14,7 +14,9 @@ reported but never "met" (a goal is about the full figure), output to
 ``bench/results/quick/`` unless told otherwise. ``--full`` (the numbers):
 writes ``docs/benchmarks.md`` and ``bench/results/full.json``, with profiles
 in ``bench/results/profiles/``. The reading of the profiles and the plan for
-goals not met are people's work: ``bench/analysis.md``, included verbatim.
+goals not met are people's work: ``bench/analysis.md``, included verbatim;
+``--render JSON`` renders the page again from a full run's JSON after it
+changed, without measuring anything.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from bench.results import Goal, Mode, ScenarioResult
+from bench.results import Goal, Mode, ScenarioResult, Table
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = ROOT / "bench" / "results"
@@ -140,6 +142,20 @@ def _goal_row(goal: Goal, mode: Mode) -> str:
     return f"| {goal.figure} | {goal.goal} | {goal.measured} | {goal.baseline} | {ratio} | {verdict} |"
 
 
+def _from_json(data: dict[str, Any]) -> ScenarioResult:
+    return ScenarioResult(
+        name=data["name"],
+        title=data["title"],
+        tables=[
+            Table(t["title"], tuple(t["columns"]), tuple(tuple(r) for r in t["rows"]))
+            for t in data["tables"]
+        ],
+        goals=[Goal(**g) for g in data["goals"]],
+        notes=list(data["notes"]),
+        raw=data["raw"],
+    )
+
+
 def render(results: list[ScenarioResult], meta: dict[str, object], mode: Mode) -> str:
     """``docs/benchmarks.md`` from one run's results."""
     lines = [
@@ -202,11 +218,28 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help=f"comma-separated subset of {','.join(SCENARIOS)}"
     )
     parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only render docs/benchmarks.md again from a full run's JSON "
+        "(after bench/analysis.md changed)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="directory for the JSON and the page (default: by mode)",
     )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        page_file = ROOT / "docs" / "benchmarks.md"
+        page_file.write_text(
+            render(
+                [_from_json(r) for r in saved["results"]], saved["meta"], saved["mode"]
+            )
+        )
+        print(f"bench: rendered {page_file} from {args.render}", file=sys.stderr)
+        return 0
     mode: Mode = args.mode or "quick"
     names = [n for n in args.only.split(",") if n] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -217,6 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (RESULTS if mode == "full" else RESULTS / "quick")
     profiles = out / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
+    # Taken before anything runs: the code measured is the code of this commit.
+    # The run's own outputs (bench/results, the page) do not count as changes.
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!bench/results",
+        ":!docs/benchmarks.md",
+    )
+    commit = _git("rev-parse", "--short", "HEAD") + (
+        " (with local changes)" if dirty != "?" else ""
+    )
     started = time.monotonic()
     results: list[ScenarioResult] = []
     for name in names:
@@ -230,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     meta: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "--short", "HEAD")
-        + (
-            " (with local changes)"
-            if _git("status", "--porcelain", "--untracked-files=no") != "?"
-            else ""
-        ),
+        "commit": commit,
         "duration_s": time.monotonic() - started,
         "machine": machine(),
     }
