@@ -394,7 +394,9 @@ def run_idle(mode: Mode, *, devices: int | None = None) -> ScenarioResult:
                 plan=plan,
                 window_s=plan.baseline_window_s,
             )
-    return _idle_result(mode, plan, ours, base)
+    return _with_metrics_failures(
+        _idle_result(mode, plan, ours, base), w.broker.metrics_failures
+    )
 
 
 def _idle_result(
@@ -627,7 +629,23 @@ def run_storm(mode: Mode, *, devices: int | None = None) -> ScenarioResult:
                 mode="tls",
                 plan=plan,
             )
-    return _storm_result(mode, plan, ours, base)
+    return _with_metrics_failures(
+        _storm_result(mode, plan, ours, base), w.broker.metrics_failures
+    )
+
+
+def _with_metrics_failures(
+    result: ScenarioResult, failures: list[str]
+) -> ScenarioResult:
+    """Say so when the broker was too busy to answer /metrics within 60 s."""
+    if failures:
+        result.notes.append(
+            f"The broker did not answer {len(failures)} read(s) of /metrics within "
+            "60 s (its metrics listener shares the saturated event loop); those "
+            "counters are missing from the raw numbers."
+        )
+        result.raw["metrics_failures"] = failures
+    return result
 
 
 def _kinds(failures: dict[str, int]) -> str:

@@ -54,6 +54,7 @@ from relay.users import create_user
 LOOPBACK: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 15.0
+METRICS_TIMEOUT_S: Final = 60.0
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 
@@ -136,6 +137,8 @@ class BrokerProcess:
     #: How Python is started: e.g. ``[python, "-m", "cProfile", "-o", FILE]``
     #: for a deterministic profile written when the broker stops.
     python: tuple[str, ...] = (sys.executable,)
+    #: Reads of /metrics that failed (see :meth:`metrics`).
+    metrics_failures: list[str] = field(default_factory=list)
 
     @property
     def device_url(self) -> str:
@@ -217,8 +220,21 @@ class BrokerProcess:
         return sample_process(self.pid)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=10) as r:
-            text: str = r.read().decode()
+        """The broker's Prometheus text; "" when it does not answer in time.
+
+        A broker saturated by thousands of channels can take long to answer
+        (its metrics listener shares the event loop): that is recorded as
+        missing counters and said on stderr, not a failed benchmark.
+        """
+        try:
+            with urllib.request.urlopen(
+                self.metrics_url + "/metrics", timeout=METRICS_TIMEOUT_S
+            ) as r:
+                text: str = r.read().decode()
+        except OSError as exc:
+            self.metrics_failures.append(repr(exc))
+            print(f"bench: broker metrics unavailable: {exc!r}", file=sys.stderr)
+            return ""
         return text
 
 
