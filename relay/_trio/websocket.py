@@ -332,8 +332,9 @@ class WebSocketConnection:
         resets our silence before our own is due. Each wait is shortened by a
         random 0-25 %, so that the two ends' timers do not keep firing
         together, and a silent peer still gets a ping within every
-        ``ping_interval_s`` (the BRIEF's "ping every 10 s"). On a broker holding thousands of idle device channels, pings
-        and pongs were most of the records it handled (bench/analysis.md).
+        ``ping_interval_s`` (the BRIEF's "ping every 10 s"). On a broker
+        holding thousands of idle device channels, pings and pongs were most
+        of the records it handled (bench/analysis.md).
 
         The peer is dead when nothing at all has arrived for ``ping_interval_s *
         ping_missed_max`` (checked at that exact deadline, not on the next ping
