@@ -54,7 +54,7 @@ from typing import Any, Final
 import trio
 
 from bench.loadgen import LoadGenerator, raise_nofile_limit
-from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms
+from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms, ratio
 from bench.world import (
     LOOPBACK,
     ProcessSample,
@@ -256,13 +256,7 @@ def _s(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.1f} s"
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
-def _fmt_ratio(r: float | None) -> str:
+def _fmtratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
@@ -404,8 +398,8 @@ def _idle_result(
 ) -> ScenarioResult:
     n = plan.devices
     rtt = ours["rtt"]
-    rss_ratio = _ratio(ours["rss_per_conn"], base["rss_per_conn"])
-    cpu_ratio = _ratio(ours["cpu_pct"], base["cpu_pct"])
+    rss_ratio = ratio(ours["rss_per_conn"], base["rss_per_conn"])
+    cpu_ratio = ratio(ours["cpu_pct"], base["cpu_pct"])
     rows = (
         (
             "devices connected",
@@ -417,7 +411,7 @@ def _idle_result(
             "connect time, all devices (16 at a time)",
             _s(ours["connect_s"]),
             _s(base["connect_s"]),
-            _fmt_ratio(_ratio(ours["connect_s"], base["connect_s"])),
+            _fmtratio(ratio(ours["connect_s"], base["connect_s"])),
         ),
         (
             "RSS before any device",
@@ -435,13 +429,13 @@ def _idle_result(
             "RSS per connection",
             _kib(ours["rss_per_conn"]),
             _kib(base["rss_per_conn"]),
-            _fmt_ratio(rss_ratio),
+            _fmtratio(rss_ratio),
         ),
         (
             "idle CPU, % of one core",
             f"{ours['cpu_pct']:.2f} %",
             f"{base['cpu_pct']:.2f} %",
-            _fmt_ratio(cpu_ratio),
+            _fmtratio(cpu_ratio),
         ),
         ("idle window", _s(ours["window_s"]), _s(base["window_s"]), ""),
         ("heartbeats timed in the window", str(rtt["count"]), "-", ""),
@@ -680,21 +674,21 @@ def _storm_result(
                 f"{p} % back, from SIGTERM / from ready",
                 f"{back(ours, 'back_from_stop', p)} / {back(ours, 'back_from_ready', p)}",
                 f"{back(base, 'back_from_stop', p)} / {back(base, 'back_from_ready', p)}",
-                _fmt_ratio(
-                    _ratio(
+                _fmtratio(
+                    ratio(
                         ours["back_from_stop"].get(f"p{p}"),
                         base["back_from_stop"].get(f"p{p}"),
                     )
                 ),
             )
         )
-    peak_ratio = _ratio(ours["peak_handshakes_per_s"], base["peak_handshakes_per_s"])
+    peak_ratio = ratio(ours["peak_handshakes_per_s"], base["peak_handshakes_per_s"])
     rows += [
         (
             "peak successful handshakes / s",
             str(ours["peak_handshakes_per_s"]),
             str(base["peak_handshakes_per_s"]),
-            _fmt_ratio(peak_ratio),
+            _fmtratio(peak_ratio),
         ),
         (
             "failed attempts by kind",

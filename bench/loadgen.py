@@ -76,6 +76,7 @@ import trio
 from cryptography import x509
 
 import auth
+from bench.world import percentiles, sample_process
 from relay import __version__
 from relay._trio.agent import parse_broker_url
 from relay._trio.websocket import ConnectionClosed, HandshakeFailed, connect_websocket
@@ -464,18 +465,13 @@ async def _device_loop(
 
 
 def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
-        "SC_PAGE_SIZE"
-    )
+    return sample_process(os.getpid()).rss_bytes
 
 
 def _summary(stats: Stats, started: float) -> dict[str, Any]:
-    rtts = sorted(stats.rtts)
-
-    def rank(p: float) -> float | None:
-        if not rtts:
-            return None
-        return rtts[max(1, math.ceil(len(rtts) * p / 100)) - 1]
+    rtt = {
+        k: v if math.isfinite(v) else None for k, v in percentiles(stats.rtts).items()
+    }
 
     return {
         "event": "summary",
@@ -494,13 +490,7 @@ def _summary(stats: Stats, started: float) -> dict[str, Any]:
         "window_failures": dict(stats.window_failures),
         "window_disconnects": dict(stats.window_disconnects),
         "auth_waits": stats.auth_waits,
-        "rtt": {
-            "count": len(rtts),
-            "p50": rank(50),
-            "p90": rank(90),
-            "p99": rank(99),
-            "max": rtts[-1] if rtts else None,
-        },
+        "rtt": {"count": len(stats.rtts), **rtt},
         "rss_bytes": _rss_bytes(),
         "cpu_s": time.process_time(),
     }

@@ -8,6 +8,7 @@ so the page never shows a number without what it should be compared to.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +58,16 @@ class ScenarioResult:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    """value / baseline, or None when either is missing, not finite, or the
+    baseline is not positive."""
+    if value is None or baseline is None or baseline <= 0:
+        return None
+    if not (math.isfinite(value) and math.isfinite(baseline)):
+        return None
+    return value / baseline
 
 
 def fmt_ms(seconds: float) -> str:

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import trio
 
-from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms
+from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms, ratio
 from bench.world import (
     Engineer,
     World,
@@ -416,7 +416,7 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
                 measured=f"{many} sessions: added p50 {fmt_ms(added['p50'])}, p99 {fmt_ms(added['p99'])}",
                 baseline=f"direct TLS p50 {fmt_ms(direct['p50'])}, p99 {fmt_ms(direct['p99'])}",
                 # Round trip through the relay over the direct one, at the median.
-                ratio=_ratio(
+                ratio=ratio(
                     percentiles(results[str(many)]["relay"])["p50"], direct["p50"]
                 ),
                 met=met,
@@ -433,10 +433,6 @@ def run_latency(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
         "The direct baseline uses the same typists and pauses over TLS to an echo server on the instrument."
     )
     return result
-
-
-def _ratio(value: float, baseline: float) -> float | None:
-    return value / baseline if baseline > 0 and math.isfinite(value) else None
 
 
 async def _session(credentials: Credentials, **kwargs: Any) -> None:
@@ -585,7 +581,7 @@ def run_setup(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
                 goal=SETUP_GOAL[1],
                 measured=f"p99 {fmt_ms(offer['p99'])}; p99 {fmt_ms(first['p99'])}",
                 baseline=f"direct TLS connect → first byte p99 {fmt_ms(direct['p99'])}",
-                ratio=_ratio(first["p99"], direct["p99"]),
+                ratio=ratio(first["p99"], direct["p99"]),
                 met=full and offer["p99"] < 0.050 and first["p99"] < 0.100,
             ),
             Goal(
