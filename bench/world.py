@@ -18,7 +18,6 @@ generators and the benchmark process share the machine with it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 
 import auth
 from relay import store as store_module
+from relay.config_file import toml_value
 from relay.engineer_client import Credentials, login
 from relay.enrollment import record_certificate
 from relay.pki_files import (
@@ -89,27 +89,15 @@ def sample_process(pid: int) -> ProcessSample:
     )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
 def toml_text(config: Mapping[str, Any]) -> str:
     """A broker config file: top-level keys, then one table per nested mapping."""
     lines = [
-        f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)
+        f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)
     ]
     for table, keys in config.items():
         if isinstance(keys, dict):
             lines.append(f"\n[{table}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in keys.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in keys.items())
     return "\n".join(lines) + "\n"
 
 
@@ -236,22 +224,6 @@ class BrokerProcess:
             print(f"bench: broker metrics unavailable: {exc!r}", file=sys.stderr)
             return ""
         return text
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        metric, _, label_text = series.partition("{")
-        if metric != name:
-            continue
-        got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-        if got == wanted:
-            return float(value)
-    return 0.0
 
 
 @dataclass

@@ -342,16 +342,16 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> BrokerConfig:
 # The example and the differences --------------------------------------------------
 
 
-def _render(value: object) -> str:
-    """*value* as a TOML value."""
+def toml_value(value: object) -> str:
+    """*value* as a TOML value (also used by bench/ to write broker config files)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str | Path | ListenAddress):
         return json.dumps(str(value))
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_render(item) for item in value) + "]"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot render {value!r}")  # pragma: no cover
 
 
@@ -399,7 +399,7 @@ def _example_fields(cls: type, instance: object) -> Iterator[str]:
         if value is None:
             yield f"# {name} = ...  (unset by default)"
         else:
-            yield f"{name} = {_render(value)}"
+            yield f"{name} = {toml_value(value)}"
         yield ""
 
 
@@ -472,7 +472,7 @@ def effective_changes(config: BrokerConfig) -> list[str]:
         elif value is None:
             shown = "(unset)"
         else:
-            shown = _render(value)
+            shown = toml_value(value)
             if key == "database_url":
                 shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)
         lines.append(f"{key} = {shown}")
@@ -486,5 +486,5 @@ def agent_changes(config: AgentConfig) -> list[str]:
     for key in _field_names(AgentConfig):
         value = getattr(config, key)
         if value != getattr(default, key):
-            lines.append(f"{key} = {'(unset)' if value is None else _render(value)}")
+            lines.append(f"{key} = {'(unset)' if value is None else toml_value(value)}")
     return lines
