@@ -23,21 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import shutil
-import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Final
 
-from bench.results import Goal, Mode, ScenarioResult, Table
+from bench.results import Goal, Mode, ScenarioResult, Table, machine
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = ROOT / "bench" / "results"
@@ -84,46 +79,6 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "storm": _storm,
     "setup": _setup,
 }
-
-
-def _socat_version() -> str:
-    try:
-        out = subprocess.run(
-            ["socat", "-V"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except OSError:
-        return "not installed"
-    found = re.search(r"socat version (\S+)", out)
-    return found.group(1) if found else "?"
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or "?"
-
-
-def machine() -> dict[str, str]:
-    """What the numbers were taken on."""
-    memory_kib = next(
-        int(line.split()[1])
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemTotal:")
-    )
-    return {
-        "cpu": _cpu_model(),
-        "cores": str(os.cpu_count()),
-        "memory": f"{memory_kib / 2**20:.1f} GiB",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "trio": version("trio"),
-        "websockets": version("websockets"),
-        "cryptography": version("cryptography"),
-        "hypercorn": version("hypercorn"),
-        "socat": _socat_version(),
-    }
 
 
 def _git(*args: str) -> str:

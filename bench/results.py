@@ -9,7 +9,14 @@ so the page never shows a number without what it should be compared to.
 from __future__ import annotations
 
 import math
+import os
+import platform
+import re
+import ssl
+import subprocess
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Literal
 
 Mode = Literal["quick", "full"]
@@ -78,3 +85,46 @@ def fmt_ms(seconds: float) -> str:
 
 def fmt_rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 2**20:.0f} MiB/s"
+
+
+# What the numbers were taken on ------------------------------------------------
+
+
+def _socat_version() -> str:
+    try:
+        out = subprocess.run(
+            ["socat", "-V"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return "not installed"
+    found = re.search(r"socat version (\S+)", out)
+    return found.group(1) if found else "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or "?"
+
+
+def machine() -> dict[str, str]:
+    """The machine and versions a run measured on (for the page and its notes)."""
+    memory_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_kib / 2**20:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "trio": version("trio"),
+        "websockets": version("websockets"),
+        "cryptography": version("cryptography"),
+        "hypercorn": version("hypercorn"),
+        "socat": _socat_version(),
+    }

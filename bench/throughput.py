@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import queue
 import re
 import signal
@@ -74,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from bench.results import Goal, Mode, ScenarioResult, Table, fmt_rate
+from bench.results import Goal, Mode, ScenarioResult, Table, fmt_rate, machine
 from bench.world import (
     LOOPBACK,
     World,
@@ -841,15 +840,10 @@ def _cpu_per_gib(transfers: Sequence[_Transfer]) -> dict[tuple[str, str], float]
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    m = machine()
     return (
-        f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
-        f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}"
+        f"{m['cores']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
+        f"Python {m['python']}, {m['openssl']}"
     )
 
 
