@@ -162,7 +162,7 @@ def read_records(directory: Path, *, from_seq: int = 1) -> Iterator[dict[str, An
     for line in iter_lines(files[start:]):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deep nesting
             return
         seq = record.get("seq") if isinstance(record, dict) else None
         if isinstance(seq, int) and seq >= from_seq:
@@ -642,6 +642,9 @@ def verify_bundle(path: Path) -> BundleReport:
     except (OSError, ValueError) as exc:
         result.problems.append(f"manifest.json: {exc}")
         return result
+    except RecursionError:
+        result.problems.append("manifest.json: JSON nested too deeply")
+        return result
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         result.problems.append(f"manifest.json: not a {BUNDLE_FORMAT} manifest")
         return result
@@ -871,6 +874,9 @@ def _check_receipts(
                     device_id=decoded.device_id,
                     nonce=decoded.nonce,
                 )
+        except RecursionError:
+            result.problems.append(f"{where}: does not verify (JSON nested too deeply)")
+            continue
         except (KeyError, TypeError, ValueError, receipts.ReceiptError) as exc:
             result.problems.append(f"{where}: does not verify ({exc})")
             continue

@@ -9,6 +9,7 @@ one consistent set of limits.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,11 @@ class EngineerListenerConfig:
             ``/api/v1/events`` is re-read from the store.
         session_touch_s: How often a WebSocket in use (engineer input) marks
             its login session as used, against the idle timeout.
+        handshake_timeout_s: Deadline for a connection's TLS handshake; the
+            head of its first request must then arrive within this or
+            Hypercorn's 5 s keep-alive timeout, whichever is shorter (the
+            keep-alive timer runs until a whole request has arrived). A
+            slowloris client is closed at these deadlines.
     """
 
     allowed_origins: tuple[str, ...] = ()
@@ -160,6 +166,7 @@ class EngineerListenerConfig:
     websocket_send_timeout_s: float = 10.0
     device_feed_interval_s: float = 2.0
     session_touch_s: float = 60.0
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -428,6 +435,15 @@ class SessionConfig:
         warning_seconds: How long before the cap the engineer is warned
             (default T-10 min and T-1 min); each 1..3599, at most four, ``()``
             for none. A warning not after the grant is skipped.
+        engineer_messages_per_s: The rate at which the broker reads an
+            engineer's messages on a session's attach socket (a token bucket,
+            ``engineer_message_burst`` deep). Above it the broker reads no
+            further until a token is there: the sender is slowed down by TCP
+            (backpressure), the session goes on. The default leaves room for a
+            bulk transfer in 64 KiB frames at 60 MiB/s and for any typing, and
+            bounds the broker CPU one engineer can take with tiny messages.
+        engineer_message_burst: How many messages may arrive at once before
+            the rate applies.
 
     Raises:
         ValueError: A value is out of range (at construction).
@@ -438,11 +454,23 @@ class SessionConfig:
     allowed_channels: tuple[str, ...] = ("shell", "tcp:22", "tcp:443")
     reattach_grace_s: float = 0.0
     warning_seconds: tuple[int, ...] = WARNING_SECONDS
+    engineer_messages_per_s: float = 1000.0
+    engineer_message_burst: int = 1000
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "warning_seconds", check_warnings(self.warning_seconds)
         )
+        if not 0 < self.engineer_messages_per_s < math.inf:
+            raise ValueError(
+                "engineer_messages_per_s must be > 0 and finite, got "
+                f"{self.engineer_messages_per_s!r}"
+            )
+        if self.engineer_message_burst < 1:
+            raise ValueError(
+                "engineer_message_burst must be >= 1, got "
+                f"{self.engineer_message_burst!r}"
+            )
         cap = self.max_session_seconds
         if type(cap) is not int or cap < 1:  # bool is an int subclass: refused
             raise ValueError(

@@ -141,7 +141,10 @@ def _convert(value: object, tp: Any) -> object:
         )
     if tp is float:
         if type(value) in (int, float):
-            number = float(value)  # type: ignore[arg-type]
+            try:
+                number = float(value)  # type: ignore[arg-type]
+            except OverflowError:  # an integer beyond any float
+                raise ValueError(f"expected a finite number, got {value!r}") from None
             if not math.isfinite(number):
                 raise ValueError(f"expected a finite number, got {value!r}")
             return number
@@ -266,7 +269,9 @@ def _env_value(env: str, full: str, text: str, tp: Any) -> object:
         return text
     try:
         return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
+        # RecursionError: arrays or inline tables nested deeper than tomllib's
+        # (recursive) parser can follow.
         if _strip_optional(tp) is bool:
             raise ConfigError(
                 f"{full}: expected true or false, got {text!r}", source=env
@@ -288,6 +293,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from None
+    except RecursionError:
+        # tomllib's parser is recursive: deep nesting exhausts the stack.
+        raise ConfigError(
+            "not valid TOML: arrays or tables nested too deeply", source=str(path)
+        ) from None
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from relay import __version__
@@ -54,6 +55,26 @@ TLS_RELOAD_OUTCOMES = ("reloaded", "refused")
 
 #: The live session states of relay_sessions{state}.
 SESSION_STATES = ("requested", "offered", "granted", "active")
+
+
+def live_trio_tasks() -> float:
+    """Tasks alive in the calling thread's trio run, NaN outside one.
+
+    Read when ``/metrics`` is scraped (its route runs in the broker's loop), by
+    walking the task tree from the root: nothing is counted on the hot path.
+    """
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return float("nan")
+    count = 0
+    pending = [root] if root is not None else []
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return float(count)
 
 
 class RelayMetrics:
@@ -150,11 +171,19 @@ class RelayMetrics:
             "Engineer WebSockets open on the engineer listener.",
             registry=r,
         )
+        self.engineer_messages_throttled = Counter(
+            "relay_engineer_messages_throttled_total",
+            "Times the broker held back reading an engineer's attach socket "
+            "because its messages came faster than engineer_messages_per_s.",
+            registry=r,
+        )
         self.engineer_refusals = Counter(
             "relay_engineer_refusals_total",
             "Requests and WebSocket upgrades refused by the engineer listener "
             "before any route ran, by reason (head_too_large, bad_origin, "
-            "no_origin_without_bearer, csrf).",
+            "no_origin_without_bearer, csrf, duplicate_session_cookie, "
+            "duplicate_websocket_key), and session attaches refused "
+            "(not_admitted).",
             ["reason"],
             registry=r,
         )
@@ -271,6 +300,13 @@ class RelayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.trio_tasks = Gauge(
+            "relay_trio_tasks",
+            "Live trio tasks in the broker process, counted at scrape time (at "
+            "rest it comes back to the same value; steady growth is a leak).",
+            registry=r,
+        )
+        self.trio_tasks.set_function(live_trio_tasks)
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:

@@ -520,7 +520,19 @@ class DeviceListener:
             try:
                 channel.receive_message(await ws.receive_message())
                 event = channel.next_event()
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
+                if exc.by_us:
+                    # The transport failed the channel for its first message
+                    # (over the cap, a text or malformed frame): counted and
+                    # audited like a bad hello, not lost as a silent drop.
+                    await self._refuse_channel(
+                        ws,
+                        _LOCAL_DROP_LABELS.get(exc.reason, "protocol_error"),
+                        exc.code,
+                        exc.reason,
+                        device_id,
+                        peer,
+                    )
                 return
             except RemoteProtocolError as exc:
                 await self._refuse_channel(
@@ -643,7 +655,12 @@ class DeviceListener:
                     elif isinstance(event, control.RenewRequest):
                         await live.send(await self._renew(identity, event))
         except ConnectionClosed as exc:
-            label = _LOCAL_DROP_LABELS.get(exc.reason, "peer_closed")
+            # Closed by us here means the transport failed the channel for the
+            # device's bad input (1002, 1003, 1007, 1009), unless it dropped a
+            # silent or non-reading peer.
+            label = _LOCAL_DROP_LABELS.get(
+                exc.reason, "protocol_error" if exc.by_us else "peer_closed"
+            )
             code, reason = exc.code, exc.reason
         except RemoteProtocolError as exc:
             label, code, reason = "protocol_error", exc.close_code, str(exc)[:120]

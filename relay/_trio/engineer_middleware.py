@@ -1,4 +1,5 @@
-"""ASGI middleware of the engineer listener: the request head cap and security headers.
+"""ASGI middleware of the engineer listener: the request head cap, ambiguous
+requests and security headers.
 
 :class:`RequestHeadLimit` refuses a request or a WebSocket upgrade whose request
 line and headers together are larger than ``max_request_head_bytes`` (8 KiB) with
@@ -8,6 +9,9 @@ pieces: a head that comes in one read is parsed whatever its size. So the cap is
 checked here, on the parsed head, for every request. h11's limit stays as the
 memory bound per connection (64 KiB, relay._trio.http): a head beyond it gets
 Hypercorn's bare 431 and the connection is closed.
+
+:class:`AmbiguousRequest` refuses with 400 a request with two session cookies
+and an upgrade with two ``Sec-WebSocket-Key`` headers.
 
 :class:`SecurityHeaders` adds HSTS, CSP, nosniff and no-referrer to every HTTP
 answer, including the HTTP answer that refuses a WebSocket upgrade, and
@@ -23,11 +27,13 @@ from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from relay.api_contract import SESSION_COOKIE
 from relay.metrics import RelayMetrics
 
 __all__ = [
     "CONSOLE_CSP",
     "CSP",
+    "AmbiguousRequest",
     "RequestHeadLimit",
     "SecurityHeaders",
     "request_head_bytes",
@@ -135,6 +141,73 @@ class RequestHeadLimit:
         await send(
             {"type": f"{prefix}http.response.body", "body": _HEAD_TOO_LARGE_BODY}
         )
+
+
+def _count_session_cookies(scope: Scope) -> int:
+    """How many ``SESSION_COOKIE`` pairs the request's Cookie headers carry."""
+    wanted = SESSION_COOKIE.encode()
+    return sum(
+        1
+        for name, value in scope.get("headers", ())
+        if name == b"cookie"
+        for pair in value.split(b";")
+        if pair.split(b"=", 1)[0].strip() == wanted
+    )
+
+
+class AmbiguousRequest:
+    """ASGI middleware: 400 for a request that says one thing twice.
+
+    Two session cookies (e.g. one tossed in by a sibling domain, next to the
+    real one) leave which session is meant to the parser's whim: the request
+    must carry exactly one (BRIEF: "exactly one session cookie"). A WebSocket
+    upgrade with two ``Sec-WebSocket-Key`` headers is malformed (RFC 6455
+    §4.2.1 asks for one); Hypercorn would take the last. Counted in
+    ``relay_engineer_refusals_total`` as ``duplicate_session_cookie`` and
+    ``duplicate_websocket_key``.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: RelayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        reason = None
+        if _count_session_cookies(scope) > 1:
+            reason = "duplicate_session_cookie"
+        elif scope["type"] == "websocket" and (
+            sum(
+                1
+                for name, _ in scope.get("headers", ())
+                if name == b"sec-websocket-key"
+            )
+            > 1
+        ):
+            reason = "duplicate_websocket_key"
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.engineer_refusals.labels(reason).inc()
+        prefix = "websocket." if scope["type"] == "websocket" else ""
+        if prefix and "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        body = json.dumps({"error": reason.replace("_", " ")}).encode()
+        await send(
+            {
+                "type": f"{prefix}http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": f"{prefix}http.response.body", "body": body})
 
 
 class SecurityHeaders:

@@ -28,8 +28,10 @@ and the socket is closed with 4004 and the reason. A handler returns the close i
 wants (code, reason), or ``None`` when the client went away.
 
 Every refusal is counted (``relay_engineer_refusals_total``,
-``relay_auth_token_rejections_total``, ``relay_auth_forbidden_total``) and the
-Origin refusals are audit events, since they are what an attack looks like.
+``relay_auth_token_rejections_total``, ``relay_auth_forbidden_total``, and
+``relay_engineer_refusals_total{reason="not_admitted"}`` for a route's own
+admission) and the Origin and admission refusals are audit events, since they
+are what an attack looks like (an attach to another engineer's session is one).
 
 The event feed (``/api/v1/events``) sends ``{"type": "devices", "devices": [...]}``
 when the socket opens and whenever the device list changes (see
@@ -116,6 +118,18 @@ def socket_route(
         if admit is not None:
             admission = admit(websocket, principal)
             if admission is not None:
+                # E.g. an attach to another engineer's session (404): an
+                # authorization failure, counted and audited like the others.
+                metrics.engineer_refusals.labels("not_admitted").inc()
+                service.log.warning(
+                    "engineer.websocket_refused",
+                    reason="not_admitted",
+                    status=admission[0],
+                    username=principal.username,
+                    path=websocket.url.path[:200],
+                    source=_source(websocket),
+                    audit=True,
+                )
                 await _deny(websocket, *admission)
                 return
         await websocket.accept()

@@ -36,7 +36,11 @@ import auth
 from relay import __version__
 from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_api import api_routes
-from relay._trio.engineer_middleware import RequestHeadLimit, SecurityHeaders
+from relay._trio.engineer_middleware import (
+    AmbiguousRequest,
+    RequestHeadLimit,
+    SecurityHeaders,
+)
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService
@@ -162,6 +166,7 @@ def engineer_app(
                 max_bytes=config.max_request_head_bytes,
                 metrics=service.metrics,
             ),
+            Middleware(AmbiguousRequest, metrics=service.metrics),
         ],
         exception_handlers={StoreError: store_unavailable},
     )
@@ -204,6 +209,14 @@ async def serve_http(
             H11_MAX_INCOMPLETE_BYTES, limits.max_request_head_bytes
         )
         config.websocket_max_message_size = limits.max_websocket_message_bytes
+        # Hypercorn's own TLS deadline is 60 s: a slowloris would hold a
+        # connection six times the budget (BRIEF: TLS + upgrade 10 s). The head
+        # of the first request is bounded by the keep-alive timer, which runs
+        # from the handshake until a whole request has arrived.
+        config.ssl_handshake_timeout = limits.handshake_timeout_s
+        config.keep_alive_timeout = min(
+            config.keep_alive_timeout, limits.handshake_timeout_s
+        )
     if tls_files is not None:
         config.certfile = str(tls_files[0])
         config.keyfile = str(tls_files[1])

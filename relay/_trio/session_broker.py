@@ -93,6 +93,7 @@ from cryptography import x509
 from starlette.websockets import WebSocket
 
 import auth
+from auth.limits import RateLimit, TokenBucket
 from relay import __version__
 from relay._trio.session_archive import SessionArchive
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
@@ -708,7 +709,9 @@ class SessionBroker:
             after_close.append(lambda: self._leg_closed(live, leg))
         try:
             await self._run_leg(
-                live, leg, _Attach(leg, _engineer_receiver(websocket, on_input))
+                live,
+                leg,
+                _Attach(leg, self._engineer_receiver(websocket, on_input)),
             )
         finally:
             if leg.refusal is None and not leg.released.is_set():
@@ -1328,7 +1331,16 @@ class SessionBroker:
                         # The other leg's socket failed; its own pump reports it.
                         await trio.sleep_forever()
             except ConnectionClosed as exc:
-                gone = _LegGone(leg, exc.code, exc.reason)
+                # Closed by our transport (not the keepalive): the leg broke the
+                # WebSocket protocol (a text frame, over the cap ...), audited
+                # like a malformed tunnel frame.
+                broken = exc.by_us and exc.code != CloseCode.INTERNAL_ERROR
+                gone = _LegGone(
+                    leg,
+                    exc.code,
+                    exc.reason,
+                    protocol_error=f"{exc.code} {exc.reason}" if broken else None,
+                )
             except _EngineerGone as exc:
                 gone = _LegGone(leg, protocol_error=exc.protocol_error)
             except RemoteProtocolError as exc:
@@ -1393,6 +1405,20 @@ class SessionBroker:
             return False
         return True
 
+    def _engineer_receiver(
+        self, websocket: WebSocket, on_input: Callable[[], None]
+    ) -> Callable[[], Any]:
+        limit = RateLimit(
+            per_minute=60.0 * self.config.engineer_messages_per_s,
+            burst=self.config.engineer_message_burst,
+        )
+        return _engineer_receiver(
+            websocket,
+            on_input,
+            TokenBucket(limit=limit),
+            self._metrics.engineer_messages_throttled.inc,
+        )
+
     def _set_metric_state(self, live: _Live, *, gone: bool = False) -> None:
         state = live.session.state
         new = None if gone or state.is_terminal else state.value
@@ -1420,9 +1446,23 @@ class _EngineerGone(Exception):
 
 
 def _engineer_receiver(
-    websocket: WebSocket, on_input: Callable[[], None]
+    websocket: WebSocket,
+    on_input: Callable[[], None],
+    bucket: TokenBucket,
+    throttled: Callable[[], None],
 ) -> Callable[[], Any]:
+    """The attach socket's reader: one engineer message per call.
+
+    Messages are read at most at the bucket's rate. When it is empty the
+    reader sleeps before reading on, so the engineer's messages wait in TCP
+    buffers and the sender is slowed down (BRIEF: engineer messages are rate
+    limited); nothing is dropped and the session goes on.
+    """
+
     async def receive() -> bytes:
+        while (wait := bucket.check(now=trio.current_time())) > 0:
+            throttled()
+            await trio.sleep(wait)
         try:
             message = await websocket.receive()
         except RuntimeError:

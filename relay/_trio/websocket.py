@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import trio
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidHeaderValue, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import SEND_EOF, Protocol, State
@@ -57,6 +57,31 @@ from relay.proto.close import CloseCode
 _PING_JITTER = 0.25
 #: Timing jitter only; nothing secret is drawn from it.
 _jitter = random.Random()  # noqa: S311
+
+
+class _CloseMidMessage:
+    """A close frame between two fragments of a message ends the connection
+    like any other close: the peer's code is echoed (RFC 6455 5.4 lets control
+    frames sit between fragments; 5.5.1: the endpoint "typically echos the
+    status code it received"). websockets fails the connection with 1002
+    "incomplete fragmented message" instead (Autobahn case 7.1.5). The message
+    being assembled can never complete, so it is dropped first.
+    """
+
+    current_size: int | None
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE:
+            self.current_size = None
+        super().recv_frame(frame)  # type: ignore[misc]
+
+
+class _ServerProtocol(_CloseMidMessage, ServerProtocol):
+    pass
+
+
+class _ClientProtocol(_CloseMidMessage, ClientProtocol):
+    pass
 
 
 class WebSocketError(Exception):
@@ -84,12 +109,16 @@ class ConnectionClosed(WebSocketError):
 
     ``code`` is the code the peer sent, or the one we sent when we closed first
     (e.g. 1009 after an oversized message), or 1006 when the connection dropped.
+    ``by_us`` is True when this side closed or dropped the connection first (the
+    transport failing it for the peer's bad input included), False when the peer
+    closed it or it was lost.
     """
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, *, by_us: bool = False) -> None:
         super().__init__(f"connection closed: {code} {reason}".rstrip())
         self.code = code
         self.reason = reason
+        self.by_us = by_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,19 +439,25 @@ class WebSocketConnection:
         # aclose closes the stream even when it was cancelled by the deadline.
 
     def _close_info(self) -> tuple[int, str]:
+        return self._close_origin()[:2]
+
+    def _close_origin(self) -> tuple[int, str, bool]:
+        """(code, reason, closed by us) of the close."""
         protocol = self._protocol
         received, sent = protocol.close_rcvd, protocol.close_sent
         if received is not None and (sent is None or protocol.close_rcvd_then_sent):
-            return received.code, received.reason  # the peer closed first
+            return received.code, received.reason, False  # the peer closed first
         if sent is not None:
-            return sent.code, sent.reason  # we closed first (or failed the connection)
+            # We closed first (or failed the connection).
+            return sent.code, sent.reason, True
         if self._local_close is not None:
-            return self._local_close.code, self._local_close.reason  # dropped by us
-        return CloseCode.ABNORMAL, "connection lost"
+            local = self._local_close
+            return local.code, local.reason, True  # dropped by us
+        return CloseCode.ABNORMAL, "connection lost", False
 
     def _closed_error(self) -> ConnectionClosed:
-        code, reason = self._close_info()
-        return ConnectionClosed(code, reason)
+        code, reason, by_us = self._close_origin()
+        return ConnectionClosed(code, reason, by_us=by_us)
 
 
 def _truncate_reason(reason: str) -> str:
@@ -475,7 +510,7 @@ class ServerHandshake:
     def __init__(self, stream: trio.abc.Stream, limits: WebSocketLimits) -> None:
         self._stream = stream
         self._limits = limits
-        self._protocol = ServerProtocol(max_size=limits.max_message_bytes)
+        self._protocol = _ServerProtocol(max_size=limits.max_message_bytes)
         self._early_events: Sequence[object] = ()
 
     async def receive_request(self) -> Request:
@@ -530,7 +565,27 @@ class ServerHandshake:
             HandshakeFailed: The request is not a valid WebSocket upgrade (missing
                 or wrong headers); a 4xx response was sent and the stream closed.
         """
+        if self._protocol.state is not State.CONNECTING or self._protocol.eof_sent:
+            # The client sent bytes after its request, before our answer, that
+            # are not frames; the protocol has already failed the connection on
+            # them (a response now would trip its own assertions).
+            await self._flush_and_close()
+            raise HandshakeFailed(
+                "invalid data after the upgrade request, before the response",
+                status=400,
+            )
         response = self._protocol.accept(request)
+        refused = self._protocol.handshake_exc
+        if (
+            isinstance(refused, InvalidHeaderValue)
+            and refused.name == "Sec-WebSocket-Version"
+        ):
+            # RFC 6455 §4.4: a version the server does not speak is answered
+            # with "an appropriate HTTP error code (such as 426 Upgrade
+            # Required) and a |Sec-WebSocket-Version| header field" listing
+            # the versions it does speak (websockets answers a bare 400).
+            response = self._protocol.reject(426, "unsupported WebSocket version\n")
+            response.headers["Sec-WebSocket-Version"] = "13"
         # The server offers no extensions at all (rule 3): drop any the protocol
         # object might negotiate.
         self._protocol.send_response(response)
@@ -584,7 +639,7 @@ async def connect_websocket(
         HandshakeFailed: The server refused (``status`` and ``body`` say why) or
             closed the connection before answering (``status`` is None).
     """
-    protocol = ClientProtocol(parse_uri(url), max_size=limits.max_message_bytes)
+    protocol = _ClientProtocol(parse_uri(url), max_size=limits.max_message_bytes)
     request = protocol.connect()
     if user_agent is not None:
         request.headers["User-Agent"] = user_agent
