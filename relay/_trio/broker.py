@@ -415,6 +415,7 @@ async def _serve(
         enroller=enroller,
         sessions=SessionRoutes(sessions, metrics),
         audit_data=DataDir(config.data_dir),
+        keepalive=config.websocket,
     )
     bound = False
 

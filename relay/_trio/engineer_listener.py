@@ -37,7 +37,7 @@ from relay._trio.enrollment_api import Enroller
 from relay._trio.http import engineer_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
-from relay.config import EngineerListenerConfig, ListenAddress
+from relay.config import EngineerListenerConfig, ListenAddress, WebSocketLimits
 from relay.pki_files import DataDir
 from relay.store import Store
 
@@ -58,6 +58,8 @@ class EngineerListener:
         sessions: The remote-session routes, when the broker runs sessions.
         audit_data: The data dir whose audit log and recordings the auditors'
             routes (``/api/v1/audit/...``) read; None: no such routes.
+        keepalive: The ping interval and missed-ping count the engineers'
+            WebSockets are held to (relay._trio.hypercorn_ws); None: no pings.
 
     Raises:
         ValueError: An entry of ``allowed_origins`` is not a web origin.
@@ -75,8 +77,10 @@ class EngineerListener:
         enroller: Enroller,
         sessions: SessionRoutes | None = None,
         audit_data: DataDir | None = None,
+        keepalive: WebSocketLimits | None = None,
     ) -> None:
         self.config = config
+        self.keepalive = keepalive
         self.sockets = EngineerSockets(
             login=service,
             store=store,
@@ -148,6 +152,7 @@ class EngineerListener:
                     tls_files=tls_files,
                     ssl_context=ssl_context,
                     limits=self.config,
+                    keepalive=self.keepalive,
                 )
             )
             if not self.config.allowed_origins:

@@ -34,6 +34,7 @@ from starlette.routing import BaseRoute, Route
 
 import auth
 from relay import __version__
+from relay._trio import hypercorn_ws
 from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_api import api_routes
 from relay._trio.engineer_middleware import (
@@ -45,12 +46,15 @@ from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
-from relay.config import EngineerListenerConfig, ListenAddress
+from relay.config import EngineerListenerConfig, ListenAddress, WebSocketLimits
 from relay.metrics import RelayMetrics
 from relay.store import StoreError
 from relay.tls import engineer_listener_context
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+# Our WebSocket rules (keepalive that enforces, no compression) on Hypercorn.
+hypercorn_ws.install()
 
 #: What h11 buffers of a request head before refusing it on its own.
 H11_MAX_INCOMPLETE_BYTES = 64 * 1024
@@ -67,6 +71,9 @@ class _HypercornConfig(HypercornConfig):
     #: A context built by the caller (the broker keeps it to reload the
     #: certificate in place); used instead of one made from the files.
     relay_ssl_context: ssl.SSLContext | None = None
+    #: Pings a WebSocket may leave unanswered before it is dead (with
+    #: Hypercorn's ``websocket_ping_interval``; relay._trio.hypercorn_ws).
+    relay_ping_missed_max: int = 3
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         if self.relay_ssl_context is not None:
@@ -179,6 +186,7 @@ async def serve_http(
     tls_files: tuple[Path, Path] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     limits: EngineerListenerConfig | None = None,
+    keepalive: WebSocketLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *app* with Hypercorn until cancelled; reports the bound port.
@@ -192,6 +200,8 @@ async def serve_http(
             certificate in place (relay._trio.broker_pki).
         limits: The engineer listener's request and message limits, applied
             where Hypercorn enforces them.
+        keepalive: Ping interval and missed pings for WebSockets (a silent
+            client is dropped, relay._trio.hypercorn_ws); None: no pings.
     """
     config = _HypercornConfig()
     config.bind = [str(bind)]
@@ -217,6 +227,9 @@ async def serve_http(
         config.keep_alive_timeout = min(
             config.keep_alive_timeout, limits.handshake_timeout_s
         )
+    if keepalive is not None:
+        config.websocket_ping_interval = keepalive.ping_interval_s
+        config.relay_ping_missed_max = keepalive.ping_missed_max
     if tls_files is not None:
         config.certfile = str(tls_files[0])
         config.keyfile = str(tls_files[1])

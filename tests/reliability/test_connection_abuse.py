@@ -1114,3 +1114,77 @@ async def test_c10_device_listener_never_negotiates_compression(
         audit_events=None,
         answer="101 without Sec-WebSocket-Extensions",
     )
+
+
+async def test_c4_engineer_upgrade_for_another_websocket_version_gets_426(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """An engineer upgrade for a WebSocket version other than 13 gets 426 with
+    ``Sec-WebSocket-Version: 13`` (RFC 6455 4.4), as on the device listener;
+    Hypercorn answers it before any route runs, so it is neither counted nor
+    audited (relay/_trio/hypercorn_ws.py)."""
+    tries = scorecard.repeats(ci=2)
+    secret = add_engineer(pki, "alice")
+    async with abuse_broker(pki, nursery) as broker:
+        port = broker.ports.engineer
+        async with api_client(pki, port) as api:
+            token = await login_token(api, "alice", secret)
+        request = upgrade_request(
+            f"{LOOPBACK}:{port}",
+            EVENTS_PATH,
+            f"Authorization: Bearer {token}",
+            version="8",
+        )
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        with trio.fail_after(30):
+            answers = [await raw_upgrade(port, context, request) for _ in range(tries)]
+    assert [a.status for a in answers] == [426] * tries
+    assert all(a.header("Sec-WebSocket-Version") == ["13"] for a in answers)
+    scorecard.record_bad_inputs(
+        "engineer upgrade: wrong Sec-WebSocket-Version",
+        row="C4",
+        sent=tries,
+        rejected=len(answers),
+        # Answered by the HTTP server before the application sees a request.
+        counter_delta=None,
+        audit_events=None,
+        answer="HTTP 426",
+    )
+
+
+@pytest.mark.parametrize(
+    "offer",
+    ["permessage-deflate", "permessage-deflate; client_max_window_bits"],
+)
+async def test_c10_engineer_listener_never_negotiates_compression(
+    pki: PKI, nursery: trio.Nursery, offer: str
+) -> None:
+    """An engineer's WebSocket offering compression is upgraded (101) without
+    any extension (Hypercorn would accept permessage-deflate;
+    relay/_trio/hypercorn_ws.py drops the offer)."""
+    secret = add_engineer(pki, "alice")
+    async with abuse_broker(pki, nursery) as broker:
+        port = broker.ports.engineer
+        async with api_client(pki, port) as api:
+            token = await login_token(api, "alice", secret)
+        request = upgrade_request(
+            f"{LOOPBACK}:{port}",
+            EVENTS_PATH,
+            f"Authorization: Bearer {token}",
+            f"Sec-WebSocket-Extensions: {offer}",
+        )
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        with trio.fail_after(30):
+            answer = await raw_upgrade(port, context, request)
+    assert answer.status == 101
+    assert answer.header("Sec-WebSocket-Extensions") == []
+    scorecard.record_bad_inputs(
+        f"engineer upgrade offering {offer}",
+        row="C10",
+        sent=1,
+        rejected=1,
+        # An ignored offer, not a refusal: nothing to count or audit.
+        counter_delta=None,
+        audit_events=None,
+        answer="101 without Sec-WebSocket-Extensions",
+    )

@@ -73,6 +73,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import wsproto.utilities
 
 from bench.world import free_port
 from relay._trio.agent import (
@@ -249,22 +250,28 @@ async def attach(
     stream = await trio.open_ssl_over_tcp_stream(
         LOOPBACK, port, ssl_context=context, https_compatible=True
     )
-    async with stream, trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                stream,
-                f"{LOOPBACK}:{w.h.broker.ports.engineer}",
-                f"/api/v1/sessions/{session_id}/attach",
-                extra_headers=[(b"authorization", f"Bearer {w.h.token}".encode())],
-                max_message_size=1024 * 1024,
-            )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(2):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    f"{LOOPBACK}:{w.h.broker.ports.engineer}",
+                    f"/api/v1/sessions/{session_id}/attach",
+                    extra_headers=[(b"authorization", f"Bearer {w.h.token}".encode())],
+                    max_message_size=1024 * 1024,
+                )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except* wsproto.utilities.LocalProtocolError:
+        # trio-websocket answers a ping that arrives while it is closing and
+        # fails on its own state (the broker's keepalive pings held by the
+        # blackhole arrive just then): a fault of this test client only.
+        pass
 
 
 async def start_session(
@@ -401,13 +408,6 @@ async def test_silent_device_is_found_by_keepalive_and_the_engineer_told(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (issue 9): the attach socket is Hypercorn's, which sends "
-    "no pings by default and never checks for pongs, so a silent engineer is "
-    "found only by the console idle timeout; fix: the attach socket on the "
-    "relay's own transport (docs/reliability.md, open items)",
-)
 async def test_silent_engineer_is_found_by_keepalive_and_the_session_ends(
     pki: PKI, nursery: trio.Nursery
 ) -> None:
