@@ -37,6 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from http import HTTPStatus
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
@@ -187,10 +188,14 @@ async def run_session(
 ) -> SessionOutcome:
     """Request, attach, run *work* while active, end; see the module docstring.
 
+    A session that ended before the attach socket got there (410: the person
+    at the instrument was quicker, or the broker could not keep the grant)
+    is reported with the end reason the broker gives for it.
+
     Raises:
         ApiError: The request was refused (busy, policy, unknown device ...) or the
             broker could not be reached.
-        HandshakeFailed: The attach socket was refused.
+        HandshakeFailed: The attach socket was refused (other than 410).
     """
     created = await trio.to_thread.run_sync(
         partial(
@@ -218,6 +223,15 @@ async def run_session(
                 with trio.move_on_after(_END_WAIT_S):
                     await status.ended.wait()
                 nursery.cancel_scope.cancel()
+    except HandshakeFailed as refused:
+        if refused.status != HTTPStatus.GONE:
+            with trio.CancelScope(shield=True):
+                await _end_session(credentials, session_id)
+            raise
+        view = await trio.to_thread.run_sync(
+            partial(api_call, credentials, "GET", f"/api/v1/sessions/{session_id}")
+        )
+        status.end(str(view.get("end_reason") or "ended"))
     except BaseException:
         if not status.ended.is_set():
             with trio.CancelScope(shield=True), contextlib.suppress(ApiError):
