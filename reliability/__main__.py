@@ -67,18 +67,21 @@ def outcomes(junit: Path) -> Outcomes:
         return Outcomes(failed=("pytest wrote no report",))
     # Our own pytest's report, written a moment ago: not untrusted input.
     root = ElementTree.parse(junit).getroot()  # noqa: S314
-    passed, failed, skipped, seconds = 0, [], [], 0.0
+    passed, failed, skipped, xfailed, seconds = 0, [], [], [], 0.0
     for suite in root.iter("testsuite"):
         seconds += float(suite.get("time", "0"))
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         if case.find("failure") is not None or case.find("error") is not None:
             failed.append(name)
-        elif case.find("skipped") is not None:
-            skipped.append(name)
+        elif (skip := case.find("skipped")) is not None:
+            if skip.get("type") == "pytest.xfail":
+                xfailed.append(name)
+            else:
+                skipped.append(name)
         else:
             passed += 1
-    return Outcomes(passed, tuple(failed), tuple(skipped), seconds)
+    return Outcomes(passed, tuple(failed), tuple(skipped), seconds, tuple(xfailed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     records_file = RESULTS / f"{args.scale}.jsonl"
     meta_file = RESULTS / f"{args.scale}.meta.json"
+    junit = RESULTS / f"{args.scale}.junit.xml"
     page_file = args.out or (PAGE if args.scale == "full" else RESULTS / "ci.md")
     if not args.render:
         records_file.unlink(missing_ok=True)
-        junit = RESULTS / f"{args.scale}.junit.xml"
         env = {
             **os.environ,
             scorecard.RECORD_ENV: str(records_file),
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
     meta = json.loads(meta_file.read_text())
+    if junit.exists():  # read again: how outcomes are read may have changed
+        meta["outcomes"] = asdict(outcomes(junit))
     page = Page(
         date=meta["date"],
         commit=meta["commit"],
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             failed=tuple(meta["outcomes"]["failed"]),
             skipped=tuple(meta["outcomes"]["skipped"]),
             seconds=meta["outcomes"]["seconds"],
+            known_defects=tuple(meta["outcomes"].get("known_defects", ())),
         ),
         duration_s=meta["duration_s"],
     )

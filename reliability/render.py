@@ -33,6 +33,8 @@ class Outcomes:
     failed: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: Strict xfails: known open defects, each a test that fails once fixed.
+    known_defects: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -93,7 +95,8 @@ def _header(page: Page) -> list[str]:
         f"- commit: `{page.commit}`",
         f"- scale: {page.scale}, {page.duration_s / 60:.0f} min in all",
         f"- tests: {outcome.passed} passed, {len(outcome.failed)} failed, "
-        f"{len(outcome.skipped)} skipped ({outcome.seconds:.0f} s)",
+        f"{len(outcome.skipped)} skipped, {len(outcome.known_defects)} known "
+        f"defects (strict xfail) ({outcome.seconds:.0f} s)",
     ]
     lines += [f"- {key}: {value}" for key, value in page.machine.items()]
     lines.append(
@@ -103,6 +106,14 @@ def _header(page: Page) -> list[str]:
         lines += ["", "**Tests that did not pass in this run:**", ""]
         lines += [f"- failed: `{name}`" for name in outcome.failed]
         lines += [f"- skipped: `{name}`" for name in outcome.skipped]
+    if outcome.known_defects:
+        lines += [
+            "",
+            "**Known open defects** (each a strict xfail: the test fails once the",
+            "defect is fixed; reasons in `reliability/README.md`):",
+            "",
+        ]
+        lines += [f"- `{name}`" for name in outcome.known_defects]
     return lines
 
 

@@ -81,6 +81,7 @@ _CONTROL_SESSION_EVENTS: Final = (
     control.Offer,
     control.OfferWithdrawn,
     control.SessionEnd,
+    control.EndReceiptAck,
 )
 
 
@@ -510,7 +511,10 @@ async def _run_open_channel(
         await ws.aclose(CloseCode.GOING_AWAY, "agent stopping")
 
     ended: ConnectionClosed | RemoteProtocolError | None = None
-    runtime.attach_control(send_event)
+    runtime.attach_control(
+        send_event,
+        acks=(channel.version or 1) >= control.EndReceiptAck.SINCE_VERSION,
+    )
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeats)

@@ -57,6 +57,20 @@ counts is queued as ``session_ended``; the queue survives control-channel
 reconnects and is sent as soon as a channel is up (it works with the broker
 unreachable; the receipt just waits).
 
+End receipts until acked. A write that returned has only reached socket
+buffers: through a silent partition the receipt dies with the connection. So
+a receipt stays queued until the broker acks it (``end_receipt_ack``, control
+protocol version 2), and it is sent once on every channel that comes up (after
+the welcome) until then: never twice on one channel, so a broker that does not
+ack is not flooded. The queue is bounded and in memory only: at most
+:data:`END_RECEIPTS_KEPT` receipts (the oldest is dropped, logged
+``session.end_receipt_dropped``), each sent on at most
+:data:`END_RECEIPT_MAX_SENDS` channels (then dropped, logged
+``session.end_receipt_given_up``: a broker that restarted, or another node,
+does not know the session and will never ack), and lost when the agent stops.
+On a version 1 channel (an older broker never acks) a receipt is forgotten
+once written, as before.
+
 Rule 1: the control channel never carries session data (Invariant 4); streams
         exist only inside the tunnel.
 Rule 2: every frame we send goes through the mux's table, under one lock, so the
@@ -71,7 +85,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, field
@@ -111,6 +125,10 @@ TUNNEL_PATH: Final = "/v1/device/tunnel/{session_id}"
 OFFER_GRACE_S: Final = 2.0
 #: Longest an offer is kept, whatever deadline it names.
 MAX_OFFER_S: Final = 120.0
+#: Unacked end receipts kept (in memory); the oldest is dropped beyond this.
+END_RECEIPTS_KEPT: Final = 64
+#: Channels an unacked end receipt is sent on before it is given up.
+END_RECEIPT_MAX_SENDS: Final = 8
 
 #: A local end that fails in one of these ways closes its stream as ABORTED.
 _LOCAL_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -192,6 +210,15 @@ class Decider(Protocol):
             Cancelled when the offer is answered elsewhere, withdrawn or lapses.
         """
         ...
+
+
+@dataclass(eq=False, slots=True)
+class _QueuedReceipt:
+    """An end receipt the broker has not acked yet."""
+
+    event: control.SessionEnded
+    sent_on: int = 0  # the channel it was last sent on (0: none yet)
+    sends: int = 0  # channels it was sent on
 
 
 @dataclass(eq=False, slots=True)
@@ -277,7 +304,13 @@ class SessionRuntime:
         self._session: _Session | None = None
         self._last_end: tuple[str, EndReason] | None = None
         self._sender: ControlSender | None = None
+        # The channel's number (one per attach_control), and whether its
+        # broker acks end receipts (version 2).
+        self._channel_no = 0
+        self._acks = False
         self._outbox: deque[control.Event] = deque()
+        # Unacked end receipts by session id, oldest first.
+        self._receipts: OrderedDict[str, _QueuedReceipt] = OrderedDict()
         self._outbox_changed = trio.Event()
         self._outbox_sent = trio.Event()
         self.changed = trio.Event()
@@ -304,9 +337,15 @@ class SessionRuntime:
 
     # Control channel ------------------------------------------------------------
 
-    def attach_control(self, send: ControlSender) -> None:
-        """A control channel is up; queued messages go out on it now."""
+    def attach_control(self, send: ControlSender, *, acks: bool) -> None:
+        """A control channel is up (welcomed); queued messages go out on it now.
+
+        *acks* says whether its broker acks end receipts (the channel speaks
+        control protocol version 2); then every unacked receipt is sent on it.
+        """
         self._sender = send
+        self._channel_no += 1
+        self._acks = acks
         self._wake_outbox()
 
     def detach_control(self, send: ControlSender) -> None:
@@ -317,10 +356,9 @@ class SessionRuntime:
         """
         if self._sender is send:
             self._sender = None
-        # Only end receipts wait for the next channel; a grant or deny for an
-        # offer the broker has dropped means nothing.
-        kept = [e for e in self._outbox if isinstance(e, control.SessionEnded)]
-        self._outbox = deque(kept)
+        # Only end receipts (kept apart) wait for the next channel; a grant or
+        # deny for an offer the broker has dropped means nothing.
+        self._outbox.clear()
         if self._offer is not None:
             self._drop_offer(self._offer, "control channel lost")
 
@@ -345,6 +383,12 @@ class SessionRuntime:
                     self._drop_offer(self._offer, f"ended: {event.reason}")
                 else:
                     self._on_broker_end(event.session_id, event.reason)
+            case control.EndReceiptAck():
+                if self._receipts.pop(event.session_id, None) is not None:
+                    self._log.info(
+                        "session.end_receipt_acked", session_id=event.session_id
+                    )
+                    self._outbox_done()
             case _:
                 pass
 
@@ -412,7 +456,9 @@ class SessionRuntime:
                 await self.changed.wait()
             # The deny or the end receipt goes out on a channel that is up; with
             # none up it would wait for a reconnect that is not coming.
-            while self._outbox and self._sender is not None:
+            while self._sender is not None and (
+                self._outbox or self._receipt_due() is not None
+            ):
                 await self._outbox_sent.wait()
 
     # Views ------------------------------------------------------------------------
@@ -707,7 +753,7 @@ class SessionRuntime:
         wire_receipt, signature = receipts.sign_end(
             session.identity.private_key, receipt
         ).to_wire()
-        self._queue(
+        self._queue_receipt(
             control.SessionEnded(
                 session_id=session.session_id, receipt=wire_receipt, signature=signature
             )
@@ -852,6 +898,22 @@ class SessionRuntime:
         self._outbox.append(event)
         self._wake_outbox()
 
+    def _queue_receipt(self, event: control.SessionEnded) -> None:
+        self._receipts[event.session_id] = _QueuedReceipt(event)
+        while len(self._receipts) > END_RECEIPTS_KEPT:
+            session_id, _ = self._receipts.popitem(last=False)
+            self._log.warning("session.end_receipt_dropped", session_id=session_id)
+        self._wake_outbox()
+
+    def _receipt_due(self) -> _QueuedReceipt | None:
+        """The oldest receipt not yet sent on the current channel, if any."""
+        if self._sender is None:
+            return None
+        for queued in self._receipts.values():
+            if queued.sent_on != self._channel_no:
+                return queued
+        return None
+
     def _wake_outbox(self) -> None:
         self._outbox_changed.set()
         self._outbox_changed = trio.Event()
@@ -875,15 +937,50 @@ class SessionRuntime:
 
     async def _flush_outbox(self) -> None:
         while True:
-            while not self._outbox or self._sender is None:
+            while self._sender is None or (
+                not self._outbox and self._receipt_due() is None
+            ):
                 await self._outbox_changed.wait()
-            event = self._outbox[0]
-            sent = await self._send_now(event)
-            if sent and self._outbox and self._outbox[0] is event:
-                self._outbox.popleft()
+            if self._outbox:
+                event = self._outbox[0]
+                sent = await self._send_now(event)
+                if sent and self._outbox and self._outbox[0] is event:
+                    self._outbox.popleft()
+            else:
+                queued = self._receipt_due()
+                assert queued is not None  # noqa: S101 - the wait above found one
+                await self._send_receipt(queued)
             # Sent or not (the channel failed): shutdown() looks again.
-            self._outbox_sent.set()
-            self._outbox_sent = trio.Event()
+            self._outbox_done()
+
+    async def _send_receipt(self, queued: _QueuedReceipt) -> None:
+        """Send *queued* on the current channel; forget it unless an ack is due."""
+        session_id = queued.event.session_id
+        channel_no, acks = self._channel_no, self._acks
+        if queued.sends >= END_RECEIPT_MAX_SENDS:
+            self._log.warning(
+                "session.end_receipt_given_up",
+                session_id=session_id,
+                sends=queued.sends,
+            )
+            self._drop_receipt(queued)
+            return
+        if not await self._send_now(queued.event):
+            return  # the channel failed: the next one gets it
+        queued.sent_on = channel_no
+        queued.sends += 1
+        if not acks:
+            # An older broker never acks: sent once, as protocol version 1 did.
+            self._drop_receipt(queued)
+
+    def _drop_receipt(self, queued: _QueuedReceipt) -> None:
+        session_id = queued.event.session_id
+        if self._receipts.get(session_id) is queued:
+            del self._receipts[session_id]
+
+    def _outbox_done(self) -> None:
+        self._outbox_sent.set()
+        self._outbox_sent = trio.Event()
 
 
 # Moving bytes between a stream and its local end ------------------------------------

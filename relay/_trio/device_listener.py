@@ -257,9 +257,13 @@ class DeviceListener:
     async def send_control(
         self, device_id: str, connection_id: int, event: control.Event
     ) -> bool:
-        """Send *event* on *device_id*'s channel *connection_id*; False if gone."""
+        """Send *event* on *device_id*'s channel *connection_id*; False if gone,
+        or if the channel's protocol version predates *event* (a version 1
+        agent would take an unknown message for a protocol error)."""
         live = self._live.get(device_id)
         if live is None or live.connection_id != connection_id or live.ws is None:
+            return False
+        if live.channel is None or (live.channel.version or 1) < event.SINCE_VERSION:
             return False
         try:
             await live.send(event)

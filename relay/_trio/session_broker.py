@@ -67,6 +67,29 @@ Decisions (see also docs/architecture.md):
   counts beside the broker's own (``session.end_receipt``); then the session is
   dropped. A short summary of the last :data:`ENDED_KEPT` ended sessions stays for
   ``GET /api/v1/sessions/{id}`` (a dict, no task, socket or buffer).
+- Late end receipts: a device cut off at the end (a partition outlasting the
+  keepalives) sends its receipt when it is back, minutes later. For that the
+  broker keeps, for the last :data:`ENDED_RECEIPTS_KEPT` granted sessions, what
+  the on-time path verifies against (device id, nonce, the certificate the
+  session was granted under) and whether the receipt is recorded
+  (:class:`_EndedSession`, in memory: a restarted broker, or another node of a
+  cluster, does not know the session and refuses the receipt as unexpected). A
+  late receipt of the same device's session is verified as an on-time one,
+  logged ``session.end_receipt`` with ``late: true`` and kept with the session;
+  one naming another device's session or an unknown one is
+  ``session.unexpected_device_message`` as before. Late receipts are handled one
+  at a time by one task (:meth:`_serve_late`) from a bounded queue; a full
+  queue drops the receipt (the device sends it again on its next channel).
+- End receipt acks (``end_receipt_ack``, control protocol version 2; the
+  device listener sends it only on a channel that speaks version 2): the
+  agent keeps a receipt until it is acked. The broker acks a receipt it
+  recorded, on time or late; a duplicate of one it recorded (not recorded
+  twice); and one of the device's own known session that does not verify
+  (``session.end_receipt_rejected``): it never will, and an agent that kept
+  sending it would only fill the log. It does not ack a receipt it refused
+  without verifying (unknown session, another device's, or one that came
+  unasked while the session was live), so the agent tries again on its next
+  channel. An ack goes to the device's live control channel.
 - The device may grant a shorter cap than offered (its signed receipt says so);
   the broker then times that shorter cap as well.
 
@@ -137,6 +160,10 @@ __all__ = [
 
 #: How long the driver waits for the device's end receipt after a granted session.
 END_RECEIPT_WAIT_S: Final = 2.0
+#: Ended granted sessions whose late end receipt can still be verified.
+ENDED_RECEIPTS_KEPT: Final = 1024
+#: Late receipts and acks waiting for the task that handles them.
+_LATE_QUEUE_SIZE: Final = 256
 #: How long a leg's handler may take to close its socket at the end.
 LEG_CLOSE_S: Final = 1.0
 #: How long the broker waits for the engineer to take one message.
@@ -180,7 +207,8 @@ class DeviceControl(Protocol):
     async def send_control(
         self, device_id: str, connection_id: int, event: control.Event
     ) -> bool:
-        """Send *event* on that control channel; False if it is gone."""
+        """Send *event* on that control channel; False if it is gone, or if
+        its protocol version predates *event* (then nothing is sent)."""
 
 
 class RequestRefused(Exception):
@@ -264,6 +292,34 @@ class _ControlLost:
 
 
 _Input = _Attach | _LegGone | _End | _DeviceMessage | _ControlLost
+
+
+@dataclass(slots=True)
+class _EndedSession:
+    """What the broker keeps of an ended granted session for its late end receipt."""
+
+    device_id: str
+    nonce: str
+    certificate: x509.Certificate
+    bytes_to_device: int
+    bytes_from_device: int
+    granted_max_seconds: int | None
+    recorded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _LateReceipt:
+    device_id: str
+    event: control.SessionEnded
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    device_id: str
+    session_id: str
+
+
+_LateItem = _LateReceipt | _Ack
 
 
 @dataclass(eq=False, slots=True)
@@ -357,6 +413,8 @@ class SessionBroker:
         self._sessions: dict[str, _Live] = {}
         self._by_device: dict[str, str] = {}
         self._ended: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._ended_receipts: OrderedDict[str, _EndedSession] = OrderedDict()
+        self._late: trio.MemorySendChannel[_LateItem] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._idle = trio.lowlevel.ParkingLot()
@@ -369,13 +427,20 @@ class SessionBroker:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Host the session tasks until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        late, late_out = trio.open_memory_channel[_LateItem](_LATE_QUEUE_SIZE)
+        # The late receipts' task lives beside the sessions' nursery, not in
+        # it: that one holds the sessions' tasks only.
+        async with trio.open_nursery() as beside:
+            beside.start_soon(self._serve_late, late_out)
+            self._late = late
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+                    self._late = None
 
     # Requests from the API ----------------------------------------------------
 
@@ -606,6 +671,11 @@ class SessionBroker:
         """A session message from *device_id*'s control channel."""
         session_id = getattr(event, "session_id", None)
         live = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if live is None and isinstance(event, control.SessionEnded):
+            ended = self._ended_receipts.get(event.session_id)
+            if ended is not None and ended.device_id == device_id:
+                self._post_late(_LateReceipt(device_id, event))
+                return
         if live is None or live.session.device_id != device_id:
             # Late (the session is gone) or not this device's: never another's.
             self._log.warning(
@@ -815,6 +885,7 @@ class SessionBroker:
                 # what the session left, bounded.
                 with trio.CancelScope(shield=True), trio.move_on_after(LEG_CLOSE_S * 2):
                     await self._archive_end(live)
+            self._keep_for_late_receipt(live)
             live.inbox.close()
             while True:
                 try:
@@ -875,7 +946,11 @@ class SessionBroker:
                 if isinstance(item, _DeviceMessage) and isinstance(
                     item.event, control.SessionEnded
                 ):
-                    self._end_receipt(live, item.event)
+                    done, _ = self._end_receipt(live, item.event)
+                    if done:
+                        self._post_late(
+                            _Ack(live.session.device_id, item.event.session_id)
+                        )
                 else:
                     self._refuse_late(live, item)
         if want_receipt and not live.end_receipt.is_set():
@@ -894,6 +969,12 @@ class SessionBroker:
             item.leg.decided.set()
         elif isinstance(item, _End) and item.done is not None:
             item.done.set()
+        elif isinstance(item, _DeviceMessage) and isinstance(
+            item.event, control.SessionEnded
+        ):
+            # After the driver: a resend of a recorded receipt, or one that
+            # came too late for the linger; the late path takes either.
+            self._post_late(_LateReceipt(live.session.device_id, item.event))
         elif isinstance(item, _DeviceMessage):
             self._log.warning(
                 "session.late_device_message",
@@ -980,7 +1061,13 @@ class SessionBroker:
                 await self._apply(live, Denied(now_ms=now))
             return
         if isinstance(event, control.SessionEnded):
-            ended = self._end_receipt(live, event)
+            if live.end_receipt.is_set():
+                # A resend (its ack was lost): acked again, recorded once.
+                self._post_late(_Ack(session.device_id, event.session_id))
+                return
+            done, ended = self._end_receipt(live, event)
+            if done:
+                self._post_late(_Ack(session.device_id, event.session_id))
             if ended is not None and live.end_receipt.is_set():
                 with contextlib.suppress(ProtocolError):
                     await self._apply(live, _device_end(ended, now))
@@ -1062,10 +1149,13 @@ class SessionBroker:
 
     def _end_receipt(
         self, live: _Live, event: control.SessionEnded
-    ) -> EndReason | None:
-        """Verify and keep the device's end receipt; the device's own end
-        reason (on-site End, agent stopping) when it ends the session unasked,
-        else None."""
+    ) -> tuple[bool, EndReason | None]:
+        """Verify and keep the device's end receipt.
+
+        Returns whether the broker is done with it (kept, or it does not
+        verify: to be acked), and the device's own end reason (on-site End,
+        agent stopping) when it ends the session unasked, else None.
+        """
         session = live.session
         try:
             end = receipts.verify_end(
@@ -1082,37 +1172,176 @@ class SessionBroker:
                 device_id=session.device_id,
                 reason=exc.reason,
                 detail=str(exc)[:200],
+                late=False,
                 audit=True,
             )
-            return None
+            return True, None
         device_reason = _DEVICE_END_REASONS.get(end.reason)
         if device_reason is None and not session.state.is_terminal:
-            # Only the device's own ends may come unasked; anything else is logged.
+            # Only the device's own ends may come unasked; anything else is
+            # logged, and not acked: once the session is over, the device's
+            # next channel brings it again.
             self._log.warning(
                 "session.end_receipt_unexpected",
                 session_id=session.session_id,
                 reason=end.reason,
                 audit=True,
             )
-            return None
+            return False, None
         live.end_receipt.set()
         live.end_signed = receipts.SignedReceipt.from_wire(
             event.receipt, event.signature
         )
+        self._log_end_receipt(
+            session.session_id,
+            session.device_id,
+            end,
+            bytes_to_device=live.bytes_to_device,
+            bytes_from_device=live.bytes_from_device,
+            granted_max_seconds=live.granted_max_seconds,
+            late=False,
+        )
+        return True, device_reason
+
+    def _log_end_receipt(
+        self,
+        session_id: str,
+        device_id: str,
+        end: receipts.EndReceipt,
+        *,
+        bytes_to_device: int,
+        bytes_from_device: int,
+        granted_max_seconds: int | None,
+        late: bool,
+    ) -> None:
+        """The ``session.end_receipt`` record: the device's counts beside ours."""
         self._log.info(
             "session.end_receipt",
-            session_id=session.session_id,
-            device_id=session.device_id,
+            session_id=session_id,
+            device_id=device_id,
             reason=end.reason,
             device_bytes_to_device=end.bytes_to_device,
             device_bytes_from_device=end.bytes_from_device,
             device_streams_opened=end.streams_opened,
-            broker_bytes_to_device=live.bytes_to_device,
-            broker_bytes_from_device=live.bytes_from_device,
-            granted_max_seconds=live.granted_max_seconds,
+            broker_bytes_to_device=bytes_to_device,
+            broker_bytes_from_device=bytes_from_device,
+            granted_max_seconds=granted_max_seconds,
+            late=late,
             audit=True,
         )
-        return device_reason
+
+    # Late end receipts and acks ------------------------------------------------
+
+    def _keep_for_late_receipt(self, live: _Live) -> None:
+        """Remember what a late end receipt of *live* is verified against."""
+        session = live.session
+        if session.granted_at_ms is None:
+            return  # never granted: the device signs no end receipt
+        self._ended_receipts[session.session_id] = _EndedSession(
+            device_id=session.device_id,
+            nonce=live.nonce,
+            certificate=live.certificate,
+            bytes_to_device=live.bytes_to_device,
+            bytes_from_device=live.bytes_from_device,
+            granted_max_seconds=live.granted_max_seconds,
+            recorded=live.end_receipt.is_set(),
+        )
+        while len(self._ended_receipts) > ENDED_RECEIPTS_KEPT:
+            self._ended_receipts.popitem(last=False)
+
+    def _post_late(self, item: _LateItem) -> None:
+        """Hand a late receipt or an ack to :meth:`_serve_late` (never blocks)."""
+        late = self._late
+        try:
+            if late is None:
+                raise trio.ClosedResourceError
+            late.send_nowait(item)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            # Not handled now: the device keeps an unacked receipt and sends
+            # it again on its next control channel.
+            self._log.warning(
+                "session.late_queue_full",
+                device_id=item.device_id,
+                type=type(item).__name__,
+            )
+
+    async def _serve_late(self, items: trio.MemoryReceiveChannel[_LateItem]) -> None:
+        """Verify late end receipts and send acks, one at a time, until cancelled."""
+        async for item in items:
+            if isinstance(item, _LateReceipt):
+                await self._late_receipt(item.device_id, item.event)
+            else:
+                await self._send_ack(item.device_id, item.session_id)
+
+    async def _late_receipt(self, device_id: str, event: control.SessionEnded) -> None:
+        """A receipt for a session that is over: verified as an on-time one."""
+        session_id = event.session_id
+        ended = self._ended_receipts.get(session_id)
+        if ended is None or ended.device_id != device_id:
+            # Forgotten since it was queued (or never this device's).
+            self._log.warning(
+                "session.unexpected_device_message",
+                device_id=device_id,
+                type=event.TYPE,
+                audit=True,
+            )
+            return
+        self._ended_receipts.move_to_end(session_id)
+        if ended.recorded:
+            self._log.info(
+                "session.end_receipt_duplicate",
+                session_id=session_id,
+                device_id=device_id,
+            )
+            await self._send_ack(device_id, session_id)
+            return
+        try:
+            signed = receipts.SignedReceipt.from_wire(event.receipt, event.signature)
+            end = receipts.verify_end(
+                ended.certificate,
+                signed,
+                session_id=session_id,
+                device_id=device_id,
+                nonce=ended.nonce,
+            )
+        except receipts.ReceiptError as exc:
+            self._log.warning(
+                "session.end_receipt_rejected",
+                session_id=session_id,
+                device_id=device_id,
+                reason=exc.reason,
+                detail=str(exc)[:200],
+                late=True,
+                audit=True,
+            )
+            # Acked all the same: it will never verify (see the module docstring).
+            await self._send_ack(device_id, session_id)
+            return
+        ended.recorded = True
+        self._log_end_receipt(
+            session_id,
+            device_id,
+            end,
+            bytes_to_device=ended.bytes_to_device,
+            bytes_from_device=ended.bytes_from_device,
+            granted_max_seconds=ended.granted_max_seconds,
+            late=True,
+        )
+        if self._archive is not None:
+            # A file that cannot be written is audited (session.archive_failed);
+            # the receipt is in the log all the same, so it is acked.
+            await self._archive.end_receipt(session_id, signed)
+        await self._send_ack(device_id, session_id)
+
+    async def _send_ack(self, device_id: str, session_id: str) -> None:
+        """Ack an end receipt on the device's live control channel, if any."""
+        found = self._control.control_certificate(device_id)
+        if found is None:
+            return  # gone: its next channel brings the receipt again
+        with trio.move_on_after(LEG_CLOSE_S * 2):
+            await self._control.send_control(
+                device_id, found[0], control.EndReceiptAck(session_id=session_id)
+            )
 
     async def _apply(self, live: _Live, event: Event) -> None:
         outputs = live.session.handle(event)

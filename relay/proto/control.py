@@ -35,6 +35,20 @@ Broker to device: :class:`Offer` (ask the person at the device), :class:`OfferWi
 (the device ended the session, or answers a ``SessionEnd``). ``Grant`` and
 ``SessionEnded`` carry a signed receipt as two unpadded base64url fields,
 ``receipt`` and ``signature`` (:meth:`relay.proto.receipts.SignedReceipt.to_wire`).
+Broker to device again: :class:`EndReceiptAck` (protocol version 2) says the
+broker is done with the end receipt of a session (recorded, already recorded, or
+verifiably bad); until then the agent keeps the receipt and sends it again on
+every new channel, so that one written into a dead connection is not lost.
+
+Versions
+========
+``Hello.version`` and ``Welcome.version`` are each side's :data:`PROTOCOL_VERSION`;
+the channel's :attr:`ControlChannel.version` is the lower of the two, known once
+the channel is OPEN. A message newer than that (its class's ``SINCE_VERSION``) may
+be neither sent nor received: version 1 agents refuse unknown message types, so
+a broker sends :class:`EndReceiptAck` only on a version 2 channel, and an agent
+on a version 1 channel does not wait for acks (it sends each receipt once, as
+version 1 did).
 
 Certificate renewal
 ===================
@@ -73,7 +87,8 @@ from relay.proto.close import CloseCode
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.receipts import MAX_WIRE_RECEIPT_CHARS, MAX_WIRE_SIGNATURE_CHARS
 
-PROTOCOL_VERSION: Final = 1
+#: Version 2 added :class:`EndReceiptAck`; see "Versions" above.
+PROTOCOL_VERSION: Final = 2
 MAX_CONTROL_MESSAGE_BYTES: Final = 64 * 1024
 _MAX_STRING_CHARS: Final = 256
 _MAX_INT: Final = 2**53  # JSON-safe integers only
@@ -155,6 +170,8 @@ class Event:
     TYPE: ClassVar[str]
     #: Per-field limits; fields not named here get :class:`FieldLimit`'s defaults.
     LIMITS: ClassVar[Mapping[str, FieldLimit]] = {}
+    #: The first protocol version with this message (see "Versions").
+    SINCE_VERSION: ClassVar[int] = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -325,6 +342,24 @@ class SessionEnded(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EndReceiptAck(Event):
+    """The broker is done with the end receipt of *session_id* (broker to device).
+
+    Sent for a receipt it recorded (on time or late), one it had recorded
+    before (a resend), and one of this device's own sessions that does not
+    verify (it never will: sending it again only fills the log). Not sent for a
+    session the broker does not know or that is another device's: the agent
+    may try that one again on a later channel. The agent forgets the receipt.
+    Protocol version 2.
+    """
+
+    TYPE: ClassVar[str] = "end_receipt_ack"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {"session_id": _SESSION_ID_LIMIT}
+    SINCE_VERSION: ClassVar[int] = 2
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RenewRequest(Event):
     """Ask the broker to sign a new certificate for this device (device to broker).
 
@@ -418,6 +453,7 @@ _EVENT_TYPES: Final[dict[str, type[Event]]] = {
         Grant,
         Deny,
         SessionEnded,
+        EndReceiptAck,
         RenewRequest,
         RenewResult,
         RenewRefused,
@@ -436,6 +472,7 @@ _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
     (State.OPEN, Grant): State.OPEN,
     (State.OPEN, Deny): State.OPEN,
     (State.OPEN, SessionEnded): State.OPEN,
+    (State.OPEN, EndReceiptAck): State.OPEN,
     (State.OPEN, RenewRequest): State.OPEN,
     (State.OPEN, RenewResult): State.OPEN,
     (State.OPEN, RenewRefused): State.OPEN,
@@ -453,6 +490,7 @@ _SENDER: Final[dict[type[Event], Role]] = {
     Grant: Role.DEVICE,
     Deny: Role.DEVICE,
     SessionEnded: Role.DEVICE,
+    EndReceiptAck: Role.BROKER,
     RenewRequest: Role.DEVICE,
     RenewResult: Role.BROKER,
     RenewRefused: Role.BROKER,
@@ -599,6 +637,10 @@ class ControlChannel:
         self.our_role = our_role
         self.their_role = Role.BROKER if our_role is Role.DEVICE else Role.DEVICE
         self.state = State.AWAIT_HELLO
+        #: The channel's protocol version: the lower of the hello's and the
+        #: welcome's, None until both passed (see "Versions").
+        self.version: int | None = None
+        self._hello_version: int | None = None
         self._inbox: deque[bytes | None] = deque()
 
     def receive_message(self, data: bytes | None) -> None:
@@ -660,4 +702,16 @@ class ControlChannel:
             raise LocalProtocolError(
                 f"{event.TYPE} is not allowed in state {self.state.name}"
             )
+        if event.SINCE_VERSION > 1 and (
+            self.version is None or self.version < event.SINCE_VERSION
+        ):
+            # Version 1 peers refuse unknown types: never send one to them.
+            raise LocalProtocolError(
+                f"{event.TYPE} needs protocol version {event.SINCE_VERSION}, "
+                f"the channel speaks {self.version}"
+            )
+        if isinstance(event, Hello):
+            self._hello_version = event.version
+        elif isinstance(event, Welcome) and self._hello_version is not None:
+            self.version = min(self._hello_version, event.version)
         self.state = new_state

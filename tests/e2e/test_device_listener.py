@@ -63,13 +63,15 @@ async def open_device(
         yield ws
 
 
-async def say_hello(ws: WebSocketConnection, device_id: str) -> control.ControlChannel:
-    """Send hello and wait for welcome."""
+async def say_hello(
+    ws: WebSocketConnection, device_id: str, version: int = control.PROTOCOL_VERSION
+) -> control.ControlChannel:
+    """Send hello (as a device of protocol *version*) and wait for welcome."""
     channel = control.ControlChannel(control.Role.DEVICE)
     await ws.send_message(
         channel.send(
             control.Hello(
-                version=control.PROTOCOL_VERSION,
+                version=version,
                 device_id=device_id,
                 agent_version="test",
             )

@@ -144,19 +144,39 @@ class FakeDevice:
     channel: control.ControlChannel
     agent_dir: AgentDir
     device_id: str = DEVICE
+    # End receipt acks, set aside as an agent takes them (out of the script).
+    acks: list[control.EndReceiptAck] = field(default_factory=list)
 
     @property
     def key(self) -> receipts.DevicePrivateKey:
         return auth.load_private_key(self.agent_dir.key.read_bytes())
 
+    async def next_message(self) -> control.Event:
+        """The next message from the broker but heartbeat acks."""
+        while True:
+            self.channel.receive_message(await self.ws.receive_message())
+            event = self.channel.next_event()
+            assert not isinstance(event, control._NeedData)
+            if not isinstance(event, control.HeartbeatAck):
+                return event
+
     async def next_event(self) -> control.Event:
+        """The next message but heartbeat and end receipt acks."""
         with trio.fail_after(5):
             while True:
-                self.channel.receive_message(await self.ws.receive_message())
-                event = self.channel.next_event()
-                assert not isinstance(event, control._NeedData)
-                if not isinstance(event, control.HeartbeatAck):
+                event = await self.next_message()
+                if not isinstance(event, control.EndReceiptAck):
                     return event
+                self.acks.append(event)
+
+    async def next_ack(self) -> control.EndReceiptAck:
+        """The next end receipt ack; nothing else may come first."""
+        with trio.fail_after(5):
+            while not self.acks:
+                event = await self.next_message()
+                assert isinstance(event, control.EndReceiptAck), event
+                self.acks.append(event)
+        return self.acks.pop(0)
 
     async def send(self, event: control.Event) -> None:
         await self.ws.send_message(self.channel.send(event))
@@ -185,7 +205,13 @@ class FakeDevice:
             session_id=offer.session_id, receipt=wire, signature=signature
         )
 
-    def ended(self, offer: control.Offer, reason: str) -> control.SessionEnded:
+    def ended(
+        self,
+        offer: control.Offer,
+        reason: str,
+        *,
+        key: receipts.DevicePrivateKey | None = None,
+    ) -> control.SessionEnded:
         receipt = receipts.EndReceipt(
             session_id=offer.session_id,
             device_id=self.device_id,
@@ -196,17 +222,19 @@ class FakeDevice:
             bytes_from_device=0,
             streams_opened=0,
         )
-        wire, signature = receipts.sign_end(self.key, receipt).to_wire()
+        wire, signature = receipts.sign_end(key or self.key, receipt).to_wire()
         return control.SessionEnded(
             session_id=offer.session_id, receipt=wire, signature=signature
         )
 
 
 @asynccontextmanager
-async def fake_device(h: Harness, device_id: str = DEVICE) -> AsyncIterator[FakeDevice]:
+async def fake_device(
+    h: Harness, device_id: str = DEVICE, *, version: int = control.PROTOCOL_VERSION
+) -> AsyncIterator[FakeDevice]:
     agent_dir = h.pki.enroll(device_id)
     async with open_device(h.broker, h.pki, agent_dir) as ws:
-        channel = await say_hello(ws, device_id)
+        channel = await say_hello(ws, device_id, version)
         yield FakeDevice(ws, channel, agent_dir, device_id)
 
 
@@ -930,6 +958,175 @@ async def test_broker_shutdown_ends_sessions(pki: PKI, nursery: trio.Nursery) ->
             _, reason = await engineer_closed(eng)
             assert (reason.code, reason.reason) == (4005, "broker_shutdown")
         await wait_until(lambda: len(h.sessions) == 0)
+
+
+# --- end receipts: acks, and receipts after the linger ------------------------------
+
+
+def _audited(h: Harness, session_id: str, event: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in read_records(DataDir(h.pki.data_dir).audit_dir)
+        if r.get("session_id") == session_id and r["event"] == event
+    ]
+
+
+async def _no_message(device: FakeDevice, within_s: float = 1.0) -> None:
+    """Nothing but heartbeat acks comes to *device* for *within_s*."""
+    assert device.acks == []
+    with trio.move_on_after(within_s):
+        event = await device.next_message()
+        raise AssertionError(f"unexpected {event!r}")
+
+
+async def _ended_unanswered(h: Harness, device: FakeDevice) -> control.Offer:
+    """A granted session the engineer ends; the device does not answer, and the
+    broker drops the session after its linger (end receipt missing)."""
+    offer = await granted(h, device)
+    await h.api.delete(f"/api/v1/sessions/{offer.session_id}", headers=h.headers())
+    assert await device.next_event() == control.SessionEnd(
+        session_id=offer.session_id, reason="engineer"
+    )
+    await wait_until(lambda: len(h.sessions) == 0)
+    await wait_until(
+        lambda: bool(_audited(h, offer.session_id, "session.end_receipt_missing"))
+    )
+    return offer
+
+
+async def test_an_on_time_end_receipt_is_acked_and_a_resend_recorded_once(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """The device's receipt is acked; sent again (the ack was lost), during
+    the linger or after it, it is acked again and not recorded twice."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await granted(h, device)
+        await h.api.delete(f"/api/v1/sessions/{offer.session_id}", headers=h.headers())
+        assert await device.next_event() == control.SessionEnd(
+            session_id=offer.session_id, reason="engineer"
+        )
+        ack = control.EndReceiptAck(session_id=offer.session_id)
+        await device.send(device.ended(offer, "engineer"))
+        assert await device.next_ack() == ack
+        await device.send(device.ended(offer, "engineer"))
+        assert await device.next_ack() == ack
+        await wait_until(lambda: len(h.sessions) == 0)
+        await device.send(device.ended(offer, "engineer"))
+        assert await device.next_ack() == ack
+        await h.assert_clean()
+    receipts_logged = _audited(h, offer.session_id, "session.end_receipt")
+    assert [(r["reason"], r["late"]) for r in receipts_logged] == [("engineer", False)]
+    assert len(_audited(h, offer.session_id, "session.end")) == 1
+
+
+async def test_a_late_end_receipt_is_verified_audited_kept_and_acked(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A receipt that comes after the broker dropped the session (a partition
+    longer than the linger) is verified against what the broker kept of it,
+    audited ``session.end_receipt`` with ``late: true``, stored with the
+    session and acked; a resend is acked, not recorded again; the session
+    still has exactly one ``session.end``."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await _ended_unanswered(h, device)
+        ack = control.EndReceiptAck(session_id=offer.session_id)
+        await device.send(device.ended(offer, "engineer"))
+        assert await device.next_ack() == ack
+        await device.send(device.ended(offer, "engineer"))
+        assert await device.next_ack() == ack
+        await h.assert_clean()
+    receipts_logged = _audited(h, offer.session_id, "session.end_receipt")
+    assert [(r["reason"], r["late"]) for r in receipts_logged] == [("engineer", True)]
+    assert receipts_logged[0]["broker_bytes_to_device"] == 0
+    assert [r["reason"] for r in _audited(h, offer.session_id, "session.end")] == [
+        "engineer"
+    ]
+    stored = DataDir(pki.data_dir).recordings / offer.session_id / "end-receipt.json"
+    document = json.loads(stored.read_text())
+    assert (document["kind"], document["fields"]["reason"]) == ("end", "engineer")
+
+
+async def test_a_late_end_receipt_that_does_not_verify_is_refused_and_acked(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """A late receipt of the device's own session signed with another key is
+    ``session.end_receipt_rejected`` (late), not recorded, and acked: it will
+    never verify, so the agent may forget it."""
+    async with harness(pki, nursery) as h, fake_device(h) as device:
+        offer = await _ended_unanswered(h, device)
+        forged = device.ended(offer, "engineer", key=auth.generate_private_key())
+        await device.send(forged)
+        assert await device.next_ack() == control.EndReceiptAck(
+            session_id=offer.session_id
+        )
+        await h.assert_clean()
+    rejected = _audited(h, offer.session_id, "session.end_receipt_rejected")
+    assert [(r["reason"], r["late"]) for r in rejected] == [("bad_signature", True)]
+    assert _audited(h, offer.session_id, "session.end_receipt") == []
+    assert not (
+        DataDir(pki.data_dir).recordings / offer.session_id / "end-receipt.json"
+    ).exists()
+
+
+async def test_late_end_receipts_of_another_device_or_no_session_are_not_acked(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """Another device's receipt for this device's ended session, and a receipt
+    for a session the broker never had, are unexpected messages as before:
+    audited, neither recorded nor acked. The right device's receipt still is."""
+    with structlog.testing.capture_logs() as events:
+        async with (
+            harness(pki, nursery) as h,
+            fake_device(h) as device,
+            fake_device(h, "dev-other") as other,
+        ):
+            offer = await _ended_unanswered(h, device)
+            await other.send(other.ended(offer, "engineer"))
+            unknown = dataclasses.replace(offer, session_id="f" * 32)
+            await device.send(device.ended(unknown, "engineer"))
+            await wait_until(
+                lambda: (
+                    sorted(
+                        str(e.get("device_id"))
+                        for e in events
+                        if e["event"] == "session.unexpected_device_message"
+                    )
+                    == sorted(["dev-other", DEVICE])
+                )
+            )
+            await _no_message(other)
+            await _no_message(device, 0.2)
+            await device.send(device.ended(offer, "engineer"))
+            assert await device.next_ack() == control.EndReceiptAck(
+                session_id=offer.session_id
+            )
+            await h.assert_clean()
+    receipts_logged = _audited(h, offer.session_id, "session.end_receipt")
+    assert [r["device_id"] for r in receipts_logged] == [DEVICE]
+
+
+async def test_a_version_1_device_gets_no_end_receipt_ack(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """An agent of control protocol version 1 takes an unknown message for a
+    protocol error: it gets no ack, its receipt is recorded all the same, and
+    its channel stays open."""
+    async with harness(pki, nursery) as h, fake_device(h, version=1) as device:
+        assert device.channel.version == 1
+        offer = await granted(h, device)
+        await h.api.delete(f"/api/v1/sessions/{offer.session_id}", headers=h.headers())
+        assert await device.next_event() == control.SessionEnd(
+            session_id=offer.session_id, reason="engineer"
+        )
+        await device.send(device.ended(offer, "engineer"))
+        await wait_until(
+            lambda: bool(_audited(h, offer.session_id, "session.end_receipt"))
+        )
+        await _no_message(device)
+        assert device.channel.state is control.State.OPEN
+        await device.send(control.Heartbeat(seq=1))
+        assert await device.ws.receive_message()  # the ack: still connected
+        await h.assert_clean()
 
 
 def test_session_cap_above_3600_is_refused() -> None:

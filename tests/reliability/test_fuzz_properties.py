@@ -458,6 +458,7 @@ CONTROL_EVENTS: list[control.Event] = [
     control.Grant(session_id=SESSION_ID, receipt="AQID", signature="BAUG"),
     control.Deny(session_id=SESSION_ID, reason="busy"),
     control.SessionEnded(session_id=SESSION_ID, receipt="AQID", signature="BAUG"),
+    control.EndReceiptAck(session_id=SESSION_ID),
     control.RenewRequest(
         csr="-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
     ),

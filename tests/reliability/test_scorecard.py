@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reliability import scorecard
+from reliability.__main__ import outcomes
 from reliability.render import Outcomes, Page, render
 
 
@@ -118,3 +119,33 @@ def test_table_cells_cannot_break_the_markdown_table() -> None:
         "details": {"finding": "a | b\nc"},
     }
     assert "| finding | a \\| b c |" in render([record], _page())
+
+
+def test_known_defects_are_listed_apart_from_failures() -> None:
+    page = render(
+        [],
+        _page(Outcomes(passed=2, known_defects=("tests/x.py::test_leak",))),
+    )
+    assert "0 failed, 0 skipped, 1 known defects" in page
+    assert "- `tests/x.py::test_leak`" in page
+    assert "Tests that did not pass" not in page
+
+
+def test_outcomes_are_read_from_pytest_junit_xml(tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite time="3.5">'
+        '<testcase classname="t" name="ok"/>'
+        '<testcase classname="t" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="t" name="gone"><skipped type="pytest.skip"/></testcase>'
+        '<testcase classname="t" name="leak"><skipped type="pytest.xfail"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert outcomes(junit) == Outcomes(
+        passed=1,
+        failed=("t::bad",),
+        skipped=("t::gone",),
+        seconds=3.5,
+        known_defects=("t::leak",),
+    )
+    assert outcomes(tmp_path / "missing.xml").failed == ("pytest wrote no report",)

@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 
 import auth
@@ -30,7 +32,12 @@ from relay._trio.agent import (
     make_session_runtime,
     run_agent,
 )
-from relay._trio.agent_sessions import SessionRuntime, StaleSession
+from relay._trio.agent_sessions import (
+    END_RECEIPT_MAX_SENDS,
+    END_RECEIPTS_KEPT,
+    SessionRuntime,
+    StaleSession,
+)
 from relay._trio.websocket import (
     ConnectionClosed,
     ServerHandshake,
@@ -107,6 +114,8 @@ class FakeBroker:
     """Accepts one control channel and tunnels; hands their traffic to the test."""
 
     device: Device
+    # The control protocol version it welcomes with (1: a broker without acks).
+    welcome_version: int = control.PROTOCOL_VERSION
     limits: WebSocketLimits = field(
         default_factory=lambda: WebSocketLimits(
             ping_interval_s=0.5, close_timeout_s=1.0
@@ -161,7 +170,7 @@ class FakeBroker:
         await ws.send_message(
             channel.send(
                 control.Welcome(
-                    version=control.PROTOCOL_VERSION,
+                    version=self.welcome_version,
                     heartbeat_interval_s=0.5,
                     broker_version="fake",
                 )
@@ -298,9 +307,11 @@ class Setup:
 @pytest.fixture
 def make_setup(device: Device, nursery: trio.Nursery) -> object:
     async def start(
-        config: AgentConfig, wall_clock_ms: Callable[[], int] | None = None
+        config: AgentConfig,
+        wall_clock_ms: Callable[[], int] | None = None,
+        welcome_version: int = control.PROTOCOL_VERSION,
     ) -> Setup:
-        broker = FakeBroker(device)
+        broker = FakeBroker(device, welcome_version=welcome_version)
         port = await nursery.start(broker.serve)
         settings = AgentSettings(
             broker_url=f"wss://{LOOPBACK}:{port}",
@@ -638,6 +649,129 @@ async def test_end_receipt_waits_for_the_control_channel(
     end = await ended_receipt(setup, device, offer)
     assert end.reason == "onsite"
     await engineer.ws.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def _onsite_end(setup: Setup, device: Device) -> control.Offer:
+    """A granted session with a shell, ended on site; its receipt came."""
+    offer = make_offer(("shell",))
+    await grant_offer(setup, device, offer)
+    engineer = Engineer(await setup.broker.next_tunnel())
+    await open_shell(engineer, 1)
+    setup.runtime.end(offer.session_id)
+    assert await engineer.expect_close() == (4005, "onsite")
+    assert (await ended_receipt(setup, device, offer)).reason == "onsite"
+    await engineer.ws.aclose()
+    return offer
+
+
+async def _reconnect(setup: Setup) -> None:
+    await setup.broker.vanish()
+    with trio.fail_after(5):
+        await setup.broker.connected.wait()
+
+
+async def _nothing_sent(setup: Setup, within_s: float = 1.0) -> None:
+    with trio.move_on_after(within_s):
+        event = await setup.broker.events.receive()
+        raise AssertionError(f"unexpected {event!r}")
+
+
+async def test_an_end_receipt_is_sent_on_every_channel_until_acked(
+    make_setup: object, device: Device, nursery: trio.Nursery
+) -> None:
+    """A receipt the broker has not acked (written into a connection that then
+    died) is sent again, once, on each new channel; once acked, never again."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(agent_config())
+    offer = await _onsite_end(setup, device)
+    await _nothing_sent(setup, 0.5)  # once per channel
+    for _ in range(2):
+        await _reconnect(setup)
+        assert (await ended_receipt(setup, device, offer)).reason == "onsite"
+    await setup.broker.send(control.EndReceiptAck(session_id=offer.session_id))
+    # Taken before the channel drops (a reset may discard the ack unread).
+    await wait_for(lambda: not setup.runtime._receipts)
+    await _reconnect(setup)
+    await _nothing_sent(setup)
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_version_1_broker_gets_each_end_receipt_once(
+    make_setup: object, device: Device, nursery: trio.Nursery
+) -> None:
+    """A broker that welcomes with protocol version 1 never acks: the receipt
+    is sent once, as before, and not again on the next channel."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(agent_config(), welcome_version=1)
+    await _onsite_end(setup, device)
+    await _reconnect(setup)
+    await _nothing_sent(setup)
+    nursery.cancel_scope.cancel()
+
+
+class _Channels:
+    """Fake control channels for the runtime alone: what each one was sent."""
+
+    def __init__(self, runtime: SessionRuntime) -> None:
+        self.runtime = runtime
+        self.sent: list[list[control.Event]] = []
+        self._send: Callable[[control.Event], Any] | None = None
+
+    async def connect(self, *, acks: bool = True) -> list[control.Event]:
+        """Detach the last channel, attach a new one; what it was sent."""
+        if self._send is not None:
+            self.runtime.detach_control(self._send)
+        sent: list[control.Event] = []
+        self.sent.append(sent)
+
+        async def send(event: control.Event) -> None:
+            sent.append(event)
+
+        self._send = send
+        self.runtime.attach_control(send, acks=acks)
+        await trio.testing.wait_all_tasks_blocked()
+        return sent
+
+
+def _runtime() -> SessionRuntime:
+    def no_identity() -> Any:
+        raise AssertionError("no session here")
+
+    def no_tunnel(session_id: str) -> Any:
+        raise AssertionError("no tunnel here")
+
+    return SessionRuntime(
+        config=agent_config(), load_identity=no_identity, open_tunnel=no_tunnel
+    )
+
+
+def _receipt(n: int) -> control.SessionEnded:
+    return control.SessionEnded(session_id=f"{n:032x}", receipt="AQ", signature="AQ")
+
+
+async def test_unacked_end_receipts_are_bounded_and_given_up(
+    nursery: trio.Nursery,
+) -> None:
+    """In memory, at most END_RECEIPTS_KEPT unacked receipts (the oldest is
+    dropped), each sent on at most END_RECEIPT_MAX_SENDS channels; an ack
+    removes one at once, and a version 1 channel forgets what it was sent."""
+    runtime = _runtime()
+    await nursery.start(runtime.run)
+    channels = _Channels(runtime)
+    for n in range(END_RECEIPTS_KEPT + 1):
+        runtime._queue_receipt(_receipt(n))  # as _finish does at each end
+    sent = await channels.connect()
+    assert sent == [_receipt(n) for n in range(1, END_RECEIPTS_KEPT + 1)]
+    for n in range(2, END_RECEIPTS_KEPT + 1):
+        runtime.handle_control(control.EndReceiptAck(session_id=f"{n:032x}"))
+    runtime.handle_control(control.EndReceiptAck(session_id="e" * 32))  # unknown
+    for _ in range(END_RECEIPT_MAX_SENDS - 1):
+        assert await channels.connect() == [_receipt(1)]
+    assert await channels.connect() == []  # given up
+    runtime._queue_receipt(_receipt(0))
+    assert await channels.connect(acks=False) == [_receipt(0)]
+    assert await channels.connect() == []  # the older broker had it once
     nursery.cancel_scope.cancel()
 
 

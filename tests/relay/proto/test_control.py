@@ -19,6 +19,7 @@ from relay.proto.control import (
     ConnectionLost,
     ControlChannel,
     Deny,
+    EndReceiptAck,
     Event,
     Grant,
     Heartbeat,
@@ -83,7 +84,8 @@ DENY: Final = Deny(session_id=SESSION_ID, reason="not now, calibrating")
 SESSION_ENDED: Final = SessionEnded(
     session_id=SESSION_ID, receipt=b64url(b"end receipt"), signature=b64url(b"sig")
 )
-BROKER_SESSION_EVENTS: Final = (OFFER, OFFER_WITHDRAWN, SESSION_END)
+END_RECEIPT_ACK: Final = EndReceiptAck(session_id=SESSION_ID)
+BROKER_SESSION_EVENTS: Final = (OFFER, OFFER_WITHDRAWN, SESSION_END, END_RECEIPT_ACK)
 DEVICE_SESSION_EVENTS: Final = (GRANT, DENY, SESSION_ENDED)
 ALL_EVENTS: Final = (
     HELLO,
@@ -105,6 +107,7 @@ WIRE_TYPES: Final = (
     "grant",
     "deny",
     "session_ended",
+    "end_receipt_ack",
 )
 FIELD_NAMES: Final = {
     "hello": ("version", "device_id", "agent_version"),
@@ -126,6 +129,7 @@ FIELD_NAMES: Final = {
     "grant": ("session_id", "receipt", "signature"),
     "deny": ("session_id", "reason"),
     "session_ended": ("session_id", "receipt", "signature"),
+    "end_receipt_ack": ("session_id",),
 }
 
 
@@ -237,7 +241,7 @@ def test_decode_inverts_encode(event: Event) -> None:
 def test_encode_wire_format() -> None:
     """A message is compact JSON with the type first, then the fields in order."""
     assert encode(HELLO) == (
-        b'{"type":"hello","version":1,"device_id":"dev-0001","agent_version":"2.3.0"}'
+        b'{"type":"hello","version":2,"device_id":"dev-0001","agent_version":"2.3.0"}'
     )
     assert encode(HEARTBEAT_ACK) == b'{"type":"heartbeat_ack","seq":7}'
 
@@ -784,6 +788,7 @@ MAX_GRANT: Final = Grant(
         pytest.param(Deny(session_id=SESSION_ID, reason=""), id="deny-empty"),
         pytest.param(Deny(session_id=SESSION_ID, reason="ü" * 200), id="deny-max"),
         pytest.param(SESSION_ENDED, id="session_ended"),
+        pytest.param(END_RECEIPT_ACK, id="end_receipt_ack"),
     ],
 )
 def test_session_message_round_trip(event: Event) -> None:
@@ -1042,6 +1047,14 @@ def test_sending_a_malformed_session_message_is_refused(role: Role, bad: Event) 
     [
         pytest.param([OFFER, GRANT, SESSION_END, SESSION_ENDED], id="granted-ended"),
         pytest.param([OFFER, GRANT, SESSION_ENDED], id="granted-device-ends"),
+        pytest.param(
+            [OFFER, GRANT, SESSION_END, SESSION_ENDED, END_RECEIPT_ACK],
+            id="granted-ended-acked",
+        ),
+        pytest.param(
+            [SESSION_ENDED, SESSION_ENDED, END_RECEIPT_ACK, END_RECEIPT_ACK],
+            id="receipt-resent-acked-twice",
+        ),
         pytest.param([OFFER, DENY], id="denied"),
         pytest.param([OFFER, OFFER_WITHDRAWN], id="withdrawn"),
         pytest.param(
@@ -1059,6 +1072,70 @@ def test_session_exchanges_keep_the_channel_open(exchange: list[Event]) -> None:
         else:
             assert deliver(broker, device, event) == event
         assert states(device, broker) == (State.OPEN, State.OPEN)
+
+
+def test_end_receipt_ack_wire_format() -> None:
+    """An end receipt ack is the session id alone."""
+    assert encode(END_RECEIPT_ACK) == (
+        b'{"type":"end_receipt_ack","session_id":"0123456789abcdef0123456789abcdef"}'
+    )
+
+
+# Versions: a message newer than the channel's version is refused both ways.
+
+
+def test_channel_version_is_the_lower_of_hello_and_welcome() -> None:
+    """Both ends know the channel's version once OPEN: the lower of the two."""
+    device, broker = ControlChannel(Role.DEVICE), ControlChannel(Role.BROKER)
+    assert (device.version, broker.version) == (None, None)
+    deliver(device, broker, replace(HELLO, version=7))
+    assert (device.version, broker.version) == (None, None)
+    deliver(broker, device, replace(WELCOME, version=2))
+    assert (device.version, broker.version) == (2, 2)
+    assert PROTOCOL_VERSION == EndReceiptAck.SINCE_VERSION == 2
+
+
+def version_1_channels(old: Role) -> tuple[ControlChannel, ControlChannel]:
+    """An OPEN (device, broker) pair where the *old* side speaks version 1."""
+    device, broker = ControlChannel(Role.DEVICE), ControlChannel(Role.BROKER)
+    deliver(device, broker, replace(HELLO, version=1 if old is Role.DEVICE else 2))
+    deliver(broker, device, replace(WELCOME, version=1 if old is Role.BROKER else 2))
+    assert (device.version, broker.version) == (1, 1)
+    return device, broker
+
+
+@pytest.mark.parametrize("old", list(Role))
+def test_end_receipt_ack_is_not_sent_on_a_version_1_channel(old: Role) -> None:
+    """A version 1 agent refuses unknown types: the broker may not send it one
+    (LocalProtocolError), whichever side is the old one."""
+    _, broker = version_1_channels(old)
+    with pytest.raises(LocalProtocolError, match="version 2"):
+        broker.send(END_RECEIPT_ACK)
+    assert broker.state is State.ERROR
+
+
+@pytest.mark.parametrize("old", list(Role))
+def test_end_receipt_ack_on_a_version_1_channel_is_a_protocol_error(old: Role) -> None:
+    """An ack the channel's version does not have is refused (1002), as it
+    would be by a version 1 agent."""
+    device, _ = version_1_channels(old)
+    device.receive_message(encode(END_RECEIPT_ACK))
+    with pytest.raises(RemoteProtocolError) as exc_info:
+        device.next_event()
+    assert exc_info.value.close_code == CloseCode.PROTOCOL_ERROR
+    assert device.state is State.ERROR
+
+
+def test_version_1_channel_carries_every_version_1_message() -> None:
+    """The version rule touches only newer messages: a version 1 channel
+    carries the whole session exchange as before."""
+    device, broker = version_1_channels(Role.DEVICE)
+    for event in (OFFER, GRANT, SESSION_END, SESSION_ENDED, HEARTBEAT):
+        sender, receiver = (
+            (device, broker) if sender_of(event) is Role.DEVICE else (broker, device)
+        )
+        assert deliver(sender, receiver, event) == event
+    assert states(device, broker) == (State.OPEN, State.OPEN)
 
 
 def test_channel_does_not_pair_answers_with_offers() -> None:
@@ -1182,6 +1259,7 @@ EVENTS: Final[st.SearchStrategy[Event]] = st.one_of(
     st.builds(
         SessionEnded, session_id=SESSION_IDS, receipt=WIRE_BYTES, signature=WIRE_BYTES
     ),
+    st.builds(EndReceiptAck, session_id=SESSION_IDS),
 )
 
 
