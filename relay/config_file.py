@@ -269,9 +269,10 @@ def _env_value(env: str, full: str, text: str, tp: Any) -> object:
         return text
     try:
         return tomllib.loads(f"value = {text}")["value"]
-    except (tomllib.TOMLDecodeError, RecursionError):
-        # RecursionError: arrays or inline tables nested deeper than tomllib's
-        # (recursive) parser can follow.
+    except (ValueError, RecursionError):
+        # ValueError: TOMLDecodeError, or an integer of more than 4300 digits
+        # (CPython's int conversion limit); RecursionError: arrays or inline
+        # tables nested deeper than tomllib's (recursive) parser can follow.
         if _strip_optional(tp) is bool:
             raise ConfigError(
                 f"{full}: expected true or false, got {text!r}", source=env
@@ -293,6 +294,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from None
+    except ValueError:
+        # CPython refuses to convert an integer of more than 4300 digits.
+        raise ConfigError(
+            "not valid TOML: an integer with too many digits", source=str(path)
+        ) from None
     except RecursionError:
         # tomllib's parser is recursive: deep nesting exhausts the stack.
         raise ConfigError(

@@ -1193,6 +1193,7 @@ AGENT_EXAMPLE = example_agent_config()
 )
 @example((False, b"a = " + b"[" * 3_000 + b"]" * 3_000))
 @example((True, b"backoff_base_s = 1" + b"0" * 400))
+@example((False, b"shutdown_grace_s = " + b"9" * 4_301))  # int digit limit
 def _config(case: tuple[bool, bytes]) -> None:
     CONFIG.hit()
     agent, text = case
