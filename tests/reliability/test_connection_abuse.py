@@ -295,7 +295,8 @@ async def test_d1_tls_stallers_on_the_engineer_listener_are_closed_at_the_deadli
     worst = _assert_closed_at_deadline(results, deadline)
     # No counter and no audit record: Hypercorn runs the engineer listener's TLS
     # handshake in its own connection task and drops a failed or late one
-    # without telling the application (a gap reported to the lead, not a choice).
+    # without telling the application (a known gap, not a choice:
+    # reliability/README.md).
     assert _series_total(broker, "relay_tls_handshake_failures_total") == 0
     scorecard.record_bad_inputs(
         "TLS slowloris on the engineer listener (silent + 1-byte ClientHello)",
@@ -462,8 +463,8 @@ async def test_d2_slow_request_head_on_the_engineer_listener_is_closed_at_the_de
     assert len(results) == len(ready) == stallers
     worst = _assert_closed_at_deadline(results, deadline)
     # No counter and no audit record: Hypercorn's keep-alive timer closes the
-    # connection before any request reaches the application (a gap reported
-    # to the lead, as for the engineer listener's TLS failures).
+    # connection before any request reaches the application (a known
+    # gap, as for the engineer listener's TLS failures: reliability/README.md).
     assert _series_total(broker, "relay_engineer_refusals_total") == 0
     scorecard.record_bad_inputs(
         "slow request head after TLS on the engineer listener",
@@ -731,8 +732,9 @@ async def test_d4_downgrades_fail_the_engineer_handshake(
             ) as api:
                 assert (await api.get("/api/v1/info")).status_code == 200
     # No counter and no audit record: Hypercorn runs the engineer listener's TLS
-    # handshake and drops a failed one without telling the application (a gap
-    # reported to the lead; the device listener counts and audits these).
+    # handshake and drops a failed one without telling the application (a
+    # known gap, reliability/README.md; the device listener counts and audits
+    # these).
     assert _series_total(broker, "relay_tls_handshake_failures_total") == 0
     scorecard.record_bad_inputs(
         f"downgrade on the engineer listener: {name}",

@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from starlette.requests import Request
 
 import auth
+from fuzz._shared import json_request
 from relay._trio import enrollment_api
 from relay.api_contract import MAX_ENROLLMENT_BODY_BYTES
 from relay.audit import PROBLEM_REASONS, AuditChain, parse_record, verify_lines
@@ -729,24 +729,6 @@ ENROLL = Counter(
 )
 
 
-def _request(body: bytes, content_type: bytes) -> Request:
-    chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)] or [b""]
-
-    async def receive() -> dict[str, Any]:
-        chunk = chunks.pop(0) if chunks else b""
-        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/api/v1/enrollments",
-        "headers": [(b"content-type", content_type)],
-        "query_string": b"",
-        "client": ("192.0.2.1", 40000),
-    }
-    return Request(scope, receive)
-
-
 @st.composite
 def hostile_bodies(draw: st.DrawFn) -> bytes:
     """The JSON body of an enrollment, mutated (JSON and bytes) or oversized."""
@@ -777,7 +759,7 @@ def hostile_bodies(draw: st.DrawFn) -> bytes:
 @example(b"[" * 50_000, b"application/json")
 def _enrollment(body: bytes, content_type: bytes) -> None:
     ENROLL.hit()
-    request = _request(body, content_type)
+    request = json_request(body, content_type)
     csr = outcome(
         lambda: trio.run(enrollment_api._read_csr, request, MAX_ENROLLMENT_BODY_BYTES),
         enrollment_api._Refused,

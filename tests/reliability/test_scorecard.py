@@ -149,3 +149,16 @@ def test_outcomes_are_read_from_pytest_junit_xml(tmp_path: Path) -> None:
         known_defects=("t::leak",),
     )
     assert outcomes(tmp_path / "missing.xml").failed == ("pytest wrote no report",)
+
+
+def test_a_check_not_met_fails_nothing_lost() -> None:
+    record = {
+        "section": "nothing_lost",
+        "name": "soak",
+        "figures": {"chain_verified": True, "rss_back_to_baseline": False},
+    }
+    page = render([record], _page())
+    assert (
+        "| nothing lost | 1 accounting checks, 1 not met (soak: rss back to baseline) | **FAIL** |"
+        in page
+    )
