@@ -158,6 +158,10 @@ class BrokerProcess:
             # written when it stops (bench/README.md).
             out = Path(profiles) / f"broker-{os.getpid()}-{id(self)}-{self.starts}.prof"
             python = (*python, "-m", "cProfile", "-o", str(out))
+        elif memray := os.environ.get("RELAY_BENCH_MEMRAY_DIR"):
+            # A native-stack memory profile (memray), for leaks below Python.
+            out = Path(memray) / f"broker-{os.getpid()}-{id(self)}-{self.starts}.bin"
+            python = (*python, "-m", "memray", "run", "--native", "--follow-fork", "-q", "-o", str(out))
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [

@@ -1121,7 +1121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, shutdown.set)
-            await serve_broker(config, shutdown)
+            await serve_broker(config, shutdown, freeze_startup=True)
             nursery.cancel_scope.cancel()
 
     _run_trio(main, listening=_listen_addresses(config))

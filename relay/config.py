@@ -606,6 +606,10 @@ class BrokerConfig:
             1001) get to close in order, all within one deadline; then the rest
             is cut. 0..9 s, so that with the audit log's last checkpoint the
             process is gone within the BRIEF's 10 s.
+        memory_upkeep_s: Every this many seconds, collect reference cycles
+            (closed connections) and give freed heap pages back to the
+            operating system (glibc ``malloc_trim``), so that resident memory
+            levels off under session churn; 0 turns it off. 1..3600 otherwise.
         sessions: Remote-session cap, grant timeout and channel policy.
         audit: The audit log's checkpoints, files and failure handling, and
             the session recordings.
@@ -626,6 +630,7 @@ class BrokerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     shutdown_grace_s: float = 5.0
+    memory_upkeep_s: float = 30.0
     websocket: WebSocketLimits = field(default_factory=WebSocketLimits)
     device_listener: DeviceListenerConfig = field(default_factory=DeviceListenerConfig)
     pki: PKIConfig = field(default_factory=PKIConfig)
@@ -641,6 +646,11 @@ class BrokerConfig:
             raise ValueError(
                 f"shutdown_grace_s must be in 0..{_BROKER_MAX_SHUTDOWN_GRACE_S}, "
                 f"got {self.shutdown_grace_s!r}: the broker exits within 10 s"
+            )
+        if self.memory_upkeep_s != 0 and not 1 <= self.memory_upkeep_s <= 3600:
+            raise ValueError(
+                f"memory_upkeep_s must be 0 (off) or in 1..3600, "
+                f"got {self.memory_upkeep_s!r}"
             )
 
     @property

@@ -11,7 +11,14 @@ from __future__ import annotations
 import platform
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 from relay import __version__
 
@@ -307,6 +314,22 @@ class RelayMetrics:
             registry=r,
         )
         self.trio_tasks.set_function(live_trio_tasks)
+        self.memory_upkeep = Histogram(
+            "relay_memory_upkeep_seconds",
+            "Duration of one memory upkeep (a full garbage collection, then "
+            "glibc's malloc_trim in a worker thread); see memory_upkeep_s.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+        self.gc_collected = Counter(
+            "relay_gc_collected_objects_total",
+            "Unreachable objects (reference cycles, mostly closed connections) "
+            "freed by the memory upkeep.",
+            registry=r,
+        )
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds:
+        # what an operator watches for a leak.
+        ProcessCollector(registry=r)
         build = Info("relay_build", "Build information.", registry=r)
         build.info({"version": __version__, "python": platform.python_version()})
         for listener in LISTENERS:

@@ -28,10 +28,17 @@ it with two channels and, once active:
 memory (``/proc/PID/statm``) and its live trio tasks (the ``relay_trio_tasks``
 gauge of ``/metrics``) are read at the *baseline*, once every device is
 connected and before any session, and again once the load has stopped and the
-broker has settled: every device connected again, no session held, and (for
-up to :data:`SETTLE_TIMEOUT_S`) fds and tasks back within tolerance. Resident
-memory is also read after a *warm-up* of a few sessions of each kind: the first
-sessions load code and fill caches once, which is not growth over time.
+broker has settled: every device connected again, no session held, the
+broker's memory upkeep run once since the load (and, for up to
+:data:`SETTLE_TIMEOUT_S`) fds and tasks back within tolerance. Resident
+memory is also read after a *warm-up*: a few sessions of each kind, then the
+full load for a quarter of the load time (20 s to 5 min): the first sessions
+load code, and the first minutes fill what is bounded (the allocator's free
+lists, the summaries of the last ended sessions the broker keeps), once; that
+is not growth over time, which is what the limit is about. Each
+reading waits for the broker's next memory upkeep (``memory_upkeep_s``: the
+garbage of closed connections collected, the heap trimmed), so that the three
+are taken at the same point of its cycle.
 
 *Account.* After the broker stops, its audit log is read: every session
 requested has exactly one ``session.end``, its reason is the one the worker
@@ -100,9 +107,15 @@ RSS_GROWTH_LIMIT_PCT: Final = 5.0
 #: The short mode's limit: a minute of load is too short for the allocator's
 #: free lists to settle, and 5 % of a broker at rest is ~4 MiB.
 CI_RSS_GROWTH_LIMIT_PCT: Final = 10.0
+#: The warm-up under full load: a quarter of the load, within these bounds.
+WARM_UP_MIN_S: Final = 20.0
+WARM_UP_MAX_S: Final = 300.0
 #: After the load: at least this long, then until the resources are back.
 SETTLE_MIN_S: Final = 3.0
-SETTLE_TIMEOUT_S: Final = 30.0
+#: The broker's memory upkeep runs every ``memory_upkeep_s`` (30 s by default);
+#: each resource reading waits for one (see :func:`_at_rest_resources`).
+UPKEEP_WAIT_S: Final = 45.0
+SETTLE_TIMEOUT_S: Final = UPKEEP_WAIT_S
 #: A session not ended this long after its work is done is a failure.
 END_WAIT_S: Final = 30.0
 #: The shell's ``stty raw -echo`` runs before the first key.
@@ -133,6 +146,11 @@ class SoakConfig:
     @property
     def short_cap_devices(self) -> int:
         return max(2, self.devices // 10)
+
+    @property
+    def warm_up_s(self) -> float:
+        """The full load's first part, before the warmed reading (see the module docstring)."""
+        return min(max(self.load_s / 4, WARM_UP_MIN_S), WARM_UP_MAX_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +362,28 @@ def _sessions_held(text: str) -> int:
         int(_metric(text, "relay_sessions", f'{{state="{state}"}}'))
         for state in ("requested", "offered", "granted", "active")
     )
+
+
+def _upkeeps(text: str) -> int:
+    """How many memory upkeeps the broker has run (``memory_upkeep_s``)."""
+    return int(_metric(text, "relay_memory_upkeep_seconds_count"))
+
+
+async def _at_rest_resources(w: World) -> Resources:
+    """The broker's resources once its next memory upkeep has run.
+
+    Resident memory is read at rest: right after the broker has collected the
+    garbage of closed connections and trimmed its heap, as it does every
+    ``memory_upkeep_s`` whatever the soak does. A reading taken just before an
+    upkeep would count up to one interval of garbage, in either direction.
+    """
+    text = await trio.to_thread.run_sync(_metrics, w)
+    before = _upkeeps(text)
+    with trio.fail_after(UPKEEP_WAIT_S):
+        while _upkeeps(text) == before:
+            await trio.sleep(0.5)
+            text = await trio.to_thread.run_sync(_metrics, w)
+    return await trio.to_thread.run_sync(_resources, w, text)
 
 
 def _resources(w: World, text: str | None = None) -> Resources:
@@ -636,6 +676,7 @@ async def _wait_settled(
 ) -> tuple[Resources, int, int, float]:
     """Wait until the broker is at rest (see the module docstring)."""
     started = time.monotonic()
+    upkeeps = _upkeeps(await trio.to_thread.run_sync(_metrics, w))
     await trio.sleep(SETTLE_MIN_S)
     while True:
         text = await trio.to_thread.run_sync(_metrics, w)
@@ -643,7 +684,8 @@ async def _wait_settled(
         held = _sessions_held(text)
         connected = int(_metric(text, "relay_devices_connected"))
         at_rest = (
-            held == 0
+            _upkeeps(text) > upkeeps
+            and held == 0
             and connected == config.devices
             and abs(now.counted_fds - baseline.counted_fds) <= DRIFT_TOLERANCE
             and abs(now.tasks - baseline.tasks) <= DRIFT_TOLERANCE
@@ -712,7 +754,7 @@ async def _soak_with_fleet(
                 await ready.wait()
                 await _all_connected(w, config.devices)
             await trio.sleep(SETTLE_MIN_S)
-            result.baseline = await trio.to_thread.run_sync(_resources, w)
+            result.baseline = await _at_rest_resources(w)
 
             # Warm-up: one session of each ending, one after another.
             warm_up: list[SessionRun] = []
@@ -728,27 +770,15 @@ async def _soak_with_fleet(
                 plan=list(ENDINGS),
             )
             result.runs.extend(warm_up)
-            result.warmed = await trio.to_thread.run_sync(_resources, w)
+            # ...then the full load for a while: what fills once (caches, the
+            # allocator's free lists, the kept summaries of ended sessions up
+            # to their bounds) is not growth over time.
+            load = partial(_load, w, config, credentials, fleet, pool, hash_port)
+            await load(config.warm_up_s, result.runs, [], seed_offset=500)
+            result.warmed = await _at_rest_resources(w)
 
             started = trio.current_time()
-            until = started + config.load_s
-            async with trio.open_nursery() as load:
-                load.start_soon(_sample_rss, w, started, until, result.rss_timeline)
-                for e, engineer in enumerate(credentials):
-                    for k in range(config.workers_per_engineer):
-                        load.start_soon(
-                            _worker,
-                            engineer,
-                            fleet,
-                            pool,
-                            hash_port,
-                            config,
-                            _rng(config.seed * 1000 + e * 100 + k + 1),
-                            until,
-                            result.runs,
-                        )
-                        # Engineers do not all press Enter in the same millisecond.
-                        await trio.sleep(0.05)
+            await load(config.load_s, result.runs, result.rss_timeline)
             result.seconds_of_load = trio.current_time() - started
             (
                 result.after,
@@ -765,6 +795,41 @@ async def _soak_with_fleet(
             with trio.move_on_after(10):
                 await process.wait()
             process.kill()
+
+
+async def _load(
+    w: World,
+    config: SoakConfig,
+    credentials: list[Credentials],
+    fleet: Fleet,
+    pool: _Pool,
+    hash_port: int,
+    seconds: float,
+    runs: list[SessionRun],
+    rss_timeline: list[tuple[float, int]],
+    *,
+    seed_offset: int = 0,
+) -> None:
+    """Every engineer's workers, for *seconds*; the broker's RSS sampled meanwhile."""
+    started = trio.current_time()
+    until = started + seconds
+    async with trio.open_nursery() as load:
+        load.start_soon(_sample_rss, w, started, until, rss_timeline)
+        for e, engineer in enumerate(credentials):
+            for k in range(config.workers_per_engineer):
+                load.start_soon(
+                    _worker,
+                    engineer,
+                    fleet,
+                    pool,
+                    hash_port,
+                    config,
+                    _rng(config.seed * 1000 + seed_offset + e * 100 + k + 1),
+                    until,
+                    runs,
+                )
+                # Engineers do not all press Enter in the same millisecond.
+                await trio.sleep(0.05)
 
 
 def _account(data_dir: Path, runs: list[SessionRun]) -> AuditAccount:

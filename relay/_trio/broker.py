@@ -25,6 +25,10 @@ closed: when the log stops being writable, every live session ends with
 ``audit_failure`` (new ones are refused by the session broker itself), and
 writing is retried every ``audit.retry_s``. At the end the log is sealed with a
 last checkpoint.
+
+Memory: :func:`~relay._trio.memory_upkeep.run_memory_upkeep` frees the
+reference cycles closed connections leave behind and trims the C heap every
+``memory_upkeep_s``, so resident memory levels off under session churn.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from relay._trio.engineer_listener import EngineerListener
 from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
+from relay._trio.memory_upkeep import freeze_startup_objects, run_memory_upkeep
 from relay._trio.session_api import SessionRoutes
 from relay._trio.session_archive import SessionArchive
 from relay._trio.session_broker import SessionBroker, SessionClock
@@ -221,6 +226,7 @@ async def serve_broker(
     metrics: RelayMetrics | None = None,
     sessions_hook: Callable[[SessionBroker], None] | None = None,
     pki_hook: Callable[[BrokerPKI], None] | None = None,
+    freeze_startup: bool = False,
     task_status: trio.TaskStatus[BrokerPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the broker until *shutdown* is set; see the module docstring.
@@ -228,6 +234,10 @@ async def serve_broker(
     *sessions_hook*, if given, is called with the session broker once it exists
     (tests inspect it: sessions held, their tasks). *pki_hook* likewise gets
     the :class:`BrokerPKI` (its ``reload_now()`` reloads certificates at once).
+    *freeze_startup* (``relay serve``: one broker per process) moves what the
+    start-up created out of the garbage collector's reach
+    (:func:`~relay._trio.memory_upkeep.freeze_startup_objects`); a process
+    that runs many brokers one after another (the tests) leaves it off.
 
     Raises:
         CAError: The data dir has no usable CA.
@@ -259,6 +269,7 @@ async def serve_broker(
                 metrics,
                 sessions_hook,
                 pki_hook,
+                freeze_startup,
                 task_status,
             )
         finally:
@@ -283,6 +294,7 @@ async def _serve(
     metrics: RelayMetrics,
     sessions_hook: Callable[[SessionBroker], None] | None,
     pki_hook: Callable[[BrokerPKI], None] | None,
+    freeze_startup: bool,
     task_status: trio.TaskStatus[BrokerPorts],
 ) -> None:
     log = get_logger("broker", audit=audit)
@@ -463,6 +475,9 @@ async def _serve(
             )
             nursery.start_soon(pki.watch)
             nursery.start_soon(_reload_on_sighup, pki)
+            if freeze_startup:
+                freeze_startup_objects()
+            nursery.start_soon(run_memory_upkeep, config.memory_upkeep_s, metrics)
             bound = True
             ports = BrokerPorts(
                 device=device_port, engineer=engineer_port, metrics=metrics_port

@@ -113,6 +113,7 @@ from typing import Any, Final, Protocol
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.websockets import WebSocket
 
 import auth
@@ -300,7 +301,10 @@ class _EndedSession:
 
     device_id: str
     nonce: str
-    certificate: x509.Certificate
+    #: DER, parsed again only when a late receipt comes (rare): a parsed
+    #: certificate with its extensions is several KiB, and 1,024 of them were
+    #: the largest thing the soak's resident memory grew by.
+    certificate_der: bytes
     bytes_to_device: int
     bytes_from_device: int
     granted_max_seconds: int | None
@@ -1240,7 +1244,7 @@ class SessionBroker:
         self._ended_receipts[session.session_id] = _EndedSession(
             device_id=session.device_id,
             nonce=live.nonce,
-            certificate=live.certificate,
+            certificate_der=live.certificate.public_bytes(Encoding.DER),
             bytes_to_device=live.bytes_to_device,
             bytes_from_device=live.bytes_from_device,
             granted_max_seconds=live.granted_max_seconds,
@@ -1298,7 +1302,7 @@ class SessionBroker:
         try:
             signed = receipts.SignedReceipt.from_wire(event.receipt, event.signature)
             end = receipts.verify_end(
-                ended.certificate,
+                x509.load_der_x509_certificate(ended.certificate_der),
                 signed,
                 session_id=session_id,
                 device_id=device_id,

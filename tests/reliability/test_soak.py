@@ -148,13 +148,6 @@ def test_sessions_under_load_leave_no_fd_task_or_session_behind(soak: _Soak) -> 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (issue 9): the broker's resident memory grows by about "
-    "100-150 KiB per session under churn, with no plateau in 10 min; not live "
-    "Python objects (tracemalloc flat), not undone by gc or malloc_trim "
-    "(reliability/README.md, known gaps)",
-)
 def test_sessions_under_load_leave_no_memory_behind(soak: _Soak) -> None:
     """The broker's resident memory comes back to its level after the warm-up."""
     result = soak.result
