@@ -161,7 +161,17 @@ class BrokerProcess:
         elif memray := os.environ.get("RELAY_BENCH_MEMRAY_DIR"):
             # A native-stack memory profile (memray), for leaks below Python.
             out = Path(memray) / f"broker-{os.getpid()}-{id(self)}-{self.starts}.bin"
-            python = (*python, "-m", "memray", "run", "--native", "--follow-fork", "-q", "-o", str(out))
+            python = (
+                *python,
+                "-m",
+                "memray",
+                "run",
+                "--native",
+                "--follow-fork",
+                "-q",
+                "-o",
+                str(out),
+            )
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [

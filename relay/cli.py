@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import auth
+from policies import PolicyError
+from policies.model import LABEL_KEY, LABEL_VALUE
 from relay import __version__
 from relay.config import AgentConfig, BrokerConfig, ListenAddress, data_dir_from_env
 from relay.demo_engineer import DEMO_ENGINEER, DemoEngineer, ensure_demo_engineer
@@ -54,6 +56,7 @@ from relay.pki_files import (
     load_or_create_sealing_key,
 )
 from relay.store import (
+    MAX_USER_GROUPS,
     DeviceRevoked,
     StoreError,
     UnknownDevice,
@@ -83,7 +86,13 @@ MAX_REVOKE_REASON_CHARS = 200
 # What a command may fail with for reasons outside the program (a missing or broken
 # CA, a locked or unreachable database, a port in use, a file that cannot be read):
 # reported as one line with exit code 1, never as a traceback.
-_FAILURES: tuple[type[Exception], ...] = (CAError, KeyExists, StoreError, OSError)
+_FAILURES: tuple[type[Exception], ...] = (
+    CAError,
+    KeyExists,
+    StoreError,
+    OSError,
+    PolicyError,
+)
 
 
 def _open_store(config: BrokerConfig) -> closing[Store]:
@@ -175,6 +184,8 @@ def _base_config(args: argparse.Namespace | None = None) -> BrokerConfig:
 
 def _describe(exc: BaseException) -> str:
     """One line for *exc*, one of ``_FAILURES``, for ``relay: error: ...``."""
+    if isinstance(exc, PolicyError):
+        return f"the access policy does not load: {exc}"
     if isinstance(exc, StoreError):
         text = f"cannot use the store: {exc}"
         if "locked" in str(exc):
@@ -263,6 +274,9 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
     config = _base_config()
     csr_path: Path = args.csr
     out: Path = args.out
+    # Checked before anything is signed: a typo must not leave a device
+    # enrolled without the labels its policies expect.
+    labels = _checked_label_pairs(args.label)
     try:
         with csr_path.open("rb") as handle:
             # Read one byte past the cap: enough to refuse, never the whole file.
@@ -271,6 +285,19 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot read {csr_path}: {exc.strerror}", exit_code=2) from None
     with _audited(config) as audit:
         signed = _sign_csr(config, csr, csr_path, out, audit.logger)
+        if labels:
+            device_id = signed.identity.device_id
+            with _open_store(config) as store:
+                previous, labels = store.set_device_labels(
+                    device_id, set=labels, remove=(), at=_now()
+                )
+            audit.logger.warning(
+                "device.labels_changed",
+                device_id=device_id,
+                labels=_labels_text(labels),
+                previous=_labels_text(previous),
+                audit=True,
+            )
     identity = signed.identity
     print(
         f"signed device {identity.device_id}: serial {identity.serial_hex}, "
@@ -499,7 +526,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         devices = store.list_devices(
             now=_now(), stale_after=presence_stale_after(config)
         )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "device_id": d.device_id,
             "online": d.online,
@@ -509,17 +536,104 @@ def cmd_device_list(args: argparse.Namespace) -> int:
             "last_seen": d.presence.last_seen.isoformat() if d.presence else None,
             "agent_version": d.presence.agent_version if d.presence else None,
             "peer": d.presence.peer if d.presence and d.online else None,
+            "labels": dict(sorted(d.labels.items())),
         }
         for d in devices
     ]
     if _print_json(rows, enabled=args.json):
         return 0
-    print(f"{'DEVICE':<24} {'ONLINE':<7} {'REVOKED':<8} {'ENROLLED':<20} PEER")
+    print(
+        f"{'DEVICE':<24} {'ONLINE':<7} {'REVOKED':<8} {'ENROLLED':<20} {'PEER':<22} LABELS"
+    )
     for row in rows:
         print(
             f"{row['device_id']:<24} {'yes' if row['online'] else 'no':<7} "
-            f"{'yes' if row['revoked'] else 'no':<8} {str(row['enrolled_at'])[:19]:<20} {row['peer'] or '-'}"
+            f"{'yes' if row['revoked'] else 'no':<8} {str(row['enrolled_at'])[:19]:<20} "
+            f"{row['peer'] or '-':<22} {_labels_text(row['labels']) or '-'}"
         )
+    return 0
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    """Labels as ``k=v,k2=v2``, keys sorted (``""`` for none).
+
+    Unambiguous: neither keys nor values may hold ``,`` or ``=``
+    (``policies.model.LABEL_KEY``, ``LABEL_VALUE``).
+    """
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def _label_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """The ``KEY=VALUE`` arguments of ``device label`` as a dict (exit 2 if malformed).
+
+    Keys and values are checked by the store, against the policies' syntax.
+    """
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"malformed label {pair!r}: expected KEY=VALUE", exit_code=2)
+        if key in labels:
+            raise CLIError(f"label {key!r} is given twice", exit_code=2)
+        labels[key] = value
+    return labels
+
+
+def _checked_label_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` arguments, keys and values checked here (exit 2) rather than
+    by the store, for commands that must not act on a bad label."""
+    labels = _label_pairs(pairs)
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise CLIError(
+                f"invalid label key {key!r}: a-z first, then a-z, 0-9, '.', '_', '-'",
+                exit_code=2,
+            )
+        if not LABEL_VALUE.fullmatch(value):
+            raise CLIError(
+                f"invalid value for label {key!r}: 1..128 letters, digits, "
+                "'_.:/@+-' and inner spaces",
+                exit_code=2,
+            )
+    return labels
+
+
+def cmd_device_label(args: argparse.Namespace) -> int:
+    changes = _label_pairs(args.labels)
+    removals = list(dict.fromkeys(args.remove))
+    if not changes and not removals:
+        raise CLIError("nothing to change: give KEY=VALUE or --remove KEY", exit_code=2)
+    config = _base_config()
+    with _audited(config) as audit, _open_store(config) as store:
+        try:
+            previous, labels = store.set_device_labels(
+                args.device_id, set=changes, remove=removals, at=_now()
+            )
+        except UnknownDevice:
+            raise CLIError(f"unknown device {args.device_id!r}") from None
+        except ValueError as exc:
+            raise CLIError(str(exc), exit_code=2) from None
+        audit.logger.warning(
+            "device.labels_changed",
+            device_id=args.device_id,
+            labels=_labels_text(labels),
+            previous=_labels_text(previous),
+            audit=True,
+        )
+    if args.json:
+        json.dump(
+            {"device_id": args.device_id, "labels": dict(sorted(labels.items()))},
+            sys.stdout,
+        )
+        sys.stdout.write("\n")
+        return 0
+    for key, value in sorted(labels.items()):
+        print(f"{key}={value}")
+    unchanged = " (unchanged)" if labels == previous else ""
+    print(
+        f"device {args.device_id} has {len(labels)} label(s){unchanged}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -781,6 +895,12 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"invalid role {args.role!r}: {exc}", exit_code=2) from None
     _check_can_enroll(role, args.can_enroll)
+    groups = _group_names(args.group)
+    if len(groups) > MAX_USER_GROUPS:
+        raise CLIError(
+            f"{len(groups)} groups; a user is in at most {MAX_USER_GROUPS}",
+            exit_code=2,
+        )
     config = _base_config()
     exists = CLIError(f"user {username} exists")
     with _audited(config) as audit, _open_store(config) as store:
@@ -807,11 +927,16 @@ def cmd_user_add(args: argparse.Namespace) -> int:
             )
         except UserExists:
             raise exists from None
+        if groups:
+            # relay.users.create_user takes no groups (yet), so they are a
+            # second transaction; the names were checked above.
+            store.set_user_groups(username, add=groups, remove=(), at=_now())
         audit.logger.info(
             "user.added",
             username=username,
             role=role,
             can_enroll=args.can_enroll,
+            groups=",".join(sorted(groups)),
             audit=True,
         )
     if args.json:
@@ -826,7 +951,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     enroll = ", may enroll devices" if args.can_enroll else ""
-    print(f"added user {username} (role {role}{enroll})")
+    in_groups = f", groups {','.join(sorted(groups))}" if groups else ""
+    print(f"added user {username} (role {role}{enroll}{in_groups})")
     _print_enrolment(new_user)
     return 0
 
@@ -896,6 +1022,16 @@ def _yes_no(text: str) -> bool:
     return answers[text]
 
 
+def _group_names(names: Sequence[str]) -> frozenset[str]:
+    """Group names from the command line, checked as the store checks them (exit 2)."""
+    from relay.store._labels import check_group_names
+
+    try:
+        return check_group_names(list(names), "groups")
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
+
+
 def _user_row(user: UserRecord) -> dict[str, Any]:
     """What ``user list`` and ``user set`` show of *user*.
 
@@ -908,50 +1044,82 @@ def _user_row(user: UserRecord) -> dict[str, Any]:
         "created_at": user.created_at.isoformat(),
         "disabled": user.disabled_at is not None,
         "can_enroll": user.can_enroll,
+        "groups": sorted(user.groups),
     }
 
 
 def cmd_user_set(args: argparse.Namespace) -> int:
     username = _user_name(args.name)
-    # One optional flag per setting (later: --group ...); at least one is needed.
-    if args.can_enroll is None:
-        raise CLIError("nothing to set: give --can-enroll yes|no", exit_code=2)
+    # One optional flag per setting; at least one is needed.
+    joins = _group_names(args.add_group)
+    leaves = _group_names(args.remove_group)
+    if args.can_enroll is None and not joins and not leaves:
+        raise CLIError(
+            "nothing to set: give --can-enroll yes|no, --add-group or --remove-group",
+            exit_code=2,
+        )
+    both = joins & leaves
+    if both:
+        raise CLIError(f"group {min(both)!r} is both added and removed", exit_code=2)
     config = _base_config()
     unknown = CLIError(f"unknown user {username!r}")
     with _audited(config) as audit, _open_store(config) as store:
         user = store.get_user(username)
         if user is None:
             raise unknown
-        _check_can_enroll(user.role, args.can_enroll)
+        if args.can_enroll is not None:
+            _check_can_enroll(user.role, args.can_enroll)
         try:
-            previous = store.set_user_can_enroll(username, args.can_enroll, at=_now())
+            # Groups first: they are the change that can still be refused (too
+            # many), and a refusal must leave the enroll permission as it was.
+            if joins or leaves:
+                previous_groups, groups = store.set_user_groups(
+                    username, add=joins, remove=leaves, at=_now()
+                )
+                audit.logger.warning(
+                    "user.groups_changed",
+                    username=username,
+                    groups=",".join(sorted(groups)),
+                    previous=",".join(sorted(previous_groups)),
+                    audit=True,
+                )
+            if args.can_enroll is not None:
+                previous = store.set_user_can_enroll(
+                    username, args.can_enroll, at=_now()
+                )
         except UnknownUser:
             raise unknown from None
-        except ValueError as exc:  # the role changed since get_user
+        except ValueError as exc:  # too many groups, or the role changed
             raise CLIError(str(exc), exit_code=2) from None
         user = store.get_user(username)
         if user is None:
             raise unknown
-        audit.logger.warning(
-            "user.permissions_changed",
-            username=username,
-            role=user.role,
-            can_enroll=user.can_enroll,
-            previous_can_enroll=previous,
-            audit=True,
-        )
+        if args.can_enroll is not None:
+            audit.logger.warning(
+                "user.permissions_changed",
+                username=username,
+                role=user.role,
+                can_enroll=user.can_enroll,
+                previous_can_enroll=previous,
+                audit=True,
+            )
     if args.json:
         json.dump(_user_row(user), sys.stdout)
         sys.stdout.write("\n")
         return 0
-    state = "may" if user.can_enroll else "may not"
-    unchanged = " (unchanged)" if previous == user.can_enroll else ""
-    note = (
-        " (admins may always enroll, whatever this says)"
-        if user.role == "admin"
-        else ""
-    )
-    print(f"{username} {state} enroll devices{unchanged}{note}", file=sys.stderr)
+    if joins or leaves:
+        unchanged = " (unchanged)" if groups == previous_groups else ""
+        listed = ", ".join(sorted(groups)) if groups else "none"
+        print(f"{username} is in groups: {listed}{unchanged}", file=sys.stderr)
+    if args.can_enroll is not None:
+        state = "may" if user.can_enroll else "may not"
+        unchanged = " (unchanged)" if previous == user.can_enroll else ""
+        note = (
+            " (admins may always enroll, whatever this says)"
+            if user.role == "admin"
+            else ""
+        )
+        print(f"{username} {state} enroll devices{unchanged}{note}", file=sys.stderr)
     return 0
 
 
@@ -962,7 +1130,9 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     rows = [_user_row(user) for user in users]
     if _print_json(rows, enabled=args.json):
         return 0
-    print(f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} {'ENROLL':<7} DISABLED")
+    print(
+        f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} {'ENROLL':<7} {'DISABLED':<8} GROUPS"
+    )
     for row in rows:
         # Admins may always enroll, so their stored flag would only mislead.
         enroll = (
@@ -972,7 +1142,8 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         )
         print(
             f"{row['username']:<24} {row['role']:<9} {str(row['created_at'])[:19]:<20} "
-            f"{enroll:<7} {'yes' if row['disabled'] else 'no'}"
+            f"{enroll:<7} {'yes' if row['disabled'] else 'no':<8} "
+            f"{','.join(row['groups']) or '-'}"
         )
     return 0
 
@@ -1003,6 +1174,22 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     from relay.audit_commands import cmd_audit_export as export
 
     return export(args, _base_config())
+
+
+# policy -----------------------------------------------------------------------------------
+# The implementations live in relay/policy_commands.py (imported on use).
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from relay.policy_commands import cmd_policy_check as check
+
+    return check(args)
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from relay.policy_commands import cmd_policy_explain as explain
+
+    return explain(args, _base_config(), _open_store)
 
 
 def _iso_time(text: str) -> datetime:
@@ -1348,7 +1535,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if args.agent:
         lines = agent_changes(_load_agent_config(args.file))
     else:
-        lines = effective_changes(_load_config(args.file))
+        config = _load_config(args.file)
+        lines = effective_changes(config)
+        if config.policy.dir is not None:
+            # The broker would refuse to start on it: say so here, with where.
+            from relay.policy_files import load_policy_dir
+
+            try:
+                load_policy_dir(config.policy.dir)
+            except PolicyError as exc:
+                raise CLIError(
+                    f"{args.file}: policy.dir {config.policy.dir}: {exc}", exit_code=2
+                ) from None
     print("ok")
     for line in lines:
         print(line)
@@ -1474,6 +1672,14 @@ def build_parser() -> argparse.ArgumentParser:
     sign = ca.add_parser("sign", help="sign a device CSR with the fixed device profile")
     sign.add_argument("csr", type=Path, metavar="CSR")
     sign.add_argument("--out", type=Path, required=True, metavar="CERT")
+    sign.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a device label for access policies (customer, site, model, "
+        "region ...); repeat for several",
+    )
     sign.set_defaults(func=cmd_ca_sign)
     ca.add_parser(
         "rollover",
@@ -1553,7 +1759,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="device_command", required=True, metavar="ACTION"
     )
     device_list = device.add_parser(
-        "list", help="enrolled devices, revoked and online flags"
+        "list", help="enrolled devices, revoked and online flags, labels"
     )
     device_list.add_argument("--json", action="store_true")
     device_list.set_defaults(func=cmd_device_list)
@@ -1569,6 +1775,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"recorded with the revocation (printable, at most {MAX_REVOKE_REASON_CHARS} characters)",
     )
     revoke.set_defaults(func=cmd_device_revoke)
+    label = device.add_parser(
+        "label",
+        help="set or remove a device's labels (what access policies match on)",
+    )
+    label.add_argument("device_id", metavar="ID")
+    label.add_argument(
+        "labels",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="labels to set, e.g. customer=acme site=lyon",
+    )
+    label.add_argument(
+        "--remove",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a label to remove (repeatable); a missing one is no error",
+    )
+    label.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"device_id","labels"} instead of KEY=VALUE lines',
+    )
+    label.set_defaults(func=cmd_device_label)
 
     login = commands.add_parser(
         "login", help="log in to a broker as an engineer (password + TOTP)"
@@ -1628,6 +1858,13 @@ def build_parser() -> argparse.ArgumentParser:
         "auditors never)",
     )
     user_add.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="a group the user is in (repeatable); access policies match on it",
+    )
+    user_add.add_argument(
         "--json",
         action="store_true",
         help='print {"username","role","otpauth_uri"} instead of the QR code',
@@ -1657,13 +1894,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="the enroll permission of an engineer (admins always may, auditors never)",
     )
     user_set.add_argument(
+        "--add-group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="put the user in a group (repeatable)",
+    )
+    user_set.add_argument(
+        "--remove-group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="take the user out of a group (repeatable); a missing one is no error",
+    )
+    user_set.add_argument(
         "--json",
         action="store_true",
         help="print the user as `user list --json` shows it",
     )
     user_set.set_defaults(func=cmd_user_set)
     user_list = user.add_parser(
-        "list", help="users: role, created, enroll permission, disabled"
+        "list", help="users: role, created, enroll permission, disabled, groups"
     )
     user_list.add_argument("--json", action="store_true")
     user_list.set_defaults(func=cmd_user_list)
@@ -1738,6 +1989,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_audit_export)
+
+    policy = commands.add_parser(
+        "policy", help="access policies: check a directory, explain a decision"
+    ).add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    policy_check = policy.add_parser(
+        "check",
+        help="load a policy directory as the broker would; name what is wrong",
+    )
+    policy_check.add_argument("dir", type=Path, metavar="DIR")
+    policy_check.add_argument("--json", action="store_true")
+    policy_check.set_defaults(func=cmd_policy_check)
+    explain = policy.add_parser(
+        "explain",
+        help="the decision the broker would make on a request, and the rules "
+        "behind it (exit 0 allowed, 1 refused)",
+    )
+    explain.add_argument("--engineer", required=True, metavar="NAME")
+    explain.add_argument("--device", required=True, metavar="ID")
+    explain.add_argument(
+        "--channel",
+        action="append",
+        metavar="C",
+        help="shell or tcp:PORT; repeat for several (none: channels not judged)",
+    )
+    explain.add_argument("--reason", default="", metavar="TEXT")
+    explain.add_argument(
+        "--at",
+        type=_iso_time,
+        metavar="T",
+        help="judge this moment instead of now (time windows); ISO 8601",
+    )
+    explain.add_argument(
+        "--policy",
+        type=Path,
+        metavar="DIR",
+        help="this directory instead of the broker's [policy] dir",
+    )
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=cmd_policy_explain)
     return parser
 
 

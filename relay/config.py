@@ -587,6 +587,44 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    """Access policies: who may reach which instruments (docs/policies.md).
+
+    Attributes:
+        dir: The policy directory (its ``*.toml`` files); unset, the policy
+            that ships with the relay (``policies/default/``: engineers and
+            admins, any instrument, within ``[sessions]``). A directory that
+            does not load stops the broker at start; a later change that does
+            not load is refused and the loaded policy stays.
+        reload_poll_s: How often the directory is looked at for changed files
+            (SIGHUP reloads at once too). 0.1..60.
+        recheck_s: How often the broker looks for label and group changes
+            (``relay device label``, ``relay user set``); a change, or a
+            reload, holds every live session against the policy again and ends
+            the ones it no longer allows (``policy_revoked``) within the BRIEF's
+            5 s. 0.1..4.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
+    """
+
+    dir: Path | None = None
+    reload_poll_s: float = 2.0
+    recheck_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.reload_poll_s <= 60:
+            raise ValueError(
+                f"reload_poll_s must be in 0.1..60, got {self.reload_poll_s!r}"
+            )
+        if not 0.1 <= self.recheck_s <= 4:
+            raise ValueError(
+                f"recheck_s must be in 0.1..4 (live sessions end within 5 s of "
+                f"a change), got {self.recheck_s!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
     """Everything ``relay serve`` needs.
 
@@ -610,7 +648,9 @@ class BrokerConfig:
             (closed connections) and give freed heap pages back to the
             operating system (glibc ``malloc_trim``), so that resident memory
             levels off under session churn; 0 turns it off. 1..3600 otherwise.
-        sessions: Remote-session cap, grant timeout and channel policy.
+        sessions: Remote-session cap, grant timeout and channels: the ceiling
+            above every policy rule.
+        policy: The access policy directory and how it is reloaded.
         audit: The audit log's checkpoints, files and failure handling, and
             the session recordings.
     """
@@ -639,6 +679,7 @@ class BrokerConfig:
         default_factory=EngineerListenerConfig
     )
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:

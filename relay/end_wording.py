@@ -31,6 +31,7 @@ END_WORDING: Final[Mapping[str, str]] = {
     "device_disconnect": "instrument disconnected",
     "engineer_disconnect": "your connection was lost",
     "revoked": "the instrument's certificate was revoked",
+    "policy_revoked": "the access policy no longer allows this session",
     "login_ended": "your login ended",
     "broker_shutdown": "the relay is shutting down",
     "audit_failure": "the audit log could not be written",

@@ -60,6 +60,19 @@ EXPIRY_CERTIFICATES = ("listener", "device_ca", "device_ca_previous")
 #: Outcomes of relay_tls_reloads_total.
 TLS_RELOAD_OUTCOMES = ("reloaded", "refused")
 
+#: Outcomes of relay_policy_decisions_total: allowed, or why not.
+POLICY_OUTCOMES = (
+    "allowed",
+    "no_matching_rule",
+    "denied_by_rule",
+    "role",
+    "channel_not_allowed",
+    "reason_required",
+    "reason_mismatch",
+    "outside_window",
+    "too_many_sessions",
+)
+
 #: The live session states of relay_sessions{state}.
 SESSION_STATES = ("requested", "offered", "granted", "active")
 
@@ -314,6 +327,25 @@ class RelayMetrics:
             registry=r,
         )
         self.trio_tasks.set_function(live_trio_tasks)
+        self.policy_decisions = Counter(
+            "relay_policy_decisions_total",
+            "Access policy decisions (session requests and rechecks of live "
+            "sessions), by outcome: allowed, or the refusal code.",
+            ["outcome"],
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "relay_policy_reloads_total",
+            "Changed policy directories picked up, by outcome (reloaded; refused: "
+            "the files did not load, the old policy stays in use).",
+            ["outcome"],
+            registry=r,
+        )
+        self.policy_rules = Gauge(
+            "relay_policy_rules",
+            "Rules in the access policy in use.",
+            registry=r,
+        )
         self.memory_upkeep = Histogram(
             "relay_memory_upkeep_seconds",
             "Duration of one memory upkeep (a full garbage collection, then "
@@ -336,6 +368,10 @@ class RelayMetrics:
             self.pending_handshakes.labels(listener)
         for outcome in ENROLLMENT_OUTCOMES:
             self.enrollments.labels(outcome)
+        for outcome in POLICY_OUTCOMES:
+            self.policy_decisions.labels(outcome)
+        for outcome in TLS_RELOAD_OUTCOMES:
+            self.policy_reloads.labels(outcome)
         for state in SESSION_STATES:
             self.sessions.labels(state)
         for outcome in RENEWAL_OUTCOMES:

@@ -889,7 +889,12 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 "type": "object",
                 "properties": {
                     "device_id": {"type": "string"},
-                    "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+                    "reason": {
+                        "type": "string",
+                        "maxLength": 500,
+                        "description": "Why; whether it may be empty, and "
+                        "its form, are the access policy's to say.",
+                    },
                     "channels": {
                         "type": "array",
                         "items": {
@@ -973,8 +978,15 @@ OPENAPI: Final[Mapping[str, Any]] = {
                         "type": "boolean",
                         "description": "It has a pending or active remote session.",
                     },
+                    "labels": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string"},
+                        "description": "Its labels (customer, site, model, "
+                        "region ...), which access policies match on; set "
+                        "with `relay device label`.",
+                    },
                 },
-                "required": ["device_id", "online", "revoked", "in_session"],
+                "required": ["device_id", "online", "revoked", "in_session", "labels"],
                 "additionalProperties": False,
             },
         },

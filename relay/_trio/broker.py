@@ -57,6 +57,7 @@ from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.memory_upkeep import freeze_startup_objects, run_memory_upkeep
+from relay._trio.policy_gate import PolicyGate, ceiling_of, load_policy
 from relay._trio.session_api import SessionRoutes
 from relay._trio.session_archive import SessionArchive
 from relay._trio.session_broker import SessionBroker, SessionClock
@@ -127,13 +128,15 @@ async def _audit_watch(
         await trio.sleep(config.watch_s)
 
 
-async def _reload_on_sighup(pki: BrokerPKI) -> None:
-    """Reload certificates at once on SIGHUP (only in the main thread, where
-    signals can be caught; tests and embedded brokers rely on polling)."""
+async def _reload_on_sighup(pki: BrokerPKI, policy: PolicyGate) -> None:
+    """Reload certificates and the access policy at once on SIGHUP (only in the
+    main thread, where signals can be caught; tests and embedded brokers rely
+    on polling)."""
     if threading.current_thread() is not threading.main_thread():
         return
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            policy.reload_now()
             await pki.reload_now()
 
 
@@ -404,11 +407,24 @@ async def _serve(
     crashed = await archive.recover()
     if crashed:
         log.warning("broker.recovered_sessions", sessions=crashed, audit=True)
+    # The policy loads before anything listens: one that does not load stops
+    # the broker here, with the file, rule and key in the error.
+    policy = PolicyGate(
+        config=config.policy,
+        ceiling=ceiling_of(config),
+        policy=await trio.to_thread.run_sync(load_policy, config.policy),
+        store=store,
+        metrics=metrics,
+        log=get_logger("policy", audit=audit),
+        wall_clock=wall_clock,
+    )
+    policy.log_loaded()
     sessions = SessionBroker(
         config=config.sessions,
         control=listener,
         metrics=metrics,
         log=session_log,
+        policy=policy,
         clock=SessionClock(wall_clock),
         archive=archive,
         audit_ok=lambda: audit.healthy,
@@ -474,7 +490,8 @@ async def _serve(
                 )
             )
             nursery.start_soon(pki.watch)
-            nursery.start_soon(_reload_on_sighup, pki)
+            await nursery.start(policy.run, sessions.recheck_policy)
+            nursery.start_soon(_reload_on_sighup, pki, policy)
             if freeze_startup:
                 freeze_startup_objects()
             nursery.start_soon(run_memory_upkeep, config.memory_upkeep_s, metrics)

@@ -201,6 +201,7 @@ async def device_list(
             "online": record.online,
             "revoked": record.revoked_at is not None,
             "in_session": in_session is not None and in_session(record.device_id),
+            "labels": dict(record.labels),
         }
         for record in records
     ]

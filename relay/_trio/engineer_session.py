@@ -83,6 +83,7 @@ EXIT_CODES: Final = {
     "audit_failure": 20,
     "cancelled": 21,
     "device_shutdown": 22,
+    "policy_revoked": 23,
 }
 #: Exit status for an end reason this client does not know (a newer broker).
 UNKNOWN_END_EXIT: Final = 29

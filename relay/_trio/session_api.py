@@ -9,8 +9,8 @@ and the routes are registered by :func:`relay._trio.engineer_api.api_routes`.
 - ``POST /api/v1/sessions`` ``{"device_id", "reason", "channels"}``: 201
   ``{"session_id", "state"}`` once the offer is on the device's control channel;
   400 a bad body (not an object of exactly these keys, a device id or reason of
-  the wrong form, channels that do not parse), 403 a channel the policy does not
-  allow, 404 the device is not connected, 409 ``{"error": "busy"}`` the device
+  the wrong form, channels that do not parse), 403 the access policy refuses
+  (the error says why: a channel it does not allow, a reason it requires ...), 404 the device is not connected, 409 ``{"error": "busy"}`` the device
   has a pending or active session.
   Decision: an enrolled device that is offline answers 404 like an unknown one
   ("device not connected"): the request can only be answered by a connected
@@ -59,7 +59,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _is_reason(value: object) -> bool:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_REASON_CHARS:
+    # May be empty here: whether a reason is required, and of which form, is
+    # the access policy's to say (docs/policies.md).
+    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
         return False
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         return False  # shown on the touchscreen and in terminals
@@ -95,7 +97,7 @@ class SessionRoutes:
         if not _is_reason(reason):
             return self._refused(
                 400,
-                f"reason must be 1..{MAX_REASON_CHARS} characters of text",
+                f"reason must be at most {MAX_REASON_CHARS} characters of text",
                 "bad_request",
             )
         try:

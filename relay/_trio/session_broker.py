@@ -118,6 +118,7 @@ from starlette.websockets import WebSocket
 
 import auth
 from auth.limits import RateLimit, TokenBucket
+from policies import Decision
 from relay import __version__
 from relay._trio.session_archive import SessionArchive
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
@@ -197,6 +198,21 @@ def _device_end(reason: EndReason, now: int) -> Event:
     return EndRequested(now_ms=now, reason=reason)
 
 
+class PolicyDecider(Protocol):
+    """What the session broker needs of the access policy (a ``PolicyGate``)."""
+
+    async def decide(
+        self,
+        *,
+        engineer: str,
+        role: str,
+        device_id: str,
+        channels: tuple[str, ...],
+        reason: str,
+        live_sessions: int,
+    ) -> Decision: ...
+
+
 class DeviceControl(Protocol):
     """What the session broker needs of the device listener."""
 
@@ -215,11 +231,14 @@ class DeviceControl(Protocol):
 class RequestRefused(Exception):
     """A session request was refused; ``status`` and ``error`` are the answer."""
 
-    def __init__(self, status: int, error: str, outcome: str) -> None:
+    def __init__(
+        self, status: int, error: str, outcome: str, *, decision: Decision | None = None
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.outcome = outcome
+        self.decision = decision
 
 
 class SessionClock:
@@ -359,6 +378,8 @@ class _Live:
     source: str = "unknown"
     fingerprint: str = ""
     decided_by: str | None = None
+    # The policy's decision at the request (its rules and limits).
+    decision: Decision | None = None
     recording: SessionRecording | None = None
     end_signed: receipts.SignedReceipt | None = None
     archived: bool = False
@@ -387,6 +408,8 @@ class SessionBroker:
         audit_ok: Whether the audit log is being written; while it is not, no
             session starts (Invariant 7, fail closed).
         audit_seq: The audit log's last seq (where a session's timeline starts).
+        policy: Decides each request and rechecks live sessions
+            (:class:`relay._trio.policy_gate.PolicyGate`).
     """
 
     def __init__(
@@ -396,12 +419,14 @@ class SessionBroker:
         control: DeviceControl,
         metrics: RelayMetrics,
         log: Any,
+        policy: PolicyDecider,
         clock: SessionClock | None = None,
         archive: SessionArchive | None = None,
         audit_ok: Callable[[], bool] = lambda: True,
         audit_seq: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
+        self._policy = policy
         self._archive = archive
         self._audit_ok = audit_ok
         self._audit_seq = audit_seq
@@ -487,6 +512,7 @@ class SessionBroker:
                 status=refused.status,
                 outcome=refused.outcome,
                 error=refused.error,
+                **(refused.decision.flat_fields() if refused.decision else {}),
                 audit=True,
             )
             raise
@@ -505,9 +531,22 @@ class SessionBroker:
             wanted = validate_channels(channels)
         except ValueError as exc:
             raise RequestRefused(400, str(exc), "bad_request") from None
-        refused = [c for c in wanted if c not in self.config.allowed_channels]
-        if refused:
-            raise RequestRefused(403, f"channel not allowed: {refused[0]}", "policy")
+        try:
+            decision = await self._policy.decide(
+                engineer=engineer,
+                role=engineer_role,
+                device_id=device_id,
+                channels=wanted,
+                reason=reason,
+                live_sessions=self._live_sessions_of(engineer),
+            )
+        except StoreError:
+            raise RequestRefused(
+                503, "store unavailable", "store_unavailable"
+            ) from None
+        if not decision.allowed or decision.limits is None:
+            raise RequestRefused(403, decision.message, "policy", decision=decision)
+        limits = decision.limits
         if device_id in self._by_device:
             raise RequestRefused(409, "busy", "busy")
         found = self._control.control_certificate(device_id)
@@ -523,8 +562,8 @@ class SessionBroker:
             device_id,
             engineer,
             wanted,
-            self.config.max_session_seconds,
-            max(1, round(self.config.grant_timeout_s * 1000)),
+            limits.max_session_seconds,
+            max(1, round(limits.grant_timeout_s * 1000)),
             self._clock.now_ms(),
             round(self.config.reattach_grace_s * 1000),
             self.config.warning_seconds,
@@ -541,6 +580,7 @@ class SessionBroker:
             inbox_out=inbox_out,
             source=source,
             fingerprint=auth.certificate_fingerprint(certificate),
+            decision=decision,
         )
         self._sessions[session.session_id] = live
         self._by_device[device_id] = session.session_id
@@ -573,6 +613,7 @@ class SessionBroker:
             source=source,
             device_fingerprint=live.fingerprint,
             broker_version=__version__,
+            **decision.flat_fields(),
             audit=True,
         )
         if not self._audit_ok():
@@ -586,6 +627,50 @@ class SessionBroker:
             raise RequestRefused(503, "not taking sessions", "unavailable")
         await nursery.start(self._run_session, live)
         return self.view(session.session_id) or {}
+
+    def _live_sessions_of(self, engineer: str) -> int:
+        """The engineer's sessions on this broker now (pending, live or ending)."""
+        return sum(
+            1 for live in self._sessions.values() if live.session.engineer == engineer
+        )
+
+    async def recheck_policy(self, why: str) -> None:
+        """Hold every live session against the policy again (after *why* changed).
+
+        A session the policy no longer allows ends with ``policy_revoked``. A
+        store that cannot answer leaves the sessions as they are: the next
+        change rechecks them.
+        """
+        for live in list(self._sessions.values()):
+            session = live.session
+            if session.state.is_terminal:
+                continue
+            try:
+                decision = await self._policy.decide(
+                    engineer=session.engineer,
+                    role=live.engineer_role,
+                    device_id=session.device_id,
+                    channels=tuple(session.channels),
+                    reason=live.reason,
+                    live_sessions=0,
+                )
+            except StoreError:
+                self._log.warning(
+                    "session.policy_recheck_failed", session_id=session.session_id
+                )
+                continue
+            if decision.allowed or live.ended.is_set():
+                continue
+            self._log.warning(
+                "session.policy_revoked",
+                session_id=session.session_id,
+                device_id=session.device_id,
+                engineer=session.engineer,
+                change=why,
+                **decision.flat_fields(),
+                audit=True,
+            )
+            self._post(live, _End(EndReason.POLICY_REVOKED))
 
     def _running_nursery(self) -> trio.Nursery | None:
         return self._nursery

@@ -238,7 +238,11 @@ async function loadDevices() {
 function renderDevices() {
   const list = byId("devices");
   const filter = byId("filter").value.trim().toLowerCase();
-  const shown = app.devices.filter((d) => d.device_id.toLowerCase().includes(filter));
+  // An instrument is found by its id or by a label (customer, site, model ...).
+  const matches = (d) =>
+    d.device_id.toLowerCase().includes(filter) ||
+    Object.entries(d.labels || {}).some(([k, v]) => `${k}=${v}`.toLowerCase().includes(filter));
+  const shown = app.devices.filter(matches);
   const focused = document.activeElement?.dataset?.deviceId ?? null;
   const items = shown.map((device) => deviceItem(device));
   list.replaceChildren(...items);
@@ -250,7 +254,7 @@ function renderDevices() {
   const count = app.devices.length;
   let summary = `${count} instrument${count === 1 ? "" : "s"}, ${online} online.`;
   if (app.devices.length === 0) summary = "No instrument is enrolled yet.";
-  else if (shown.length === 0) summary = `No instrument id contains "${filter}".`;
+  else if (shown.length === 0) summary = `No instrument id or label contains "${filter}".`;
   else if (shown.length < app.devices.length) summary += ` ${shown.length} shown.`;
   setText("devices-summary", summary);
 }
@@ -268,6 +272,14 @@ function deviceItem(device) {
   name.className = "device-id";
   name.textContent = device.device_id;
   item.append(name);
+  const labels = Object.entries(device.labels || {}).sort(([a], [b]) => a.localeCompare(b));
+  if (labels.length > 0) {
+    const list = document.createElement("span");
+    list.className = "device-labels";
+    list.setAttribute("aria-label", "labels");
+    for (const [key, value] of labels) list.append(badge(`${key}=${value}`, "label"));
+    item.append(list);
+  }
   item.append(device.online ? badge("online", "online") : badge("offline", "offline"));
   if (device.in_session) item.append(badge("in session", "busy"));
   if (device.revoked) item.append(badge("revoked", "revoked"));

@@ -254,6 +254,7 @@ class EndReason(StrEnum):
     DEVICE_DISCONNECT = "device_disconnect"
     ENGINEER_DISCONNECT = "engineer_disconnect"
     REVOKED = "revoked"
+    POLICY_REVOKED = "policy_revoked"
     LOGIN_ENDED = "login_ended"
     BROKER_SHUTDOWN = "broker_shutdown"
     AUDIT_FAILURE = "audit_failure"
@@ -290,6 +291,7 @@ _REQUESTABLE: Final[dict[EndReason, frozenset[State]]] = {
     EndReason.DEVICE_SHUTDOWN: _AFTER_GRANT,
     EndReason.ADMIN: frozenset(_LIVE),
     EndReason.REVOKED: frozenset(_LIVE),
+    EndReason.POLICY_REVOKED: frozenset(_LIVE),
     EndReason.LOGIN_ENDED: frozenset(_LIVE),
     EndReason.BROKER_SHUTDOWN: frozenset(_LIVE),
     EndReason.AUDIT_FAILURE: frozenset(_LIVE),

@@ -8,12 +8,16 @@ Synchronous and thread-safe; the trio shells call it through
 from typing import TYPE_CHECKING, Any
 
 from ._records import (
+    MAX_DEVICE_LABELS as MAX_DEVICE_LABELS,
+    MAX_USER_GROUPS as MAX_USER_GROUPS,
     USER_ROLES as USER_ROLES,
     CertificateRecord as CertificateRecord,
     DeviceAlreadyEnrolled as DeviceAlreadyEnrolled,
     DeviceRecord as DeviceRecord,
     DeviceRevoked as DeviceRevoked,
     LoginSessionRecord as LoginSessionRecord,
+    PolicySubjectChange as PolicySubjectChange,
+    PolicySubjectKind as PolicySubjectKind,
     PresenceRow as PresenceRow,
     RemoteSessionRecord as RemoteSessionRecord,
     Revocation as Revocation,
@@ -43,6 +47,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "MAX_DEVICE_LABELS",
+    "MAX_USER_GROUPS",
     "MIGRATIONS_DIR",
     "USER_ROLES",
     "CertificateRecord",
@@ -50,6 +56,8 @@ __all__ = [
     "DeviceRecord",
     "DeviceRevoked",
     "LoginSessionRecord",
+    "PolicySubjectChange",
+    "PolicySubjectKind",
     "PresenceRow",
     "RemoteSessionRecord",
     "Revocation",

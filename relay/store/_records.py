@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final
 
 # The roles a user can have; anything else is refused before it reaches the database.
 USER_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
+#: The most labels one device may carry, and groups one user may be in: policies
+#: match on a handful; hundreds would be a mistake (or an attack on the listing).
+MAX_DEVICE_LABELS: Final = 32
+MAX_USER_GROUPS: Final = 32
 
 
 class StoreError(Exception):
@@ -103,6 +108,7 @@ class DeviceRecord:
         online: A presence row exists, is fresh enough, and the device is not
             revoked.
         presence: The presence row, even when stale or revoked, or ``None``.
+        labels: The device's labels, key to value (empty when it has none).
     """
 
     device_id: str
@@ -110,6 +116,7 @@ class DeviceRecord:
     revoked_at: datetime | None
     online: bool
     presence: PresenceRow | None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +150,7 @@ class UserRecord:
             devices over the API only when it is true. Admins may always enroll
             whatever it says, and auditors never (the store refuses to set it
             for them).
+        groups: The user's groups, which access policies match engineers by.
     """
 
     username: str
@@ -153,6 +161,7 @@ class UserRecord:
     created_at: datetime
     disabled_at: datetime | None
     can_enroll: bool = False
+    groups: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +197,28 @@ class SessionRevocation:
 
     token_hash: str
     username: str
+
+
+class PolicySubjectKind(StrEnum):
+    """What a :class:`PolicySubjectChange` changed."""
+
+    DEVICE_LABELS = "device_labels"
+    USER_GROUPS = "user_groups"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySubjectChange:
+    """One change of what access policies match on: a broker re-reads the subject.
+
+    Attributes:
+        kind: Whose attributes changed: a device's labels or a user's groups.
+        subject: The device id or the username.
+        id: The feed id; pass the last one handled as the next cursor.
+    """
+
+    kind: PolicySubjectKind
+    subject: str
+    id: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

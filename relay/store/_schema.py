@@ -63,6 +63,13 @@ SESSION_ID_LENGTH: Final = 64
 SESSION_REASON_LENGTH: Final = 500
 CHANNELS_LENGTH: Final = 400
 END_REASON_LENGTH: Final = 32
+# policies.model.LABEL_KEY, LABEL_VALUE and GROUP_NAME bound these; the store
+# checks values against those patterns before writing.
+LABEL_KEY_LENGTH: Final = 63
+LABEL_VALUE_LENGTH: Final = 128
+GROUP_NAME_LENGTH: Final = 63
+SUBJECT_KIND_LENGTH: Final = 16
+SUBJECT_LENGTH: Final = max(DEVICE_ID_LENGTH, USERNAME_LENGTH)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -262,4 +269,47 @@ remote_sessions: Final = Table(
     Column("bytes_to_device", BigInteger, nullable=False, server_default="0"),
     Column("bytes_from_device", BigInteger, nullable=False, server_default="0"),
     Column("recordings", Text, nullable=True),
+)
+
+
+# What access policies match on: labels of devices (customer, site, model ...)
+# and groups of users. Devices are never deleted today; should that change, their
+# labels go with them.
+device_labels: Final = Table(
+    "device_labels",
+    metadata,
+    Column(
+        "device_id",
+        String(DEVICE_ID_LENGTH),
+        ForeignKey("devices.device_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("key", String(LABEL_KEY_LENGTH), primary_key=True),
+    Column("value", String(LABEL_VALUE_LENGTH), nullable=False),
+)
+
+user_groups: Final = Table(
+    "user_groups",
+    metadata,
+    Column(
+        "username",
+        String(USERNAME_LENGTH),
+        ForeignKey("users.username"),
+        primary_key=True,
+    ),
+    Column("group_name", String(GROUP_NAME_LENGTH), primary_key=True),
+)
+
+# Append-only, like revocation_events: one row per change of a device's labels
+# (kind "device_labels", subject the device id) or a user's groups (kind
+# "user_groups", subject the username), so that a broker notices a change the CLI
+# made in another process and judges that subject afresh. The id is the cursor.
+policy_subject_changes: Final = Table(
+    "policy_subject_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(SUBJECT_KIND_LENGTH), nullable=False),
+    Column("subject", String(SUBJECT_LENGTH), nullable=False),
+    Column("changed_at", UTCDateTime(), nullable=False),
+    sqlite_autoincrement=True,
 )

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -74,7 +74,15 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from ._labels import (
+    Labels,
+    add_new_user_groups,
+    check_group_names,
+    groups_by_user,
+    labels_by_device,
+)
 from ._records import (
+    MAX_USER_GROUPS,
     USER_ROLES,
     CertificateRecord,
     DeviceAlreadyEnrolled,
@@ -117,7 +125,7 @@ from ._schema import (
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 #: The newest revision in ``migrations/versions``; a database there needs no
 #: migration. tests/relay/store holds it equal to Alembic's own head.
-SCHEMA_HEAD: Final = "0005"
+SCHEMA_HEAD: Final = "0006"
 
 # How long a SQLite writer waits for the file's single write lock before giving up
 # with "database is locked". Transactions here last milliseconds; 5 s covers a CLI
@@ -157,7 +165,7 @@ _USER_COLUMNS: Final = (
 _NEVER_ENROLLS: Final = "auditor"
 
 
-class Store(RemoteSessions):
+class Store(RemoteSessions, Labels):
     """Devices, certificates, the revocation feeds, presence, users and sessions.
 
     Thread safety:
@@ -687,8 +695,9 @@ class Store(RemoteSessions):
                 without clearing it).
 
         Returns:
-            One record per device. ``online`` needs a presence row with
-            ``now - last_seen <= stale_after`` and a device that is not revoked.
+            One record per device, with its labels. ``online`` needs a presence
+            row with ``now - last_seen <= stale_after`` and a device that is not
+            revoked.
 
         Raises:
             StoreError: The database failed.
@@ -715,6 +724,7 @@ class Store(RemoteSessions):
                 )
                 .order_by(devices.c.device_id)
             ).all()
+            labels = labels_by_device(connection)
         records = []
         for row in rows:
             presence = None
@@ -739,6 +749,7 @@ class Store(RemoteSessions):
                     revoked_at=row.revoked_at,
                     online=online,
                     presence=presence,
+                    labels=labels.get(row.device_id, {}),
                 )
             )
         return records
@@ -854,6 +865,7 @@ class Store(RemoteSessions):
         totp_secret_sealed: str,
         at: datetime,
         can_enroll: bool = False,
+        groups: Collection[str] = (),
     ) -> None:
         """Add a user; no TOTP step is accepted yet and no session exists.
 
@@ -864,12 +876,15 @@ class Store(RemoteSessions):
             totp_secret_sealed: The TOTP secret, sealed by the auth layer.
             at: Creation time (aware); also the password change time.
             can_enroll: The enroll permission (see :class:`UserRecord`).
+            groups: The user's first groups, written in the same transaction
+                (and fed to the policy subject change feed when not empty).
 
         Raises:
             UserExists: *username* is taken (also when that user is disabled).
             StoreError: The database failed.
-            ValueError: A bad role, an empty or over-long field, a naive *at*, or
-                *can_enroll* for an auditor.
+            ValueError: A bad role, an empty or over-long field, a naive *at*,
+                *can_enroll* for an auditor, or a malformed group name or more
+                than :data:`MAX_USER_GROUPS` groups.
         """
         _check_text(username, "username", USERNAME_LENGTH)
         _check_role(role)
@@ -877,6 +892,11 @@ class Store(RemoteSessions):
         _check_text(password_hash, "password_hash", PASSWORD_HASH_LENGTH)
         _check_text(totp_secret_sealed, "totp_secret_sealed", SEALED_SECRET_LENGTH)
         _check_aware(at, "at")
+        first_groups = check_group_names(groups, "groups")
+        if len(first_groups) > MAX_USER_GROUPS:
+            raise ValueError(
+                f"{len(first_groups)} groups; a user is in at most {MAX_USER_GROUPS}"
+            )
         with self._transaction(write=True) as connection:
             # No SELECT first: the primary key decides, so two concurrent adds of
             # one name on PostgreSQL also end in exactly one UserExists. All other
@@ -898,6 +918,7 @@ class Store(RemoteSessions):
                 )
             except IntegrityError as exc:
                 raise UserExists(f"user {username!r} exists already") from exc
+            add_new_user_groups(connection, username, first_groups, at=at)
 
     def get_user(self, username: str) -> UserRecord | None:
         """Find a user by name.
@@ -912,7 +933,10 @@ class Store(RemoteSessions):
             row = connection.execute(
                 select(*_USER_COLUMNS).where(users.c.username == username)
             ).one_or_none()
-        return None if row is None else _user_record(row)
+            if row is None:
+                return None
+            groups = groups_by_user(connection, username)
+        return _user_record(row, groups.get(username, frozenset()))
 
     def list_users(self) -> list[UserRecord]:
         """List every user, disabled ones included, ordered by username.
@@ -924,7 +948,10 @@ class Store(RemoteSessions):
             rows = connection.execute(
                 select(*_USER_COLUMNS).order_by(users.c.username)
             ).all()
-        return [_user_record(row) for row in rows]
+            groups = groups_by_user(connection)
+        return [
+            _user_record(row, groups.get(row.username, frozenset())) for row in rows
+        ]
 
     def set_user_can_enroll(
         self, username: str, allowed: bool, *, at: datetime
@@ -1589,8 +1616,10 @@ def _revoke_sessions(
     return [row.token_hash for row in rows]
 
 
-def _user_record(row: Row[*tuple[Any, ...]]) -> UserRecord:
-    """Build a UserRecord from a row selected with ``_USER_COLUMNS``."""
+def _user_record(
+    row: Row[*tuple[Any, ...]], groups: frozenset[str] = frozenset()
+) -> UserRecord:
+    """Build a UserRecord from a row selected with ``_USER_COLUMNS`` and its groups."""
     return UserRecord(
         username=row.username,
         role=row.role,
@@ -1600,6 +1629,7 @@ def _user_record(row: Row[*tuple[Any, ...]]) -> UserRecord:
         created_at=row.created_at,
         disabled_at=row.disabled_at,
         can_enroll=bool(row.can_enroll),
+        groups=groups,
     )
 
 

@@ -83,6 +83,27 @@ def test_check_refuses_a_bad_file_with_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_check_loads_the_policy_directory_it_names(tmp_path: Path) -> None:
+    """A policy.dir that would stop the broker fails the check (exit 2, file,
+    rule and key); one that loads is ok."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "a.toml").write_text('[[rule]]\nname = "r"\nchannels = ["shell"]\n')
+    (tmp_path / "relay.toml").write_text(f'[policy]\ndir = "{policy}"\n')
+    good = relay(tmp_path, "config", "check", "relay.toml")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.splitlines()[0] == "ok"
+    (policy / "a.toml").write_text(
+        '[[rule]]\nname = "r"\nchannels = ["shell"]\ngrant_timeout_s = 0\n'
+    )
+    bad = relay(tmp_path, "config", "check", "relay.toml")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        f"relay: error: relay.toml: policy.dir {policy}: a.toml: rule r: "
+        "grant_timeout_s: must be a number in 1..600, got 0"
+    ]
+
+
 def test_check_takes_only_totp_steps_apps_support(tmp_path: Path) -> None:
     """engineer_auth.totp_step_s = 45 is refused naming the key and the allowed
     values (exit 2); 60 is accepted."""

@@ -351,3 +351,72 @@ def test_sighup_reloads_the_listener_certificate(broker: Broker) -> None:
     assert reloaded["audit"] is True
     assert broker.process.poll() is None
     assert broker.stop(signal.SIGTERM) == 0
+
+
+def _start_serve(data_dir: Path, env: dict[str, str]) -> Broker:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", *ALL_ON_PORT_ZERO],
+        env=env,
+        cwd=data_dir.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    running = Broker(process=process)
+    running.start_reading()
+    return running
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_access_policy(data_dir: Path) -> None:
+    """With the directory poll at 60 s, SIGHUP is what loads a changed policy;
+    the load is an audit event with the rule count and digest."""
+    policy = data_dir.parent / "policy"
+    policy.mkdir()
+    rules = policy / "rules.toml"
+    rule = '[[rule]]\nname = "{name}"\nengineer_roles = ["engineer"]\nchannels = ["shell"]\n'
+    rules.write_text(rule.format(name="first"))
+    env = {
+        **relay_env(data_dir),
+        "RELAY_POLICY__DIR": str(policy),
+        "RELAY_POLICY__RELOAD_POLL_S": "60",
+    }
+    broker = _start_serve(data_dir, env)
+    try:
+        loaded = broker.wait_for_event("policy.loaded", START_TIMEOUT_S)
+        assert (loaded["rules"], loaded["files"]) == (1, ["rules.toml"])
+        broker.wait_for_event("broker.started", START_TIMEOUT_S)
+        rules.write_text(rule.format(name="first") + rule.format(name="second"))
+        broker.process.send_signal(signal.SIGHUP)
+        reloaded = broker.wait_for_event("policy.loaded", RELOAD_BUDGET_S)
+        assert reloaded["rules"] == 2
+        assert reloaded["digest"] != loaded["digest"]
+        assert reloaded["audit"] is True
+        assert broker.stop(signal.SIGTERM) == 0
+    finally:
+        broker.kill()
+
+
+@pytest.mark.slow
+def test_serve_with_a_policy_that_does_not_load_is_an_error(data_dir: Path) -> None:
+    """A broken policy directory stops the start; the error names file, rule, key."""
+    policy = data_dir.parent / "policy"
+    policy.mkdir()
+    (policy / "rules.toml").write_text('[[rule]]\nname = "x"\nchannels = ["udp:53"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", *ALL_ON_PORT_ZERO],
+        env={**relay_env(data_dir), "RELAY_POLICY__DIR": str(policy)},
+        cwd=data_dir.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=FAILED_START_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        "relay: error: the access policy does not load: rules.toml: rule x: "
+        "channels: not a channel pattern"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -396,7 +396,14 @@ def test_list_json_shows_only_public_fields(users: Users) -> None:
     result = users("list", "--json")
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout)
-    assert set(row) == {"username", "role", "created_at", "disabled", "can_enroll"}
+    assert set(row) == {
+        "username",
+        "role",
+        "created_at",
+        "disabled",
+        "can_enroll",
+        "groups",
+    }
     assert (row["username"], row["role"], row["disabled"]) == ("alice", "admin", False)
     assert row["can_enroll"] is False
     assert datetime.fromisoformat(row["created_at"]).tzinfo is not None
@@ -411,9 +418,9 @@ def test_list_plain_shows_a_header_and_each_user(users: Users) -> None:
     result = users("list")
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.splitlines()
-    assert header.split() == ["USER", "ROLE", "CREATED", "ENROLL", "DISABLED"]
+    assert header.split() == ["USER", "ROLE", "CREATED", "ENROLL", "DISABLED", "GROUPS"]
     assert line.split()[:2] == ["alice", "engineer"]
-    assert line.split()[-2:] == ["no", "yes"]
+    assert line.split()[-3:] == ["no", "yes", "-"]
 
 
 def test_list_on_an_empty_data_dir_has_no_users(users: Users) -> None:
@@ -593,7 +600,7 @@ def test_set_on_an_admin_notes_that_admins_always_enroll(users: Users) -> None:
     listed = users("list")
     [line] = listed.stdout.splitlines()[1:]
     assert line.split()[1] == "admin"
-    assert line.split()[-2:] == ["always", "no"]
+    assert line.split()[-3:] == ["always", "no", "-"]
 
 
 @pytest.mark.parametrize(

@@ -382,7 +382,13 @@ async def test_devices_for_engineers_only(pki: PKI, client: httpx.AsyncClient) -
     listed = await client.get("/api/v1/devices", headers=_bearer(engineer))
     assert listed.status_code == 200
     assert listed.json() == [
-        {"device_id": "dev-1", "online": False, "revoked": False, "in_session": False}
+        {
+            "device_id": "dev-1",
+            "online": False,
+            "revoked": False,
+            "in_session": False,
+            "labels": {},
+        }
     ]
     refused = await client.get("/api/v1/devices", headers=_bearer(auditor))
     assert (refused.status_code, refused.json()) == (403, {"error": "forbidden"})

@@ -154,6 +154,7 @@ async def test_feed_sends_the_device_list_and_its_changes(
             "online": False,
             "revoked": False,
             "in_session": False,
+            "labels": {},
         }
         assert broker.sample("relay_engineer_websockets") == 1
         _record_device(pki, "dev-2")

@@ -29,7 +29,7 @@ from relay._trio.broker import serve_broker
 from relay._trio.session_broker import SessionBroker
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
 from relay.audit_reader import read_records
-from relay.config import SessionConfig
+from relay.config import PolicyConfig, SessionConfig
 from relay.metrics import SESSION_STATES, RelayMetrics
 from relay.pki_files import AgentDir, DataDir
 from relay.proto import control, receipts, tunnel
@@ -96,10 +96,12 @@ async def harness(
     *,
     engineer_auth: dict[str, Any] | None = None,
     listener: dict[str, Any] | None = None,
+    policy: PolicyConfig | None = None,
     **session_settings: Any,
 ) -> AsyncIterator[Harness]:
     config = dataclasses.replace(
         pki.config,
+        policy=policy if policy is not None else pki.config.policy,
         sessions=SessionConfig(
             **{"max_session_seconds": 30, "grant_timeout_s": 5.0, **session_settings}
         ),

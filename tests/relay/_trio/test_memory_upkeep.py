@@ -106,10 +106,10 @@ async def test_without_malloc_trim_the_collection_still_runs(
 
 async def test_interval_zero_turns_it_off() -> None:
     metrics = RelayMetrics()
-    trims: list[int] = []
+    trim = _FakeTrim()
     with trio.fail_after(1):
-        await run_memory_upkeep(0, metrics, malloc_trim=trims.append)
-    assert trims == []
+        await run_memory_upkeep(0, metrics, malloc_trim=trim)
+    assert trim.pads == []
     assert _runs(metrics) == 0
 
 

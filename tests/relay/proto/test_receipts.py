@@ -338,6 +338,7 @@ def test_end_reason_vocabulary() -> None:
             "device_disconnect",
             "engineer_disconnect",
             "revoked",
+            "policy_revoked",
             "login_ended",
             "broker_shutdown",
             "audit_failure",
