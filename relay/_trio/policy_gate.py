@@ -18,7 +18,8 @@ files) and reloads when that changed, or at once on :meth:`reload_now`
 (SIGHUP). A policy that loads replaces the old one (audit ``policy.loaded``
 with its digest, files and rule count); one that does not is refused, the old
 one stays, and the error names the file, the rule and the key (audit
-``policy.reload_failed``). A reload whose files hash the same is not an event.
+``policy.reload_failed``). Files that hash the same are no change: no recheck,
+and an audit record (``changed`` false) only when SIGHUP asked.
 
 *Rechecking.* After a reload, and whenever the store's label and group change
 feed moves (``relay device label``, ``relay user set`` in another process;
@@ -129,8 +130,9 @@ class PolicyGate:
     def policy(self) -> Policy:
         return self._policy
 
-    def log_loaded(self) -> None:
-        """The audit record of the policy in use (at start and after each reload)."""
+    def log_loaded(self, *, changed: bool = True) -> None:
+        """The audit record of the policy in use (at start, after each reload,
+        and after a SIGHUP that found the same files: ``changed`` false)."""
         policy = self._policy
         self._log.info(
             "policy.loaded",
@@ -138,6 +140,7 @@ class PolicyGate:
             files=list(policy.files),
             rules=len(policy.rules),
             digest=policy.digest,
+            changed=changed,
             audit=True,
         )
 
@@ -238,6 +241,8 @@ class PolicyGate:
             )
             return False
         if policy.digest == self._policy.digest:
+            if forced:  # an operator asked: the answer goes on record
+                self.log_loaded(changed=False)
             return False
         self._policy = policy
         self._metrics.policy_reloads.labels("reloaded").inc()

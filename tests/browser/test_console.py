@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -459,7 +462,18 @@ def test_a_foreign_origin_cannot_open_the_attach_socket(
 
 def test_keyboard_only_on_a_narrow_window(browser: Any, demo: Demo) -> None:
     """At 400 px the login and the instrument list fit without sideways scrolling,
-    and a keyboard alone logs in, filters and opens the request form."""
+    and a keyboard alone logs in, filters (by id and by label) and opens the
+    request form."""
+    labelled = subprocess.run(
+        [sys.executable, "-m", "relay", "device", "label", DEVICE_ID, "site=lyon-2"],
+        env={**os.environ, "RELAY_DATA_DIR": str(demo.data_dir)},
+        cwd=demo.data_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert labelled.returncode == 0, labelled.stderr
     console = new_page(browser)
     console.set_viewport_size({"width": 400, "height": 800})
     console.goto(demo.console_url)
@@ -479,6 +493,9 @@ def test_keyboard_only_on_a_narrow_window(browser: Any, demo: Demo) -> None:
     expect(console.get_by_label("Filter by instrument id")).to_be_focused()
     console.keyboard.type("no-such-id")
     expect(console.locator("#devices-summary")).to_contain_text("No instrument id")
+    console.keyboard.press("Control+A")
+    console.keyboard.type("site=lyon")  # a label finds the instrument too
+    expect(console.locator("#devices .badge.label")).to_have_text("site=lyon-2")
     console.keyboard.press("Control+A")
     console.keyboard.type("demo")
     request = console.get_by_role("button", name=f"Request a session on {DEVICE_ID}")

@@ -137,10 +137,14 @@ async def test_reloads_on_change_and_on_request_rechecks_and_keeps_a_bad_one(
         assert [e["event"] for e in events] == ["policy.loaded"]
         assert events[0]["rules"] == 1
 
-        # Same bytes again (a touch) and a forced reload: no event, no recheck.
+        # Same bytes again (a touch): no event, no recheck; a forced reload
+        # (SIGHUP) of the same bytes: on record, still no recheck.
         _write(tmp_path, LABELLED.replace('"shell"]', '"shell", "tcp:22"]'))
-        gate.reload_now()
         await trio.sleep(0.5)
+        assert len(events) == 1
+        gate.reload_now()
+        await wait_until(lambda: len(events) == 2, timeout_s=3)
+        assert (events[1]["event"], events[1]["changed"]) == ("policy.loaded", False)
         assert changes == ["policy_reload"]
 
         loaded = gate.policy.digest

@@ -116,6 +116,7 @@ def test_end_reasons_are_the_shared_vocabulary() -> None:
         "device_disconnect",
         "engineer_disconnect",
         "revoked",
+        "policy_revoked",
         "login_ended",
         "broker_shutdown",
         "audit_failure",
@@ -455,6 +456,13 @@ END_PATHS: Final[dict[str, tuple[State, Callable[[Session], list[Output]], State
         lambda s: s.handle(EndRequested(reason=EndReason.REVOKED, now_ms=T0 + 3000)),
         State.ENDED,
     ),
+    "policy_revoked": (
+        State.OFFERED,
+        lambda s: s.handle(
+            EndRequested(reason=EndReason.POLICY_REVOKED, now_ms=T0 + 3000)
+        ),
+        State.ENDED,
+    ),
     "login_ended": (
         State.GRANTED,
         lambda s: s.handle(
@@ -544,6 +552,7 @@ def test_end_requested_reasons_by_state(state: State, reason: EndReason) -> None
     anytime = {
         EndReason.ADMIN,
         EndReason.REVOKED,
+        EndReason.POLICY_REVOKED,
         EndReason.LOGIN_ENDED,
         EndReason.BROKER_SHUTDOWN,
         EndReason.AUDIT_FAILURE,
