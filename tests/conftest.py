@@ -8,9 +8,14 @@ so CI can never pass by silently not running a test.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+import shutil
+import tempfile
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.pg_cluster import PostgresCluster, postgres_cluster
 
 
 @pytest.hookimpl(wrapper=True)
@@ -23,3 +28,18 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped under RELAY_TEST_REQUIRE_ALL=1: {report.longrepr}"
     return report
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One PostgreSQL server for the whole run, started on first use.
+
+    Its files live under /tmp rather than pytest's own (0700) temporary tree,
+    which the server's account could not enter when the tests run as root.
+    """
+    base = Path(tempfile.mkdtemp(prefix="relay-test-pg-"))
+    try:
+        with postgres_cluster(base) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from relay.store import (
     UnknownUser,
 )
 from relay.store._store import SCHEMA_HEAD
+from tests.relay.store.conftest import foreign_keys_on, make_room
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
@@ -33,13 +33,9 @@ DEVICE = PolicySubjectKind.DEVICE_LABELS
 USER = PolicySubjectKind.USER_GROUPS
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return sqlite_url(tmp_path / "relay.sqlite3")
+def url(db_url: str) -> str:
+    return db_url
 
 
 @pytest.fixture
@@ -108,7 +104,7 @@ def _sql(url: str, statement: str) -> list[Any]:
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
-            connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+            foreign_keys_on(connection)
             result = connection.execute(text(statement))
             return list(result) if result.returns_rows else []
     finally:
@@ -365,14 +361,14 @@ def test_another_store_on_the_file_sees_the_change(store: Store, url: str) -> No
 # Migration 0006
 
 
-def test_upgrade_from_0005_keeps_rows_and_adds_empty_tables(tmp_path: Path) -> None:
+def test_upgrade_from_0005_keeps_rows_and_adds_empty_tables(db_url: str) -> None:
     """A 0005 database with a device and a user upgrades: both keep their rows,
     have no labels or groups, and can get some."""
-    url = sqlite_url(tmp_path / "old.sqlite3")
+    url = make_room(db_url)
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
-            connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+            foreign_keys_on(connection)
             command.upgrade(_alembic(connection), "0005")
             connection.execute(
                 text(

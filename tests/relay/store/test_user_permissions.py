@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,19 +14,16 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from relay.store import MIGRATIONS_DIR, Store, UnknownUser
 from relay.store._store import SCHEMA_HEAD
+from tests.relay.store.conftest import foreign_keys_on, make_room
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(db_url: str) -> Iterator[Store]:
     """A migrated store, closed after the test."""
-    opened = Store.open(sqlite_url(tmp_path / "relay.sqlite3"))
+    opened = Store.open(db_url)
     try:
         yield opened
     finally:
@@ -71,16 +67,16 @@ def _sql(url: str, statement: str, **params: Any) -> list[Any]:
         engine.dispose()
 
 
-def test_upgrade_from_0002_keeps_users_and_grants_nothing(tmp_path: Path) -> None:
+def test_upgrade_from_0002_keeps_users_and_grants_nothing(db_url: str) -> None:
     """A 0002 database with a user and a live session upgrades in place: the user
     keeps everything, can_enroll is false, and the flag can then be set."""
-    url = sqlite_url(tmp_path / "old.sqlite3")
+    url = make_room(db_url)
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
             # Foreign keys on, as the Store's connections have them: a table
             # copy-and-swap of users would fail on the session row below.
-            connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+            foreign_keys_on(connection)
             command.upgrade(_alembic(connection), "0002")
             connection.execute(
                 text(
@@ -123,11 +119,11 @@ def test_upgrade_from_0002_keeps_users_and_grants_nothing(tmp_path: Path) -> Non
 
 
 def test_downgrade_to_0002_drops_the_columns_and_keeps_the_rows(
-    store: Store, tmp_path: Path
+    store: Store, db_url: str
 ) -> None:
     """0003's downgrade removes can_enroll and permissions_changed_at only."""
     add(store, can_enroll=True)
-    url = sqlite_url(tmp_path / "relay.sqlite3")
+    url = db_url
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
@@ -152,12 +148,12 @@ def test_new_users_may_not_enroll_unless_added_so(store: Store) -> None:
 
 
 def test_set_can_enroll_grants_withdraws_and_returns_the_previous_value(
-    store: Store, tmp_path: Path
+    store: Store, db_url: str
 ) -> None:
     """The flag follows each call at once; only a change moves
     permissions_changed_at."""
     add(store)
-    url = sqlite_url(tmp_path / "relay.sqlite3")
+    url = db_url
 
     def changed_at() -> Any:
         [(value,)] = _sql(url, "SELECT permissions_changed_at FROM users")

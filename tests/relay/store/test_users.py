@@ -28,6 +28,7 @@ from relay.store import (
     UserRecord,
 )
 from relay.store._store import SCHEMA_HEAD
+from tests.relay.store.conftest import sqlite_url
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
@@ -38,17 +39,6 @@ SEALED = "sealed:xyz"
 SEALED_NEW = "sealed:new"
 #: The sealed secret add() gives alice.
 SEALED_ALICE = "sealed-alice"
-
-
-def sqlite_url(path: Path) -> str:
-    """Return the SQLAlchemy URL of the SQLite file at *path*."""
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """A SQLite URL in a directory that does not exist yet."""
-    return sqlite_url(tmp_path / "data" / "relay.sqlite3")
 
 
 @pytest.fixture

@@ -1,0 +1,62 @@
+"""End-to-end tests again, with the broker's store on PostgreSQL.
+
+The store's own tests run on both engines (tests/relay/store); here whole
+sessions do: a real broker whose ``database_url`` names a database on the
+suite's PostgreSQL server, everything else as in the SQLite runs. The tests are
+the very functions of the other modules, imported under a name that says where
+they run; this module's ``pki`` fixture, which overrides the package's, is what
+puts them on PostgreSQL. Chosen so that every kind of store use in a session is
+crossed: presence and the session rows (the happy path, a real shell), the
+device revocation feed, the login-session revocation feed, the label feed of
+the policy recheck, and the auditors' listing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay.pki_files import DataDir, init_ca
+from relay.store import Store
+from tests.e2e.conftest import PKI, short_config
+from tests.e2e.test_audit_api import (
+    test_auditor_lists_recorded_sessions_newest_first_with_filters as test_audit_listing_on_postgresql,
+)
+from tests.e2e.test_sessions_broker import (
+    test_happy_path_relays_and_engineer_ends as test_a_session_on_postgresql,
+    test_logout_ends_the_session as test_logout_ends_the_session_on_postgresql,
+    test_revocation_ends_the_session as test_revocation_ends_the_session_on_postgresql,
+)
+from tests.e2e.test_sessions_end_to_end import (
+    test_shell_on_the_device_through_a_real_pty as test_a_real_shell_on_postgresql,
+)
+from tests.e2e.test_sessions_policy import (
+    test_a_label_change_ends_the_live_session as test_a_label_change_on_postgresql,
+)
+from tests.pg_cluster import PostgresCluster
+
+__all__ = [
+    "test_a_label_change_on_postgresql",
+    "test_a_real_shell_on_postgresql",
+    "test_a_session_on_postgresql",
+    "test_audit_listing_on_postgresql",
+    "test_logout_ends_the_session_on_postgresql",
+    "test_revocation_ends_the_session_on_postgresql",
+]
+
+
+@pytest.fixture
+def pki(tmp_path: Path, postgres: PostgresCluster) -> PKI:
+    """As the package's ``pki``, with the store in a new PostgreSQL database."""
+    data_dir = tmp_path / "relay-data"
+    config = dataclasses.replace(
+        short_config(data_dir), database_url=postgres.new_database()
+    )
+    init_ca(DataDir(data_dir), now=datetime.now(UTC), lifetime=timedelta(days=365))
+    with closing(Store.open(config.effective_database_url)):
+        pass
+    return PKI(data_dir=data_dir, config=config)
