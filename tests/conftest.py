@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.pg_cluster import PostgresCluster, postgres_cluster
+from tests.redis_server import RedisServer, redis_server
 
 
 @pytest.hookimpl(wrapper=True)
@@ -43,3 +44,10 @@ def postgres() -> Iterator[PostgresCluster]:
             yield cluster
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of the test's own (tests restart it, and every key goes)."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server
