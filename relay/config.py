@@ -11,9 +11,13 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
+from relay.proto.node_command import check_node_id
 from relay.proto.session import WARNING_SECONDS, check_warnings
 
 DEFAULT_DATA_DIR = "./relay-data"
@@ -625,6 +629,72 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """Several broker nodes sharing one fleet (docs/operations.md, "Several nodes").
+
+    Attributes:
+        redis_url: The Redis all nodes share (``redis://host:6379/0``,
+            ``rediss://`` for TLS; a password as ``redis://:PASSWORD@host``).
+            Unset (the default), the broker is a single node: presence and the
+            one-session-per-device rule stay in the process.
+        node_id: This node's name in presence, locks, commands and the
+            session rows; unset, the host name. 1..64 of
+            ``A-Z a-z 0-9 _ . : -``, unique among the nodes.
+        key_prefix: The first part of every Redis key and channel, so that
+            fleets may share a Redis.
+        heartbeat_s: How often this node refreshes its presence, its device
+            locks and its announcement; each lives for two heartbeats, so what
+            a dead node held is gone within two. 0.1..30.
+        command_deadline_s: How long a command to another node (end a
+            session there) is resent before it counts as failed. 0.5..60.
+        redis_timeout_s: The longest a Redis command or connection may take
+            before it counts as Redis being away. 0.1..10.
+
+    Raises:
+        ValueError: A value is out of range (at construction).
+    """
+
+    redis_url: str | None = None
+    node_id: str | None = None
+    key_prefix: str = "relay"
+    heartbeat_s: float = 2.0
+    command_deadline_s: float = 5.0
+    redis_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.node_id is not None:
+            check_node_id(self.node_id)
+        if not _KEY_PREFIX.fullmatch(self.key_prefix):
+            raise ValueError(
+                f"key_prefix must be 1..32 of a-z 0-9 _ - (a letter first), "
+                f"got {self.key_prefix!r}"
+            )
+        for name, low, high in (
+            ("heartbeat_s", 0.1, 30),
+            ("command_deadline_s", 0.5, 60),
+            ("redis_timeout_s", 0.1, 10),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low:g}..{high:g}, got {value!r}")
+
+    @property
+    def effective_node_id(self) -> str:
+        """The configured node id, or one made from the host name."""
+        if self.node_id is not None:
+            return self.node_id
+        cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname())[:64]
+        return cleaned if cleaned[:1].isalnum() else f"node-{cleaned}"[:64]
+
+
+_KEY_PREFIX: Final = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerConfig:
     """Everything ``relay serve`` needs.
 
@@ -653,6 +723,7 @@ class BrokerConfig:
         policy: The access policy directory and how it is reloaded.
         audit: The audit log's checkpoints, files and failure handling, and
             the session recordings.
+        cluster: Several nodes on a shared Redis; unset, a single node.
     """
 
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
@@ -681,6 +752,7 @@ class BrokerConfig:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.shutdown_grace_s <= _BROKER_MAX_SHUTDOWN_GRACE_S:

@@ -489,7 +489,7 @@ def effective_changes(config: BrokerConfig) -> list[str]:
             shown = "(unset)"
         else:
             shown = toml_value(value)
-            if key == "database_url":
+            if key in ("database_url", "cluster.redis_url"):
                 shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)
         lines.append(f"{key} = {shown}")
     return lines

@@ -346,6 +346,22 @@ class RelayMetrics:
             "Rules in the access policy in use.",
             registry=r,
         )
+        self.redis_up = Gauge(
+            "relay_redis_up",
+            "1 while this node reaches the shared Redis (its last heartbeat went "
+            "through), 0 while it does not, and always on a single node (no "
+            "[cluster] redis_url).",
+            registry=r,
+        )
+        self.node_commands = Counter(
+            "relay_node_commands_total",
+            "Commands between broker nodes, by kind (end_session, revoke_device, "
+            "disable_user, policy_reload; '-' for a message that did not decode) "
+            "and outcome (sent: confirmed, unconfirmed; received: carried_out, "
+            "repeated, failed, inbox_full, malformed; resubscribed).",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.memory_upkeep = Histogram(
             "relay_memory_upkeep_seconds",
             "Duration of one memory upkeep (a full garbage collection, then "

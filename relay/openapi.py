@@ -705,6 +705,11 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 "security": _SESSION_SECURITY,
                 "responses": {
                     "200": _answer("Ended; the session as it is now.", "Session"),
+                    "202": _answer(
+                        "Several nodes: another node held the session and has "
+                        "ended it (reason `admin`; admins only).",
+                        "SessionEndedOnNode",
+                    ),
                     "401": _ERROR_ANSWERS["401"],
                     "403": _ERROR_ANSWERS["403"],
                     "404": _answer("No such session visible to you.", "Error"),
@@ -915,6 +920,16 @@ OPENAPI: Final[Mapping[str, Any]] = {
                     "state": {"type": "string"},
                 },
                 "required": ["session_id", "state"],
+                "additionalProperties": False,
+            },
+            "SessionEndedOnNode": {
+                "type": "object",
+                "properties": {
+                    "session_id": {"type": "string"},
+                    "state": {"const": "ended"},
+                    "node": {"type": "string"},
+                },
+                "required": ["session_id", "state", "node"],
                 "additionalProperties": False,
             },
             "Session": {

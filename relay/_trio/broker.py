@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import sys
 import threading
@@ -51,6 +50,7 @@ from cryptography import x509
 import auth
 from relay._trio.broker_pki import BrokerPKI
 from relay._trio.certificate_renewal import Renewer
+from relay._trio.cluster_node import ClusterNode
 from relay._trio.device_listener import DeviceListener, presence_stale_after
 from relay._trio.engineer_listener import EngineerListener
 from relay._trio.enrollment_api import Enroller
@@ -74,6 +74,7 @@ from relay.pki_files import (
 )
 from relay.presence import LocalPresence
 from relay.proto.close import CloseCode
+from relay.proto.node_command import CommandKind, NodeCommand
 from relay.proto.session import EndReason
 from relay.store import Store, StoreError
 from relay.tls import engineer_listener_context
@@ -219,6 +220,30 @@ def _prepare(config: BrokerConfig, now: datetime, pki_factory: Any) -> _Prepared
         hasher,
         listener_certificate_names(cert_file),
     )
+
+
+class UnsupportedCommand(Exception):
+    """A command from another node that this version does not carry out."""
+
+
+async def _carry_out(
+    sessions: SessionBroker, policy: PolicyGate, command: NodeCommand
+) -> None:
+    """Carry out a command from another node (see relay._trio.node_bus).
+
+    Revocations and disabled users need no command between nodes sharing a
+    database: every node reads them from the store's feeds within
+    ``revocation_poll_s``. A command this version does not carry out is not
+    confirmed, so its sender learns that it failed.
+    """
+    if command.kind is CommandKind.END_SESSION:
+        if command.args["reason"] != "admin":
+            raise UnsupportedCommand(f"end reason {command.args['reason']!r}")
+        await sessions.end(command.args["session_id"], by_admin=True, by_owner=False)
+    elif command.kind is CommandKind.POLICY_RELOAD:
+        policy.reload_now()
+    else:
+        raise UnsupportedCommand(str(command.kind))
 
 
 async def serve_broker(
@@ -370,14 +395,26 @@ async def _serve(
         log=get_logger("engineer_api", audit=audit),
         wall_clock=wall_clock,
     )
-    node_id = socket.gethostname()[:64] or "local"
+    node_id = config.cluster.effective_node_id
+    presence = LocalPresence()
+    cluster = (
+        ClusterNode(
+            config.cluster,
+            node_id=node_id,
+            local_devices=lambda: [entry.device_id for entry in presence.all()],
+            metrics=metrics,
+            log=get_logger("cluster", audit=audit),
+        )
+        if config.cluster.redis_url is not None
+        else None
+    )
     listener = DeviceListener(
         config=config,
         ssl_context=pki.current.device_context,
         ca_certificate=pki.current.ca_certificate,
         previous_ca_certificates=pki.current.trusted[1:],
         store=store,
-        presence=LocalPresence(),
+        presence=presence,
         metrics=metrics,
         log=get_logger("device_listener", audit=audit),
         node_id=node_id,
@@ -429,6 +466,7 @@ async def _serve(
         archive=archive,
         audit_ok=lambda: audit.healthy,
         audit_seq=lambda: audit.seq,
+        fleet=cluster,
     )
     listener.sessions = sessions
     if sessions_hook is not None:
@@ -492,6 +530,17 @@ async def _serve(
             nursery.start_soon(pki.watch)
             await nursery.start(policy.run, sessions.recheck_policy)
             nursery.start_soon(_reload_on_sighup, pki, policy)
+            if cluster is not None:
+                await nursery.start(
+                    partial(
+                        cluster.run,
+                        partial(_carry_out, sessions, policy),
+                        info={
+                            "device_port": device_port,
+                            "engineer_port": engineer_port,
+                        },
+                    )
+                )
             if freeze_startup:
                 freeze_startup_objects()
             nursery.start_soon(run_memory_upkeep, config.memory_upkeep_s, metrics)

@@ -36,6 +36,7 @@ import coredis.exceptions
 import structlog
 import trio
 
+from relay._trio.redis_state import REDIS_FAILURES
 from relay.proto.node_command import (
     CommandKind,
     NodeAck,
@@ -126,7 +127,7 @@ class NodeBus:
             while True:
                 try:
                     await self._listen(task_status)
-                except* (coredis.exceptions.RedisError, _Deaf) as failed:
+                except* (*REDIS_FAILURES, _Deaf) as failed:
                     self._log.warning(
                         "node_bus.resubscribing", error=repr(_first_leaf(failed))
                     )
@@ -190,7 +191,7 @@ class NodeBus:
                 while not confirmed.is_set():
                     try:
                         await self._client.publish(self.channel(node_id), wire)
-                    except coredis.exceptions.RedisError as exc:
+                    except REDIS_FAILURES as exc:
                         self._log.debug("node_bus.publish_failed", error=str(exc))
                     with trio.move_on_after(self._retry_s):
                         await confirmed.wait()
@@ -242,7 +243,7 @@ class NodeBus:
             ack = encode(NodeAck(command.command_id, self.node_id))
             try:
                 await self._client.publish(self.channel(command.sender), ack)
-            except coredis.exceptions.RedisError as exc:
+            except REDIS_FAILURES as exc:
                 # The sender's next attempt is acked from the memory of ids.
                 self._log.debug("node_bus.ack_failed", error=str(exc))
 

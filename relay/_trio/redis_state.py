@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import anyio
 import coredis
 import coredis.exceptions
 
@@ -71,6 +72,20 @@ return 0
 
 class SharedStateUnavailable(Exception):
     """Redis could not be reached or answered with an error."""
+
+
+#: What a Redis call raises when Redis is away: coredis' own errors, and what
+#: it lets through: the built-in TimeoutError (a command or subscription not
+#: answered in time), OSError (a socket failure), and anyio's errors for a
+#: connection stream that closed under it (seen when a pub/sub is cancelled
+#: together with its connection, coredis 6.9).
+REDIS_FAILURES: Final = (
+    coredis.exceptions.RedisError,
+    TimeoutError,
+    OSError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 
 @asynccontextmanager
@@ -122,7 +137,7 @@ class RedisState:
             async with self._client.pipeline(transaction=False) as pipe:
                 for device_id in device_ids:
                     pipe.set(self._key("presence", device_id), self.node_id, px=ttl_ms)
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
 
     async def withdraw_presence(self, device_id: str) -> bool:
@@ -153,7 +168,7 @@ class RedisState:
             if taken:
                 return None
             holder = await self._client.get(key)
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
         # Released between the two commands: still not ours; the caller may
         # retry, but a busy answer is the truth of a moment ago.
@@ -200,7 +215,7 @@ class RedisState:
                 json.dumps(dict(info), sort_keys=True),
                 px=ttl_ms,
             )
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
 
     async def live_nodes(self) -> dict[str, dict[str, Any]]:
@@ -213,7 +228,7 @@ class RedisState:
                 value = await self._client.get(key)
                 if value is not None:
                     nodes[key[start:]] = json.loads(value)
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
         return nodes
 
@@ -221,7 +236,7 @@ class RedisState:
         """Check that Redis answers (readiness)."""
         try:
             await self._client.ping()
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
 
     # ---------------------------------------------------------------------------
@@ -229,7 +244,7 @@ class RedisState:
     async def _get(self, key: str) -> str | None:
         try:
             return await self._client.get(key)
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
 
     async def _if_holds(
@@ -237,9 +252,9 @@ class RedisState:
     ) -> bool:
         try:
             result: object = await script(keys=[key], args=list(args))
-        except coredis.exceptions.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
         return bool(result)
 
 
-__all__ = ["RedisState", "SharedStateUnavailable", "redis_client"]
+__all__ = ["REDIS_FAILURES", "RedisState", "SharedStateUnavailable", "redis_client"]

@@ -21,7 +21,10 @@ and the routes are registered by :func:`relay._trio.engineer_api.api_routes`.
 - ``DELETE /api/v1/sessions/{id}``: its engineer or an admin ends it; before the
   grant the reason is ``cancelled``, after it ``engineer`` (the owner) or
   ``admin``. 200 with the view; 404 unknown (or not the caller's); 409 already
-  ended.
+  ended. With several nodes, an admin may end a session that another node
+  holds: that node ends it (reason ``admin``) and confirms over the node bus,
+  then the answer is 202 ``{"session_id", "state": "ended", "node"}``; 503 if it
+  did not confirm within ``[cluster] command_deadline_s``.
 - ``WS /api/v1/sessions/{id}/attach``: guarded like every engineer socket (Origin,
   token, role), then admitted only for the session's own engineer (404 otherwise,
   410 ended, 409 already attached), then run by the session broker.
@@ -148,7 +151,7 @@ class SessionRoutes:
         """``DELETE /api/v1/sessions/{session_id}``."""
         session_id = self._visible(request, principal)
         if session_id is None:
-            return _error(404, "unknown session")
+            return await self._end_on_its_node(request, principal)
         view = await self.sessions.end(
             session_id,
             by_admin=principal.role == "admin",
@@ -157,6 +160,26 @@ class SessionRoutes:
         if view is None:
             return _error(409, "session has ended")
         return JSONResponse(view)
+
+    async def _end_on_its_node(
+        self, request: Request, principal: Principal
+    ) -> Response:
+        """An admin's end of a session this node does not hold (several nodes)."""
+        session_id = request.path_params.get("session_id")
+        if principal.role != "admin" or not is_session_id(session_id):
+            return _error(404, "unknown session")
+        try:
+            node = await self.sessions.end_on_its_node(
+                str(session_id), admin=principal.username
+            )
+        except RequestRefused as refused:
+            return _error(refused.status, refused.error)
+        if node is None:
+            return _error(404, "unknown session")
+        return JSONResponse(
+            {"session_id": session_id, "state": "ended", "node": node},
+            status_code=202,
+        )
 
     def admit(
         self, websocket: WebSocket, principal: Principal

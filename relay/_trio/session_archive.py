@@ -123,6 +123,14 @@ class SessionArchive:
     def node_id(self) -> str:
         return self._node_id
 
+    async def row(self, session_id: str) -> RemoteSessionRecord | None:
+        """The store's row of any node's session, or None.
+
+        Raises:
+            StoreError: The store cannot be read.
+        """
+        return await trio.to_thread.run_sync(self._store.get_remote_session, session_id)
+
     async def requested(
         self,
         *,

@@ -120,6 +120,8 @@ import auth
 from auth.limits import RateLimit, TokenBucket
 from policies import Decision
 from relay import __version__
+from relay._trio.node_bus import CommandNotConfirmed
+from relay._trio.redis_state import SharedStateUnavailable
 from relay._trio.session_archive import SessionArchive
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
 from relay.config import SessionConfig
@@ -211,6 +213,28 @@ class PolicyDecider(Protocol):
         reason: str,
         live_sessions: int,
     ) -> Decision: ...
+
+
+class FleetLocks(Protocol):
+    """The fleet-wide half of one session per device (a ``ClusterNode``)."""
+
+    async def acquire_device(self, device_id: str, session_id: str) -> str | None:
+        """None once taken for *session_id*; else the session that holds it.
+        Raises SharedStateUnavailable when the shared state is away."""
+        ...
+
+    def release_device(self, device_id: str, session_id: str) -> None:
+        """Give the lock back without waiting."""
+        ...
+
+    async def device_node(self, device_id: str) -> str | None:
+        """The node holding *device_id*'s control channel, if any."""
+        ...
+
+    async def end_session_on(self, node_id: str, session_id: str) -> None:
+        """Have *node_id* end *session_id* as an admin would; return once it
+        confirmed. Raises SharedStateUnavailable or CommandNotConfirmed."""
+        ...
 
 
 class DeviceControl(Protocol):
@@ -424,8 +448,10 @@ class SessionBroker:
         archive: SessionArchive | None = None,
         audit_ok: Callable[[], bool] = lambda: True,
         audit_seq: Callable[[], int] = lambda: 0,
+        fleet: FleetLocks | None = None,
     ) -> None:
         self.config = config
+        self._fleet = fleet
         self._policy = policy
         self._archive = archive
         self._audit_ok = audit_ok
@@ -551,7 +577,7 @@ class SessionBroker:
             raise RequestRefused(409, "busy", "busy")
         found = self._control.control_certificate(device_id)
         if found is None:
-            raise RequestRefused(404, "device not connected", "not_connected")
+            raise await self._not_here(device_id)
         if self._nursery is None or self._stopping:
             raise RequestRefused(503, "not taking sessions", "unavailable")
         if not self._audit_ok():
@@ -582,6 +608,11 @@ class SessionBroker:
             fingerprint=auth.certificate_fingerprint(certificate),
             decision=decision,
         )
+        if self._fleet is not None:
+            await self._take_fleet_lock(self._fleet, device_id, session.session_id)
+            if device_id in self._by_device or self._stopping:  # changed meanwhile
+                self._fleet.release_device(device_id, session.session_id)
+                raise RequestRefused(409, "busy", "busy")
         self._sessions[session.session_id] = live
         self._by_device[device_id] = session.session_id
         start_seq = self._audit_seq()
@@ -627,6 +658,39 @@ class SessionBroker:
             raise RequestRefused(503, "not taking sessions", "unavailable")
         await nursery.start(self._run_session, live)
         return self.view(session.session_id) or {}
+
+    async def _not_here(self, device_id: str) -> RequestRefused:
+        """The refusal for a device without a control channel on this node:
+        not connected, or connected to another node."""
+        node = None
+        if self._fleet is not None:
+            with contextlib.suppress(SharedStateUnavailable):
+                node = await self._fleet.device_node(device_id)
+        if node is None:
+            return RequestRefused(404, "device not connected", "not_connected")
+        # Sessions across nodes are not built yet (docs/operations.md).
+        return RequestRefused(
+            503,
+            f"the device is connected to broker node {node}, and this node "
+            "cannot reach devices on other nodes yet; try again (the load "
+            "balancer may choose that node)",
+            "other_node",
+        )
+
+    @staticmethod
+    async def _take_fleet_lock(
+        fleet: FleetLocks, device_id: str, session_id: str
+    ) -> None:
+        try:
+            holder = await fleet.acquire_device(device_id, session_id)
+        except SharedStateUnavailable:
+            raise RequestRefused(
+                503,
+                "shared state unavailable (Redis): no new sessions until it is back",
+                "shared_state_unavailable",
+            ) from None
+        if holder is not None:
+            raise RequestRefused(409, "busy", "busy")
 
     def _live_sessions_of(self, engineer: str) -> int:
         """The engineer's sessions on this broker now (pending, live or ending)."""
@@ -680,6 +744,8 @@ class SessionBroker:
         self._sessions.pop(session.session_id, None)
         if self._by_device.get(session.device_id) == session.session_id:
             del self._by_device[session.device_id]
+        if self._fleet is not None:
+            self._fleet.release_device(session.device_id, session.session_id)
         self._set_metric_state(live, gone=True)
         self._idle.unpark_all()
 
@@ -727,6 +793,57 @@ class SessionBroker:
         with trio.move_on_after(LEG_CLOSE_S * 2):
             await done.wait()
         return self._view(live)
+
+    async def end_on_its_node(self, session_id: str, *, admin: str) -> str | None:
+        """An admin ends a session that another node holds.
+
+        Returns:
+            The node that held it, once that node confirmed the end; None if
+            no other node has it (unknown, or this node's).
+
+        Raises:
+            RequestRefused: 409 when it has ended; 503 when the store cannot
+                be read or the other node did not confirm within
+                ``[cluster] command_deadline_s``.
+        """
+        if self._fleet is None or self._archive is None:
+            return None
+        try:
+            row = await self._archive.row(session_id)
+        except StoreError:
+            raise RequestRefused(
+                503, "store unavailable", "store_unavailable"
+            ) from None
+        if row is None or row.node_id == self._archive.node_id:
+            return None
+        if row.ended_at is not None:
+            raise RequestRefused(409, "session has ended", "ended")
+        try:
+            await self._fleet.end_session_on(row.node_id, session_id)
+        except (SharedStateUnavailable, CommandNotConfirmed) as exc:
+            self._log.warning(
+                "session.end_forward_failed",
+                session_id=session_id,
+                node=row.node_id,
+                admin=admin,
+                error=str(exc),
+                audit=True,
+            )
+            raise RequestRefused(
+                503,
+                f"broker node {row.node_id} holds the session and did not "
+                f"confirm its end: {exc}",
+                "node_unconfirmed",
+            ) from None
+        # The end itself is in the audit records of the node that held it.
+        self._log.info(
+            "session.end_forwarded",
+            session_id=session_id,
+            node=row.node_id,
+            admin=admin,
+            audit=True,
+        )
+        return row.node_id
 
     def end_all(self, reason: EndReason) -> None:
         """End every live session (broker shutdown, audit failure)."""
@@ -982,14 +1099,10 @@ class SessionBroker:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             live.inbox_out.close()
-            del self._sessions[session.session_id]
-            if self._by_device.get(session.device_id) == session.session_id:
-                del self._by_device[session.device_id]
-            self._set_metric_state(live, gone=True)
             self._ended[session.session_id] = self._view(live)
             while len(self._ended) > ENDED_KEPT:
                 self._ended.popitem(last=False)
-            self._idle.unpark_all()
+            self._forget(live)
 
     async def _drive(self, live: _Live) -> None:
         session = live.session
