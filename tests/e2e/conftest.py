@@ -141,14 +141,19 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     gc.collect()
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> PKI:
-    data_dir = tmp_path / "relay-data"
-    config = short_config(data_dir)
+def make_pki(data_dir: Path, **changes: Any) -> PKI:
+    """A data dir with a CA and a migrated store, for ``short_config`` with
+    *changes* (a database URL, a cluster table)."""
+    config = dataclasses.replace(short_config(data_dir), **changes)
     init_ca(DataDir(data_dir), now=datetime.now(UTC), lifetime=timedelta(days=365))
     with closing(Store.open(config.effective_database_url)):
         pass
     return PKI(data_dir=data_dir, config=config)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PKI:
+    return make_pki(tmp_path / "relay-data")
 
 
 @dataclass

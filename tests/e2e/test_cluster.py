@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import coredis
@@ -28,16 +27,14 @@ import trio
 from relay._trio.broker import serve_broker
 from relay.config import ClusterConfig
 from relay.metrics import RelayMetrics
-from relay.pki_files import DataDir, init_ca
 from relay.proto import control
-from relay.store import Store
 from tests.e2e.conftest import (
     PKI,
     RunningBroker,
     add_engineer,
     api_client,
     login_token,
-    short_config,
+    make_pki,
     wait_until,
 )
 from tests.e2e.test_sessions_broker import (
@@ -65,9 +62,8 @@ HEARTBEAT_S = 0.2
 @pytest.fixture
 def pki(tmp_path: Path, postgres: PostgresCluster, redis: RedisServer) -> PKI:
     """Node A's data dir; the store on PostgreSQL, the cluster on Redis."""
-    data_dir = tmp_path / "node-a"
-    config = dataclasses.replace(
-        short_config(data_dir),
+    return make_pki(
+        tmp_path / "node-a",
         database_url=postgres.new_database(),
         cluster=ClusterConfig(
             redis_url=redis.url,
@@ -77,10 +73,6 @@ def pki(tmp_path: Path, postgres: PostgresCluster, redis: RedisServer) -> PKI:
             redis_timeout_s=0.5,
         ),
     )
-    init_ca(DataDir(data_dir), now=datetime.now(UTC), lifetime=timedelta(days=365))
-    with closing(Store.open(config.effective_database_url)):
-        pass
-    return PKI(data_dir=data_dir, config=config)
 
 
 @dataclass

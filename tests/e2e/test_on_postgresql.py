@@ -13,16 +13,11 @@ the policy recheck, and the auditors' listing.
 
 from __future__ import annotations
 
-import dataclasses
-from contextlib import closing
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from relay.pki_files import DataDir, init_ca
-from relay.store import Store
-from tests.e2e.conftest import PKI, short_config
+from tests.e2e.conftest import PKI, make_pki
 from tests.e2e.test_audit_api import (
     test_auditor_lists_recorded_sessions_newest_first_with_filters as test_audit_listing_on_postgresql,
 )
@@ -52,11 +47,4 @@ __all__ = [
 @pytest.fixture
 def pki(tmp_path: Path, postgres: PostgresCluster) -> PKI:
     """As the package's ``pki``, with the store in a new PostgreSQL database."""
-    data_dir = tmp_path / "relay-data"
-    config = dataclasses.replace(
-        short_config(data_dir), database_url=postgres.new_database()
-    )
-    init_ca(DataDir(data_dir), now=datetime.now(UTC), lifetime=timedelta(days=365))
-    with closing(Store.open(config.effective_database_url)):
-        pass
-    return PKI(data_dir=data_dir, config=config)
+    return make_pki(tmp_path / "relay-data", database_url=postgres.new_database())

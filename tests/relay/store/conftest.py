@@ -7,10 +7,13 @@ behaviour (file modes, a locked file) build their own SQLite URL.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection
+
+from relay.store import Store
 
 
 def sqlite_url(path: Path) -> str:
@@ -25,6 +28,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return sqlite_url(tmp_path / "data" / "relay.sqlite3")
     return str(request.getfixturevalue("postgres").new_database())
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """A migrated store, closed after the test."""
+    opened = Store.open(db_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def foreign_keys_on(connection: Connection) -> None:

@@ -3,7 +3,6 @@ SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -15,16 +14,6 @@ from relay.store._schema import SESSION_REASON_LENGTH
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 #: More than a 32-bit column holds: an hour of bulk transfer gets there.
 FIVE_GIB = 5 * 1024**3
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    """A migrated store, closed after the test."""
-    opened = Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def requested(session_id: str = "s-1", **changes: object) -> RemoteSessionRecord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import stat
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -33,16 +32,6 @@ from tests.relay.store.conftest import sqlite_url
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 STALE_AFTER = timedelta(seconds=30)
 TABLES = {"devices", "certificates", "revocation_events", "device_presence"}
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    """A migrated store, closed after the test."""
-    opened = Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def fingerprint(serial_hex: str) -> str:

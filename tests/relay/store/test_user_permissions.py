@@ -3,7 +3,6 @@ migration 0003 and ``Store.set_user_can_enroll``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,16 +17,6 @@ from tests.relay.store.conftest import foreign_keys_on, make_room
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 NAIVE = datetime(2025, 3, 1, 12, 0)  # naive on purpose
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    """A migrated store, closed after the test."""
-    opened = Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def add(

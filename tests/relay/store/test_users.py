@@ -42,16 +42,6 @@ SEALED_ALICE = "sealed-alice"
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    """A migrated store, closed after the test."""
-    opened = Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
-@pytest.fixture
 def bare_store(tmp_path: Path) -> Iterator[Store]:
     """A store on an empty, unmigrated file: any SQL it ran would fail with StoreError."""
     opened = Store(sqlite_url(tmp_path / "bare.sqlite3"))
