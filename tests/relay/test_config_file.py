@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import agent_config_from_args, build_parser
-from relay.config import AgentConfig, BrokerConfig, ListenAddress
+from relay.config import AgentConfig, BrokerConfig, ClusterConfig, ListenAddress
 from relay.config_file import (
     ConfigError,
     agent_changes,
@@ -420,3 +420,57 @@ def test_database_password_is_not_shown() -> None:
     assert effective_changes(config) == [
         'database_url = "postgresql://relay:***@db/relay"'
     ]
+
+
+def test_redis_password_is_not_shown() -> None:
+    config = BrokerConfig(
+        cluster=ClusterConfig(redis_url="redis://:s3cret@redis:6379/0", node_id="b-1")
+    )
+    assert effective_changes(config) == [
+        'cluster.redis_url = "redis://:***@redis:6379/0"',
+        'cluster.node_id = "b-1"',
+    ]
+
+
+def test_the_cluster_table_from_a_file_and_the_environment() -> None:
+    config = load_config(
+        None,
+        {
+            "RELAY_CLUSTER__REDIS_URL": "rediss://redis.example:6380/1",
+            "RELAY_CLUSTER__NODE_ID": "broker-2.eu",
+            "RELAY_CLUSTER__HEARTBEAT_S": "0.5",
+        },
+    )
+    assert config.cluster == ClusterConfig(
+        redis_url="rediss://redis.example:6380/1",
+        node_id="broker-2.eu",
+        heartbeat_s=0.5,
+    )
+    assert config.cluster.effective_node_id == "broker-2.eu"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"redis_url": "http://redis:6379"}, "redis_url must start with"),
+        ({"node_id": "-leading-dash"}, "node id"),
+        ({"node_id": "n" * 65}, "node id"),
+        ({"key_prefix": "Relay"}, "key_prefix"),
+        ({"heartbeat_s": 0.05}, "heartbeat_s must be in 0.1..30"),
+        ({"heartbeat_s": 31}, "heartbeat_s must be in 0.1..30"),
+        ({"command_deadline_s": 0.1}, "command_deadline_s must be in 0.5..60"),
+        ({"redis_timeout_s": 11}, "redis_timeout_s must be in 0.1..10"),
+    ],
+)
+def test_cluster_values_out_of_range_are_refused(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_a_host_name_that_is_no_node_id_is_made_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "_build host")
+    assert ClusterConfig().effective_node_id == "node-_build-host"
