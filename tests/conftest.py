@@ -12,11 +12,13 @@ import shutil
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.pg_cluster import PostgresCluster, postgres_cluster
-from tests.redis_server import RedisServer, redis_server
+if TYPE_CHECKING:
+    from tests.pg_cluster import PostgresCluster
+    from tests.redis_server import RedisServer
 
 
 @pytest.hookimpl(wrapper=True)
@@ -38,6 +40,10 @@ def postgres() -> Iterator[PostgresCluster]:
     Its files live under /tmp rather than pytest's own (0700) temporary tree,
     which the server's account could not enter when the tests run as root.
     """
+    # Imported here, not at the top: tests/test_require_all.py runs this file
+    # alone, outside the package.
+    from tests.pg_cluster import postgres_cluster
+
     base = Path(tempfile.mkdtemp(prefix="relay-test-pg-"))
     try:
         with postgres_cluster(base) as cluster:
@@ -49,5 +55,7 @@ def postgres() -> Iterator[PostgresCluster]:
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis server of the test's own (tests restart it, and every key goes)."""
+    from tests.redis_server import redis_server
+
     with redis_server(tmp_path / "redis") as server:
         yield server

@@ -129,13 +129,21 @@ async def _audit_watch(
         await trio.sleep(config.watch_s)
 
 
-async def _reload_on_sighup(pki: BrokerPKI, policy: PolicyGate) -> None:
+async def _reload_on_sighup(
+    pki: BrokerPKI,
+    policy: PolicyGate,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Reload certificates and the access policy at once on SIGHUP (only in the
     main thread, where signals can be caught; tests and embedded brokers rely
-    on polling)."""
+    on polling). Started once the signal is caught: ``broker.started`` is
+    logged after that, so a SIGHUP sent on seeing it is never lost."""
     if threading.current_thread() is not threading.main_thread():
+        task_status.started()
         return
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             policy.reload_now()
             await pki.reload_now()
@@ -529,7 +537,7 @@ async def _serve(
             )
             nursery.start_soon(pki.watch)
             await nursery.start(policy.run, sessions.recheck_policy)
-            nursery.start_soon(_reload_on_sighup, pki, policy)
+            await nursery.start(_reload_on_sighup, pki, policy)
             if cluster is not None:
                 await nursery.start(
                     partial(

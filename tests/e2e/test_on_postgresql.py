@@ -6,9 +6,11 @@ suite's PostgreSQL server, everything else as in the SQLite runs. The tests are
 the very functions of the other modules, imported under a name that says where
 they run; this module's ``pki`` fixture, which overrides the package's, is what
 puts them on PostgreSQL. Chosen so that every kind of store use in a session is
-crossed: presence and the session rows (the happy path, a real shell), the
+crossed: presence and the session rows (an on-site end, a real shell), the
 device revocation feed, the login-session revocation feed, the label feed of
-the policy recheck, and the auditors' listing.
+the policy recheck, and the auditors' listing. Not the happy-path test: it
+counts the process's sockets, and the PostgreSQL pool's connections are
+sockets that open as the pool grows.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from tests.e2e.test_audit_api import (
     test_auditor_lists_recorded_sessions_newest_first_with_filters as test_audit_listing_on_postgresql,
 )
 from tests.e2e.test_sessions_broker import (
-    test_happy_path_relays_and_engineer_ends as test_a_session_on_postgresql,
     test_logout_ends_the_session as test_logout_ends_the_session_on_postgresql,
+    test_onsite_end_tells_the_engineer as test_a_session_on_postgresql,
     test_revocation_ends_the_session as test_revocation_ends_the_session_on_postgresql,
 )
 from tests.e2e.test_sessions_end_to_end import (
