@@ -347,7 +347,7 @@ def ensure_listener_certificate(
                 except CAError:
                     # No usable CA key (kept offline): the certificate stays.
                     return False
-                if _issued_by(current, ca.certificate):
+                if issued_by(current, ca.certificate):
                     return False
     if ca is None:
         ca = listener_issuer(data_dir)
@@ -375,7 +375,8 @@ def listener_issuer(data_dir: DataDir) -> auth.CertificateAuthority:
     return load_ca(data_dir)
 
 
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True when *issuer*'s key signed *certificate* (signature only, no dates)."""
     try:
         certificate.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):

@@ -61,6 +61,7 @@ from relay.pki_files import (
     DataDir,
     default_server_names,
     ensure_listener_certificate,
+    issued_by,
     load_ca,
     load_ca_certificate,
     load_previous_ca_certificate,
@@ -174,6 +175,10 @@ def _check_pair(cert_pem: bytes, key_pem: bytes) -> x509.Certificate:
     return chain[0]
 
 
+# Reads of a dev-mode set that raced a CA change before the last read is used.
+_CONSISTENT_READ_ATTEMPTS = 3
+
+
 def load_snapshot(
     config: BrokerConfig,
     files: _Files,
@@ -193,20 +198,34 @@ def load_snapshot(
             not load; nothing is changed.
     """
     data_dir = DataDir(config.data_dir)
-    if files.dev_mode:
-        ensure_listener_certificate(
-            data_dir,
-            names=default_server_names(config.server_names),
-            now=now,
-            lifetime=timedelta(days=config.pki.server_cert_lifetime_days),
-        )
-    digests = _file_digests(data_dir, files)
-    if digests in skip:
-        return digests
-    cert_pem, key_pem = files.cert_file.read_bytes(), files.key_file.read_bytes()
-    leaf = _check_pair(cert_pem, key_pem)
-    ca_certificate = load_ca_certificate(data_dir)
-    previous = load_previous_ca_certificate(data_dir)
+    for attempt in range(1, _CONSISTENT_READ_ATTEMPTS + 1):
+        if files.dev_mode:
+            ensure_listener_certificate(
+                data_dir,
+                names=default_server_names(config.server_names),
+                now=now,
+                lifetime=timedelta(days=config.pki.server_cert_lifetime_days),
+            )
+        digests = _file_digests(data_dir, files)
+        if digests in skip:
+            return digests
+        cert_pem = files.cert_file.read_bytes()
+        key_pem = files.key_file.read_bytes()
+        leaf = _check_pair(cert_pem, key_pem)
+        ca_certificate = load_ca_certificate(data_dir)
+        previous = load_previous_ca_certificate(data_dir)
+        # In dev mode the CA files may change between the listener check and
+        # these reads (`relay ca retire-previous` running now): a set that
+        # trusts only the new CA must not serve a listener the old one issued,
+        # or agents that renewed refuse it. Such a set is read again. (With the
+        # CA key kept offline no new listener can be issued: the last read is
+        # used as it is.)
+        if (
+            not files.dev_mode
+            or issued_by(leaf, previous or ca_certificate)
+            or attempt == _CONSISTENT_READ_ATTEMPTS
+        ):
+            break
     signing_ca = load_ca(data_dir) if data_dir.ca_key.exists() else None
     trusted = [ca_certificate] if previous is None else [ca_certificate, previous]
     bundle = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in trusted)
