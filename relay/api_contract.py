@@ -77,12 +77,10 @@ AUDIT_RECORDING_PATH: Final = "/api/v1/audit/sessions/{session_id}/recordings/{n
 #: (the store's cap, relay.store MAX_LIST).
 AUDIT_LIST_DEFAULT: Final = 100
 AUDIT_LIST_MAX: Final = 1000
-#: The end reasons the audit listing filters by: every EndReason, and
-#: ``broker_crash`` (BROKER_CRASH of relay._trio.session_archive: a session the
-#: last broker process left open, closed at the next start).
-AUDIT_END_REASONS: Final = frozenset(
-    {reason.value for reason in EndReason} | {"broker_crash"}
-)
+#: The end reasons the audit listing filters by: every EndReason
+#: (``broker_crash`` among them: a session the last broker process left open,
+#: closed at the next start, or one across nodes whose other node died).
+AUDIT_END_REASONS: Final = frozenset(reason.value for reason in EndReason)
 #: Who may read the audit trail.
 AUDIT_ROLES: Final = frozenset({"auditor", "admin"})
 

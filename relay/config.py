@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from relay.proto.control import is_tunnel_url
 from relay.proto.node_command import check_node_id
 from relay.proto.session import WARNING_SECONDS, check_warnings
 
@@ -173,6 +174,15 @@ class EngineerListenerConfig:
     handshake_timeout_s: float = 10.0
 
 
+# A host name, or "*." and a domain of at least two labels (never "*" alone:
+# that would let a broker node send the agent's tunnel anywhere).
+_TUNNEL_HOST: Final = re.compile(
+    r"(?:\*\.)?(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+    r"|[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
     """The device agent.
@@ -227,10 +237,16 @@ class AgentConfig:
             a renewal request before it tries again later.
         renew_retry_s: After a refused or unanswered renewal, how long the
             agent waits before it asks again (the broker rate-limits too).
+        tunnel_hosts: Other hosts the agent opens a session's tunnel to when a
+            broker node asks (sessions across nodes: the tunnel goes to the
+            engineer's node). The host of ``--broker`` is always accepted, on
+            any port; here exact names (``broker-2.relay.example``) or
+            ``*.relay.example`` for its subdomains. Empty: only that host.
 
     Raises:
-        ValueError: A port outside 1..65535, a cap outside 1..3600 s, or a
-            non-loopback ``ui_listen`` without ``ui_allow_remote``.
+        ValueError: A port outside 1..65535, a cap outside 1..3600 s, a
+            malformed tunnel host, or a non-loopback ``ui_listen`` without
+            ``ui_allow_remote``.
     """
 
     backoff_base_s: float = 1.0
@@ -256,11 +272,18 @@ class AgentConfig:
     renew_check_s: float = 3600.0
     renew_timeout_s: float = 30.0
     renew_retry_s: float = 3600.0
+    tunnel_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "warning_seconds", check_warnings(self.warning_seconds)
         )
+        for pattern in self.tunnel_hosts:
+            if not _TUNNEL_HOST.fullmatch(pattern):
+                raise ValueError(
+                    "tunnel_hosts: host names or *.domain patterns, "
+                    f"got {pattern!r:.80}"
+                )
         if not self.renew_before_days >= 0:
             raise ValueError(
                 f"renew_before_days must be >= 0, got {self.renew_before_days!r}"
@@ -649,6 +672,12 @@ class ClusterConfig:
             session there) is resent before it counts as failed. 0.5..60.
         redis_timeout_s: The longest a Redis command or connection may take
             before it counts as Redis being away. 0.1..10.
+        advertise_device_url: ``wss://HOST[:PORT]`` at which devices reach
+            this node's device listener directly (a port or name of its own on
+            the load balancer). With it, an engineer on this node reaches a
+            device whose control channel is on another node: the device opens
+            the session's tunnel here. Unset, such a request is refused (503)
+            naming the device's node. The listener certificate must cover HOST.
 
     Raises:
         ValueError: A value is out of range (at construction).
@@ -660,8 +689,16 @@ class ClusterConfig:
     heartbeat_s: float = 2.0
     command_deadline_s: float = 5.0
     redis_timeout_s: float = 1.0
+    advertise_device_url: str | None = None
 
     def __post_init__(self) -> None:
+        if self.advertise_device_url is not None and not is_tunnel_url(
+            self.advertise_device_url
+        ):
+            raise ValueError(
+                "advertise_device_url must be wss://HOST or wss://HOST:PORT "
+                f"(no path), got {self.advertise_device_url!r:.80}"
+            )
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):

@@ -7,9 +7,7 @@ module (:mod:`relay.console`), so a reason reads the same everywhere.
 :data:`END_WORDING` speaks to the engineer ("ended by you"). The device page
 speaks to the person at the instrument: :data:`DEVICE_END_WORDING` is the same
 table with the reasons that name the engineer said from that side.
-:data:`AUDIT_END_WORDING`, for auditors, adds the one reason only the audit log
-knows: ``broker_crash``, written at the next start for a session a crash left
-open.
+:data:`AUDIT_END_WORDING` is the device's table, for auditors.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ END_WORDING: Final[Mapping[str, str]] = {
     "policy_revoked": "the access policy no longer allows this session",
     "login_ended": "your login ended",
     "broker_shutdown": "the relay is shutting down",
+    "broker_crash": "a relay node stopped unexpectedly",
     "audit_failure": "the audit log could not be written",
     "cancelled": "request withdrawn",
 }
@@ -47,8 +46,5 @@ DEVICE_END_WORDING: Final[Mapping[str, str]] = {
     "login_ended": "the engineer's login ended",
 }
 
-#: What auditors read: the device's table and the audit log's own reason.
-AUDIT_END_WORDING: Final[Mapping[str, str]] = {
-    **DEVICE_END_WORDING,
-    "broker_crash": "the relay stopped unexpectedly (closed at its next start)",
-}
+#: What auditors read: the device's table.
+AUDIT_END_WORDING: Final[Mapping[str, str]] = DEVICE_END_WORDING

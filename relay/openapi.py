@@ -323,7 +323,8 @@ _AUDIT_SCHEMAS: Final[Mapping[str, dict[str, Any]]] = {
         "enum": sorted(AUDIT_END_REASONS),
         "description": (
             "Why a session ended; `broker_crash`: the broker process stopped "
-            "without ending it, and the next start closed it."
+            "without ending it and the next start closed it, or, for a session "
+            "across nodes, the other node stopped answering."
         ),
     },
     "Recording": {

@@ -167,16 +167,42 @@ def make_session_runtime(
         config=settings.limits,
         load_identity=partial(load_device_identity, files),
         open_tunnel=partial(open_tunnel, settings),
+        tunnel_allowed=partial(tunnel_url_allowed, settings),
         deciders=deciders,
         **clock,
     )
 
 
+def tunnel_url_allowed(settings: AgentSettings, tunnel_url: str) -> bool:
+    """Whether a broker node may send this agent's tunnel to *tunnel_url*.
+
+    A session across nodes has its tunnel opened at the engineer's node. The
+    agent goes only where it was told it may: the host of its own broker URL
+    (any port: one name, a port per node) or a name in ``tunnel_hosts``
+    (exact, or ``*.domain`` for a subdomain). The TLS handshake then checks
+    that host's certificate as for the broker itself.
+    """
+    host = (urlsplit(tunnel_url).hostname or "").lower()
+    if not host:
+        return False
+    if host == (urlsplit(settings.broker_url).hostname or "").lower():
+        return True
+    for pattern in settings.limits.tunnel_hosts:
+        pattern = pattern.lower()
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
 @asynccontextmanager
 async def open_tunnel(
-    settings: AgentSettings, session_id: str
+    settings: AgentSettings, session_id: str, tunnel_url: str | None = None
 ) -> AsyncIterator[WebSocketConnection]:
-    """Open the tunnel WebSocket of *session_id* (mTLS, our device certificate).
+    """Open the tunnel WebSocket of *session_id* (mTLS, our device certificate),
+    at *tunnel_url* (a session across nodes) or at the broker's own address.
 
     Raises:
         TunnelUnavailable: Key or CA unreadable, network or TLS failure, the
@@ -188,7 +214,7 @@ async def open_tunnel(
         :data:`TUNNEL_CLOSE_TIMEOUT_S`).
     """
     path = TUNNEL_PATH.format(session_id=session_id)
-    host, port, url = parse_broker_url(settings.broker_url, path)
+    host, port, url = parse_broker_url(tunnel_url or settings.broker_url, path)
     files = AgentDir(settings.agent_dir)
     limits = dataclasses.replace(
         settings.websocket,

@@ -29,7 +29,10 @@ ends the session ``cap_grace_s`` (1 s) after the cap unless the broker's end
 came first: the broker's timer starts when it has checked the grant, a little
 later than ours, and it must be the one that ends an ordinary session. Then
 the agent opens the tunnel WebSocket ``/v1/device/tunnel/{session}`` through the
-:data:`TunnelOpener` it was given (mTLS with the same certificate) and serves the
+:data:`TunnelOpener` it was given (mTLS with the same certificate; for an
+:class:`~relay.proto.control.OfferWithTunnel`, a session across broker nodes,
+at the offer's ``tunnel_url``, which must pass ``tunnel_allowed`` before the
+offer is even shown, else it is denied at once) and serves the
 engineer's streams with the device side of a
 :class:`~relay._trio.tunnel_mux.TunnelMux`: its reader checks every frame with
 the stream table (peer = engineer) and hands it on, and for each OPEN it starts
@@ -137,7 +140,11 @@ _LOCAL_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSEr
 #: when the channel cannot take it.
 ControlSender = Callable[[control.Event], Awaitable[None]]
 #: Opens the tunnel WebSocket of a session id; raises TunnelUnavailable.
-TunnelOpener = Callable[[str], AbstractAsyncContextManager[WebSocketConnection]]
+#: Opens a session's tunnel: (session id, the tunnel address of a session
+#: across nodes or None for the broker's own).
+TunnelOpener = Callable[
+    [str, str | None], AbstractAsyncContextManager[WebSocketConnection]
+]
 
 
 class StaleSession(Exception):
@@ -287,12 +294,14 @@ class SessionRuntime:
         config: AgentConfig,
         load_identity: Callable[[], DeviceIdentity],
         open_tunnel: TunnelOpener,
+        tunnel_allowed: Callable[[str], bool] = lambda url: False,
         deciders: Sequence[Decider] = (),
         wall_clock_ms: Callable[[], int] = _wall_clock_ms,
     ) -> None:
         self._config = config
         self._load_identity = load_identity
         self._open_tunnel = open_tunnel
+        self._tunnel_allowed = tunnel_allowed
         self._deciders = tuple(deciders)
         self._wall_clock_ms = wall_clock_ms
         self._shell_argv: tuple[str, ...] | None = (
@@ -527,6 +536,24 @@ class SessionRuntime:
             self._log.warning("session.offer_busy", session_id=offer.session_id)
             self._queue(control.Deny(session_id=offer.session_id, reason="busy"))
             return
+        if isinstance(offer, control.OfferWithTunnel) and not self._tunnel_allowed(
+            offer.tunnel_url
+        ):
+            # Never shown: nobody on site can judge a tunnel address, and the
+            # agent goes only to hosts it was configured for.
+            self._log.warning(
+                "session.offer_refused",
+                session_id=offer.session_id,
+                tunnel_url=offer.tunnel_url,
+                detail="tunnel address not allowed (agent tunnel_hosts)",
+            )
+            self._queue(
+                control.Deny(
+                    session_id=offer.session_id,
+                    reason="tunnel address not allowed on this device",
+                )
+            )
+            return
         channels = tuple(c for c in offer.channels if self._grantable(c))
         refused = tuple(c for c in offer.channels if not self._grantable(c))
         if not channels:
@@ -703,7 +730,12 @@ class SessionRuntime:
             if session.end_reason is not None:
                 connect_scope.cancel()
             try:
-                async with self._open_tunnel(session.session_id) as ws:
+                tunnel_url = (
+                    session.offer.tunnel_url
+                    if isinstance(session.offer, control.OfferWithTunnel)
+                    else None
+                )
+                async with self._open_tunnel(session.session_id, tunnel_url) as ws:
                     # From here on the end is an orderly teardown, not a cancel.
                     session.connect_scope = None
                     session.ws = ws

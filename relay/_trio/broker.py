@@ -38,11 +38,11 @@ import signal
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 from cryptography import x509
@@ -51,6 +51,7 @@ import auth
 from relay._trio.broker_pki import BrokerPKI
 from relay._trio.certificate_renewal import Renewer
 from relay._trio.cluster_node import ClusterNode
+from relay._trio.cross_node import CrossNode
 from relay._trio.device_listener import DeviceListener, presence_stale_after
 from relay._trio.engineer_listener import EngineerListener
 from relay._trio.enrollment_api import Enroller
@@ -235,8 +236,11 @@ class UnsupportedCommand(Exception):
 
 
 async def _carry_out(
-    sessions: SessionBroker, policy: PolicyGate, command: NodeCommand
-) -> None:
+    sessions: SessionBroker,
+    policy: PolicyGate,
+    crossing: CrossNode,
+    command: NodeCommand,
+) -> Mapping[str, str] | None:
     """Carry out a command from another node (see relay._trio.node_bus).
 
     Revocations and disabled users need no command between nodes sharing a
@@ -244,6 +248,8 @@ async def _carry_out(
     ``revocation_poll_s``. A command this version does not carry out is not
     confirmed, so its sender learns that it failed.
     """
+    if command.kind in _CROSSING_KINDS:
+        return await crossing.carry_out(command)
     if command.kind is CommandKind.END_SESSION:
         if command.args["reason"] != "admin":
             raise UnsupportedCommand(f"end reason {command.args['reason']!r}")
@@ -252,6 +258,18 @@ async def _carry_out(
         policy.reload_now()
     else:
         raise UnsupportedCommand(str(command.kind))
+    return None
+
+
+_CROSSING_KINDS: Final = frozenset(
+    {
+        CommandKind.CLAIM_DEVICE,
+        CommandKind.DEVICE_SEND,
+        CommandKind.RELEASE_DEVICE,
+        CommandKind.DEVICE_EVENT,
+        CommandKind.CONTROL_LOST,
+    }
+)
 
 
 async def serve_broker(
@@ -440,6 +458,17 @@ async def _serve(
     pki.enroller = enroller
     pki.update_gauges()
     session_log = get_logger("sessions", audit=audit)
+    crossing = (
+        CrossNode(
+            cluster,
+            channels=listener,
+            tunnel_url=config.cluster.advertise_device_url,
+            log=session_log,
+            on_drop=lambda kind: metrics.node_commands.labels(kind, "dropped").inc(),
+        )
+        if cluster is not None
+        else None
+    )
     archive = SessionArchive(
         store=store,
         recordings_dir=DataDir(config.data_dir).recordings,
@@ -475,8 +504,11 @@ async def _serve(
         audit_ok=lambda: audit.healthy,
         audit_seq=lambda: audit.seq,
         fleet=cluster,
+        crossing=crossing,
     )
     listener.sessions = sessions
+    if crossing is not None:
+        crossing.sessions = sessions
     if sessions_hook is not None:
         sessions_hook(sessions)
     engineer_listener = EngineerListener(
@@ -538,14 +570,16 @@ async def _serve(
             nursery.start_soon(pki.watch)
             await nursery.start(policy.run, sessions.recheck_policy)
             await nursery.start(_reload_on_sighup, pki, policy)
-            if cluster is not None:
+            if cluster is not None and crossing is not None:
+                await nursery.start(crossing.run)
                 await nursery.start(
                     partial(
                         cluster.run,
-                        partial(_carry_out, sessions, policy),
+                        partial(_carry_out, sessions, policy, crossing),
                         info={
                             "device_port": device_port,
                             "engineer_port": engineer_port,
+                            "device_url": config.cluster.advertise_device_url,
                         },
                     )
                 )

@@ -36,16 +36,16 @@ takes the locks of live sessions back.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
 import trio
 
-from relay._trio.node_bus import NodeBus
+from relay._trio.node_bus import Handler, NodeBus
 from relay._trio.redis_state import RedisState, SharedStateUnavailable, redis_client
 from relay.config import ClusterConfig
 from relay.metrics import RelayMetrics
-from relay.proto.node_command import CommandKind, NodeCommand
+from relay.proto.node_command import CommandKind
 
 #: Presence, locks and announcements live this many heartbeats.
 LIFETIME_BEATS: Final = 2
@@ -96,7 +96,7 @@ class ClusterNode:
 
     async def run(
         self,
-        handler: Callable[[NodeCommand], Awaitable[None]],
+        handler: Handler,
         *,
         info: Mapping[str, Any],
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -184,11 +184,11 @@ class ClusterNode:
 
     async def send(
         self, node_id: str, kind: CommandKind, args: Mapping[str, str] | None = None
-    ) -> None:
-        """Have *node_id* carry out a command (see :meth:`NodeBus.send`)."""
+    ) -> Mapping[str, str]:
+        """Have *node_id* carry out a command; its result (see :meth:`NodeBus.send`)."""
         if self._bus is None:
             raise SharedStateUnavailable("the cluster node is not running")
-        await self._bus.send(
+        return await self._bus.send(
             node_id, kind, args, deadline_s=self.config.command_deadline_s
         )
 

@@ -254,6 +254,13 @@ class DeviceListener:
             return None
         return live.connection_id, live.certificate
 
+    def control_version(self, device_id: str) -> int | None:
+        """The protocol version of *device_id*'s live control channel, if any."""
+        live = self._live.get(device_id)
+        if live is None or live.kicked is not None or live.channel is None:
+            return None
+        return live.channel.version
+
     async def send_control(
         self, device_id: str, connection_id: int, event: control.Event
     ) -> bool:

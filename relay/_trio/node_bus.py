@@ -17,9 +17,10 @@ is dropped and counted, and the sender's next attempt brings it again, so a
 burst can delay commands but never grow memory without bound. One worker takes
 commands from the inbox in order, carries out each through the handler, and
 then acks it. A command it has carried out before (a resend whose ack was lost)
-is acked again without being carried out twice
+is acked again, with the result it had, without being carried out twice
 (:class:`~relay.proto.node_command.RecentCommands`). A handler that fails sends
-no ack: the sender tries again, and gives up at its deadline.
+no ack: the sender tries again, and gives up at its deadline. What a handler
+returns travels back in the ack and is what :meth:`NodeBus.send` returns.
 
 Acks are confirmations of work done, not of receipt: "delivered" means the
 other node has ended the session, closed the channel, reloaded the policy.
@@ -48,6 +49,8 @@ from relay.proto.node_command import (
 
 #: What the bus reports, for metrics: (command kind or "-", outcome).
 Outcome = Callable[[str, str], None]
+#: Carries out one command; what it returns goes back in the ack.
+Handler = Callable[[NodeCommand], Awaitable[Mapping[str, str] | None]]
 
 # Outcomes on the sending side, then on the receiving side.
 SENT_CONFIRMED: Final = "confirmed"
@@ -88,7 +91,7 @@ class NodeBus:
         *,
         node_id: str,
         prefix: str,
-        handler: Callable[[NodeCommand], Awaitable[None]],
+        handler: Handler,
         retry_s: float = 0.5,
         probe_s: float = 5.0,
         inbox_size: int = 64,
@@ -105,6 +108,7 @@ class NodeBus:
         )
         self._recent = RecentCommands()
         self._waiting: dict[str, trio.Event] = {}
+        self._results: dict[str, Mapping[str, str]] = {}
         self._outcome = outcome or (lambda kind, outcome: None)
         self._log = structlog.get_logger("relay.node_bus").bind(node_id=node_id)
 
@@ -171,8 +175,8 @@ class NodeBus:
         args: Mapping[str, str] | None = None,
         *,
         deadline_s: float,
-    ) -> None:
-        """Have *node_id* carry out a command; return once it confirmed.
+    ) -> Mapping[str, str]:
+        """Have *node_id* carry out a command; return its result once it confirmed.
 
         Raises:
             CommandNotConfirmed: No confirmation within *deadline_s*.
@@ -181,9 +185,9 @@ class NodeBus:
             os.urandom(16).hex(), self.node_id, kind, dict(args or {})
         )
         if node_id == self.node_id:
-            await self._handler(command)
+            result = await self._handler(command)
             self._outcome(kind.value, SENT_CONFIRMED)
-            return
+            return result or {}
         confirmed = self._waiting[command.command_id] = trio.Event()
         wire = encode(command)
         try:
@@ -197,12 +201,14 @@ class NodeBus:
                         await confirmed.wait()
         finally:
             del self._waiting[command.command_id]
+            result = self._results.pop(command.command_id, {})
         if not confirmed.is_set():
             self._outcome(kind.value, SENT_UNCONFIRMED)
             raise CommandNotConfirmed(
                 f"{kind} to {node_id}: no confirmation within {deadline_s:g} s"
             )
         self._outcome(kind.value, SENT_CONFIRMED)
+        return result
 
     def _receive(self, data: str) -> None:
         try:
@@ -213,7 +219,9 @@ class NodeBus:
             return
         if isinstance(message, NodeAck):
             waiter = self._waiting.get(message.command_id)
-            if waiter is not None:
+            if waiter is not None and not waiter.is_set():
+                if message.result:
+                    self._results[message.command_id] = message.result
                 waiter.set()
             return
         try:
@@ -225,9 +233,10 @@ class NodeBus:
         async for command in self._inbox:
             if command.command_id in self._recent:
                 self._outcome(command.kind.value, RECEIVED_AGAIN)
+                result = self._recent.result(command.command_id)
             else:
                 try:
-                    await self._handler(command)
+                    result = await self._handler(command) or {}
                 except Exception as exc:
                     # No ack: the sender tries again and gives up at its deadline.
                     self._outcome(command.kind.value, HANDLER_FAILED)
@@ -238,9 +247,9 @@ class NodeBus:
                         error=repr(exc),
                     )
                     continue
-                self._recent.add(command.command_id)
+                self._recent.add(command.command_id, result)
                 self._outcome(command.kind.value, RECEIVED)
-            ack = encode(NodeAck(command.command_id, self.node_id))
+            ack = encode(NodeAck(command.command_id, self.node_id, result))
             try:
                 await self._client.publish(self.channel(command.sender), ack)
             except REDIS_FAILURES as exc:

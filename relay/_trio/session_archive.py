@@ -54,6 +54,7 @@ from relay import __version__
 from relay.audit_reader import session_timeline, sha256_file
 from relay.config import AuditConfig
 from relay.proto import receipts
+from relay.proto.session import EndReason
 from relay.recordings import RecordingError, RecordingSummary, SessionRecording
 from relay.store import RemoteSessionRecord, Store, StoreError
 
@@ -68,7 +69,7 @@ __all__ = [
 GRANT_RECEIPT_FILE: Final = "grant-receipt.json"
 END_RECEIPT_FILE: Final = "end-receipt.json"
 DEVICE_CERT_FILE: Final = "device.crt"
-BROKER_CRASH: Final = "broker_crash"
+BROKER_CRASH: Final = EndReason.BROKER_CRASH.value
 
 
 def receipt_document(kind: str, signed: receipts.SignedReceipt) -> dict[str, Any]:

@@ -92,6 +92,16 @@ Decisions (see also docs/architecture.md):
   channel. An ack goes to the device's live control channel.
 - The device may grant a shorter cap than offered (its signed receipt says so);
   the broker then times that shorter cap as well.
+- Sessions across nodes (:mod:`relay._trio.cross_node`): when the device's
+  control channel is on another node, the request claims it there (after the
+  fleet lock) and the session runs here as any other, with
+  ``_Live.control_node`` naming that node: its control messages go through
+  the other node (the offer as an ``OfferWithTunnel`` naming this node's
+  device address), the device's answers come back through
+  :meth:`remote_device_message`, the channel's loss through
+  :meth:`remote_control_lost`, and the other node's death ends it with
+  ``broker_crash`` (:meth:`node_lost`). Acks of its end receipts are sent at
+  once by the driver, before the claim is given back in ``_forget``.
 
 Rule 1: only the driver calls ``Session.handle``.
 Rule 2: no frame is relayed before the machine said Pair, and every frame is
@@ -107,7 +117,7 @@ import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -120,6 +130,7 @@ import auth
 from auth.limits import RateLimit, TokenBucket
 from policies import Decision
 from relay import __version__
+from relay._trio.cross_node import Claim, ClaimRefused
 from relay._trio.node_bus import CommandNotConfirmed
 from relay._trio.redis_state import SharedStateUnavailable
 from relay._trio.session_archive import SessionArchive
@@ -235,6 +246,33 @@ class FleetLocks(Protocol):
         """Have *node_id* end *session_id* as an admin would; return once it
         confirmed. Raises SharedStateUnavailable or CommandNotConfirmed."""
         ...
+
+
+class Crossing(Protocol):
+    """Sessions across nodes (a :class:`relay._trio.cross_node.CrossNode`)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def tunnel_url(self) -> str | None: ...
+
+    async def claim(self, node_id: str, device_id: str, session_id: str) -> Claim: ...
+
+    async def send_control(
+        self,
+        node_id: str,
+        device_id: str,
+        session_id: str,
+        connection_id: int,
+        event: control.Event,
+    ) -> bool: ...
+
+    def release(self, node_id: str, device_id: str, session_id: str) -> None: ...
+
+    def forward_device_message(self, device_id: str, event: control.Event) -> bool: ...
+
+    def forward_control_lost(self, device_id: str, connection_id: int) -> None: ...
 
 
 class DeviceControl(Protocol):
@@ -379,6 +417,9 @@ class _Live:
     nonce: str
     connection_id: int
     certificate: x509.Certificate
+    # The node that lends the device's control channel (a session across
+    # nodes); None when the channel is on this node.
+    control_node: str | None
     inbox: trio.MemorySendChannel[_Input]
     inbox_out: trio.MemoryReceiveChannel[_Input]
     nursery: trio.Nursery | None = None
@@ -449,9 +490,11 @@ class SessionBroker:
         audit_ok: Callable[[], bool] = lambda: True,
         audit_seq: Callable[[], int] = lambda: 0,
         fleet: FleetLocks | None = None,
+        crossing: Crossing | None = None,
     ) -> None:
         self.config = config
         self._fleet = fleet
+        self._crossing = crossing
         self._policy = policy
         self._archive = archive
         self._audit_ok = audit_ok
@@ -576,15 +619,23 @@ class SessionBroker:
         if device_id in self._by_device:
             raise RequestRefused(409, "busy", "busy")
         found = self._control.control_certificate(device_id)
-        if found is None:
-            raise await self._not_here(device_id)
+        control_node = None if found is not None else await self._not_here(device_id)
         if self._nursery is None or self._stopping:
             raise RequestRefused(503, "not taking sessions", "unavailable")
         if not self._audit_ok():
             raise RequestRefused(503, "audit log unavailable", "audit_unavailable")
+        session_id = new_session_id(os.urandom(16))
+        if self._fleet is not None:
+            await self._take_fleet_lock(self._fleet, device_id, session_id)
+            if device_id in self._by_device or self._stopping:  # changed meanwhile
+                self._fleet.release_device(device_id, session_id)
+                raise RequestRefused(409, "busy", "busy")
+        if control_node is not None:
+            found = await self._claim(control_node, device_id, session_id)
+        assert found is not None  # noqa: S101 - here, or claimed on its node
         connection_id, certificate = found
         session = Session(
-            new_session_id(os.urandom(16)),
+            session_id,
             device_id,
             engineer,
             wanted,
@@ -602,17 +653,13 @@ class SessionBroker:
             nonce=secrets.token_urlsafe(32),
             connection_id=connection_id,
             certificate=certificate,
+            control_node=control_node,
             inbox=inbox,
             inbox_out=inbox_out,
             source=source,
             fingerprint=auth.certificate_fingerprint(certificate),
             decision=decision,
         )
-        if self._fleet is not None:
-            await self._take_fleet_lock(self._fleet, device_id, session.session_id)
-            if device_id in self._by_device or self._stopping:  # changed meanwhile
-                self._fleet.release_device(device_id, session.session_id)
-                raise RequestRefused(409, "busy", "busy")
         self._sessions[session.session_id] = live
         self._by_device[device_id] = session.session_id
         start_seq = self._audit_seq()
@@ -659,23 +706,60 @@ class SessionBroker:
         await nursery.start(self._run_session, live)
         return self.view(session.session_id) or {}
 
-    async def _not_here(self, device_id: str) -> RequestRefused:
-        """The refusal for a device without a control channel on this node:
-        not connected, or connected to another node."""
+    async def _not_here(self, device_id: str) -> str:
+        """The node that holds the control channel of a device that is not
+        connected here, for a session across nodes.
+
+        Raises:
+            RequestRefused: 404 not connected anywhere; 503 on another node
+                when this node has no advertised device address (then the
+                device could not open its tunnel here).
+        """
         node = None
         if self._fleet is not None:
             with contextlib.suppress(SharedStateUnavailable):
                 node = await self._fleet.device_node(device_id)
-        if node is None:
-            return RequestRefused(404, "device not connected", "not_connected")
-        # Sessions across nodes are not built yet (docs/operations.md).
-        return RequestRefused(
-            503,
-            f"the device is connected to broker node {node}, and this node "
-            "cannot reach devices on other nodes yet; try again (the load "
-            "balancer may choose that node)",
-            "other_node",
-        )
+        crossing = self._crossing
+        if node is None or (crossing is not None and node == crossing.node_id):
+            raise RequestRefused(404, "device not connected", "not_connected")
+        if crossing is None or crossing.tunnel_url is None:
+            raise RequestRefused(
+                503,
+                f"the device is connected to broker node {node}, and this node "
+                "has no advertised device address ([cluster] "
+                "advertise_device_url) for sessions across nodes",
+                "other_node",
+            )
+        return node
+
+    async def _claim(
+        self, node_id: str, device_id: str, session_id: str
+    ) -> tuple[int, x509.Certificate]:
+        """Borrow the device's control channel from *node_id* (the fleet lock
+        is held); on a refusal the lock is given back."""
+        assert self._crossing is not None  # noqa: S101 - checked by _not_here
+        assert self._fleet is not None  # noqa: S101 - so was this
+        try:
+            claim = await self._crossing.claim(node_id, device_id, session_id)
+        except ClaimRefused as exc:
+            self._fleet.release_device(device_id, session_id)
+            if str(exc) == "busy":
+                raise RequestRefused(409, "busy", "busy") from None
+            raise RequestRefused(
+                503, f"broker node {node_id}: {exc}", "other_node"
+            ) from None
+        except (SharedStateUnavailable, CommandNotConfirmed) as exc:
+            self._fleet.release_device(device_id, session_id)
+            raise RequestRefused(
+                503,
+                f"broker node {node_id} holds the device and did not answer: {exc}",
+                "node_unconfirmed",
+            ) from None
+        if device_id in self._by_device or self._stopping:  # changed meanwhile
+            self._crossing.release(node_id, device_id, session_id)
+            self._fleet.release_device(device_id, session_id)
+            raise RequestRefused(409, "busy", "busy")
+        return claim.connection_id, claim.certificate
 
     @staticmethod
     async def _take_fleet_lock(
@@ -744,6 +828,10 @@ class SessionBroker:
         self._sessions.pop(session.session_id, None)
         if self._by_device.get(session.device_id) == session.session_id:
             del self._by_device[session.device_id]
+        if live.control_node is not None and self._crossing is not None:
+            self._crossing.release(
+                live.control_node, session.device_id, session.session_id
+            )
         if self._fleet is not None:
             self._fleet.release_device(session.device_id, session.session_id)
         self._set_metric_state(live, gone=True)
@@ -877,6 +965,14 @@ class SessionBroker:
         """A session message from *device_id*'s control channel."""
         session_id = getattr(event, "session_id", None)
         live = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if (
+            live is None
+            and self._crossing is not None
+            and self._crossing.forward_device_message(device_id, event)
+        ):
+            return  # a session of another node, whose channel this node lends
+        if live is not None and live.control_node is not None:
+            live = None  # its device is on another node: not through this channel
         if live is None and isinstance(event, control.SessionEnded):
             ended = self._ended_receipts.get(event.session_id)
             if ended is not None and ended.device_id == device_id:
@@ -899,8 +995,66 @@ class SessionBroker:
             if (
                 live.session.device_id == device_id
                 and live.connection_id == connection_id
+                and live.control_node is None
             ):
                 self._post(live, _ControlLost())
+        if self._crossing is not None:
+            self._crossing.forward_control_lost(device_id, connection_id)
+
+    # Sessions across nodes (relay._trio.cross_node) ----------------------------
+
+    def _crossing_live(
+        self, node_id: str, device_id: str, session_id: str
+    ) -> _Live | None:
+        live = self._sessions.get(session_id)
+        if (
+            live is None
+            or live.control_node != node_id
+            or live.session.device_id != device_id
+        ):
+            return None
+        return live
+
+    def remote_device_message(
+        self, node_id: str, device_id: str, event: control.Event
+    ) -> None:
+        """A session message from *device_id*, forwarded by the node that
+        holds its control channel."""
+        live = self._crossing_live(node_id, device_id, getattr(event, "session_id", ""))
+        if live is None:
+            self._log.warning(
+                "session.unexpected_device_message",
+                device_id=device_id,
+                type=event.TYPE,
+                node=node_id,
+                audit=True,
+            )
+            return
+        self._post(live, _DeviceMessage(event))
+
+    def remote_control_lost(
+        self, node_id: str, device_id: str, session_id: str
+    ) -> None:
+        """The control channel a crossing session's offer went out on ended."""
+        live = self._crossing_live(node_id, device_id, session_id)
+        if live is not None:
+            self._post(live, _ControlLost())
+
+    def crossing_nodes(self) -> set[str]:
+        """The nodes whose control channels this node's sessions borrow."""
+        return {
+            live.control_node
+            for live in self._sessions.values()
+            if live.control_node is not None
+        }
+
+    def node_lost(self, node_id: str) -> None:
+        """*node_id* is gone: the sessions that crossed it end (``broker_crash``);
+        nothing more is sent through it."""
+        for live in list(self._sessions.values()):
+            if live.control_node == node_id:
+                live.control_lost = True
+                self._post(live, _End(EndReason.BROKER_CRASH))
 
     def device_revoked(self, device_id: str) -> None:
         """*device_id* was revoked: its session ends with ``revoked``."""
@@ -1150,9 +1304,7 @@ class SessionBroker:
                 ):
                     done, _ = self._end_receipt(live, item.event)
                     if done:
-                        self._post_late(
-                            _Ack(live.session.device_id, item.event.session_id)
-                        )
+                        await self._ack(live, item.event.session_id)
                 else:
                     self._refuse_late(live, item)
         if want_receipt and not live.end_receipt.is_set():
@@ -1265,11 +1417,11 @@ class SessionBroker:
         if isinstance(event, control.SessionEnded):
             if live.end_receipt.is_set():
                 # A resend (its ack was lost): acked again, recorded once.
-                self._post_late(_Ack(session.device_id, event.session_id))
+                await self._ack(live, event.session_id)
                 return
             done, ended = self._end_receipt(live, event)
             if done:
-                self._post_late(_Ack(session.device_id, event.session_id))
+                await self._ack(live, event.session_id)
             if ended is not None and live.end_receipt.is_set():
                 with contextlib.suppress(ProtocolError):
                     await self._apply(live, _device_end(ended, now))
@@ -1535,6 +1687,15 @@ class SessionBroker:
             await self._archive.end_receipt(session_id, signed)
         await self._send_ack(device_id, session_id)
 
+    async def _ack(self, live: _Live, session_id: str) -> None:
+        """Ack an end receipt of *live*: through the late task for a device
+        here; at once for one on another node (before the claim is given back,
+        which would leave the ack nowhere to go)."""
+        if live.control_node is None:
+            self._post_late(_Ack(live.session.device_id, session_id))
+        else:
+            await self._send_control(live, control.EndReceiptAck(session_id=session_id))
+
     async def _send_ack(self, device_id: str, session_id: str) -> None:
         """Ack an end receipt on the device's live control channel, if any."""
         found = self._control.control_certificate(device_id)
@@ -1686,10 +1847,33 @@ class SessionBroker:
         if live.control_lost:
             return False
         with trio.move_on_after(LEG_CLOSE_S * 2):
-            return await self._control.send_control(
-                live.session.device_id, live.connection_id, event
-            )
+            if live.control_node is None:
+                return await self._control.send_control(
+                    live.session.device_id, live.connection_id, event
+                )
+            return await self._send_through(live, live.control_node, event)
         return False
+
+    async def _send_through(
+        self, live: _Live, node_id: str, event: control.Event
+    ) -> bool:
+        """Send *event* on the control channel another node lends; an offer
+        names this node's device address for the tunnel."""
+        crossing = self._crossing
+        if crossing is None or crossing.tunnel_url is None:
+            return False
+        if isinstance(event, control.Offer):
+            event = control.OfferWithTunnel(
+                **{item.name: getattr(event, item.name) for item in fields(event)},
+                tunnel_url=crossing.tunnel_url,
+            )
+        return await crossing.send_control(
+            node_id,
+            live.session.device_id,
+            live.session.session_id,
+            live.connection_id,
+            event,
+        )
 
     async def _engineer_state(self, live: _Live, leg: _Leg) -> None:
         state = live.session.state

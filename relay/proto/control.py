@@ -40,6 +40,13 @@ broker is done with the end receipt of a session (recorded, already recorded, or
 verifiably bad); until then the agent keeps the receipt and sends it again on
 every new channel, so that one written into a dead connection is not lost.
 
+Sessions across broker nodes: :class:`OfferWithTunnel` (protocol version 3) is
+an :class:`Offer` whose tunnel is opened at another address than the control
+channel's: the node the engineer is on, when the device's control channel is
+on another node of the fleet. Its ``tunnel_url`` is ``wss://HOST[:PORT]``
+only; the agent decides whether it goes there (the host of its own broker,
+or one it was told to trust).
+
 Versions
 ========
 ``Hello.version`` and ``Welcome.version`` are each side's :data:`PROTOCOL_VERSION`;
@@ -48,7 +55,8 @@ the channel is OPEN. A message newer than that (its class's ``SINCE_VERSION``) m
 be neither sent nor received: version 1 agents refuse unknown message types, so
 a broker sends :class:`EndReceiptAck` only on a version 2 channel, and an agent
 on a version 1 channel does not wait for acks (it sends each receipt once, as
-version 1 did).
+version 1 did). A session across nodes needs a version 3 channel; to an older
+agent such a session is refused before anything is offered.
 
 Certificate renewal
 ===================
@@ -88,7 +96,7 @@ from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.receipts import MAX_WIRE_RECEIPT_CHARS, MAX_WIRE_SIGNATURE_CHARS
 
 #: Version 2 added :class:`EndReceiptAck`; see "Versions" above.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 MAX_CONTROL_MESSAGE_BYTES: Final = 64 * 1024
 _MAX_STRING_CHARS: Final = 256
 _MAX_INT: Final = 2**53  # JSON-safe integers only
@@ -136,6 +144,12 @@ _SIGNATURE_LIMIT: Final = FieldLimit(
     max_chars=MAX_WIRE_SIGNATURE_CHARS, pattern=_BASE64URL
 )
 _END_REASON_LIMIT: Final = FieldLimit(max_chars=32)
+#: Where a tunnel opens: a scheme and an authority, nothing else (the agent
+#: adds the path). A host name or IPv4 address, or an IPv6 one in brackets.
+_TUNNEL_URL: Final = re.compile(
+    r"wss://(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?"
+)
 #: PEM text: base64 lines between ``-----BEGIN ...-----`` and ``-----END ...-----``.
 _PEM: Final = re.compile(r"[-A-Za-z0-9+/= \r\n]*")
 #: Largest PEM CSR or certificate on the control channel (the broker's own
@@ -249,6 +263,31 @@ class Offer(Event):
     max_seconds: int
     grant_deadline_ms: int
     nonce: str
+
+
+def is_tunnel_url(url: str) -> bool:
+    """Whether *url* may be an :class:`OfferWithTunnel`'s ``tunnel_url``."""
+    return len(url) <= 300 and _TUNNEL_URL.fullmatch(url) is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferWithTunnel(Offer):
+    """An :class:`Offer` whose tunnel opens at *tunnel_url* (broker to device).
+
+    Sent when the engineer is on another broker node than the device's control
+    channel: the device opens the session's tunnel to that node directly (the
+    node relays nothing to another node). Everything else is as for an offer:
+    the grant, the deny and the end receipts still travel on the control
+    channel. Protocol version 3.
+    """
+
+    TYPE: ClassVar[str] = "offer_with_tunnel"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        **Offer.LIMITS,
+        "tunnel_url": FieldLimit(max_chars=300, pattern=_TUNNEL_URL),
+    }
+    SINCE_VERSION: ClassVar[int] = 3
+    tunnel_url: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -448,6 +487,7 @@ _EVENT_TYPES: Final[dict[str, type[Event]]] = {
         Heartbeat,
         HeartbeatAck,
         Offer,
+        OfferWithTunnel,
         OfferWithdrawn,
         SessionEnd,
         Grant,
@@ -467,6 +507,7 @@ _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
     (State.OPEN, Heartbeat): State.OPEN,
     (State.OPEN, HeartbeatAck): State.OPEN,
     (State.OPEN, Offer): State.OPEN,
+    (State.OPEN, OfferWithTunnel): State.OPEN,
     (State.OPEN, OfferWithdrawn): State.OPEN,
     (State.OPEN, SessionEnd): State.OPEN,
     (State.OPEN, Grant): State.OPEN,
@@ -485,6 +526,7 @@ _SENDER: Final[dict[type[Event], Role]] = {
     Heartbeat: Role.DEVICE,
     HeartbeatAck: Role.BROKER,
     Offer: Role.BROKER,
+    OfferWithTunnel: Role.BROKER,
     OfferWithdrawn: Role.BROKER,
     SessionEnd: Role.BROKER,
     Grant: Role.DEVICE,

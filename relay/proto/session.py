@@ -257,6 +257,7 @@ class EndReason(StrEnum):
     POLICY_REVOKED = "policy_revoked"
     LOGIN_ENDED = "login_ended"
     BROKER_SHUTDOWN = "broker_shutdown"
+    BROKER_CRASH = "broker_crash"
     AUDIT_FAILURE = "audit_failure"
     DENIED = "denied"
     GRANT_TIMEOUT = "grant_timeout"
@@ -294,6 +295,9 @@ _REQUESTABLE: Final[dict[EndReason, frozenset[State]]] = {
     EndReason.POLICY_REVOKED: frozenset(_LIVE),
     EndReason.LOGIN_ENDED: frozenset(_LIVE),
     EndReason.BROKER_SHUTDOWN: frozenset(_LIVE),
+    # Another node the session needed (the device's, for a session across
+    # nodes) stopped answering; also what a restart writes for a crashed one.
+    EndReason.BROKER_CRASH: frozenset(_LIVE),
     EndReason.AUDIT_FAILURE: frozenset(_LIVE),
 }
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import coredis
 import httpx
@@ -25,7 +26,8 @@ import pytest
 import trio
 
 from relay._trio.broker import serve_broker
-from relay.config import ClusterConfig
+from relay._trio.session_broker import SessionBroker
+from relay.config import ClusterConfig, ListenAddress
 from relay.metrics import RelayMetrics
 from relay.proto import control
 from tests.e2e.conftest import (
@@ -80,6 +82,7 @@ class Node:
     broker: RunningBroker
     api: httpx.AsyncClient
     admin_token: str
+    sessions: SessionBroker
 
     def admin(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.admin_token}"}
@@ -87,9 +90,15 @@ class Node:
 
 @asynccontextmanager
 async def another_node(
-    h: Harness, nursery: trio.Nursery, node_id: str
+    h: Harness,
+    nursery: trio.Nursery,
+    node_id: str,
+    *,
+    device_listen: ListenAddress | None = None,
+    **cluster: Any,
 ) -> AsyncIterator[Node]:
-    """A second broker beside the harness's, with an admin logged in on it."""
+    """A second broker beside the harness's, with an admin logged in on it;
+    *cluster* changes its ``[cluster]`` table beyond its node id."""
     data_dir = h.pki.data_dir.parent / node_id
     for part in ("ca", "secrets"):  # shared by the operator, not made per node
         shutil.copytree(h.pki.data_dir / part, data_dir / part)
@@ -97,19 +106,27 @@ async def another_node(
     config = dataclasses.replace(
         base,
         data_dir=data_dir,
-        cluster=dataclasses.replace(base.cluster, node_id=node_id),
+        device_listen=device_listen or base.device_listen,
+        cluster=dataclasses.replace(base.cluster, node_id=node_id, **cluster),
     )
     metrics, shutdown = RelayMetrics(), trio.Event()
+    found: list[SessionBroker] = []
     ports = await nursery.start(
         lambda task_status: serve_broker(
-            config, shutdown, metrics=metrics, task_status=task_status
+            config,
+            shutdown,
+            metrics=metrics,
+            sessions_hook=found.append,
+            task_status=task_status,
         )
     )
     secret = add_engineer(h.pki, f"root-{node_id}", role="admin")
     try:
         async with api_client(h.pki, ports.engineer) as api:
             token = await login_token(api, f"root-{node_id}", secret)
-            yield Node(RunningBroker(ports, config, metrics, shutdown), api, token)
+            yield Node(
+                RunningBroker(ports, config, metrics, shutdown), api, token, found[0]
+            )
     finally:
         shutdown.set()
 

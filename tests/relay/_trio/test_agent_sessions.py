@@ -738,7 +738,7 @@ def _runtime() -> SessionRuntime:
     def no_identity() -> Any:
         raise AssertionError("no session here")
 
-    def no_tunnel(session_id: str) -> Any:
+    def no_tunnel(session_id: str, tunnel_url: str | None) -> Any:
         raise AssertionError("no tunnel here")
 
     return SessionRuntime(

@@ -46,7 +46,9 @@ def _offer(channels: tuple[str, ...] = ("shell", "tcp:22", "tcp:80")) -> control
     )
 
 
-def _no_tunnel(_session_id: str) -> AbstractAsyncContextManager[WebSocketConnection]:
+def _no_tunnel(
+    _session_id: str, _tunnel_url: str | None
+) -> AbstractAsyncContextManager[WebSocketConnection]:
     raise AssertionError("no tunnel in these tests")
 
 

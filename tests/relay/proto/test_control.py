@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from dataclasses import replace
 from typing import Any, Final
@@ -27,6 +28,7 @@ from relay.proto.control import (
     Hello,
     Offer,
     OfferWithdrawn,
+    OfferWithTunnel,
     Role,
     SessionEnd,
     SessionEnded,
@@ -241,7 +243,7 @@ def test_decode_inverts_encode(event: Event) -> None:
 def test_encode_wire_format() -> None:
     """A message is compact JSON with the type first, then the fields in order."""
     assert encode(HELLO) == (
-        b'{"type":"hello","version":2,"device_id":"dev-0001","agent_version":"2.3.0"}'
+        b'{"type":"hello","version":3,"device_id":"dev-0001","agent_version":"2.3.0"}'
     )
     assert encode(HEARTBEAT_ACK) == b'{"type":"heartbeat_ack","seq":7}'
 
@@ -1092,7 +1094,8 @@ def test_channel_version_is_the_lower_of_hello_and_welcome() -> None:
     assert (device.version, broker.version) == (None, None)
     deliver(broker, device, replace(WELCOME, version=2))
     assert (device.version, broker.version) == (2, 2)
-    assert PROTOCOL_VERSION == EndReceiptAck.SINCE_VERSION == 2
+    assert EndReceiptAck.SINCE_VERSION == 2
+    assert PROTOCOL_VERSION == OfferWithTunnel.SINCE_VERSION == 3
 
 
 def version_1_channels(old: Role) -> tuple[ControlChannel, ControlChannel]:
@@ -1136,6 +1139,73 @@ def test_version_1_channel_carries_every_version_1_message() -> None:
         )
         assert deliver(sender, receiver, event) == event
     assert states(device, broker) == (State.OPEN, State.OPEN)
+
+
+OFFER_WITH_TUNNEL: Final = OfferWithTunnel(
+    **{item.name: getattr(OFFER, item.name) for item in dataclasses.fields(OFFER)},
+    tunnel_url="wss://relay.example:8502",
+)
+
+
+def version_2_channels() -> tuple[ControlChannel, ControlChannel]:
+    """An OPEN (device, broker) pair on protocol version 2 (an older agent)."""
+    device, broker = ControlChannel(Role.DEVICE), ControlChannel(Role.BROKER)
+    deliver(device, broker, replace(HELLO, version=2))
+    deliver(broker, device, WELCOME)
+    assert (device.version, broker.version) == (2, 2)
+    return device, broker
+
+
+def test_offer_with_tunnel_crosses_a_version_3_channel() -> None:
+    """The offer of a session across nodes arrives whole, an Offer with a
+    tunnel address."""
+    device, broker = channels_in(State.OPEN)
+    received = deliver(broker, device, OFFER_WITH_TUNNEL)
+    assert received == OFFER_WITH_TUNNEL
+    assert isinstance(received, Offer)
+    assert json.loads(encode(OFFER_WITH_TUNNEL))["type"] == "offer_with_tunnel"
+
+
+def test_offer_with_tunnel_is_not_sent_to_a_version_2_agent() -> None:
+    """An agent before version 3 would refuse the unknown type: the broker may
+    not send it one."""
+    _, broker = version_2_channels()
+    with pytest.raises(LocalProtocolError, match="version 3"):
+        broker.send(OFFER_WITH_TUNNEL)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "wss://relay.example:8502/v1/device/tunnel/x",  # a path
+        "https://relay.example:8502",  # another scheme
+        "ws://relay.example:8502",  # no TLS
+        "wss://user@relay.example:8502",  # credentials
+        "wss://relay.example:85020000",  # not a port
+        "wss://-relay.example",
+        "wss://relay.example:8502?x=1",
+        "wss://" + "a" * 300,
+        "wss://relay example",
+    ],
+)
+def test_offer_with_tunnel_takes_only_a_scheme_and_authority(url: str) -> None:
+    """The tunnel address is wss:// and a host (and port): nothing the agent
+    would have to interpret."""
+    device, _ = channels_in(State.OPEN)
+    wire = json.loads(encode(OFFER_WITH_TUNNEL))
+    wire["tunnel_url"] = url
+    device.receive_message(json.dumps(wire).encode())
+    with pytest.raises(RemoteProtocolError):
+        device.next_event()
+
+
+@pytest.mark.parametrize(
+    "url", ["wss://relay.example", "wss://10.0.0.7:9443", "wss://[fd00::7]:9443"]
+)
+def test_offer_with_tunnel_takes_names_and_addresses(url: str) -> None:
+    device, broker = channels_in(State.OPEN)
+    offer = replace(OFFER_WITH_TUNNEL, tunnel_url=url)
+    assert deliver(broker, device, offer) == offer
 
 
 def test_channel_does_not_pair_answers_with_offers() -> None:

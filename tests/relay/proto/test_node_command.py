@@ -25,6 +25,26 @@ ARGS = {
     CommandKind.REVOKE_DEVICE: {"device_id": "XR-0042"},
     CommandKind.DISABLE_USER: {"username": "bob"},
     CommandKind.POLICY_RELOAD: {},
+    CommandKind.CLAIM_DEVICE: {"session_id": "f" * 32, "device_id": "XR-0042"},
+    CommandKind.DEVICE_SEND: {
+        "session_id": "f" * 32,
+        "device_id": "XR-0042",
+        "connection_id": "17",
+        # The largest control message a grant can be (its receipt at the cap).
+        "message": "x" * 12 * 1024,
+    },
+    CommandKind.RELEASE_DEVICE: {"session_id": "f" * 32, "device_id": "XR-0042"},
+    CommandKind.DEVICE_EVENT: {
+        "session_id": "f" * 32,
+        "device_id": "XR-0042",
+        "connection_id": "17",
+        "message": '{"type":"deny"}',
+    },
+    CommandKind.CONTROL_LOST: {
+        "session_id": "f" * 32,
+        "device_id": "XR-0042",
+        "connection_id": "17",
+    },
 }
 
 
@@ -38,6 +58,33 @@ def test_every_command_kind_round_trips(kind: CommandKind) -> None:
 def test_an_ack_round_trips() -> None:
     ack = NodeAck(ID, "node-b.eu-1:2")
     assert decode(encode(ack)) == ack
+    assert "result" not in json.loads(encode(ack))
+
+
+def test_an_ack_with_a_result_round_trips() -> None:
+    """A claim's answer: named strings, a PEM certificate among them."""
+    pem = "-----BEGIN CERTIFICATE-----\n" + "A" * 900 + "\n-----END CERTIFICATE-----\n"
+    ack = NodeAck(ID, "b", {"connection_id": "3", "certificate": pem, "version": "3"})
+    assert decode(encode(ack)) == ack
+
+
+def test_the_largest_forwarded_control_message_fits() -> None:
+    """A grant at the receipt cap, forwarded between nodes, fits the bus."""
+    from relay.proto import control, receipts
+
+    grant = control.Grant(
+        session_id="f" * 32,
+        receipt="A" * receipts.MAX_WIRE_RECEIPT_CHARS,
+        signature="A" * receipts.MAX_WIRE_SIGNATURE_CHARS,
+    )
+    message = control.encode(grant).decode()
+    command = NodeCommand(
+        ID,
+        "node-b",
+        CommandKind.DEVICE_EVENT,
+        {**ARGS[CommandKind.DEVICE_EVENT], "message": message},
+    )
+    assert decode(encode(command)) == command
 
 
 def ack(**fields: object) -> str:
@@ -66,7 +113,11 @@ def command(**fields: object) -> str:
         (command(args={"device_id": 7}), r"1\.\.512 characters"),
         (command(args={"Device ID": "d"}), "bad argument name"),
         (command(args=["d"]), "args: an object"),
-        ("[" * 5000 + "]" * 5000, "over 4096 bytes"),
+        (ack(result=["x"]), "result: an object"),
+        (ack(result={"Bad Name": "x"}), "bad result name"),
+        (ack(result={"version": ""}), r"1\.\.512 characters"),
+        (ack(result={"certificate": "x" * 13000}), r"1\.\.12288 characters"),
+        ("[" * 9000 + "]" * 9000, "over 16384 bytes"),
         ('{"a":' * 600 + "1" + "}" * 600, "unknown message type"),
     ],
 )
@@ -79,7 +130,7 @@ def test_the_size_limit_counts_bytes() -> None:
     """Multi-byte characters count as the bytes Redis carries."""
     near = MAX_NODE_MESSAGE_BYTES // 2
     body = json.dumps({"type": "ack", "id": ID, "from": "a", "pad": "é" * near})
-    with pytest.raises(ValueError, match="over 4096 bytes"):
+    with pytest.raises(ValueError, match="over 16384 bytes"):
         decode(body)
 
 
@@ -131,3 +182,11 @@ def test_recent_commands_forget_the_oldest_beyond_their_bound() -> None:
     assert f"{3:032x}" not in recent
     with pytest.raises(ValueError, match="at least 1"):
         RecentCommands(kept=0)
+
+
+def test_recent_commands_keep_what_each_returned() -> None:
+    recent = RecentCommands(kept=2)
+    recent.add(f"{1:032x}", {"sent": "true"})
+    recent.add(f"{2:032x}")
+    assert recent.result(f"{1:032x}") == {"sent": "true"}
+    assert recent.result(f"{2:032x}") == {}

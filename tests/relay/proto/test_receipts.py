@@ -341,6 +341,7 @@ def test_end_reason_vocabulary() -> None:
             "policy_revoked",
             "login_ended",
             "broker_shutdown",
+            "broker_crash",
             "audit_failure",
             "denied",
             "grant_timeout",

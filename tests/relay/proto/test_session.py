@@ -119,6 +119,7 @@ def test_end_reasons_are_the_shared_vocabulary() -> None:
         "policy_revoked",
         "login_ended",
         "broker_shutdown",
+        "broker_crash",
         "audit_failure",
         "denied",
         "grant_timeout",
@@ -477,6 +478,13 @@ END_PATHS: Final[dict[str, tuple[State, Callable[[Session], list[Output]], State
         ),
         State.ENDED,
     ),
+    "broker_crash": (
+        State.ACTIVE,
+        lambda s: s.handle(
+            EndRequested(reason=EndReason.BROKER_CRASH, now_ms=T0 + 3000)
+        ),
+        State.ENDED,
+    ),
     "audit_failure": (
         State.ACTIVE,
         lambda s: s.handle(
@@ -555,6 +563,7 @@ def test_end_requested_reasons_by_state(state: State, reason: EndReason) -> None
         EndReason.POLICY_REVOKED,
         EndReason.LOGIN_ENDED,
         EndReason.BROKER_SHUTDOWN,
+        EndReason.BROKER_CRASH,
         EndReason.AUDIT_FAILURE,
     }
     granted = state in (State.GRANTED, State.ACTIVE)
