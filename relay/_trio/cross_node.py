@@ -163,6 +163,9 @@ class CrossNode:
         self._on_drop = on_drop
         self.sessions: CrossingSessions | None = None
         self._holds: dict[str, _Hold] = {}  # device id -> hold
+        # Nodes found gone, until they are announced again: nothing is
+        # forwarded to them (a release for a dead node has nobody to hear it).
+        self._lost: set[str] = set()
         self._queues: dict[
             str, trio.MemorySendChannel[tuple[CommandKind, dict[str, str]]]
         ] = {}
@@ -403,6 +406,8 @@ class CrossNode:
     # Forwards and the node watch ------------------------------------------------
 
     def _forward(self, node_id: str, kind: CommandKind, args: dict[str, str]) -> None:
+        if node_id in self._lost:
+            return
         queue = self._queues.get(node_id)
         if queue is None:
             if self._nursery is None:
@@ -442,14 +447,17 @@ class CrossNode:
         involved = self._require_sessions().crossing_nodes() | {
             hold.node_id for hold in self._holds.values()
         }
-        if not involved or not self._cluster.redis_up:
+        if not (involved or self._lost) or not self._cluster.redis_up:
             return
         try:
             live = await self._cluster.live_nodes()
         except SharedStateUnavailable:
             return  # not known now: nothing is declared dead
+        self._lost -= set(live)  # announced again: back in the fleet
         for node_id in sorted(involved - set(live)):
-            self._log.warning("cluster.node_lost", node=node_id, audit=True)
+            if node_id not in self._lost:
+                self._log.warning("cluster.node_lost", node=node_id, audit=True)
+            self._lost.add(node_id)
             self._require_sessions().node_lost(node_id)
             for device_id, hold in list(self._holds.items()):
                 if hold.node_id == node_id:

@@ -5,7 +5,6 @@ secrets from files; the examples pass `relay config check`."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from relay.config import BrokerConfig, ClusterConfig
+from relay.config import BrokerConfig
 from tests.deploy.deploy_files import DEPLOY, relay_config_check
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -26,12 +25,6 @@ NODES = ("broker-1", "broker-2", "broker-3")
 #: What the operator puts in deploy/.env; the tests use the example's name.
 PUBLIC_HOST = "relay.example.com"
 DATA_DIR = "/var/lib/relay"
-
-#: The broker setting that issue 11 adds with sessions across nodes; until the
-#: broker knows it, `relay config check` refuses the variable.
-HAS_ADVERTISE = "advertise_device_url" in {
-    f.name for f in dataclasses.fields(ClusterConfig)
-}
 
 
 def compose() -> dict[str, Any]:
@@ -283,14 +276,6 @@ def test_metrics_reach_prometheus_on_the_internal_network_only() -> None:
     assert "./prometheus/rules.yml:" in prometheus
 
 
-@pytest.mark.xfail(
-    yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
-        "scrape_configs"
-    ][0]["static_configs"][0]["targets"]
-    == ["broker:9464"],
-    reason="deploy/prometheus/prometheus.yml still scrapes the single node broker:9464",
-    strict=True,
-)
 def test_prometheus_scrapes_every_node() -> None:
     """The static job `relay` names every node's metrics listener."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -356,11 +341,6 @@ def test_node_environment_passes_config_check(tmp_path: Path, node: str) -> None
     assert f'cluster.node_id = "{node}"' in out
 
 
-@pytest.mark.xfail(
-    not HAS_ADVERTISE,
-    reason="[cluster] advertise_device_url is not a broker setting yet",
-    strict=True,
-)
 @pytest.mark.parametrize("node", NODES)
 def test_advertised_address_passes_config_check(tmp_path: Path, node: str) -> None:
     """With sessions across nodes the broker takes the advertised address."""

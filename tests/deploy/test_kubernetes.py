@@ -16,7 +16,6 @@ import yaml
 
 from relay.config import BrokerConfig
 from tests.deploy.deploy_files import DEPLOY, relay_config_check
-from tests.deploy.test_compose import HAS_ADVERTISE
 
 KUBERNETES = DEPLOY / "kubernetes"
 METRICS_PORT = BrokerConfig().metrics_listen.port
@@ -348,11 +347,6 @@ def test_node_passes_config_check(tmp_path: Path, pod_name: str) -> None:
     assert f'cluster.node_id = "{pod_name}"' in out
 
 
-@pytest.mark.xfail(
-    not HAS_ADVERTISE,
-    reason="[cluster] advertise_device_url is not a broker setting yet",
-    strict=True,
-)
 def test_advertised_address_passes_config_check(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(one("ConfigMap")["data"]["relay.toml"])

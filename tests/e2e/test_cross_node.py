@@ -285,3 +285,58 @@ async def test_the_device_node_stopping_ends_the_session_on_the_engineer_node(
                 assert reason.reason in ("device_disconnect", "broker_crash")
                 await device_closed(tun)
         await h.assert_clean()
+
+
+async def test_the_device_node_dying_ends_the_session_as_broker_crash(
+    pki: PKI, nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    """Node B dies without a word (its tasks are cancelled: nothing reaches A,
+    as after a SIGKILL): its announcement expires, A finds it gone within a
+    few heartbeats and ends the session as ``broker_crash``; both legs are
+    closed with that reason and the session's row says so."""
+    async with harness(pki, nursery) as h:
+        async with trio.open_nursery() as outer:
+            await _session_across_a_dying_node(h, outer, redis)
+        await h.assert_clean()
+        assert h.broker.sample("relay_session_ends_total", reason="broker_crash") == 1
+
+
+async def _session_across_a_dying_node(
+    h: Harness, outer: trio.Nursery, redis: RedisServer
+) -> None:
+    b_nursery: trio.Nursery = await outer.start(_nursery_of_its_own)
+    async with node_b(h, b_nursery) as b, device_on(b, h, redis) as device:
+        offer = await offered(h, device)
+        await device.send(device.grant(offer))
+        await wait_until(
+            lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
+        )
+        path = f"/v1/device/tunnel/{offer.session_id}"
+        async with (
+            open_device(h.broker, h.pki, device.agent_dir, path) as tun,
+            attach(h, offer.session_id) as eng,
+        ):
+            assert (await status(eng))["state"] == "active"
+            b_nursery.cancel_scope.cancel()
+            seen, reason = await engineer_closed(eng, within_s=HEARTBEAT_S * 15)
+            assert (reason.code, reason.reason) == (4005, "broker_crash")
+            assert {"type": "end", "reason": "broker_crash"} in seen
+            closed = await device_closed(tun)
+            assert (closed.code, closed.reason) == (4005, "broker_crash")
+    outer.cancel_scope.cancel()
+    with h.pki.store() as store:
+        await wait_until(
+            lambda: (
+                getattr(store.get_remote_session(offer.session_id), "end_reason", None)
+                == "broker_crash"
+            )
+        )
+
+
+async def _nursery_of_its_own(
+    task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A nursery that can be cancelled alone (a node's death)."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
