@@ -84,6 +84,7 @@ EXIT_CODES: Final = {
     "cancelled": 21,
     "device_shutdown": 22,
     "policy_revoked": 23,
+    "broker_crash": 24,
 }
 #: Exit status for an end reason this client does not know (a newer broker).
 UNKNOWN_END_EXIT: Final = 29

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -31,6 +32,7 @@ from relay._trio.agent import (
     AgentStatus,
     make_session_runtime,
     run_agent,
+    tunnel_url_allowed,
 )
 from relay._trio.agent_sessions import (
     END_RECEIPT_MAX_SENDS,
@@ -820,6 +822,68 @@ async def test_offers_busy_nothing_allowed_withdrawn_and_deny(
     assert answer.session_id == third.session_id
     assert setup.runtime.state()["offer"] is None
     nursery.cancel_scope.cancel()
+
+
+def with_tunnel(offer: control.Offer, tunnel_url: str) -> control.OfferWithTunnel:
+    fields = {f.name: getattr(offer, f.name) for f in dataclasses.fields(offer)}
+    return control.OfferWithTunnel(**fields, tunnel_url=tunnel_url)
+
+
+async def test_a_tunnel_elsewhere_goes_only_to_a_host_the_agent_allows(
+    make_setup: object, device: Device, nursery: trio.Nursery
+) -> None:
+    """A session across broker nodes: the offer names another address for the
+    tunnel. One on a host the agent was not told about is denied at once,
+    never shown; one on an allowed host is shown, and after the grant the
+    tunnel is opened there (here: the same fake broker under the name
+    "localhost", which its certificate covers)."""
+    assert callable(make_setup)
+    setup: Setup = await make_setup(agent_config(tunnel_hosts=("localhost",)))
+    port = urlsplit(setup.settings.broker_url).port
+    stranger = with_tunnel(make_offer(("tcp:22",)), "wss://relay.example.net:9443")
+    await setup.broker.send(stranger)
+    deny = await setup.broker.next_event()
+    assert isinstance(deny, control.Deny)
+    assert deny.session_id == stranger.session_id
+    assert "tunnel address not allowed" in deny.reason
+    assert setup.runtime.offer is None
+
+    offer = with_tunnel(make_offer(("tcp:22",)), f"wss://localhost:{port}")
+    await grant_offer(setup, device, offer)
+    tunnel_ws = await setup.broker.next_tunnel()
+    assert setup.broker.tunnel_paths == [f"/v1/device/tunnel/{offer.session_id}"]
+    await tunnel_ws.aclose(4005, "engineer")
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("tunnel_url", "hosts", "allowed"),
+    [
+        ("wss://127.0.0.1:8502", (), True),  # the broker's host, another port
+        ("wss://127.0.0.2:8502", (), False),
+        ("wss://broker-2.relay.example.com:9443", ("*.relay.example.com",), True),
+        ("wss://relay.example.com:9443", ("*.relay.example.com",), False),
+        ("wss://evilrelay.example.com:9443", ("*.relay.example.com",), False),
+        ("wss://BROKER-2.example.com", ("broker-2.example.com",), True),
+        ("wss://broker-3.example.com", ("broker-2.example.com",), False),
+    ],
+)
+def test_which_tunnel_hosts_the_agent_accepts(
+    tunnel_url: str, hosts: tuple[str, ...], allowed: bool
+) -> None:
+    settings = AgentSettings(
+        broker_url="wss://127.0.0.1:9443",
+        agent_dir=Path("/nonexistent"),
+        ca_file=Path("/nonexistent"),
+        limits=AgentConfig(tunnel_hosts=hosts),
+    )
+    assert tunnel_url_allowed(settings, tunnel_url) is allowed
+
+
+@pytest.mark.parametrize("pattern", ["*", "*.com", "relay example", "*.*.example.com"])
+def test_tunnel_hosts_refuse_patterns_that_reach_too_far(pattern: str) -> None:
+    with pytest.raises(ValueError, match="tunnel_hosts"):
+        AgentConfig(tunnel_hosts=(pattern,))
 
 
 def test_config_limits() -> None:
