@@ -325,8 +325,9 @@ class World:
                 record_certificate(store, identity, issued_at=now)
         return dirs
 
-    def add_engineer(self) -> Engineer:
-        """A new engineer account (argon2 hash and sealed TOTP secret, as `relay user add`)."""
+    def add_engineer(self, role: str = "engineer") -> Engineer:
+        """A new account of *role* (argon2 hash and sealed TOTP secret, as
+        `relay user add`)."""
         self._engineer_seq += 1
         username = f"bench{self._engineer_seq}"
         password = secrets.token_urlsafe(18)
@@ -337,7 +338,7 @@ class World:
                 auth.PasswordHasher(),
                 auth.SecretSealer(key),
                 username=username,
-                role="engineer",
+                role=role,
                 password=password,
                 now=datetime.now(UTC),
             )

@@ -34,7 +34,10 @@ again on the device's next channel, a lost control channel is also seen by
 the node watch below).
 
 Node failure: every heartbeat, this node compares the nodes its crossings
-involve with the live announcements in Redis (each lives two heartbeats). On
+involve with the live announcements in Redis (each lives two heartbeats). A
+node is taken for dead once its announcement has been missing for two
+heartbeats in a row (a Redis that restarted empty has every node's
+announcement back within one). On
 A, the sessions whose device node is gone end with ``broker_crash`` (the
 session broker's :meth:`~relay._trio.session_broker.SessionBroker.node_lost`);
 on B, the holds of a node that is gone are dropped and each device is told
@@ -57,7 +60,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from relay._trio.cluster_node import ClusterNode
+from relay._trio.cluster_node import LIFETIME_BEATS, ClusterNode
 from relay._trio.node_bus import CommandNotConfirmed
 from relay._trio.redis_state import SharedStateUnavailable
 from relay.proto import control
@@ -166,6 +169,8 @@ class CrossNode:
         # Nodes found gone, until they are announced again: nothing is
         # forwarded to them (a release for a dead node has nobody to hear it).
         self._lost: set[str] = set()
+        # When each involved node was first found unannounced (trio time).
+        self._missing_since: dict[str, float] = {}
         self._queues: dict[
             str, trio.MemorySendChannel[tuple[CommandKind, dict[str, str]]]
         ] = {}
@@ -448,13 +453,23 @@ class CrossNode:
             hold.node_id for hold in self._holds.values()
         }
         if not (involved or self._lost) or not self._cluster.redis_up:
+            self._missing_since.clear()
             return
         try:
             live = await self._cluster.live_nodes()
         except SharedStateUnavailable:
+            self._missing_since.clear()
             return  # not known now: nothing is declared dead
         self._lost -= set(live)  # announced again: back in the fleet
-        for node_id in sorted(involved - set(live)):
+        now = trio.current_time()
+        missing = involved - set(live)
+        self._missing_since = {
+            node: self._missing_since.get(node, now) for node in missing
+        }
+        grace = LIFETIME_BEATS * self._cluster.config.heartbeat_s
+        for node_id in sorted(missing):
+            if now - self._missing_since[node_id] < grace:
+                continue
             if node_id not in self._lost:
                 self._log.warning("cluster.node_lost", node=node_id, audit=True)
             self._lost.add(node_id)

@@ -116,9 +116,14 @@ def wall_time(line: dict[str, Any]) -> float:
     return epoch(stamp) if stamp else 0.0
 
 
-def start_agent(world: World, service_port: int, config: AgentConfig) -> Agent:
-    """Enroll the device and start its agent against the world's broker, with
-    the reconnect settings of *config*."""
+def start_agent(
+    world: World,
+    service_port: int,
+    config: AgentConfig,
+    broker_url: str | None = None,
+) -> Agent:
+    """Enroll the device and start its agent against the world's broker (or
+    *broker_url*), with the reconnect settings of *config*."""
     [agent_dir] = world.enroll_devices(DEVICE_ID.rsplit("-", 1)[0], 1)
     config_file = world.root / "agent.toml"
     config_file.write_text(
@@ -140,7 +145,7 @@ def start_agent(world: World, service_port: int, config: AgentConfig) -> Agent:
                 "agent",
                 "run",
                 "--broker",
-                world.broker.device_url,
+                broker_url or world.broker.device_url,
                 "--config",
                 str(config_file),
                 "--dir",
