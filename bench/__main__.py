@@ -71,13 +71,21 @@ def _storm(mode: Mode, profiles: Path) -> ScenarioResult:
     return run_storm(mode)
 
 
-#: In the order of the BRIEF's performance table.
+def _crossing(mode: Mode, profiles: Path) -> ScenarioResult:
+    from bench.crossing import run_crossing
+
+    return run_crossing(mode)
+
+
+#: In the order of the BRIEF's performance table; then the cost of a session
+#: across nodes (issue 11).
 SCENARIOS: Final[dict[str, Scenario]] = {
     "throughput": _throughput,
     "latency": _latency,
     "idle": _idle,
     "storm": _storm,
     "setup": _setup,
+    "crossing": _crossing,
 }
 
 

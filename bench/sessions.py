@@ -122,9 +122,10 @@ async def _read_events(fleet: Fleet, ready: trio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def run_fleet(
-    w: World, agent_dirs: list[Path], banner_port: int
+    w: World, agent_dirs: list[Path], banner_port: int, broker_url: str | None = None
 ) -> AsyncIterator[Fleet]:
-    """Start the fleet on *agent_dirs* and wait until every agent is connected."""
+    """Start the fleet on *agent_dirs* and wait until every agent is connected
+    (to the world's broker, or the node at *broker_url*)."""
     tls_echo_port = free_port()
     _server, _client, cert, key = server_tls(w.root, w.ca_file, w.data_dir)
     process = await trio.lowlevel.open_process(
@@ -133,7 +134,7 @@ async def run_fleet(
             "-m",
             "bench.fleet",
             "--broker",
-            w.broker.device_url,
+            broker_url or w.broker.device_url,
             "--ca-file",
             str(w.ca_file),
             "--tls-cert",
@@ -452,15 +453,15 @@ async def _session(credentials: Credentials, **kwargs: Any) -> None:
 
 
 @dataclass
-class _Timings:
+class SetupTimings:
     request_to_offer: list[float] = field(default_factory=list)
     grant_to_first_byte: list[float] = field(default_factory=list)
     kill_to_closed: list[float] = field(default_factory=list)
     direct_first_byte: list[float] = field(default_factory=list)
 
 
-async def _one_session(
-    credentials: Credentials, fleet: Fleet, device_id: str, timings: _Timings
+async def one_session(
+    credentials: Credentials, fleet: Fleet, device_id: str, timings: SetupTimings
 ) -> None:
     started = time.monotonic()
     while True:
@@ -518,7 +519,7 @@ async def _one_session(
 
 
 async def _direct_first_byte(
-    port: int, context: ssl.SSLContext, timings: _Timings
+    port: int, context: ssl.SSLContext, timings: SetupTimings
 ) -> None:
     started = time.monotonic()
     stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
@@ -531,7 +532,7 @@ async def _direct_first_byte(
 def run_setup(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
     """Request → offer, grant → first byte, kill → engineer socket closed."""
     count = sessions or (200 if mode == "full" else 10)
-    timings = _Timings()
+    timings = SetupTimings()
     with world() as w:
         agent_dirs, engineer, banner_port = _broker_for(w, 1)
         w.broker.start()
@@ -541,7 +542,7 @@ def run_setup(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
         async def main() -> None:
             async with run_fleet(w, agent_dirs, banner_port) as fleet:
                 for _ in range(count):
-                    await _one_session(credentials, fleet, agent_dirs[0].name, timings)
+                    await one_session(credentials, fleet, agent_dirs[0].name, timings)
                     await _direct_first_byte(fleet.tls_echo_port, client, timings)
 
         trio.run(main)

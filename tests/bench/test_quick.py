@@ -56,7 +56,7 @@ def _result(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_every_scenario_reports_its_goals_and_tables(quick_run: dict[str, Any]) -> None:
-    """Each of the five scenarios ran and put its goal rows and tables on the page."""
+    """Each scenario ran and put its goal rows and tables on the page."""
     assert [r["name"] for r in quick_run["results"]] == list(SCENARIOS)
     page = quick_run["page"]
     for result in quick_run["results"]:
@@ -124,3 +124,16 @@ def test_storm_brought_every_device_back(quick_run: dict[str, Any]) -> None:
         assert raw[side]["not_back"] == 0, side
     assert raw["relay"]["connected_end"] == raw["devices"]
     assert raw["relay"]["auth_waits_end"] == 0
+
+
+def test_crossing_measured_every_session_on_one_node_and_across(
+    quick_run: dict[str, Any],
+) -> None:
+    """The same sessions on one node and across two: each step of each timed."""
+    raw = _result(quick_run, "crossing")["raw"]
+    for where in ("one_node", "across_nodes"):
+        steps = raw[where]
+        counts = {len(samples) for samples in steps.values()}
+        assert len(counts) == 1, (where, counts)
+        assert counts.pop() > 0
+        assert all(math.isfinite(s) and s > 0 for v in steps.values() for s in v)
