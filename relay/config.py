@@ -672,6 +672,10 @@ class ClusterConfig:
             session there) is resent before it counts as failed. 0.5..60.
         redis_timeout_s: The longest a Redis command or connection may take
             before it counts as Redis being away. 0.1..10.
+        presence_refresh_s: How often a device's presence is written again
+            while its channel stays up (it lives two of these; a node that
+            dies is out of presence within two heartbeats all the same).
+            Long, because every write is one per device: 1..3600.
         advertise_device_url: ``wss://HOST[:PORT]`` at which devices reach
             this node's device listener directly (a port or name of its own on
             the load balancer). With it, an engineer on this node reaches a
@@ -689,6 +693,7 @@ class ClusterConfig:
     heartbeat_s: float = 2.0
     command_deadline_s: float = 5.0
     redis_timeout_s: float = 1.0
+    presence_refresh_s: float = 60.0
     advertise_device_url: str | None = None
 
     def __post_init__(self) -> None:
@@ -714,6 +719,7 @@ class ClusterConfig:
             ("heartbeat_s", 0.1, 30),
             ("command_deadline_s", 0.5, 60),
             ("redis_timeout_s", 0.1, 10),
+            ("presence_refresh_s", 1, 3600),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

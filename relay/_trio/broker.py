@@ -427,7 +427,9 @@ async def _serve(
         ClusterNode(
             config.cluster,
             node_id=node_id,
-            local_devices=lambda: [entry.device_id for entry in presence.all()],
+            local_devices=lambda: {
+                entry.device_id: entry.connection_id for entry in presence.all()
+            },
             metrics=metrics,
             log=get_logger("cluster", audit=audit),
         )

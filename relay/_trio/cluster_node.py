@@ -8,11 +8,15 @@ and does four things through :mod:`relay._trio.redis_state` and
 :mod:`relay._trio.node_bus`:
 
 *Heartbeat.* Every ``heartbeat_s`` it announces the node (its id and
-advertised device and engineer addresses), writes the presence of every device
-whose control channel this node holds, withdraws the presence of devices that
-left since the last beat, and extends the device locks of its sessions. Each of
-these keys lives for two heartbeats: what a node that died held disappears
-within two heartbeats without anybody cleaning up.
+advertised device and engineer addresses), writes the presence of the devices
+that arrived since the last beat (a new control channel), refreshes the
+presence of those written ``presence_refresh_s`` ago, withdraws the presence
+of devices that left, and extends the device locks of its sessions. The
+announcement and the locks live two heartbeats, presence two refresh periods;
+a presence counts only while its node is announced, so what a node that died
+held is gone for everyone within two heartbeats without anybody cleaning up.
+When the announcement finds its previous one gone (the first beat, or Redis
+lost its data in a restart), every presence is written again.
 
 *Device locks.* :meth:`ClusterNode.acquire_device` is the fleet-wide half of
 "one pending or active session per device" (the session broker keeps the local
@@ -36,7 +40,8 @@ takes the locks of live sessions back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import trio
@@ -57,8 +62,8 @@ class ClusterNode:
     Args:
         config: The ``[cluster]`` table (``redis_url`` set).
         node_id: This node's id.
-        local_devices: The ids of the devices whose control channel this node
-            holds now.
+        local_devices: Device id -> connection id of the control channels this
+            node holds now.
         metrics: ``relay_redis_up``, ``relay_node_commands_total``.
         log: The broker's structured logger.
     """
@@ -68,7 +73,7 @@ class ClusterNode:
         config: ClusterConfig,
         *,
         node_id: str,
-        local_devices: Callable[[], Collection[str]],
+        local_devices: Callable[[], Mapping[str, int]],
         metrics: RelayMetrics,
         log: Any,
     ) -> None:
@@ -84,7 +89,9 @@ class ClusterNode:
         self._bus: NodeBus | None = None
         self._locks: dict[str, str] = {}  # device id -> session id, held here
         self._releases: dict[str, str] = {}  # to delete at the next beat
-        self._published: set[str] = set()
+        # Device id -> (connection id, trio time) of each presence written,
+        # the oldest write first.
+        self._written: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._info: dict[str, Any] = {}
         self._beat = trio.Event()
         self.redis_up = False
@@ -93,6 +100,10 @@ class ClusterNode:
     @property
     def lock_ttl_ms(self) -> int:
         return round(self.config.heartbeat_s * LIFETIME_BEATS * 1000)
+
+    @property
+    def presence_ttl_ms(self) -> int:
+        return round(self.config.presence_refresh_s * LIFETIME_BEATS * 1000)
 
     async def run(
         self,
@@ -206,12 +217,9 @@ class ClusterNode:
             for device_id, session_id in list(self._releases.items()):
                 await state.release_device(device_id, session_id)
                 del self._releases[device_id]
-            await state.announce_node(self._info, ttl)
-            devices = set(self._local_devices())
-            await state.publish_presence(devices, ttl)
-            for gone in self._published - devices:
-                await state.withdraw_presence(gone)
-            self._published = devices
+            if not await state.announce_node(self._info, ttl):
+                self._written.clear()  # nothing of ours is there: all again
+            await self._presence(state)
             # A snapshot: a session may end (and release) during the awaits.
             lost = await state.keep_devices(dict(self._locks), ttl)
         except SharedStateUnavailable as exc:
@@ -234,6 +242,30 @@ class ClusterNode:
                 session_id=self._locks.get(device_id),
                 audit=True,
             )
+
+    async def _presence(self, state: RedisState) -> None:
+        """Write the presence of new channels and of those due for a refresh;
+        withdraw the presence of channels that closed."""
+        devices = dict(self._local_devices())
+        for device_id in [d for d in self._written if d not in devices]:
+            await state.withdraw_presence(device_id)
+            del self._written[device_id]
+        now = trio.current_time()
+        due = [
+            device_id
+            for device_id, connection_id in devices.items()
+            if self._written.get(device_id, (None, 0.0))[0] != connection_id
+        ]
+        refresh_before = now - self.config.presence_refresh_s
+        for device_id, (_, written_at) in self._written.items():  # oldest first
+            if written_at > refresh_before:
+                break
+            if devices.get(device_id) == self._written[device_id][0]:
+                due.append(device_id)
+        await state.publish_presence(due, self.presence_ttl_ms)
+        for device_id in due:
+            self._written[device_id] = (devices[device_id], now)
+            self._written.move_to_end(device_id)
 
     def _count_command(self, kind: str, outcome: str) -> None:
         self._metrics.node_commands.labels(kind, outcome).inc()

@@ -7,13 +7,16 @@ three kinds of short-lived keys, each with an expiry, so that what a dead node
 held disappears by itself:
 
 ``{prefix}:presence:{device_id}`` = node id
-    Where a device's control channel is. Each node writes the keys of its
-    devices on every heartbeat (:meth:`RedisState.publish_presence`) with an
-    expiry of a few heartbeats, and removes a device's key when its channel
-    closes, only if the key still names this node (a device that moved on to
-    another node keeps its new key). A node that dies stops refreshing; its
-    devices' keys expire, and the devices' reconnections to other nodes write
-    new ones. So presence converges within the expiry.
+    Where a device's control channel is. A node writes a device's key when
+    the device arrives (:meth:`RedisState.publish_presence`) and refreshes it
+    long before its expiry (minutes, not heartbeats: at 100,000 devices a
+    write per device per heartbeat would be 50,000 writes a second), and
+    removes it when the channel closes, only if the key still names this node
+    (a device that moved on to another node keeps its new key). A key counts
+    only while the node it names is announced (:meth:`device_node` checks
+    both in one step): a node that dies stops announcing itself, so within
+    two heartbeats its devices are nowhere, until their reconnections to
+    other nodes write new keys. So presence converges within two heartbeats.
 
 ``{prefix}:device-lock:{device_id}`` = session id
     The one pending or active session of a device, across all nodes. Taken
@@ -44,6 +47,16 @@ from typing import Any, Final
 import anyio
 import coredis
 import coredis.exceptions
+
+#: The node in KEYS[1] (a presence key) if that node's announcement, KEYS[2]
+#: with the node's id appended, still exists; else nil.
+_PRESENT_ON: Final = """
+local node = redis.call('GET', KEYS[1])
+if node and redis.call('EXISTS', KEYS[2] .. node) == 1 then
+    return node
+end
+return false
+"""
 
 #: Delete a key only if it holds ARGV[1] (compare-and-delete).
 _DELETE_IF: Final = """
@@ -123,6 +136,7 @@ class RedisState:
         self._prefix = prefix
         self._delete_if = client.register_script(_DELETE_IF)
         self._keep_if = client.register_script(_KEEP_IF)
+        self._present_on = client.register_script(_PRESENT_ON)
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self._prefix}:{kind}:{name}"
@@ -147,8 +161,14 @@ class RedisState:
         )
 
     async def device_node(self, device_id: str) -> str | None:
-        """The node *device_id* is connected to, if any."""
-        return await self._get(self._key("presence", device_id))
+        """The node *device_id* is connected to, if any (and still announced)."""
+        try:
+            node: object = await self._present_on(
+                keys=[self._key("presence", device_id), self._key("node", "")]
+            )
+        except REDIS_FAILURES as exc:
+            raise SharedStateUnavailable(str(exc)) from exc
+        return node if isinstance(node, str) else None
 
     # Device locks --------------------------------------------------------------
 
@@ -207,16 +227,24 @@ class RedisState:
 
     # Nodes ---------------------------------------------------------------------
 
-    async def announce_node(self, info: Mapping[str, Any], ttl_ms: int) -> None:
-        """Say that this node is alive, with *info* (its advertised addresses)."""
+    async def announce_node(self, info: Mapping[str, Any], ttl_ms: int) -> bool:
+        """Say that this node is alive, with *info* (its advertised addresses).
+
+        Returns:
+            Whether the previous announcement was still there. False after
+            this node's first one, after it lapsed, and after Redis lost its
+            data (a restart): then what this node wrote before is gone too.
+        """
         try:
-            await self._client.set(
+            previous = await self._client.set(
                 self._key("node", self.node_id),
                 json.dumps(dict(info), sort_keys=True),
                 px=ttl_ms,
+                get=True,
             )
         except REDIS_FAILURES as exc:
             raise SharedStateUnavailable(str(exc)) from exc
+        return previous is not None
 
     async def live_nodes(self) -> dict[str, dict[str, Any]]:
         """Every node whose announcement has not expired, with its info."""

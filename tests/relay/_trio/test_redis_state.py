@@ -43,6 +43,7 @@ async def test_presence_names_the_node_and_expires_without_refresh(
     redis: RedisServer,
 ) -> None:
     async with nodes(redis) as n:
+        await n["node-b"].announce_node({}, 10_000)
         await n["node-b"].publish_presence(["dev-1", "dev-2"], TTL_MS)
         assert await n["node-a"].device_node("dev-1") == "node-b"
         # Refreshed: still there after the first expiry would have passed.
@@ -53,11 +54,49 @@ async def test_presence_names_the_node_and_expires_without_refresh(
         assert await n["node-c"].device_node("dev-2") is None  # not refreshed
 
 
+async def test_presence_on_a_node_no_longer_announced_is_nowhere(
+    redis: RedisServer,
+) -> None:
+    """A node that died stops announcing itself: its devices' keys, written
+    for minutes, count for nothing once its announcement lapsed; a device's
+    reconnection to another node counts at once."""
+    async with nodes(redis) as n:
+        await n["node-b"].announce_node({}, TTL_MS)
+        await n["node-b"].publish_presence(["dev-1", "dev-2"], 60_000)
+        assert await n["node-a"].device_node("dev-1") == "node-b"
+        await trio.sleep(TTL_MS / 1000 * 1.5)  # node-b is gone
+        assert await n["node-a"].device_node("dev-1") is None
+        await n["node-c"].announce_node({}, 10_000)
+        await n["node-c"].publish_presence(["dev-2"], 60_000)
+        assert await n["node-a"].device_node("dev-2") == "node-c"
+
+
+async def test_an_announcement_says_whether_the_last_one_was_still_there(
+    redis: RedisServer,
+) -> None:
+    """False at the first one, True while kept, False again after Redis lost
+    its data (then the node writes its presence again)."""
+    async with nodes(redis) as n:
+        assert await n["node-a"].announce_node({}, 10_000) is False
+        assert await n["node-a"].announce_node({}, 10_000) is True
+        redis.restart()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    announced = await n["node-a"].announce_node({}, 10_000)
+                    break
+                except SharedStateUnavailable:
+                    await trio.sleep(0.1)
+        assert announced is False
+
+
 async def test_withdrawing_presence_leaves_a_device_that_moved_on(
     redis: RedisServer,
 ) -> None:
     """The old node's late 'disconnected' must not erase the new node's entry."""
     async with nodes(redis) as n:
+        for node in NODES:
+            await n[node].announce_node({}, 10_000)
         await n["node-a"].publish_presence(["dev-1"], 10_000)
         await n["node-b"].publish_presence(["dev-1"], 10_000)  # reconnected to b
         assert await n["node-a"].withdraw_presence("dev-1") is False
