@@ -40,6 +40,7 @@ takes the locks of live sessions back.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -257,11 +258,17 @@ class ClusterNode:
             if self._written.get(device_id, (None, 0.0))[0] != connection_id
         ]
         refresh_before = now - self.config.presence_refresh_s
+        # Refreshes are spread over the beats: twice the even share per beat,
+        # so the devices of a reconnection storm, written in one beat, are not
+        # all rewritten in one beat again (their keys live two periods).
+        share = 2 * len(devices) * self.config.heartbeat_s
+        budget = max(1, math.ceil(share / self.config.presence_refresh_s))
         for device_id, (_, written_at) in self._written.items():  # oldest first
-            if written_at > refresh_before:
+            if written_at > refresh_before or budget == 0:
                 break
             if devices.get(device_id) == self._written[device_id][0]:
                 due.append(device_id)
+                budget -= 1
         await state.publish_presence(due, self.presence_ttl_ms)
         for device_id in due:
             self._written[device_id] = (devices[device_id], now)

@@ -113,3 +113,20 @@ async def _get(k: coredis.Redis[str], key: str) -> str | None:
         return await k.get(key)
     except (coredis.exceptions.RedisError, OSError):
         return None
+
+
+async def test_refreshes_of_devices_that_came_together_are_spread(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Fifty devices arrive in one beat (a reconnection storm); their refresh
+    is spread over several beats (twice the even share per beat), and every
+    key is refreshed before it expires."""
+    devices = {f"dev-{n}": n for n in range(50)}
+    async with running(redis, devices, nursery), keys(redis) as k:
+        await trio.sleep(REFRESH_S + HEARTBEAT_S * 1.5)  # the first beats of refresh
+        ttls = [await k.pttl(f"relay:presence:dev-{n}") for n in range(50)]
+        refreshed = sum(1 for ttl in ttls if ttl > (2 * REFRESH_S - 0.3) * 1000)
+        assert 0 < refreshed < 50, ttls
+        await trio.sleep(REFRESH_S)
+        ttls = [await k.pttl(f"relay:presence:dev-{n}") for n in range(50)]
+        assert all(ttl > 0 for ttl in ttls), ttls
