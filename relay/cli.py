@@ -656,9 +656,35 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
             f"revoked device {args.device_id} ({len(revoked)} certificate(s)); a live connection closes within seconds",
             file=sys.stderr,
         )
+        _tell_the_fleet(config, "revoke_device", {"device_id": args.device_id})
     else:
         print(f"device {args.device_id} was already revoked", file=sys.stderr)
     return 0
+
+
+def _tell_the_fleet(config: BrokerConfig, kind: str, args: dict[str, str]) -> None:
+    """With several nodes, have every live node act on the change now and say
+    which did (relay._trio.fleet_notice); the change is in the store already."""
+    if config.cluster.redis_url is None:
+        return
+    import trio
+
+    from relay._trio.fleet_notice import notify_fleet
+    from relay._trio.redis_state import SharedStateUnavailable
+    from relay.proto.node_command import CommandKind
+
+    try:
+        confirmed = trio.run(notify_fleet, config.cluster, CommandKind(kind), args)
+    except SharedStateUnavailable as exc:
+        print(
+            f"Redis unreachable ({exc}); every node reads the change from the "
+            f"store within {config.engineer_listener.revocation_poll_s:g} s",
+            file=sys.stderr,
+        )
+        return
+    for node_id, done in sorted(confirmed.items()):
+        state = "done" if done else "no confirmation (it reads the store's feed)"
+        print(f"node {node_id}: {state}", file=sys.stderr)
 
 
 # user ---------------------------------------------------------------------------------
@@ -981,6 +1007,8 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
         )
     else:
         print(f"disabled {username} ({len(revoked)} session(s) ended)", file=sys.stderr)
+    if revoked:
+        _tell_the_fleet(config, "disable_user", {"username": username})
     return 0
 
 

@@ -54,6 +54,7 @@ from relay._trio.cluster_node import ClusterNode
 from relay._trio.cross_node import CrossNode
 from relay._trio.device_listener import DeviceListener, presence_stale_after
 from relay._trio.engineer_listener import EngineerListener
+from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
@@ -235,21 +236,40 @@ class UnsupportedCommand(Exception):
     """A command from another node that this version does not carry out."""
 
 
+@dataclass(frozen=True, slots=True)
+class _CommandTargets:
+    """What commands from other nodes act on."""
+
+    sessions: SessionBroker
+    policy: PolicyGate
+    crossing: CrossNode
+    devices: DeviceListener
+    sockets: EngineerSockets
+
+
 async def _carry_out(
-    sessions: SessionBroker,
-    policy: PolicyGate,
-    crossing: CrossNode,
-    command: NodeCommand,
+    targets: _CommandTargets, command: NodeCommand
 ) -> Mapping[str, str] | None:
     """Carry out a command from another node (see relay._trio.node_bus).
 
-    Revocations and disabled users need no command between nodes sharing a
-    database: every node reads them from the store's feeds within
-    ``revocation_poll_s``. A command this version does not carry out is not
-    confirmed, so its sender learns that it failed.
+    Revocations and disabled users reach every node through the store's feeds
+    within ``revocation_poll_s`` anyway; ``revoke_device`` and
+    ``disable_user`` (sent by ``relay device revoke`` and ``relay user
+    disable`` to every live node) have the node read its feed at once, and
+    the confirmation says it did. A command this version does not carry out
+    is not confirmed, so its sender learns that it failed.
     """
+    sessions, policy = targets.sessions, targets.policy
     if command.kind in _CROSSING_KINDS:
-        return await crossing.carry_out(command)
+        return await targets.crossing.carry_out(command)
+    if command.kind is CommandKind.REVOKE_DEVICE:
+        if not await targets.devices.revocations_now():
+            raise UnsupportedCommand("the store could not be read")
+        return None
+    if command.kind is CommandKind.DISABLE_USER:
+        if not await targets.sockets.revocations_now():
+            raise UnsupportedCommand("the store could not be read")
+        return None
     if command.kind is CommandKind.END_SESSION:
         if command.args["reason"] != "admin":
             raise UnsupportedCommand(f"end reason {command.args['reason']!r}")
@@ -577,7 +597,16 @@ async def _serve(
                 await nursery.start(
                     partial(
                         cluster.run,
-                        partial(_carry_out, sessions, policy, crossing),
+                        partial(
+                            _carry_out,
+                            _CommandTargets(
+                                sessions,
+                                policy,
+                                crossing,
+                                listener,
+                                engineer_listener.sockets,
+                            ),
+                        ),
                         info={
                             "device_port": device_port,
                             "engineer_port": engineer_port,

@@ -145,6 +145,8 @@ class DeviceListener:
     wall_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     _live: dict[str, _LiveChannel] = field(default_factory=dict)
     _revoked_devices: set[str] = field(default_factory=set)
+    _revocation_cursor: int = 0
+    _revocation_lock: trio.Lock = field(default_factory=trio.Lock)
     _live_changed: trio.lowlevel.ParkingLot = field(
         default_factory=trio.lowlevel.ParkingLot
     )
@@ -168,7 +170,8 @@ class DeviceListener:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host)
         port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_revocations, revocation_cursor)
+            self._revocation_cursor = revocation_cursor
+            nursery.start_soon(self._watch_revocations)
             nursery.start_soon(self._mirror_presence)
             task_status.started(port)
             await trio.serve_listeners(self._handle, listeners)
@@ -775,24 +778,32 @@ class DeviceListener:
 
     # Background tasks ----------------------------------------------------------------
 
-    async def _watch_revocations(self, cursor: int) -> None:
+    async def _watch_revocations(self) -> None:
         """Close live channels of devices revoked by ``relay device revoke``.
 
-        *cursor* was read before the listener accepted anything, so a revocation
-        is either seen by a handshake's own store check or by this feed.
+        The cursor was read before the listener accepted anything, so a
+        revocation is either seen by a handshake's own store check or by this
+        feed.
         """
         while True:
             await trio.sleep(self.config.device_listener.revocation_poll_s)
+            await self.revocations_now()
+
+    async def revocations_now(self) -> bool:
+        """Read the revocation feed now (also what the poll does) and close
+        what it names; False if the store could not be read. One reader at a
+        time: the cursor is shared."""
+        async with self._revocation_lock:
             try:
-                revocations, cursor = await trio.to_thread.run_sync(
-                    self.store.revocations_after, cursor
+                revocations, self._revocation_cursor = await trio.to_thread.run_sync(
+                    self.store.revocations_after, self._revocation_cursor
                 )
             except StoreError as exc:
                 self.metrics.store_errors.labels("revocations_after").inc()
                 self.log.error(
                     "store.failed", operation="revocations_after", error=str(exc)
                 )
-                continue
+                return False
             for revocation in revocations:
                 self._revoked_devices.add(revocation.device_id)
                 if self.sessions is not None:
@@ -806,6 +817,7 @@ class DeviceListener:
                         audit=True,
                     )
                     live.kick(CloseCode.REVOKED, "certificate revoked", "revoked")
+            return True
 
     async def _mirror_presence(self) -> None:
         """Write presence changes to the store for ``relay device list``.

@@ -139,6 +139,8 @@ class EngineerSockets:
         self._wall_clock = wall_clock
         self._monotonic = monotonic
         self._holds: dict[str, set[SocketHold]] = {}
+        self._cursor = 0  # read by watch() before anything is accepted
+        self._cursor_lock = trio.Lock()
 
     def __len__(self) -> int:
         return sum(len(holds) for holds in self._holds.values())
@@ -194,31 +196,37 @@ class EngineerSockets:
         before the listener accepts: a revocation is then either seen by a
         socket's own authentication or by this feed.
         """
-        cursor = await trio.to_thread.run_sync(self._store.session_revocation_cursor)
+        self._cursor = await trio.to_thread.run_sync(
+            self._store.session_revocation_cursor
+        )
         task_status.started()
         last_touch = self._monotonic()
         while True:
             await trio.sleep(self._config.revocation_poll_s)
-            cursor = await self._read_revocations(cursor)
+            await self.revocations_now()
             await self._check_expiry()
             if self._monotonic() - last_touch >= self._config.session_touch_s:
                 last_touch = self._monotonic()
                 await self._touch_used()
 
-    async def _read_revocations(self, cursor: int) -> int:
-        try:
-            while True:
-                revocations, new_cursor = await trio.to_thread.run_sync(
-                    self._store.session_revocations_after, cursor
-                )
-                for revocation in revocations:
-                    self.end_login_session(revocation.token_hash, SocketEnd.REVOKED)
-                if new_cursor == cursor:
-                    return cursor
-                cursor = new_cursor
-        except StoreError as exc:
-            self._store_failed("session_revocations_after", exc)
-            return cursor
+    async def revocations_now(self) -> bool:
+        """Read the login-session revocation feed now (also what the poll
+        does) and end the sockets it names; False if the store could not be
+        read. One reader at a time: the cursor is shared."""
+        async with self._cursor_lock:
+            try:
+                while True:
+                    revocations, new_cursor = await trio.to_thread.run_sync(
+                        self._store.session_revocations_after, self._cursor
+                    )
+                    for revocation in revocations:
+                        self.end_login_session(revocation.token_hash, SocketEnd.REVOKED)
+                    if new_cursor == self._cursor:
+                        return True
+                    self._cursor = new_cursor
+            except StoreError as exc:
+                self._store_failed("session_revocations_after", exc)
+                return False
 
     async def _check_expiry(self) -> None:
         now = self._wall_clock()

@@ -13,10 +13,13 @@ session keeps its guarantees, and a Redis restart is survived.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,13 @@ import pytest
 import trio
 
 from relay._trio.broker import serve_broker
+from relay._trio.fleet_notice import notify_fleet
 from relay._trio.session_broker import SessionBroker
 from relay.config import ClusterConfig, ListenAddress
 from relay.metrics import RelayMetrics
 from relay.proto import control
+from relay.proto.close import CloseCode
+from relay.proto.node_command import CommandKind
 from tests.e2e.conftest import (
     PKI,
     RunningBroker,
@@ -37,12 +43,15 @@ from tests.e2e.conftest import (
     api_client,
     login_token,
     make_pki,
+    short_config,
     wait_until,
 )
 from tests.e2e.test_sessions_broker import (
     DEVICE,
     Harness,
     active_session,
+    attach,
+    device_closed,
     engineer_closed,
     fake_device,
     harness,
@@ -292,3 +301,65 @@ async def test_redis_away_refuses_new_sessions_and_spares_live_ones(
         offer = await requested(h, device)
         async with redis_keys(redis) as keys:
             assert await keys.get(f"relay:device-lock:{DEVICE}") == offer.session_id
+
+
+async def test_a_revocation_and_a_disabled_user_reach_every_node_at_once(
+    tmp_path: Path, postgres: PostgresCluster, redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """What `relay device revoke` and `relay user disable` send after they
+    changed the store: every live node reads its feed at once and confirms.
+    The feeds here are polled every 30 s, so only the command can close the
+    device's channel (4001) and the engineer's socket (4004) within a second."""
+    config = short_config(tmp_path / "node-a")
+    pki = make_pki(
+        tmp_path / "node-a",
+        database_url=postgres.new_database(),
+        cluster=ClusterConfig(
+            redis_url=redis.url, node_id="node-a", heartbeat_s=HEARTBEAT_S
+        ),
+        device_listener=dataclasses.replace(
+            config.device_listener, revocation_poll_s=30.0
+        ),
+        engineer_listener=dataclasses.replace(
+            config.engineer_listener, revocation_poll_s=30.0
+        ),
+    )
+    async with (
+        harness(pki, nursery) as h,
+        fake_device(h) as device,
+        another_node(h, nursery, "node-c"),
+    ):
+        await wait_until(lambda: h.broker.sample("relay_redis_up") == 1)
+        offer = await requested(h, device)
+        async with attach(h, offer.session_id) as eng:
+            with h.pki.store() as store:
+                store.disable_user("alice", at=datetime.now(UTC), reason="test")
+            with trio.fail_after(5):
+                confirmed = await notify_fleet(
+                    h.broker.config.cluster,
+                    CommandKind.DISABLE_USER,
+                    {"username": "alice"},
+                )
+            assert confirmed == {"node-a": True, "node-c": True}
+            _, reason = await engineer_closed(eng, within_s=1.0)
+            assert reason.code == CloseCode.LOGIN_ENDED
+        # The command-line tool itself, as an operator runs it on a node.
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [sys.executable, "-m", "relay", "device", "revoke", DEVICE],
+                env={
+                    **os.environ,
+                    "RELAY_DATA_DIR": str(h.pki.data_dir),
+                    "RELAY_DATABASE_URL": h.broker.config.effective_database_url,
+                    "RELAY_CLUSTER__REDIS_URL": redis.url,
+                },
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        err = done.stderr.decode()
+        assert done.returncode == 0, err
+        assert "node node-a: done" in err
+        assert "node node-c: done" in err
+        closed = await device_closed(device.ws, within_s=1.0)
+        assert closed.code == CloseCode.REVOKED
