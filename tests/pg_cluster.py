@@ -65,6 +65,7 @@ class PostgresCluster:
     data_dir: Path
     port: int
     _as_account: list[str]
+    _start_argv: list[str] = field(default_factory=list)
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def url(self, database: str) -> str:
@@ -85,6 +86,15 @@ class PostgresCluster:
         ) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def start(self) -> None:
+        """Start again after :meth:`stop`, on the same port with the same data."""
+        subprocess.run(
+            [*self._as_account, *self._start_argv],
+            capture_output=True,
+            check=True,
+            timeout=START_TIMEOUT_S,
+        )
 
     def stop(self) -> None:
         """Stop at once (``-m immediate``): nothing here needs a clean shutdown."""
@@ -159,7 +169,7 @@ def postgres_cluster(base: Path) -> Iterator[PostgresCluster]:
             "-c max_connections=200",
         ]
     )
-    run(
+    start = [
         str(bin_dir / "pg_ctl"),
         "start",
         "-D",
@@ -171,8 +181,9 @@ def postgres_cluster(base: Path) -> Iterator[PostgresCluster]:
         str(base / "server.log"),
         "-o",
         options,
-    )
-    cluster = PostgresCluster(bin_dir, data_dir, port, as_account)
+    ]
+    run(*start)
+    cluster = PostgresCluster(bin_dir, data_dir, port, as_account, start)
     try:
         yield cluster
     finally:
