@@ -672,6 +672,11 @@ class ClusterConfig:
             session there) is resent before it counts as failed. 0.5..60.
         redis_timeout_s: The longest a Redis command or connection may take
             before it counts as Redis being away. 0.1..10.
+        orphan_after_s: How long a node must be gone from the fleet (not
+            announced) before another node ends the sessions it left open in
+            the store (``broker_crash``); long enough for a restart to close
+            them itself from its own log. 1..86400.
+        orphan_check_s: How often a node looks for such sessions. 1..3600.
         presence_refresh_s: How often a device's presence is written again
             while its channel stays up (it lives two of these; a node that
             dies is out of presence within two heartbeats all the same).
@@ -694,6 +699,8 @@ class ClusterConfig:
     command_deadline_s: float = 5.0
     redis_timeout_s: float = 1.0
     presence_refresh_s: float = 60.0
+    orphan_after_s: float = 300.0
+    orphan_check_s: float = 30.0
     advertise_device_url: str | None = None
 
     def __post_init__(self) -> None:
@@ -720,6 +727,8 @@ class ClusterConfig:
             ("command_deadline_s", 0.5, 60),
             ("redis_timeout_s", 0.1, 10),
             ("presence_refresh_s", 1, 3600),
+            ("orphan_after_s", 1, 86400),
+            ("orphan_check_s", 1, 3600),
         ):
             value = getattr(self, name)
             if not low <= value <= high:

@@ -59,6 +59,7 @@ from relay._trio.enrollment_api import Enroller
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.memory_upkeep import freeze_startup_objects, run_memory_upkeep
+from relay._trio.orphan_sessions import OrphanSweep
 from relay._trio.policy_gate import PolicyGate, ceiling_of, load_policy
 from relay._trio.session_api import SessionRoutes
 from relay._trio.session_archive import SessionArchive
@@ -597,6 +598,7 @@ async def _serve(
             await nursery.start(policy.run, sessions.recheck_policy)
             await nursery.start(_reload_on_sighup, pki, policy)
             if cluster is not None and crossing is not None:
+                nursery.start_soon(OrphanSweep(cluster, archive, log=log).run)
                 await nursery.start(crossing.run)
                 await nursery.start(
                     partial(

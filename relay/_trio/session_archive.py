@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -373,10 +373,51 @@ class SessionArchive:
             )
         return crashed
 
-    def _log_crash_end(self, row: RemoteSessionRecord) -> None:
-        """The ``session.end`` a crash left unwritten (bytes unknown: None)."""
+    def open_rows_elsewhere(self, nodes: Collection[str]) -> list[RemoteSessionRecord]:
+        """Open rows of the nodes not in *nodes* (blocking: a worker thread)."""
+        return self._store.open_remote_sessions_elsewhere(nodes)
+
+    async def close_orphans(self, gone_nodes: Collection[str]) -> int:
+        """End the sessions that nodes in *gone_nodes* (no longer in the
+        fleet) left open, as ``broker_crash``; returns how many this node
+        ended (of several nodes doing it, each row is ended by one).
+
+        The dead node's own log cannot be read from here: a session whose
+        ``session.end`` it wrote just before it died gets ``broker_crash`` in
+        the store all the same (its own log keeps the true reason).
+        """
+        if not gone_nodes:
+            return 0
+        rows = await trio.to_thread.run_sync(
+            self._store.open_remote_sessions_elsewhere,
+            [self._node_id],
+        )
+        closed = 0
+        for row in rows:
+            if row.node_id not in gone_nodes:
+                continue
+            ended = await trio.to_thread.run_sync(
+                partial(
+                    self._store.record_session_end,
+                    row.session_id,
+                    at=self._now(),
+                    reason=BROKER_CRASH,
+                    bytes_to_device=row.bytes_to_device,
+                    bytes_from_device=row.bytes_from_device,
+                )
+            )
+            if ended:
+                closed += 1
+                self._log_crash_end(row, node=row.node_id)
+        return closed
+
+    def _log_crash_end(self, row: RemoteSessionRecord, node: str | None = None) -> None:
+        """The ``session.end`` a crash left unwritten (bytes unknown: None);
+        *node* names the dead node when another node writes it."""
+        extra = {} if node is None else {"node": node, "closed_by": self._node_id}
         self._log.warning(
             "session.end",
+            **extra,
             session_id=row.session_id,
             device_id=row.device_id,
             engineer=row.engineer,

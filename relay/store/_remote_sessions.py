@@ -8,7 +8,7 @@ them through :class:`RemoteSessions`, a mixin of :class:`relay.store.Store`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Final
@@ -110,6 +110,19 @@ class RemoteSessions:
             rows = connection.execute(
                 select(remote_sessions)
                 .where(s.node_id == node_id, s.ended_at.is_(None))
+                .order_by(s.requested_at)
+            ).all()
+        return [_record(row._mapping) for row in rows]
+
+    def open_remote_sessions_elsewhere(
+        self, nodes: Collection[str]
+    ) -> list[RemoteSessionRecord]:
+        """The unended sessions of every node not in *nodes*, oldest first."""
+        s = remote_sessions.c
+        with self._transaction(write=False) as connection:
+            rows = connection.execute(
+                select(remote_sessions)
+                .where(s.node_id.not_in(list(nodes)), s.ended_at.is_(None))
                 .order_by(s.requested_at)
             ).all()
         return [_record(row._mapping) for row in rows]

@@ -31,11 +31,14 @@ import trio
 from relay._trio.broker import serve_broker
 from relay._trio.fleet_notice import notify_fleet
 from relay._trio.session_broker import SessionBroker
+from relay.audit_reader import read_records
 from relay.config import ClusterConfig, ListenAddress
 from relay.metrics import RelayMetrics
+from relay.pki_files import DataDir
 from relay.proto import control
 from relay.proto.close import CloseCode
 from relay.proto.node_command import CommandKind
+from relay.store import RemoteSessionRecord
 from tests.e2e.conftest import (
     PKI,
     RunningBroker,
@@ -363,3 +366,67 @@ async def test_a_revocation_and_a_disabled_user_reach_every_node_at_once(
         assert "node node-c: done" in err
         closed = await device_closed(device.ws, within_s=1.0)
         assert closed.code == CloseCode.REVOKED
+
+
+async def test_sessions_a_node_left_open_are_ended_when_it_stays_gone(
+    tmp_path: Path, postgres: PostgresCluster, redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A node that died for good left two rows open; after `orphan_after_s`
+    a surviving node ends them as broker_crash and logs each end, naming the
+    dead node. A row of a node that is alive is not touched."""
+    pki = make_pki(
+        tmp_path / "node-a",
+        database_url=postgres.new_database(),
+        cluster=ClusterConfig(
+            redis_url=redis.url,
+            node_id="node-a",
+            heartbeat_s=HEARTBEAT_S,
+            orphan_after_s=1.0,
+            orphan_check_s=1.0,
+        ),
+    )
+    now = datetime.now(UTC)
+    with pki.store() as store:
+        for session_id, node in (("a" * 32, "node-x"), ("b" * 32, "node-x")):
+            store.record_session_request(_row(session_id, node, now))
+    async with harness(pki, nursery) as h, another_node(h, nursery, "node-c"):
+        with h.pki.store() as store:
+            store.record_session_request(_row("c" * 32, "node-c", now))
+
+            def ended(session_id: str) -> str | None:
+                row = store.get_remote_session(session_id)
+                return None if row is None else row.end_reason
+
+            await wait_until(
+                lambda: ended("a" * 32) == ended("b" * 32) == "broker_crash",
+                timeout_s=10,
+            )
+            await trio.sleep(1.5)  # one more look of each node
+            assert ended("c" * 32) is None
+    ends = [
+        r
+        for r in read_records(DataDir(pki.data_dir).audit_dir)
+        if r.get("event") == "session.end"
+    ]
+    ends += [
+        r
+        for r in read_records(DataDir(tmp_path / "node-c").audit_dir)
+        if r.get("event") == "session.end"
+    ]
+    assert sorted(r["session_id"] for r in ends) == ["a" * 32, "b" * 32]
+    assert {(r["reason"], r["node"]) for r in ends} == {("broker_crash", "node-x")}
+
+
+def _row(session_id: str, node_id: str, at: datetime) -> RemoteSessionRecord:
+    return RemoteSessionRecord(
+        session_id=session_id,
+        node_id=node_id,
+        device_id="dev-gone",
+        engineer="alice",
+        reason="left open",
+        channels=("shell",),
+        source="127.0.0.1",
+        device_fingerprint="ab" * 32,
+        requested_at=at,
+        start_seq=1,
+    )

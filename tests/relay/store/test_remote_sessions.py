@@ -99,6 +99,24 @@ def test_open_sessions_are_per_node(store: Store) -> None:
     assert [r.session_id for r in store.open_remote_sessions("node-b")] == ["s-3"]
 
 
+def test_open_sessions_elsewhere_are_those_of_the_other_nodes(store: Store) -> None:
+    """What the nodes of a fleet may end for a node that left it."""
+    store.record_session_request(requested("s-1"))
+    store.record_session_request(requested("s-2", node_id="node-b"))
+    store.record_session_request(requested("s-3", node_id="node-c"))
+    store.record_session_request(requested("s-4", node_id="node-c"))
+    store.record_session_end(
+        "s-4", at=T0, reason="engineer", bytes_to_device=0, bytes_from_device=0
+    )
+    elsewhere = store.open_remote_sessions_elsewhere(["node-a", "node-b"])
+    assert [r.session_id for r in elsewhere] == ["s-3"]
+    assert [r.session_id for r in store.open_remote_sessions_elsewhere([])] == [
+        "s-1",
+        "s-2",
+        "s-3",
+    ]
+
+
 def test_listing_filters_newest_first(store: Store) -> None:
     for n in range(6):
         store.record_session_request(
