@@ -662,11 +662,14 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tell_the_fleet(config: BrokerConfig, kind: str, args: dict[str, str]) -> None:
+def _tell_the_fleet(
+    config: BrokerConfig, kind: str, args: dict[str, str]
+) -> dict[str, bool] | None:
     """With several nodes, have every live node act on the change now and say
-    which did (relay._trio.fleet_notice); the change is in the store already."""
+    which did (relay._trio.fleet_notice); the change is in the store already.
+    Returns node -> confirmed, or None when Redis could not be reached."""
     if config.cluster.redis_url is None:
-        return
+        return {}
     import trio
 
     from relay._trio.fleet_notice import notify_fleet
@@ -681,10 +684,11 @@ def _tell_the_fleet(config: BrokerConfig, kind: str, args: dict[str, str]) -> No
             f"store within {config.engineer_listener.revocation_poll_s:g} s",
             file=sys.stderr,
         )
-        return
+        return None
     for node_id, done in sorted(confirmed.items()):
         state = "done" if done else "no confirmation (it reads the store's feed)"
         print(f"node {node_id}: {state}", file=sys.stderr)
+    return confirmed
 
 
 # user ---------------------------------------------------------------------------------
@@ -1212,6 +1216,24 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from relay.policy_commands import cmd_policy_check as check
 
     return check(args)
+
+
+def cmd_policy_reload(args: argparse.Namespace) -> int:
+    """Have every live broker node load its policy files again now."""
+    config = _base_config()
+    if config.cluster.redis_url is None:
+        raise CLIError(
+            "no [cluster] redis_url: on a single node send SIGHUP to the broker "
+            "(systemctl reload relay-broker); it also reloads on file change",
+            exit_code=2,
+        )
+    with _audited(config) as audit:
+        audit.logger.info("policy.reload_requested", audit=True)
+    confirmed = _tell_the_fleet(config, "policy_reload", {})
+    if not confirmed:
+        print("no broker node confirmed a reload", file=sys.stderr)
+        return 1
+    return 0 if all(confirmed.values()) else 1
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -2019,7 +2041,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_audit_export)
 
     policy = commands.add_parser(
-        "policy", help="access policies: check a directory, explain a decision"
+        "policy",
+        help="access policies: check a directory, explain a decision, reload",
     ).add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     policy_check = policy.add_parser(
         "check",
@@ -2028,6 +2051,13 @@ def build_parser() -> argparse.ArgumentParser:
     policy_check.add_argument("dir", type=Path, metavar="DIR")
     policy_check.add_argument("--json", action="store_true")
     policy_check.set_defaults(func=cmd_policy_check)
+    policy_reload = policy.add_parser(
+        "reload",
+        help="have every live broker node load its policy files now (several "
+        "nodes; a single node reloads on SIGHUP); exit 1 if a node did not "
+        "confirm",
+    )
+    policy_reload.set_defaults(func=cmd_policy_reload)
     explain = policy.add_parser(
         "explain",
         help="the decision the broker would make on a request, and the rules "

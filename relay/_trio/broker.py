@@ -280,7 +280,7 @@ async def _carry_out(
             raise UnsupportedCommand(f"end reason {command.args['reason']!r}")
         await sessions.end(command.args["session_id"], by_admin=True, by_owner=False)
     elif command.kind is CommandKind.POLICY_RELOAD:
-        policy.reload_now()
+        await policy.reload_and_wait()
     else:
         raise UnsupportedCommand(str(command.kind))
     return None

@@ -123,6 +123,10 @@ class PolicyGate:
         self._log = log
         self._wall_clock = wall_clock
         self._reload_now = trio.Event()
+        # reload_and_wait: requests made, and the last one a reload served.
+        self._reload_requests = 0
+        self._reloads_served = 0
+        self._reloaded = trio.lowlevel.ParkingLot()
         self._fingerprint: _Fingerprint | None = None
         metrics.policy_rules.set(len(policy.rules))
 
@@ -185,6 +189,16 @@ class PolicyGate:
         """Reload at the next chance (SIGHUP), changed or not."""
         self._reload_now.set()
 
+    async def reload_and_wait(self) -> None:
+        """Reload now, changed or not, and return once that reload is done
+        (loaded, or refused and on record): another node's ``policy_reload``
+        is confirmed only then."""
+        self._reload_requests += 1
+        mine = self._reload_requests
+        self._reload_now.set()
+        while self._reloads_served < mine:
+            await self._reloaded.park()
+
     async def run(
         self,
         on_change: Callable[[str], Awaitable[None]],
@@ -202,8 +216,13 @@ class PolicyGate:
             forced = self._reload_now.is_set()
             if forced or trio.current_time() >= next_poll:
                 self._reload_now = trio.Event()
+                serving = self._reload_requests  # asked for before this read
                 next_poll = trio.current_time() + self._config.reload_poll_s
-                if await self._maybe_reload(forced=forced):
+                changed = await self._maybe_reload(forced=forced)
+                if forced:
+                    self._reloads_served = serving
+                    self._reloaded.unpark_all()
+                if changed:
                     await on_change("policy_reload")
             moved = await self._cursor(cursor)
             if moved is not None and moved != cursor:

@@ -430,3 +430,39 @@ def _row(session_id: str, node_id: str, at: datetime) -> RemoteSessionRecord:
         requested_at=at,
         start_seq=1,
     )
+
+
+async def test_relay_policy_reload_reaches_every_node(
+    pki: PKI, nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    """`relay policy reload` has every live node load its policy now and
+    prints each confirmation (exit 0); each node's log has the load."""
+    async with harness(pki, nursery) as h, another_node(h, nursery, "node-c") as c:
+        await wait_until(lambda: c.broker.sample("relay_redis_up") == 1)
+        await trio.sleep(HEARTBEAT_S * 2)  # both announced
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [sys.executable, "-m", "relay", "policy", "reload"],
+                env={
+                    **os.environ,
+                    "RELAY_DATA_DIR": str(h.pki.data_dir),
+                    "RELAY_DATABASE_URL": h.broker.config.effective_database_url,
+                    "RELAY_CLUSTER__REDIS_URL": redis.url,
+                },
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        err = done.stderr.decode()
+        assert done.returncode == 0, err
+        assert "node node-a: done" in err
+        assert "node node-c: done" in err
+        for node in (h, c):
+            assert (
+                node.broker.sample(
+                    "relay_node_commands_total",
+                    kind="policy_reload",
+                    outcome="carried_out",
+                )
+                == 1
+            )
