@@ -42,6 +42,8 @@ METRIC_NAMES = frozenset(
         "relay_certificate_expiry_timestamp_seconds",
         "relay_device_certificates_expiring_soon",
         "relay_device_certificate_renewals_total",
+        "relay_redis_up",
+        "relay_node_commands_total",
     }
 )
 HISTOGRAMS = frozenset(

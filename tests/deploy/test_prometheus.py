@@ -25,6 +25,7 @@ ALERTS = frozenset(
     {
         "RelayBrokerDown",
         "RelayDeviceFleetDrop",
+        "RelayRedisUnreachable",
         "RelayTLSHandshakeFailureSpike",
         "RelayAuditWriteFailures",
         "RelayAuditNotWritable",
