@@ -61,6 +61,9 @@ HEARTBEAT_S: Final = 0.5
 #: CI machine. The keepalive budget of the BRIEF (30 s) is far above it.
 NODE_DEATH_BUDGET_S: Final = 10.0
 TRANSFER_BYTES: Final = 2 * 1024 * 1024
+#: The cap of the sessions of the cap test (short, with room for the on-site
+#: End to come first in the test before it).
+CAP_S: Final = 6
 
 
 @dataclass
@@ -389,10 +392,11 @@ async def test_one_session_per_device_across_nodes_the_on_site_end_and_the_cap(
     tmp_path: Path, postgres: PostgresCluster, redis: RedisServer, nursery: trio.Nursery
 ) -> None:
     """The same engineer asks for the device on all three nodes at once:
-    exactly one request wins, the others are busy. The person at the
-    instrument ends that session (``onsite``); the next one, across nodes,
-    ends at its cap (``time_cap``)."""
-    async with fleet(tmp_path, postgres, redis, nursery, cap_s=4) as f:
+    exactly one request wins, the others are busy; the person at the
+    instrument ends that session. Then, across nodes (engineer on A): the
+    person's End ends the engineer's session (``onsite``) and closes the
+    local stream, and the next session ends at its cap (``time_cap``)."""
+    async with fleet(tmp_path, postgres, redis, nursery, cap_s=CAP_S) as f:
         results: dict[str, httpx.Response] = {}
 
         async def ask(node_id: str) -> None:
@@ -430,13 +434,25 @@ async def test_one_session_per_device_across_nodes_the_on_site_end_and_the_cap(
                     await trio.sleep(0.1)
         assert ends_of(f.audit(winner), session_id) == ["onsite"]
 
+        onsite = await start_crossing(f, nursery)
+        sent, echoed = await echo_through(onsite, 64 * 1024)
+        assert sent == echoed
+        async with httpx.AsyncClient(base_url=f.agent.ui_url) as ui:
+            ended = await ui.post("/api/end", json={"session_id": onsite.session_id})
+            assert ended.status_code == 200, ended.text
+        with trio.fail_after(10):
+            await onsite.ended.wait()
+        assert onsite.outcome is not None, onsite.error
+        assert onsite.outcome.end_reason == "onsite"
+        assert ends_of(f.audit("node-a"), onsite.session_id) == ["onsite"]
+
         crossing = await start_crossing(f, nursery)
         started = trio.current_time()
         with trio.fail_after(15):
             await crossing.ended.wait()
         assert crossing.outcome is not None, crossing.error
         assert crossing.outcome.end_reason == "time_cap"
-        assert crossing.ended_at - started <= 4 + 2  # cap + 2 s (BRIEF)
+        assert crossing.ended_at - started <= CAP_S + 2  # cap + 2 s (BRIEF)
 
 
 async def test_node_b_killed_mid_session_and_redis_restarted(
