@@ -18,6 +18,7 @@ generators and the benchmark process share the machine with it.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import os
 import secrets
 import signal
@@ -55,6 +56,12 @@ LOOPBACK: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 15.0
 METRICS_TIMEOUT_S: Final = 60.0
+#: The allocator the broker is deployed with (Containerfile, the systemd unit):
+#: jemalloc, preloaded. Under session churn glibc's malloc keeps the broker's
+#: freed memory resident (its live heap stays flat while its RSS grows; see
+#: reliability/README), so the benchmarks and the soak measure the broker as
+#: it runs in the field. ``RELAY_BENCH_MALLOC=glibc`` measures it without.
+BROKER_PRELOAD: Final = "libjemalloc.so.2"
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 
@@ -146,12 +153,25 @@ class BrokerProcess:
             raise RuntimeError("the broker is not running")
         return self.process.pid
 
+    @property
+    def allocator(self) -> str:
+        """The running broker's malloc, from what it has mapped: "jemalloc" or "glibc"."""
+        maps = Path(f"/proc/{self.pid}/maps").read_text()
+        return "jemalloc" if "libjemalloc" in maps else "glibc"
+
     def start(self) -> None:
         """Start the broker and wait until ``/readyz`` answers 200."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("the broker is already running")
         self.starts += 1
         env = dict(os.environ, RELAY_DATA_DIR=str(self.data_dir))
+        if (
+            os.environ.get("RELAY_BENCH_MALLOC") != "glibc"
+            and ctypes.util.find_library("jemalloc") is not None
+        ):
+            env["LD_PRELOAD"] = " ".join(
+                filter(None, [BROKER_PRELOAD, env.get("LD_PRELOAD")])
+            )
         python = self.python
         if profiles := os.environ.get("RELAY_BENCH_CPROFILE_DIR"):
             # A deterministic profile of every broker the benchmark starts,

@@ -39,6 +39,8 @@ is not growth over time, which is what the limit is about. Each
 reading waits for the broker's next memory upkeep (``memory_upkeep_s``: the
 garbage of closed connections collected, the heap trimmed), so that the three
 are taken at the same point of its cycle.
+The broker runs on jemalloc, as deployed (:data:`bench.world.BROKER_PRELOAD`);
+the result says which malloc it ran on.
 
 *Account.* After the broker stops, its audit log is read: every session
 requested has exactly one ``session.end``, its reason is the one the worker
@@ -218,6 +220,8 @@ class SoakResult:
     fleet_problems: list[str] = field(default_factory=list)
     #: (seconds into the load, RSS bytes), every :data:`SAMPLE_EVERY_S`.
     rss_timeline: list[tuple[float, int]] = field(default_factory=list)
+    #: The broker's malloc ("jemalloc" as deployed, or "glibc"; bench.world).
+    allocator: str = "not measured"
 
     @property
     def transfers(self) -> int:
@@ -309,7 +313,8 @@ class SoakResult:
                 f"{w.rss_bytes / 2**20:.1f} after warm-up, "
                 f"{a.rss_bytes / 2**20:.1f} at the end "
                 f"({self.rss_growth_pct():+.2f} % since warm-up, "
-                f"{self.rss_growth_pct('baseline'):+.2f} % since baseline)",
+                f"{self.rss_growth_pct('baseline'):+.2f} % since baseline; "
+                f"malloc: {self.allocator})",
             ]
         lines.append(f"audit chain: {self.audit.chain}")
         problems = self.problems()
@@ -333,6 +338,7 @@ class SoakResult:
             "keys_echoed": self.keys_echoed,
             "audit": asdict(self.audit),
             "problems": self.problems(),
+            "allocator": self.allocator,
             "rss_timeline": self.rss_timeline,
             "runs": [asdict(r) for r in self.runs],
         }
@@ -755,6 +761,7 @@ async def _soak_with_fleet(
                 await _all_connected(w, config.devices)
             await trio.sleep(SETTLE_MIN_S)
             result.baseline = await _at_rest_resources(w)
+            result.allocator = w.broker.allocator
 
             # Warm-up: one session of each ending, one after another.
             warm_up: list[SessionRun] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+from bench.world import BROKER_PRELOAD
 from relay.config import BrokerConfig
 from tests.deploy.deploy_files import CONTAINERFILE, ROOT, required_binary, run
 
@@ -75,6 +76,13 @@ def test_data_dir_is_a_volume_and_metrics_bind_inside_the_container() -> None:
     port = BrokerConfig().metrics_listen.port
     assert f"RELAY_METRICS_LISTEN=0.0.0.0:{port}" in env
     assert arguments("VOLUME") == ['["/var/lib/relay"]']
+
+
+def test_broker_runs_on_the_malloc_the_soak_measures() -> None:
+    """jemalloc installed and preloaded, as bench.world starts the broker
+    (reliability/README: glibc's malloc kept freed memory resident)."""
+    assert any("libjemalloc2" in rest for rest in arguments("RUN"))
+    assert f"LD_PRELOAD={BROKER_PRELOAD}" in " ".join(arguments("ENV"))
 
 
 def test_healthcheck_uses_the_standard_library_on_healthz() -> None:

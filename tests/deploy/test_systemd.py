@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.world import BROKER_PRELOAD
 from tests.deploy.deploy_files import DEPLOY, relay_config_check, run
 
 SYSTEMD = DEPLOY / "systemd"
@@ -75,6 +76,11 @@ def test_broker_is_fully_sandboxed() -> None:
     # Secrets come from root-only files, not from the unit.
     assert not any("SEALING" in value for value in unit.get("Environment", []))
     assert unit["EnvironmentFile"] == ["/etc/relay/relay-broker.env"]
+
+
+def test_broker_runs_on_the_malloc_the_soak_measures() -> None:
+    """jemalloc, preloaded as bench.world starts the broker (reliability/README)."""
+    assert f"LD_PRELOAD={BROKER_PRELOAD}" in service(BROKER)["Environment"]
 
 
 def test_agent_keeps_what_the_remote_shell_needs() -> None:

@@ -143,6 +143,7 @@ def test_sessions_under_load_leave_no_fd_task_or_session_behind(soak: _Soak) -> 
             "warmed": round(result.warmed.rss_bytes / 2**20, 1),
             "end": round(result.after.rss_bytes / 2**20, 1),
         },
+        malloc=result.allocator,
         sessions_open_after=result.sessions_open_after,
         chain=result.audit.chain,
     )
