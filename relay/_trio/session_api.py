@@ -126,7 +126,13 @@ class SessionRoutes:
 
     def _refused(self, status: int, message: str, outcome: str) -> JSONResponse:
         self._metrics.session_requests.labels(outcome).inc()
-        return _error(status, message)
+        response = _error(status, message)
+        if status == 503:
+            # Something the broker depends on is away (the store, Redis,
+            # another node, the audit log): worth trying again shortly, as
+            # the listener's own 503 for a store that is down says too.
+            response.headers["Retry-After"] = "5"
+        return response
 
     def _visible(self, request: Request, principal: Principal) -> str | None:
         session_id = request.path_params.get("session_id")
