@@ -110,16 +110,12 @@ async def _audit_watch(
     config: AuditConfig,
     log: Any,
 ) -> None:
-    """Seal checkpoints on time; fail closed while the log cannot be written;
-    give the store the session ends it could not take, every ``retry_s``."""
+    """Seal checkpoints on time; fail closed while the log cannot be written."""
     was_healthy = True
-    next_retry = next_flush = 0.0
+    next_retry = 0.0
     while True:
         if audit.healthy:
             audit.tick()
-            if archive.has_deferred and trio.current_time() >= next_flush:
-                next_flush = trio.current_time() + config.retry_s
-                await archive.flush_deferred()
         if not audit.healthy:
             now = trio.current_time()
             if was_healthy:

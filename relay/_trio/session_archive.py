@@ -70,8 +70,8 @@ GRANT_RECEIPT_FILE: Final = "grant-receipt.json"
 END_RECEIPT_FILE: Final = "end-receipt.json"
 DEVICE_CERT_FILE: Final = "device.crt"
 BROKER_CRASH: Final = EndReason.BROKER_CRASH.value
-#: Row ends kept for a store that is away; beyond it the oldest is left to the
-#: next start's recovery (which takes the end from the audit log).
+#: Row ends kept while the audit log cannot be written; beyond it the oldest
+#: is left to the next start's recovery (which takes the end from the log).
 MAX_DEFERRED_ENDS: Final = 10_000
 
 
@@ -115,8 +115,8 @@ class SessionArchive:
     ) -> None:
         self.recordings_dir = recordings_dir
         self._audit_dir = audit_dir
-        # Row ends that wait for the audit log to be written again, or for the
-        # store to take them (oldest first, at most MAX_DEFERRED_ENDS).
+        # Row ends that wait for the audit log to be written again (oldest
+        # first, at most MAX_DEFERRED_ENDS).
         self._deferred: list[partial[bool]] = []
         self._store = store
         self._config = config
@@ -303,16 +303,13 @@ class SessionArchive:
         try:
             await trio.to_thread.run_sync(end_row)
         except StoreError as exc:
-            # The end is in the audit log; the row gets it when the store is
-            # back (the broker's watch retries), or from the log at the next
-            # start if this process does not live that long.
-            self._defer(end_row)
+            # The end is in the audit log: the node's next start writes it
+            # into the row from there (recover).
             self._log.error(
                 "session.archive_failed",
                 session_id=session_id,
                 step="end",
                 detail=str(exc)[:200],
-                deferred=True,
                 audit=True,
             )
 
@@ -321,14 +318,9 @@ class SessionArchive:
             self._deferred.pop(0)  # the next start's recovery reads it from the log
         self._deferred.append(end_row)
 
-    @property
-    def has_deferred(self) -> bool:
-        """Whether row ends wait for the audit log or the store."""
-        return bool(self._deferred)
-
     async def flush_deferred(self) -> None:
-        """End the rows that waited (the audit log is written again, or the
-        store may be back); stops at the first the store does not take."""
+        """End the rows that waited for the audit log (it is written again);
+        stops at the first the store does not take."""
         while self._deferred:
             end_row = self._deferred[0]
             try:
