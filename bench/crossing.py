@@ -29,41 +29,16 @@ import trio
 from bench.results import Goal, Mode, ScenarioResult, Table, fmt_ms, ratio
 from bench.sessions import SETUP_GOAL, SetupTimings, one_session, run_fleet
 from bench.world import (
-    LOOPBACK,
-    BrokerProcess,
     free_port,
     percentiles,
-    toml_text,
     world,
 )
-from relay.pki_files import DataDir, load_or_create_sealing_key
 
 HEARTBEAT_S: Final = 0.5
 CROSSING_GOAL = (
     "session set-up across broker nodes (engineer on A, device on B)",
     "request -> offer p99 < 50 ms; grant -> first byte p99 < 100 ms (as on one node)",
 )
-
-
-def _config(
-    node: BrokerProcess, node_id: str, *, database_url: str, redis_url: str, banner: int
-) -> str:
-    return toml_text(
-        {
-            "data_dir": str(node.data_dir),
-            "device_listen": f"{LOOPBACK}:{node.device_port}",
-            "engineer_listen": f"{LOOPBACK}:{node.engineer_port}",
-            "metrics_listen": f"{LOOPBACK}:{node.metrics_port}",
-            "database_url": database_url,
-            "cluster": {
-                "redis_url": redis_url,
-                "node_id": node_id,
-                "heartbeat_s": HEARTBEAT_S,
-                "advertise_device_url": node.device_url,
-            },
-            "sessions": {"allowed_channels": [f"tcp:{banner}"]},
-        }
-    )
 
 
 def run_crossing(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
@@ -84,28 +59,16 @@ def run_crossing(mode: Mode, *, sessions: int | None = None) -> ScenarioResult:
             redis_server(w.root / "redis") as redis,
         ):
             node_a = w.broker
-            load_or_create_sealing_key(DataDir(w.data_dir), None)
-            node_b = BrokerProcess(
-                config_file=w.root / "node-b.toml",
-                data_dir=w.root / "node-b",
-                device_port=free_port(),
-                engineer_port=free_port(),
-                metrics_port=free_port(),
-                log_file=w.root / "node-b.log",
-            )
-            for part in ("ca", "secrets"):
-                shutil.copytree(w.data_dir / part, node_b.data_dir / part)
+            node_b = w.add_node("node-b")
             database_url = pg.new_database()
             banner = free_port()
             for node, node_id in ((node_a, "node-a"), (node_b, "node-b")):
-                node.config_file.write_text(
-                    _config(
-                        node,
-                        node_id,
-                        database_url=database_url,
-                        redis_url=redis.url,
-                        banner=banner,
-                    )
+                node.write_node_config(
+                    node_id,
+                    database_url=database_url,
+                    redis_url=redis.url,
+                    cluster={"heartbeat_s": HEARTBEAT_S},
+                    sessions={"allowed_channels": [f"tcp:{banner}"]},
                 )
             agent_dirs = [d.root for d in w.enroll_devices("bench-dev", 1)]
             engineer = w.add_engineer()

@@ -21,6 +21,7 @@ import contextlib
 import ctypes.util
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -241,6 +242,36 @@ class BrokerProcess:
     def sample(self) -> ProcessSample:
         return sample_process(self.pid)
 
+    def write_node_config(
+        self,
+        node_id: str,
+        *,
+        database_url: str,
+        redis_url: str,
+        cluster: Mapping[str, Any] | None = None,
+        sessions: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Its config file as one node of a fleet: the shared database and
+        Redis, its own id, its device listener as its advertised address."""
+        self.config_file.write_text(
+            toml_text(
+                {
+                    "data_dir": str(self.data_dir),
+                    "device_listen": f"{LOOPBACK}:{self.device_port}",
+                    "engineer_listen": f"{LOOPBACK}:{self.engineer_port}",
+                    "metrics_listen": f"{LOOPBACK}:{self.metrics_port}",
+                    "database_url": database_url,
+                    "cluster": {
+                        "redis_url": redis_url,
+                        "node_id": node_id,
+                        "advertise_device_url": self.device_url,
+                        **(cluster or {}),
+                    },
+                    "sessions": dict(sessions or {}),
+                }
+            )
+        )
+
     def metrics(self) -> str:
         """The broker's Prometheus text; "" when it does not answer in time.
 
@@ -302,6 +333,23 @@ class World:
             config.setdefault(name, {}).update(keys)
         self.config = {k: v for k, v in config.items() if isinstance(v, dict)}
         self.broker.config_file.write_text(toml_text(config))
+
+    def add_node(self, node_id: str) -> BrokerProcess:
+        """Another broker of the same fleet, on ports of its own: its own data
+        dir with this world's CA and TOTP sealing key copied into it, as an
+        operator shares them (write its config with ``write_node_config``)."""
+        load_or_create_sealing_key(DataDir(self.data_dir), None)
+        data_dir = self.root / node_id
+        for part in ("ca", "secrets"):
+            shutil.copytree(self.data_dir / part, data_dir / part)
+        return BrokerProcess(
+            config_file=self.root / f"{node_id}.toml",
+            data_dir=data_dir,
+            device_port=free_port(),
+            engineer_port=free_port(),
+            metrics_port=free_port(),
+            log_file=self.root / f"{node_id}.log",
+        )
 
     def _store(self) -> contextlib.closing[store_module.Store]:
         from relay.config_file import load_config

@@ -306,6 +306,27 @@ async def test_redis_away_refuses_new_sessions_and_spares_live_ones(
             assert await keys.get(f"relay:device-lock:{DEVICE}") == offer.session_id
 
 
+async def relay_cli_on(h: Harness, redis: RedisServer, *args: str) -> str:
+    """Run `relay ARGS` as an operator does on node A (its data dir, the shared
+    database and Redis); its stderr, once it exited 0."""
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-m", "relay", *args],
+            env={
+                **os.environ,
+                "RELAY_DATA_DIR": str(h.pki.data_dir),
+                "RELAY_DATABASE_URL": h.broker.config.effective_database_url,
+                "RELAY_CLUSTER__REDIS_URL": redis.url,
+            },
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    return err
+
+
 async def test_a_revocation_and_a_disabled_user_reach_every_node_at_once(
     tmp_path: Path, postgres: PostgresCluster, redis: RedisServer, nursery: trio.Nursery
 ) -> None:
@@ -347,21 +368,7 @@ async def test_a_revocation_and_a_disabled_user_reach_every_node_at_once(
             _, reason = await engineer_closed(eng, within_s=1.0)
             assert reason.code == CloseCode.LOGIN_ENDED
         # The command-line tool itself, as an operator runs it on a node.
-        with trio.fail_after(30):
-            done = await trio.run_process(
-                [sys.executable, "-m", "relay", "device", "revoke", DEVICE],
-                env={
-                    **os.environ,
-                    "RELAY_DATA_DIR": str(h.pki.data_dir),
-                    "RELAY_DATABASE_URL": h.broker.config.effective_database_url,
-                    "RELAY_CLUSTER__REDIS_URL": redis.url,
-                },
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-        err = done.stderr.decode()
-        assert done.returncode == 0, err
+        err = await relay_cli_on(h, redis, "device", "revoke", DEVICE)
         assert "node node-a: done" in err
         assert "node node-c: done" in err
         closed = await device_closed(device.ws, within_s=1.0)
@@ -440,21 +447,7 @@ async def test_relay_policy_reload_reaches_every_node(
     async with harness(pki, nursery) as h, another_node(h, nursery, "node-c") as c:
         await wait_until(lambda: c.broker.sample("relay_redis_up") == 1)
         await trio.sleep(HEARTBEAT_S * 2)  # both announced
-        with trio.fail_after(30):
-            done = await trio.run_process(
-                [sys.executable, "-m", "relay", "policy", "reload"],
-                env={
-                    **os.environ,
-                    "RELAY_DATA_DIR": str(h.pki.data_dir),
-                    "RELAY_DATABASE_URL": h.broker.config.effective_database_url,
-                    "RELAY_CLUSTER__REDIS_URL": redis.url,
-                },
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-        err = done.stderr.decode()
-        assert done.returncode == 0, err
+        err = await relay_cli_on(h, redis, "policy", "reload")
         assert "node node-a: done" in err
         assert "node node-c: done" in err
         for node in (h, c):

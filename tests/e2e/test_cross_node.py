@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_websocket
 
+from relay._trio.websocket import WebSocketConnection
 from relay.config import ClusterConfig, ListenAddress
 from relay.proto import control, tunnel
 from tests.e2e.conftest import LOOPBACK, PKI, wait_until
@@ -114,6 +116,33 @@ async def offered(h: Harness, device: FakeDevice) -> control.OfferWithTunnel:
     return offer
 
 
+@asynccontextmanager
+async def active_crossing(
+    h: Harness, device: FakeDevice
+) -> AsyncIterator[
+    tuple[
+        control.OfferWithTunnel,
+        WebSocketConnection,
+        trio_websocket.WebSocketConnection,
+    ]
+]:
+    """A session across nodes, active: offered through node B with node A's
+    tunnel address, granted, the device's tunnel on A, the engineer attached."""
+    offer = await offered(h, device)
+    assert offer.tunnel_url == f"wss://{LOOPBACK}:{h.broker.ports.device}"
+    await device.send(device.grant(offer))
+    await wait_until(
+        lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
+    )
+    path = f"/v1/device/tunnel/{offer.session_id}"
+    async with (
+        open_device(h.broker, h.pki, device.agent_dir, path) as tun,
+        attach(h, offer.session_id) as eng,
+    ):
+        assert (await status(eng))["state"] == "active"
+        yield offer, tun, eng
+
+
 async def test_a_session_across_nodes_relays_and_the_engineer_ends_it(
     pki: PKI, nursery: trio.Nursery, redis: RedisServer
 ) -> None:
@@ -124,20 +153,7 @@ async def test_a_session_across_nodes_relays_and_the_engineer_ends_it(
     B lends nothing afterwards and the device's lock is released."""
     async with harness(pki, nursery) as h, node_b(h, nursery) as b:
         async with device_on(b, h, redis) as device:
-            offer = await offered(h, device)
-            assert offer.tunnel_url == f"wss://{LOOPBACK}:{h.broker.ports.device}"
-            crossing = h.sessions._crossing
-            assert crossing is not None
-            await device.send(device.grant(offer))
-            await wait_until(
-                lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
-            )
-            path = f"/v1/device/tunnel/{offer.session_id}"
-            async with (
-                open_device(h.broker, h.pki, device.agent_dir, path) as tun,
-                attach(h, offer.session_id) as eng,
-            ):
-                assert (await status(eng))["state"] == "active"
+            async with active_crossing(h, device) as (offer, tun, eng):
                 await eng.send_message(
                     tunnel.encode(tunnel.StreamOpen(stream_id=1, channel="tcp:22"))
                 )
@@ -200,17 +216,7 @@ async def test_the_on_site_end_across_nodes(
         node_b(h, nursery) as b,
         device_on(b, h, redis) as device,
     ):
-        offer = await offered(h, device)
-        await device.send(device.grant(offer))
-        await wait_until(
-            lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
-        )
-        path = f"/v1/device/tunnel/{offer.session_id}"
-        async with (
-            open_device(h.broker, h.pki, device.agent_dir, path) as tun,
-            attach(h, offer.session_id) as eng,
-        ):
-            assert (await status(eng))["state"] == "active"
+        async with active_crossing(h, device) as (offer, tun, eng):
             await tun.aclose(4005, "onsite")
             await device.send(device.ended(offer, "onsite"))
             seen, reason = await engineer_closed(eng)
@@ -268,22 +274,15 @@ async def test_the_device_node_stopping_ends_the_session_on_the_engineer_node(
     """Node B stops: its control channel to the device closes, B tells A, and
     A ends the session (``device_disconnect``) and closes both legs."""
     async with harness(pki, nursery) as h:
-        async with node_b(h, nursery) as b, device_on(b, h, redis) as device:
-            offer = await offered(h, device)
-            await device.send(device.grant(offer))
-            await wait_until(
-                lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
-            )
-            path = f"/v1/device/tunnel/{offer.session_id}"
-            async with (
-                open_device(h.broker, h.pki, device.agent_dir, path) as tun,
-                attach(h, offer.session_id) as eng,
-            ):
-                assert (await status(eng))["state"] == "active"
-                b.broker.shutdown.set()
-                _, reason = await engineer_closed(eng, within_s=10)
-                assert reason.reason in ("device_disconnect", "broker_crash")
-                await device_closed(tun)
+        async with (
+            node_b(h, nursery) as b,
+            device_on(b, h, redis) as device,
+            active_crossing(h, device) as (_offer, tun, eng),
+        ):
+            b.broker.shutdown.set()
+            _, reason = await engineer_closed(eng, within_s=10)
+            assert reason.reason in ("device_disconnect", "broker_crash")
+            await device_closed(tun)
         await h.assert_clean()
 
 
@@ -305,24 +304,17 @@ async def _session_across_a_dying_node(
     h: Harness, outer: trio.Nursery, redis: RedisServer
 ) -> None:
     b_nursery: trio.Nursery = await outer.start(_nursery_of_its_own)
-    async with node_b(h, b_nursery) as b, device_on(b, h, redis) as device:
-        offer = await offered(h, device)
-        await device.send(device.grant(offer))
-        await wait_until(
-            lambda: h.sessions.view(offer.session_id)["state"] == "granted"  # type: ignore[index]
-        )
-        path = f"/v1/device/tunnel/{offer.session_id}"
-        async with (
-            open_device(h.broker, h.pki, device.agent_dir, path) as tun,
-            attach(h, offer.session_id) as eng,
-        ):
-            assert (await status(eng))["state"] == "active"
-            b_nursery.cancel_scope.cancel()
-            seen, reason = await engineer_closed(eng, within_s=HEARTBEAT_S * 15)
-            assert (reason.code, reason.reason) == (4005, "broker_crash")
-            assert {"type": "end", "reason": "broker_crash"} in seen
-            closed = await device_closed(tun)
-            assert (closed.code, closed.reason) == (4005, "broker_crash")
+    async with (
+        node_b(h, b_nursery) as b,
+        device_on(b, h, redis) as device,
+        active_crossing(h, device) as (offer, tun, eng),
+    ):
+        b_nursery.cancel_scope.cancel()
+        seen, reason = await engineer_closed(eng, within_s=HEARTBEAT_S * 15)
+        assert (reason.code, reason.reason) == (4005, "broker_crash")
+        assert {"type": "end", "reason": "broker_crash"} in seen
+        closed = await device_closed(tun)
+        assert (closed.code, closed.reason) == (4005, "broker_crash")
     outer.cancel_scope.cancel()
     with h.pki.store() as store:
         await wait_until(

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,11 +31,10 @@ import httpx
 import pytest
 import trio
 
-from bench.world import LOOPBACK, BrokerProcess, Engineer, World, free_port, toml_text
+from bench.world import LOOPBACK, BrokerProcess, Engineer, World
 from relay._trio.engineer_session import SessionOutcome, run_session
 from relay.audit_reader import read_records
 from relay.engineer_client import Credentials
-from relay.pki_files import DataDir, load_or_create_sealing_key
 from tests.e2e.test_engineer_cli_session import forward_to
 from tests.e2e.test_graceful_shutdown import grant_on_the_device_ui
 from tests.pg_cluster import PostgresCluster
@@ -109,38 +107,6 @@ class Fleet:
                     await trio.sleep(HEARTBEAT_S / 4)
 
 
-def _node_config(
-    node: BrokerProcess,
-    node_id: str,
-    *,
-    database_url: str,
-    redis_url: str,
-    service_port: int,
-    cap_s: int,
-) -> str:
-    return toml_text(
-        {
-            "data_dir": str(node.data_dir),
-            "device_listen": f"{LOOPBACK}:{node.device_port}",
-            "engineer_listen": f"{LOOPBACK}:{node.engineer_port}",
-            "metrics_listen": f"{LOOPBACK}:{node.metrics_port}",
-            "database_url": database_url,
-            "cluster": {
-                "redis_url": redis_url,
-                "node_id": node_id,
-                "heartbeat_s": HEARTBEAT_S,
-                "command_deadline_s": 3.0,
-                "redis_timeout_s": 0.5,
-                "advertise_device_url": node.device_url,
-            },
-            "sessions": {
-                "allowed_channels": [f"tcp:{service_port}"],
-                "max_session_seconds": cap_s,
-            },
-        }
-    )
-
-
 @contextlib.asynccontextmanager
 async def fleet(
     root: Path,
@@ -154,32 +120,23 @@ async def fleet(
     (through the balancer), an engineer account."""
     service_port = await _echo_service(nursery)
     world = World(root=root)
-    data_a = DataDir(world.data_dir)
-    load_or_create_sealing_key(data_a, None)  # made once, shared by the nodes
     nodes = {"node-a": world.broker}
-    for node_id in NODES[1:]:
-        data_dir = root / node_id
-        for part in ("ca", "secrets"):
-            shutil.copytree(world.data_dir / part, data_dir / part)
-        nodes[node_id] = BrokerProcess(
-            config_file=root / f"{node_id}.toml",
-            data_dir=data_dir,
-            device_port=free_port(),
-            engineer_port=free_port(),
-            metrics_port=free_port(),
-            log_file=root / f"{node_id}.log",
-        )
+    nodes.update((node_id, world.add_node(node_id)) for node_id in NODES[1:])
     database_url = postgres.new_database()
     for node_id, node in nodes.items():
-        node.config_file.write_text(
-            _node_config(
-                node,
-                node_id,
-                database_url=database_url,
-                redis_url=redis.url,
-                service_port=service_port,
-                cap_s=cap_s,
-            )
+        node.write_node_config(
+            node_id,
+            database_url=database_url,
+            redis_url=redis.url,
+            cluster={
+                "heartbeat_s": HEARTBEAT_S,
+                "command_deadline_s": 3.0,
+                "redis_timeout_s": 0.5,
+            },
+            sessions={
+                "allowed_channels": [f"tcp:{service_port}"],
+                "max_session_seconds": cap_s,
+            },
         )
     f = Fleet(world=world, nodes=nodes, redis=redis, service_port=service_port)
     try:
