@@ -161,6 +161,9 @@ async def test_grant_on_the_device_then_a_64_mib_forward_arrives_intact(
             offer = await device.wait_for_offer()
             assert offer["engineer"] == "alice"
             assert offer["reason"] == "ticket 4711: conductivity alarm"
+            # The person answers after the CLI has said it waits (a grant
+            # before the CLI watches the session skips that line, rightly).
+            await wait_until(lambda: "waiting for the person" in out.getvalue())
             await device.press("grant", offer["session_id"])
             conn = await trio.open_tcp_stream(LOOPBACK, await _port(ports))
             digest = hashlib.sha256()

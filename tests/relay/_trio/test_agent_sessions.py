@@ -190,7 +190,8 @@ class FakeBroker:
                     )
                 elif not isinstance(event, control._NeedData):
                     await self.events_send.send(event)
-        except ConnectionClosed:
+        except (ConnectionClosed, trio.ClosedResourceError):
+            # ClosedResourceError: vanish() closed the socket under a send.
             return
 
     async def send(self, event: control.Event) -> None:
