@@ -242,6 +242,25 @@ class AgentConfig:
             engineer's node). The host of ``--broker`` is always accepted, on
             any port; here exact names (``broker-2.relay.example``) or
             ``*.relay.example`` for its subdomains. Empty: only that host.
+        feed_dir: The monitoring feed's spool directory, where the
+            instrument's software drops its records and keeps its snapshots
+            (docs/monitoring.md); unset, ``feed/`` in the agent directory.
+        feed_queue_max_records: Records the agent keeps on disk while it
+            cannot deliver them; when full, daily statistics make room first
+            (oldest first) and alarms are never dropped without a trace.
+        feed_max_record_bytes: Largest record the agent takes from the
+            instrument (the broker's ``[feed] max_record_bytes`` should not be
+            lower).
+        feed_window: Records sent and not yet acknowledged, at most.
+        feed_retry_s: How long the agent waits before it sends again a record
+            the broker could not store (``retry``), or one not acknowledged.
+        feed_scan_s: How often the agent looks into the spool directory.
+        feed_request_kinds: The request-only data the owner lets the agent
+            give out when a user asks (``configuration``, ``consumables``);
+            empty: every request is refused.
+        feed_request_min_interval_s: Shortest time between two answered
+            requests of one kind; a request sooner is refused (``too_soon``),
+            so no broker can turn requests into polling.
 
     Raises:
         ValueError: A port outside 1..65535, a cap outside 1..3600 s, a
@@ -273,11 +292,35 @@ class AgentConfig:
     renew_timeout_s: float = 30.0
     renew_retry_s: float = 3600.0
     tunnel_hosts: tuple[str, ...] = ()
+    feed_dir: Path | None = None
+    feed_queue_max_records: int = 10_000
+    feed_max_record_bytes: int = 16 * 1024
+    feed_window: int = 16
+    feed_retry_s: float = 30.0
+    feed_scan_s: float = 1.0
+    feed_request_kinds: tuple[str, ...] = ("configuration", "consumables")
+    feed_request_min_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "warning_seconds", check_warnings(self.warning_seconds)
         )
+        for kind in self.feed_request_kinds:
+            if kind not in ("configuration", "consumables"):
+                raise ValueError(
+                    "feed_request_kinds: configuration and/or consumables, "
+                    f"got {kind!r:.40}"
+                )
+        if not 1024 <= self.feed_max_record_bytes <= 48 * 1024:
+            raise ValueError(
+                "feed_max_record_bytes must be in 1024..49152, "
+                f"got {self.feed_max_record_bytes!r}"
+            )
+        if self.feed_request_min_interval_s < 0:
+            raise ValueError(
+                "feed_request_min_interval_s must be >= 0, "
+                f"got {self.feed_request_min_interval_s!r}"
+            )
         for pattern in self.tunnel_hosts:
             if not _TUNNEL_HOST.fullmatch(pattern):
                 raise ValueError(
@@ -344,6 +387,10 @@ _AGENT_POSITIVE = (
     "renew_check_s",
     "renew_timeout_s",
     "renew_retry_s",
+    "feed_queue_max_records",
+    "feed_window",
+    "feed_retry_s",
+    "feed_scan_s",
 )
 #: The agent's orderly stop must fit the BRIEF's 10 s exit budget.
 _AGENT_MAX_SHUTDOWN_GRACE_S = 9.0
@@ -652,6 +699,43 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FeedConfig:
+    """The monitoring feed: alarms, daily statistics, configuration and
+    consumables from the instruments (docs/monitoring.md).
+
+    Attributes:
+        max_record_bytes: Largest record stored (its JSON text, UTF-8); a
+            larger one is refused (``too_large``) and the channel stays up.
+            1024..49152.
+        retention_days: Records older than this (by arrival) are deleted;
+            answered and lapsed data requests too. 1..3650.
+        retention_check_s: How often old records are looked for.
+        request_timeout_s: How long a data request waits for the device's
+            answer before it is marked lapsed (an offline device, an agent
+            without the feed).
+    """
+
+    max_record_bytes: int = 16 * 1024
+    retention_days: int = 730
+    retention_check_s: float = 3600.0
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_record_bytes <= 48 * 1024:
+            raise ValueError(
+                "max_record_bytes must be in 1024..49152, "
+                f"got {self.max_record_bytes!r}"
+            )
+        if not 1 <= self.retention_days <= 3650:
+            raise ValueError(
+                f"retention_days must be in 1..3650, got {self.retention_days!r}"
+            )
+        for name in ("retention_check_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     """Several broker nodes sharing one fleet (docs/operations.md, "Several nodes").
 
@@ -776,6 +860,7 @@ class BrokerConfig:
         audit: The audit log's checkpoints, files and failure handling, and
             the session recordings.
         cluster: Several nodes on a shared Redis; unset, a single node.
+        feed: The monitoring feed's limits and retention.
     """
 
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
@@ -805,6 +890,7 @@ class BrokerConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.shutdown_grace_s <= _BROKER_MAX_SHUTDOWN_GRACE_S:

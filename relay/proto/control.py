@@ -58,6 +58,19 @@ on a version 1 channel does not wait for acks (it sends each receipt once, as
 version 1 did). A session across nodes needs a version 3 channel; to an older
 agent such a session is refused before anything is offered.
 
+Monitoring feed (protocol version 4)
+====================================
+Device to broker: :class:`FeedRecord` (one alarm, one day's statistics, or the
+answer to a data request; ``body`` is the record's JSON text, whose meaning
+:mod:`relay.proto.feed` checks, so a bad record is refused on its own and the
+channel stays up), :class:`FeedStatus` (how many records wait in the agent's
+queue, and how many it had to drop) and :class:`DataRequestRefused`. Broker to
+device: :class:`FeedAck` (the record is stored, was stored before, is refused
+for good, or should be sent again later) and :class:`DataRequest` (a named
+user asks for the configuration or the consumables; the device never sends
+those otherwise). A broker sends these only on a version 4 channel; an agent
+keeps its records queued on an older one.
+
 Certificate renewal
 ===================
 Device to broker: :class:`RenewRequest` (a PEM certificate signing request for a
@@ -95,8 +108,9 @@ from relay.proto.close import CloseCode
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.receipts import MAX_WIRE_RECEIPT_CHARS, MAX_WIRE_SIGNATURE_CHARS
 
-#: Version 2 added :class:`EndReceiptAck`; see "Versions" above.
-PROTOCOL_VERSION: Final = 3
+#: Version 2 added :class:`EndReceiptAck`, 3 :class:`OfferWithTunnel`, 4 the
+#: monitoring feed; see "Versions" above.
+PROTOCOL_VERSION: Final = 4
 MAX_CONTROL_MESSAGE_BYTES: Final = 64 * 1024
 _MAX_STRING_CHARS: Final = 256
 _MAX_INT: Final = 2**53  # JSON-safe integers only
@@ -159,6 +173,13 @@ MAX_PEM_CHARS: Final = 16 * 1024
 MAX_CA_BUNDLE_CHARS: Final = 32 * 1024
 _PEM_LIMIT: Final = FieldLimit(max_chars=MAX_PEM_CHARS, pattern=_PEM)
 _RENEW_REASON: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: A reason or result code: lowercase, digits and underscores, at most 32.
+_CODE_LIMIT: Final = FieldLimit(max_chars=32, pattern=_RENEW_REASON)
+#: A record's idempotency key or a data request's id: 32 lowercase hex.
+_ID_LIMIT: Final = _SESSION_ID_LIMIT
+#: Longest ``FeedRecord.body``: below the message cap with room for the rest
+#: (the broker's ``[feed] max_record_bytes`` is lower and refuses the record).
+MAX_FEED_BODY_CHARS: Final = 48 * 1024
 
 
 class Role(Enum):
@@ -465,6 +486,127 @@ class RenewalAdvised(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeedRecord(Event):
+    """One monitoring record (device to broker). Protocol version 4.
+
+    Attributes:
+        record_id: The idempotency key the agent gave the record when the
+            instrument handed it over (32 lowercase hex); a record sent again
+            after a lost ack carries the same key, and the broker drops it as a
+            duplicate.
+        kind: ``alarm``, ``daily_stats``, ``configuration`` or ``consumables``
+            (a code; :mod:`relay.proto.feed` decides which are known).
+        body: The record as JSON text (at most :data:`MAX_FEED_BODY_CHARS`).
+        request_id: The :class:`DataRequest` this answers, or ``""`` for a
+            record the device pushes on its own (alarms, daily statistics).
+        queue_depth: Records waiting in the agent's queue, this one included.
+    """
+
+    TYPE: ClassVar[str] = "feed_record"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "record_id": _ID_LIMIT,
+        "kind": _CODE_LIMIT,
+        "body": FieldLimit(max_chars=MAX_FEED_BODY_CHARS),
+        "request_id": FieldLimit(pattern=re.compile(r"(?:[0-9a-f]{32})?")),
+    }
+    SINCE_VERSION: ClassVar[int] = 4
+    record_id: str
+    kind: str
+    body: str
+    request_id: str
+    queue_depth: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeedAck(Event):
+    """What the broker did with a record (broker to device). Protocol version 4.
+
+    *result* is ``stored`` (committed to the database: the agent forgets it),
+    ``duplicate`` (stored before: forget it too), ``rejected`` (refused for
+    good, *reason* says why: forget it, and log it) or ``retry`` (the broker
+    cannot store now: send it again later). *reason* is ``""`` when stored.
+    """
+
+    TYPE: ClassVar[str] = "feed_ack"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "record_id": _ID_LIMIT,
+        "result": FieldLimit(
+            max_chars=16, pattern=re.compile(r"stored|duplicate|rejected|retry")
+        ),
+        "reason": FieldLimit(max_chars=32, pattern=re.compile(r"(?:[a-z][a-z0-9_]*)?")),
+    }
+    SINCE_VERSION: ClassVar[int] = 4
+    record_id: str
+    result: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeedStatus(Event):
+    """The agent's queue (device to broker). Protocol version 4.
+
+    Sent when the channel opens and whenever the queue has drained.
+    *queue_depth* counts the records waiting; *dropped* the records the agent
+    had to drop since it started because its queue was full (daily statistics
+    first, never an alarm without a trace: see docs/monitoring.md).
+    """
+
+    TYPE: ClassVar[str] = "feed_status"
+    SINCE_VERSION: ClassVar[int] = 4
+    queue_depth: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataRequest(Event):
+    """A user asks for request-only data (broker to device). Protocol version 4.
+
+    Attributes:
+        request_id: The request's id (32 lowercase hex); the answer is a
+            :class:`FeedRecord` with this ``request_id``.
+        kind: ``configuration`` or ``consumables``.
+        requested_by: The user who asked.
+        requester_role: How to present them on the device (role, organisation).
+        reason: Why they ask, as typed (may be empty).
+    """
+
+    TYPE: ClassVar[str] = "data_request"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "request_id": _ID_LIMIT,
+        "kind": _CODE_LIMIT,
+        "requested_by": FieldLimit(max_chars=64),
+        "requester_role": FieldLimit(max_chars=64),
+        "reason": FieldLimit(max_chars=200),
+    }
+    SINCE_VERSION: ClassVar[int] = 4
+    request_id: str
+    kind: str
+    requested_by: str
+    requester_role: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataRequestRefused(Event):
+    """The device will not answer a data request (device to broker). Version 4.
+
+    *reason* is a code (``kind_disabled``, ``no_requester``, ``too_soon``,
+    ``no_data``, ``unavailable``, ...); *detail* a short text.
+    """
+
+    TYPE: ClassVar[str] = "data_request_refused"
+    LIMITS: ClassVar[Mapping[str, FieldLimit]] = {
+        "request_id": _ID_LIMIT,
+        "reason": _CODE_LIMIT,
+        "detail": FieldLimit(max_chars=200),
+    }
+    SINCE_VERSION: ClassVar[int] = 4
+    request_id: str
+    reason: str
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLost(Event):
     """Pseudo-event: the transport closed (``receive_message(None)``)."""
@@ -498,6 +640,11 @@ _EVENT_TYPES: Final[dict[str, type[Event]]] = {
         RenewResult,
         RenewRefused,
         RenewalAdvised,
+        FeedRecord,
+        FeedAck,
+        FeedStatus,
+        DataRequest,
+        DataRequestRefused,
     )
 }
 
@@ -518,6 +665,11 @@ _TRANSITIONS: Final[dict[tuple[State, type[Event]], State]] = {
     (State.OPEN, RenewResult): State.OPEN,
     (State.OPEN, RenewRefused): State.OPEN,
     (State.OPEN, RenewalAdvised): State.OPEN,
+    (State.OPEN, FeedRecord): State.OPEN,
+    (State.OPEN, FeedAck): State.OPEN,
+    (State.OPEN, FeedStatus): State.OPEN,
+    (State.OPEN, DataRequest): State.OPEN,
+    (State.OPEN, DataRequestRefused): State.OPEN,
 }
 
 _SENDER: Final[dict[type[Event], Role]] = {
@@ -537,6 +689,11 @@ _SENDER: Final[dict[type[Event], Role]] = {
     RenewResult: Role.BROKER,
     RenewRefused: Role.BROKER,
     RenewalAdvised: Role.BROKER,
+    FeedRecord: Role.DEVICE,
+    FeedAck: Role.BROKER,
+    FeedStatus: Role.DEVICE,
+    DataRequest: Role.BROKER,
+    DataRequestRefused: Role.DEVICE,
 }
 
 

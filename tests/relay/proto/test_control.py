@@ -22,6 +22,7 @@ from relay.proto.control import (
     Deny,
     EndReceiptAck,
     Event,
+    FeedRecord,
     Grant,
     Heartbeat,
     HeartbeatAck,
@@ -243,7 +244,7 @@ def test_decode_inverts_encode(event: Event) -> None:
 def test_encode_wire_format() -> None:
     """A message is compact JSON with the type first, then the fields in order."""
     assert encode(HELLO) == (
-        b'{"type":"hello","version":3,"device_id":"dev-0001","agent_version":"2.3.0"}'
+        b'{"type":"hello","version":4,"device_id":"dev-0001","agent_version":"2.3.0"}'
     )
     assert encode(HEARTBEAT_ACK) == b'{"type":"heartbeat_ack","seq":7}'
 
@@ -1095,7 +1096,8 @@ def test_channel_version_is_the_lower_of_hello_and_welcome() -> None:
     deliver(broker, device, replace(WELCOME, version=2))
     assert (device.version, broker.version) == (2, 2)
     assert EndReceiptAck.SINCE_VERSION == 2
-    assert PROTOCOL_VERSION == OfferWithTunnel.SINCE_VERSION == 3
+    assert OfferWithTunnel.SINCE_VERSION == 3
+    assert PROTOCOL_VERSION == FeedRecord.SINCE_VERSION == 4
 
 
 def version_1_channels(old: Role) -> tuple[ControlChannel, ControlChannel]:
