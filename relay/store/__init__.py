@@ -8,13 +8,16 @@ Synchronous and thread-safe; the trio shells call it through
 from typing import TYPE_CHECKING, Any
 
 from ._records import (
+    DATA_REQUEST_STATUSES as DATA_REQUEST_STATUSES,
     MAX_DEVICE_LABELS as MAX_DEVICE_LABELS,
     MAX_USER_GROUPS as MAX_USER_GROUPS,
     USER_ROLES as USER_ROLES,
     CertificateRecord as CertificateRecord,
+    DataRequestRow as DataRequestRow,
     DeviceAlreadyEnrolled as DeviceAlreadyEnrolled,
     DeviceRecord as DeviceRecord,
     DeviceRevoked as DeviceRevoked,
+    FeedRow as FeedRow,
     LoginSessionRecord as LoginSessionRecord,
     PolicySubjectChange as PolicySubjectChange,
     PolicySubjectKind as PolicySubjectKind,
@@ -24,6 +27,7 @@ from ._records import (
     SessionRevocation as SessionRevocation,
     StoreError as StoreError,
     TotpSecretChanged as TotpSecretChanged,
+    UnknownDataRequest as UnknownDataRequest,
     UnknownDevice as UnknownDevice,
     UnknownUser as UnknownUser,
     UserDisabled as UserDisabled,
@@ -47,14 +51,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DATA_REQUEST_STATUSES",
     "MAX_DEVICE_LABELS",
     "MAX_USER_GROUPS",
     "MIGRATIONS_DIR",
     "USER_ROLES",
     "CertificateRecord",
+    "DataRequestRow",
     "DeviceAlreadyEnrolled",
     "DeviceRecord",
     "DeviceRevoked",
+    "FeedRow",
     "LoginSessionRecord",
     "PolicySubjectChange",
     "PolicySubjectKind",
@@ -65,6 +72,7 @@ __all__ = [
     "Store",
     "StoreError",
     "TotpSecretChanged",
+    "UnknownDataRequest",
     "UnknownDevice",
     "UnknownUser",
     "UserDisabled",

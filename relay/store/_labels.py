@@ -456,3 +456,13 @@ def _append_change(
             kind=kind.value, subject=subject, changed_at=at
         )
     )
+
+
+def note_user_change(connection: Connection, username: str, at: datetime) -> None:
+    """Tell brokers that *username* changed in what policies see of it.
+
+    For a change outside this module (a customer's organisation): takes the
+    feed lock first (Rule 3); call it before touching the user's row.
+    """
+    _lock_feed(connection)
+    _append_change(connection, PolicySubjectKind.USER_GROUPS, username, at)

@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 # The roles a user can have; anything else is refused before it reaches the database.
-USER_ROLES: Final = frozenset({"engineer", "auditor", "admin"})
+USER_ROLES: Final = frozenset({"engineer", "auditor", "admin", "customer"})
 #: The most labels one device may carry, and groups one user may be in: policies
 #: match on a handful; hundreds would be a mistake (or an attack on the listing).
 MAX_DEVICE_LABELS: Final = 32
@@ -151,6 +151,8 @@ class UserRecord:
             whatever it says, and auditors never (the store refuses to set it
             for them).
         groups: The user's groups, which access policies match engineers by.
+        organisation: A customer's organisation (it sees the devices labelled
+            ``customer=<organisation>``); ``None`` for every other role.
     """
 
     username: str
@@ -162,6 +164,7 @@ class UserRecord:
     disabled_at: datetime | None
     can_enroll: bool = False
     groups: frozenset[str] = frozenset()
+    organisation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,3 +279,67 @@ class RemoteSessionRecord:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRow:
+    """One stored monitoring record (see :mod:`relay.proto.feed`).
+
+    Attributes:
+        record_id: The agent's idempotency key.
+        device_id: The instrument it came from.
+        kind: ``alarm``, ``daily_stats``, ``configuration`` or ``consumables``.
+        received_at: When the broker stored it, aware UTC.
+        device_time: The instrument's own time of the record, aware UTC.
+        body: The record in its canonical JSON form (``relay.proto.feed.to_json``).
+        request_id: The data request it answers, or ``None``.
+        severity: An alarm's severity, else ``None``.
+        code: An alarm's code, else ``None``.
+    """
+
+    record_id: str
+    device_id: str
+    kind: str
+    received_at: datetime
+    device_time: datetime
+    body: dict[str, Any]
+    request_id: str | None = None
+    severity: str | None = None
+    code: str | None = None
+
+
+#: How a data request can stand.
+DATA_REQUEST_STATUSES: Final = ("pending", "answered", "refused", "lapsed")
+
+
+@dataclass(frozen=True, slots=True)
+class DataRequestRow:
+    """A user's request for request-only data and how it ended.
+
+    Attributes:
+        request_id: 32 lowercase hex.
+        device_id: The instrument asked.
+        kind: ``configuration`` or ``consumables``.
+        requested_by: The user who asked.
+        reason: Why, as typed (may be empty).
+        requested_at: When, aware UTC.
+        status: One of :data:`DATA_REQUEST_STATUSES`.
+        finished_at: When it was answered, refused or lapsed.
+        refusal: The device's reason code when refused.
+        record_id: The answering record when answered.
+    """
+
+    request_id: str
+    device_id: str
+    kind: str
+    requested_by: str
+    reason: str
+    requested_at: datetime
+    status: str
+    finished_at: datetime | None = None
+    refusal: str | None = None
+    record_id: str | None = None
+
+
+class UnknownDataRequest(StoreError):
+    """A record names a data request this device was not asked (or of another kind)."""

@@ -28,12 +28,14 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 
@@ -58,6 +60,13 @@ ROLE_LENGTH: Final = 16
 PASSWORD_HASH_LENGTH: Final = 200
 SEALED_SECRET_LENGTH: Final = 200
 TOKEN_HASH_LENGTH: Final = 64
+ORGANISATION_LENGTH: Final = 128
+RECORD_ID_LENGTH: Final = 32
+FEED_KIND_LENGTH: Final = 16
+ALARM_CODE_LENGTH: Final = 32
+REQUEST_STATUS_LENGTH: Final = 16
+REQUEST_REASON_LENGTH: Final = 200
+REFUSAL_LENGTH: Final = 32
 SOURCE_LENGTH: Final = 100
 SESSION_ID_LENGTH: Final = 64
 SESSION_REASON_LENGTH: Final = 500
@@ -206,6 +215,8 @@ users: Final = Table(
     Column("password_changed_at", UTCDateTime(), nullable=False),
     Column("can_enroll", Boolean, nullable=False, server_default=false()),
     Column("permissions_changed_at", UTCDateTime(), nullable=True),
+    # A customer's organisation: it sees the devices labelled customer=<this>.
+    Column("organisation", String(ORGANISATION_LENGTH), nullable=True),
 )
 
 # One row per login. The key is the SHA-256 of the bearer token: the token itself is
@@ -312,4 +323,47 @@ policy_subject_changes: Final = Table(
     Column("subject", String(SUBJECT_LENGTH), nullable=False),
     Column("changed_at", UTCDateTime(), nullable=False),
     sqlite_autoincrement=True,
+)
+
+
+# The monitoring feed (docs/monitoring.md): one row per record an instrument
+# delivered, keyed by its own id for the broker; (device_id, record_id) is the
+# agent's idempotency key, unique, so a record sent again after a lost ack is
+# dropped by the database itself. body is the canonical JSON
+# (relay.proto.feed.to_json); severity, code and day are copies of body fields
+# that lists filter on.
+feed_records: Final = Table(
+    "feed_records",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device_id", String(DEVICE_ID_LENGTH), nullable=False),
+    Column("record_id", String(RECORD_ID_LENGTH), nullable=False),
+    Column("kind", String(FEED_KIND_LENGTH), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False, index=True),
+    Column("device_time", UTCDateTime(), nullable=False),
+    Column("severity", String(FEED_KIND_LENGTH), nullable=True),
+    Column("code", String(ALARM_CODE_LENGTH), nullable=True),
+    Column("request_id", String(RECORD_ID_LENGTH), nullable=True),
+    Column("body", Text, nullable=False),
+    UniqueConstraint("device_id", "record_id", name="uq_feed_records_device_record"),
+    Index("ix_feed_records_device_kind_time", "device_id", "kind", "device_time"),
+    sqlite_autoincrement=True,
+)
+
+# A user's request for request-only data (configuration, consumables): made,
+# then answered by a record, refused by the device, or lapsed unanswered.
+data_requests: Final = Table(
+    "data_requests",
+    metadata,
+    Column("request_id", String(RECORD_ID_LENGTH), primary_key=True),
+    Column("device_id", String(DEVICE_ID_LENGTH), nullable=False),
+    Column("kind", String(FEED_KIND_LENGTH), nullable=False),
+    Column("requested_by", String(USERNAME_LENGTH), nullable=False),
+    Column("reason", String(REQUEST_REASON_LENGTH), nullable=False),
+    Column("requested_at", UTCDateTime(), nullable=False),
+    Column("status", String(REQUEST_STATUS_LENGTH), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("refusal", String(REFUSAL_LENGTH), nullable=True),
+    Column("record_id", String(RECORD_ID_LENGTH), nullable=True),
+    Index("ix_data_requests_device_time", "device_id", "requested_at"),
 )

@@ -74,12 +74,16 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from policies.model import LABEL_VALUE
+
+from ._feed import Feed
 from ._labels import (
     Labels,
     add_new_user_groups,
     check_group_names,
     groups_by_user,
     labels_by_device,
+    note_user_change,
 )
 from ._records import (
     MAX_USER_GROUPS,
@@ -125,7 +129,7 @@ from ._schema import (
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 #: The newest revision in ``migrations/versions``; a database there needs no
 #: migration. tests/relay/store holds it equal to Alembic's own head.
-SCHEMA_HEAD: Final = "0006"
+SCHEMA_HEAD: Final = "0007"
 
 # How long a SQLite writer waits for the file's single write lock before giving up
 # with "database is locked". Transactions here last milliseconds; 5 s covers a CLI
@@ -158,6 +162,7 @@ _USER_COLUMNS: Final = (
     users.c.created_at,
     users.c.disabled_at,
     users.c.can_enroll,
+    users.c.organisation,
 )
 
 # The one role that may never hold the enroll permission: auditors watch
@@ -165,7 +170,7 @@ _USER_COLUMNS: Final = (
 _NEVER_ENROLLS: Final = "auditor"
 
 
-class Store(RemoteSessions, Labels):
+class Store(RemoteSessions, Labels, Feed):
     """Devices, certificates, the revocation feeds, presence, users and sessions.
 
     Thread safety:
@@ -866,6 +871,7 @@ class Store(RemoteSessions, Labels):
         at: datetime,
         can_enroll: bool = False,
         groups: Collection[str] = (),
+        organisation: str | None = None,
     ) -> None:
         """Add a user; no TOTP step is accepted yet and no session exists.
 
@@ -878,6 +884,8 @@ class Store(RemoteSessions, Labels):
             can_enroll: The enroll permission (see :class:`UserRecord`).
             groups: The user's first groups, written in the same transaction
                 (and fed to the policy subject change feed when not empty).
+            organisation: A customer's organisation (required for a
+                customer, refused for every other role).
 
         Raises:
             UserExists: *username* is taken (also when that user is disabled).
@@ -889,6 +897,7 @@ class Store(RemoteSessions, Labels):
         _check_text(username, "username", USERNAME_LENGTH)
         _check_role(role)
         _check_can_enroll(role, can_enroll)
+        _check_organisation(role, organisation)
         _check_text(password_hash, "password_hash", PASSWORD_HASH_LENGTH)
         _check_text(totp_secret_sealed, "totp_secret_sealed", SEALED_SECRET_LENGTH)
         _check_aware(at, "at")
@@ -914,6 +923,7 @@ class Store(RemoteSessions, Labels):
                         password_changed_at=at,
                         can_enroll=can_enroll,
                         permissions_changed_at=None,
+                        organisation=organisation,
                     )
                 )
             except IntegrityError as exc:
@@ -952,6 +962,35 @@ class Store(RemoteSessions, Labels):
         return [
             _user_record(row, groups.get(row.username, frozenset())) for row in rows
         ]
+
+    def set_user_organisation(
+        self, username: str, organisation: str, *, at: datetime
+    ) -> None:
+        """Move a customer to another organisation.
+
+        The change reaches running brokers through the policy subject feed
+        (kind ``user_groups``), as a group change does, so what the customer
+        sees follows at once.
+
+        Raises:
+            UnknownUser: No such user.
+            ValueError: The user is not a customer, or a malformed organisation.
+            StoreError: The database failed.
+        """
+        _check_aware(at, "at")
+        with self._transaction(write=True) as connection:
+            note_user_change(connection, username, at)  # the feed lock first
+            row = connection.execute(
+                select(users.c.role).where(users.c.username == username)
+            ).one_or_none()
+            if row is None:
+                raise UnknownUser(f"no user {username!r}")
+            _check_organisation(row.role, organisation)
+            connection.execute(
+                update(users)
+                .where(users.c.username == username)
+                .values(organisation=organisation, permissions_changed_at=at)
+            )
 
     def set_user_can_enroll(
         self, username: str, allowed: bool, *, at: datetime
@@ -1630,6 +1669,7 @@ def _user_record(
         disabled_at=row.disabled_at,
         can_enroll=bool(row.can_enroll),
         groups=groups,
+        organisation=row.organisation,
     )
 
 
@@ -1641,6 +1681,24 @@ def _check_role(role: str) -> None:
     """
     if role not in USER_ROLES:
         raise ValueError(f"role must be one of {sorted(USER_ROLES)}, got {role!r}")
+
+
+def _check_organisation(role: str, organisation: str | None) -> None:
+    """A customer belongs to one organisation; no other role has one.
+
+    Raises:
+        ValueError: A customer without an organisation, another role with
+            one, or an organisation a device label could not hold.
+    """
+    if role == "customer" and organisation is None:
+        raise ValueError("a customer needs an organisation (--organisation)")
+    if role != "customer" and organisation is not None:
+        raise ValueError("only customers belong to an organisation")
+    if organisation is not None and not LABEL_VALUE.fullmatch(organisation):
+        raise ValueError(
+            f"organisation must match {LABEL_VALUE.pattern} "
+            "(it is matched against the devices' customer label)"
+        )
 
 
 def _check_can_enroll(role: str, can_enroll: bool) -> None:
