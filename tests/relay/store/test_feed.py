@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect
 
 from relay.proto import feed
 from relay.store import Store, UnknownDataRequest
-from relay.store._labels import PolicySubjectKind
+from relay.store import PolicySubjectKind
 from tests.relay.store.test_labels import (
     _alembic,
     _sql,

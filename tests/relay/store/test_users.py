@@ -64,6 +64,7 @@ def add(store: Store, username: str = "alice", role: str = "engineer") -> None:
         password_hash=f"$argon2id$hash-of-{username}",
         totp_secret_sealed=f"sealed-{username}",
         at=T0,
+        organisation="acme" if role == "customer" else None,
     )
 
 
@@ -214,10 +215,15 @@ def test_list_users_of_empty_store_is_empty(store: Store) -> None:
 
 
 def test_every_role_is_accepted(store: Store) -> None:
-    """Each of engineer, auditor and admin can be given to a user."""
+    """Each of engineer, auditor, admin and customer can be given to a user."""
     for role in sorted(USER_ROLES):
         add(store, f"user-{role}", role)
-    assert {u.role for u in store.list_users()} == {"engineer", "auditor", "admin"}
+    assert {u.role for u in store.list_users()} == {
+        "engineer",
+        "auditor",
+        "admin",
+        "customer",
+    }
 
 
 @pytest.mark.parametrize("role", ["", "Admin", "root", "engineer "])
