@@ -36,6 +36,29 @@ ENROLLMENT_OUTCOMES = (
     "store_error",
 )
 
+#: The monitoring feed's bounded label values (relay.proto.feed keeps the lists).
+FEED_KINDS = ("alarm", "daily_stats", "configuration", "consumables")
+FEED_SEVERITIES = ("info", "warning", "alarm", "critical")
+FEED_REJECT_REASONS = (
+    "too_large",
+    "malformed",
+    "unknown_kind",
+    "bad_field",
+    "unsolicited",
+    "unknown_request",
+)
+#: How a data request ends, as relay_feed_data_requests_total counts it.
+DATA_REQUEST_OUTCOMES = (
+    "sent",
+    "answered",
+    "refused",
+    "lapsed",
+    "offline",
+    "agent_too_old",
+    "other_node",
+    "store_unavailable",
+)
+
 #: The directions of relay_tunnel_bytes_total and relay_tunnel_messages_total.
 DIRECTIONS = ("to_device", "from_device")
 
@@ -375,6 +398,59 @@ class RelayMetrics:
             "freed by the memory upkeep.",
             registry=r,
         )
+        self.feed_records = Counter(
+            "relay_feed_records_stored_total",
+            "Monitoring records stored (duplicates of stored ones not counted), "
+            "by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.feed_duplicates = Counter(
+            "relay_feed_records_duplicate_total",
+            "Monitoring records received again after a lost ack and dropped by "
+            "their idempotency key.",
+            registry=r,
+        )
+        self.feed_alarms = Counter(
+            "relay_feed_alarms_received_total",
+            "Alarms received (raised or cleared), by severity.",
+            ["severity"],
+            registry=r,
+        )
+        self.feed_rejected = Counter(
+            "relay_feed_records_rejected_total",
+            "Monitoring records refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.feed_store_failures = Counter(
+            "relay_feed_store_failures_total",
+            "Monitoring records the store could not take (answered retry).",
+            registry=r,
+        )
+        self.feed_queue_depth = Gauge(
+            "relay_feed_agent_queue_depth",
+            "Records waiting in the agents' queues, summed over the devices "
+            "connected to this node (as they last reported).",
+            registry=r,
+        )
+        self.feed_queue_depth_max = Gauge(
+            "relay_feed_agent_queue_depth_max",
+            "The deepest agent queue among the devices connected to this node.",
+            registry=r,
+        )
+        self.feed_agent_dropped = Gauge(
+            "relay_feed_agent_dropped_records",
+            "Records the connected agents had to drop since they started (queue "
+            "full), summed over this node's devices as they last reported.",
+            registry=r,
+        )
+        self.feed_data_requests = Counter(
+            "relay_feed_data_requests_total",
+            "Requests for configuration or consumables, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds:
         # what an operator watches for a leak.
         ProcessCollector(registry=r)
@@ -394,6 +470,14 @@ class RelayMetrics:
             self.certificate_renewals.labels(outcome)
         for outcome in TLS_RELOAD_OUTCOMES:
             self.tls_reloads.labels(outcome)
+        for kind in FEED_KINDS:
+            self.feed_records.labels(kind)
+        for severity in FEED_SEVERITIES:
+            self.feed_alarms.labels(severity)
+        for reason in FEED_REJECT_REASONS:
+            self.feed_rejected.labels(reason)
+        for outcome in DATA_REQUEST_OUTCOMES:
+            self.feed_data_requests.labels(outcome)
         for direction in DIRECTIONS:
             self.tunnel_bytes.labels(direction)
             self.tunnel_messages.labels(direction)

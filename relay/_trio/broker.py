@@ -56,6 +56,8 @@ from relay._trio.device_listener import DeviceListener, presence_stale_after
 from relay._trio.engineer_listener import EngineerListener
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
+from relay._trio.feed_intake import FeedIntake
+from relay._trio.feed_requests import DataRequester
 from relay._trio.http import metrics_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.memory_upkeep import freeze_startup_objects, run_memory_upkeep
@@ -246,6 +248,7 @@ class _CommandTargets:
     crossing: CrossNode
     devices: DeviceListener
     sockets: EngineerSockets
+    data_requests: DataRequester
 
 
 async def _carry_out(
@@ -263,6 +266,8 @@ async def _carry_out(
     sessions, policy = targets.sessions, targets.policy
     if command.kind in _CROSSING_KINDS:
         return await targets.crossing.carry_out(command)
+    if command.kind is CommandKind.DATA_REQUEST:
+        return await targets.data_requests.carry_out(command.args)
     if command.kind is CommandKind.REVOKE_DEVICE:
         if not await targets.devices.revocations_now():
             raise UnsupportedCommand("the store could not be read")
@@ -477,6 +482,23 @@ async def _serve(
         log=get_logger("device_listener", audit=audit),
         wall_clock=wall_clock,
     )
+    feed_log = get_logger("feed", audit=audit)
+    listener.feed = FeedIntake(
+        store=store,
+        config=config.feed,
+        metrics=metrics,
+        log=feed_log,
+        wall_clock=wall_clock,
+    )
+    data_requester = DataRequester(
+        store=store,
+        channels=listener,
+        config=config.feed,
+        metrics=metrics,
+        log=feed_log,
+        wall_clock=wall_clock,
+        fleet=cluster,
+    )
     pki.listener = listener
     pki.enroller = enroller
     pki.update_gauges()
@@ -564,6 +586,7 @@ async def _serve(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
+            await nursery.start(data_requester.run)
             nursery.start_soon(
                 _audit_watch,
                 audit,
@@ -607,6 +630,7 @@ async def _serve(
                                 crossing,
                                 listener,
                                 engineer_listener.sockets,
+                                data_requester,
                             ),
                         ),
                         info={

@@ -64,6 +64,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 import auth
 from relay import __version__
 from relay._trio.certificate_renewal import Renewer
+from relay._trio.feed_intake import FeedIntake
 from relay._trio.session_broker import SessionBroker
 from relay._trio.websocket import (
     ConnectionClosed,
@@ -156,6 +157,8 @@ class DeviceListener:
     _random: random.Random = field(default_factory=random.Random)
     sessions: SessionBroker | None = None
     renewer: Renewer | None = None
+    #: Takes the monitoring feed's messages (records, queue reports, refusals).
+    feed: FeedIntake | None = None
     #: CAs still trusted beside ``ca_certificate`` (a rollover in progress).
     previous_ca_certificates: tuple[x509.Certificate, ...] = ()
 
@@ -668,6 +671,8 @@ class DeviceListener:
                         self.sessions.device_message(device_id, event)
                     elif isinstance(event, control.RenewRequest):
                         await live.send(await self._renew(identity, event))
+                    elif self.feed is not None:
+                        await self._feed_event(live, event)
         except ConnectionClosed as exc:
             # Closed by us here means the transport failed the channel for the
             # device's bad input (1002, 1003, 1007, 1009), unless it dropped a
@@ -700,6 +705,8 @@ class DeviceListener:
                 await ws.aclose(code, reason)
             if self.sessions is not None:
                 self.sessions.control_lost(device_id, connection_id)
+            if self.feed is not None and self._live.get(device_id) is live:
+                self.feed.disconnected(device_id)
             if self._live.get(device_id) is live:
                 del self._live[device_id]
                 self._live_changed.unpark_all()
@@ -715,6 +722,16 @@ class DeviceListener:
                 peer=peer,
                 audit=True,
             )
+
+    async def _feed_event(self, live: _LiveChannel, event: object) -> None:
+        """A monitoring feed message (protocol 4): handed to the feed intake."""
+        assert self.feed is not None  # noqa: S101 - checked by the caller
+        if isinstance(event, control.FeedRecord):
+            await live.send(await self.feed.record(live.device_id, event))
+        elif isinstance(event, control.FeedStatus):
+            self.feed.status(live.device_id, event)
+        elif isinstance(event, control.DataRequestRefused):
+            await self.feed.refused(live.device_id, event)
 
     async def _after_welcome(
         self,

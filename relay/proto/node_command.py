@@ -86,6 +86,10 @@ class CommandKind(StrEnum):
     CONTROL_LOST = "control_lost"
     """The claimed control channel is gone (args: ``session_id``,
     ``device_id``, ``connection_id``)."""
+    DATA_REQUEST = "data_request"
+    """Send a user's data request on *device_id*'s channel here (args:
+    ``device_id``, ``message``: the encoded control message; result:
+    ``outcome``, ``sent``, ``offline`` or ``agent_too_old``)."""
 
 
 # The arguments each kind carries, exactly.
@@ -103,6 +107,7 @@ _ARGS: Final[Mapping[CommandKind, frozenset[str]]] = {
         {"session_id", "device_id", "connection_id", "message"}
     ),
     CommandKind.CONTROL_LOST: frozenset({"session_id", "device_id", "connection_id"}),
+    CommandKind.DATA_REQUEST: frozenset({"device_id", "message"}),
 }
 
 

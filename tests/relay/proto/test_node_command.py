@@ -45,6 +45,10 @@ ARGS = {
         "device_id": "XR-0042",
         "connection_id": "17",
     },
+    CommandKind.DATA_REQUEST: {
+        "device_id": "XR-0042",
+        "message": '{"type":"data_request"}',
+    },
 }
 
 
