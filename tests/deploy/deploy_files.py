@@ -44,6 +44,15 @@ METRIC_NAMES = frozenset(
         "relay_device_certificate_renewals_total",
         "relay_redis_up",
         "relay_node_commands_total",
+        "relay_feed_records_stored_total",
+        "relay_feed_records_duplicate_total",
+        "relay_feed_alarms_received_total",
+        "relay_feed_records_rejected_total",
+        "relay_feed_store_failures_total",
+        "relay_feed_agent_queue_depth",
+        "relay_feed_agent_queue_depth_max",
+        "relay_feed_agent_dropped_records",
+        "relay_feed_data_requests_total",
     }
 )
 HISTOGRAMS = frozenset(

@@ -32,6 +32,8 @@ ALERTS = frozenset(
         "RelaySessionKillSpike",
         "RelayCertificateExpiringSoon",
         "RelayDeviceCertificateRenewalsFailing",
+        "RelayFeedBacklog",
+        "RelayFeedRecordsRejected",
     }
 )
 
