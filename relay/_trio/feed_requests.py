@@ -30,6 +30,7 @@ request.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -177,12 +178,14 @@ class DataRequester:
         )
         outcome = await self._deliver(device_id, message)
         if outcome != "sent":
-            await self._store_call(
-                lambda: self.store.refuse_data_request(
-                    row.request_id, device_id, refusal="undelivered", at=now
-                ),
-                quiet=True,
-            )
+            # Closed at once, so nobody waits for an answer that cannot come
+            # (if the store fails here too, the request lapses instead).
+            with contextlib.suppress(DataRequestUnavailable):
+                await self._store_call(
+                    lambda: self.store.refuse_data_request(
+                        row.request_id, device_id, refusal="undelivered", at=now
+                    )
+                )
             self.metrics.feed_data_requests.labels(outcome).inc()
             self.log.info(
                 "feed.data_request_undelivered",
@@ -299,7 +302,7 @@ class DataRequester:
                 audit=True,
             )
 
-    async def _store_call(self, call: Callable[[], _T], *, quiet: bool = False) -> _T:
+    async def _store_call(self, call: Callable[[], _T]) -> _T:
         try:
             return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
         except StoreError as exc:
@@ -307,8 +310,6 @@ class DataRequester:
             self.log.error(
                 "store.failed", operation="feed_request", error=str(exc)[:200]
             )
-            if quiet:
-                return None  # type: ignore[return-value]  # the caller ignores it
             self.metrics.feed_data_requests.labels("store_unavailable").inc()
             raise DataRequestUnavailable(
                 "store_unavailable", "the database cannot be reached; try again"
