@@ -69,6 +69,7 @@ from relay.users import (
     create_user,
     reset_totp,
     totp_policy,
+    validate_organisation,
     validate_role,
     validate_username,
 )
@@ -909,13 +910,22 @@ def _print_enrolment(new_user: NewUser) -> None:
 
 
 def _check_can_enroll(role: str, can_enroll: bool) -> None:
-    """Refuse the enroll permission for an auditor (exit 2): auditors never enroll."""
-    if can_enroll and role == "auditor":
+    """Refuse the enroll permission for an auditor or a customer (exit 2): they
+    never enroll."""
+    if can_enroll and role in ("auditor", "customer"):
         raise CLIError(
-            "auditors never enroll devices; --can-enroll is for engineers "
+            f"{role}s never enroll devices; --can-enroll is for engineers "
             "(admins may always enroll)",
             exit_code=2,
         )
+
+
+def _organisation(role: str, organisation: str | None) -> str | None:
+    """A customer's organisation from the command line, checked (exit 2)."""
+    try:
+        return validate_organisation(role, organisation)
+    except ValueError as exc:
+        raise CLIError(str(exc), exit_code=2) from None
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
@@ -925,6 +935,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(f"invalid role {args.role!r}: {exc}", exit_code=2) from None
     _check_can_enroll(role, args.can_enroll)
+    organisation = _organisation(role, args.organisation)
     groups = _group_names(args.group)
     if len(groups) > MAX_USER_GROUPS:
         raise CLIError(
@@ -954,6 +965,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
                 now=_now(),
                 can_enroll=args.can_enroll,
                 policy=totp_policy(config.engineer_auth),
+                organisation=organisation,
             )
         except UserExists:
             raise exists from None
@@ -967,6 +979,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
             role=role,
             can_enroll=args.can_enroll,
             groups=",".join(sorted(groups)),
+            organisation=organisation,
             audit=True,
         )
     if args.json:
@@ -975,6 +988,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
                 "username": new_user.username,
                 "role": new_user.role,
                 "otpauth_uri": new_user.otpauth_uri,
+                "organisation": organisation,
             },
             sys.stdout,
         )
@@ -982,7 +996,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         return 0
     enroll = ", may enroll devices" if args.can_enroll else ""
     in_groups = f", groups {','.join(sorted(groups))}" if groups else ""
-    print(f"added user {username} (role {role}{enroll}{in_groups})")
+    of = f", organisation {organisation}" if organisation is not None else ""
+    print(f"added user {username} (role {role}{of}{enroll}{in_groups})")
     _print_enrolment(new_user)
     return 0
 
@@ -1077,6 +1092,7 @@ def _user_row(user: UserRecord) -> dict[str, Any]:
         "disabled": user.disabled_at is not None,
         "can_enroll": user.can_enroll,
         "groups": sorted(user.groups),
+        "organisation": user.organisation,
     }
 
 
@@ -1085,9 +1101,15 @@ def cmd_user_set(args: argparse.Namespace) -> int:
     # One optional flag per setting; at least one is needed.
     joins = _group_names(args.add_group)
     leaves = _group_names(args.remove_group)
-    if args.can_enroll is None and not joins and not leaves:
+    if (
+        args.can_enroll is None
+        and not joins
+        and not leaves
+        and args.organisation is None
+    ):
         raise CLIError(
-            "nothing to set: give --can-enroll yes|no, --add-group or --remove-group",
+            "nothing to set: give --can-enroll yes|no, --add-group, --remove-group "
+            "or --organisation",
             exit_code=2,
         )
     both = joins & leaves
@@ -1101,6 +1123,10 @@ def cmd_user_set(args: argparse.Namespace) -> int:
             raise unknown
         if args.can_enroll is not None:
             _check_can_enroll(user.role, args.can_enroll)
+        previous_organisation = user.organisation
+        if args.organisation is not None:
+            # Checked before anything is written: a refusal changes nothing.
+            _organisation(user.role, args.organisation)
         try:
             # Groups first: they are the change that can still be refused (too
             # many), and a refusal must leave the enroll permission as it was.
@@ -1118,6 +1144,15 @@ def cmd_user_set(args: argparse.Namespace) -> int:
             if args.can_enroll is not None:
                 previous = store.set_user_can_enroll(
                     username, args.can_enroll, at=_now()
+                )
+            if args.organisation is not None:
+                store.set_user_organisation(username, args.organisation, at=_now())
+                audit.logger.warning(
+                    "user.organisation_changed",
+                    username=username,
+                    organisation=args.organisation,
+                    previous=previous_organisation,
+                    audit=True,
                 )
         except UnknownUser:
             raise unknown from None
@@ -1152,6 +1187,13 @@ def cmd_user_set(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"{username} {state} enroll devices{unchanged}{note}", file=sys.stderr)
+    if args.organisation is not None:
+        unchanged = " (unchanged)" if previous_organisation == args.organisation else ""
+        print(
+            f"{username} belongs to organisation {args.organisation}{unchanged}; it "
+            f"sees the instruments labelled customer={args.organisation}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1163,7 +1205,8 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     if _print_json(rows, enabled=args.json):
         return 0
     print(
-        f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} {'ENROLL':<7} {'DISABLED':<8} GROUPS"
+        f"{'USER':<24} {'ROLE':<9} {'CREATED':<20} {'ENROLL':<7} {'DISABLED':<8} "
+        f"{'ORGANISATION':<16} GROUPS"
     )
     for row in rows:
         # Admins may always enroll, so their stored flag would only mislead.
@@ -1175,7 +1218,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         print(
             f"{row['username']:<24} {row['role']:<9} {str(row['created_at'])[:19]:<20} "
             f"{enroll:<7} {'yes' if row['disabled'] else 'no':<8} "
-            f"{','.join(row['groups']) or '-'}"
+            f"{row['organisation'] or '-':<16} {','.join(row['groups']) or '-'}"
         )
     return 0
 
@@ -1886,7 +1929,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forward.set_defaults(func=cmd_forward)
 
-    user = commands.add_parser("user", help="engineer accounts").add_subparsers(
+    user = commands.add_parser("user", help="user accounts").add_subparsers(
         dest="user_command", required=True, metavar="ACTION"
     )
     user_add = user.add_parser(
@@ -1894,7 +1937,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user_add.add_argument("name", metavar="NAME")
     user_add.add_argument(
-        "--role", required=True, metavar="ROLE", help="engineer, auditor or admin"
+        "--role",
+        required=True,
+        metavar="ROLE",
+        help="engineer, auditor, admin or customer (an instrument owner's staff: "
+        "sees only its organisation's instruments, holds no sessions)",
+    )
+    user_add.add_argument(
+        "--organisation",
+        metavar="ORG",
+        help="a customer's organisation (required for customers, refused for "
+        "other roles): it sees the instruments labelled customer=ORG",
     )
     user_add.add_argument(
         "--password-stdin",
@@ -1941,7 +1994,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--can-enroll",
         type=_yes_no,
         metavar="yes|no",
-        help="the enroll permission of an engineer (admins always may, auditors never)",
+        help="the enroll permission of an engineer (admins always may, auditors "
+        "and customers never)",
+    )
+    user_set.add_argument(
+        "--organisation",
+        metavar="ORG",
+        help="move a customer to organisation ORG (it then sees the instruments "
+        "labelled customer=ORG)",
     )
     user_set.add_argument(
         "--add-group",
@@ -1964,7 +2024,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user_set.set_defaults(func=cmd_user_set)
     user_list = user.add_parser(
-        "list", help="users: role, created, enroll permission, disabled, groups"
+        "list",
+        help="users: role, created, enroll permission, disabled, organisation, groups",
     )
     user_list.add_argument("--json", action="store_true")
     user_list.set_defaults(func=cmd_user_list)

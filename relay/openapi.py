@@ -23,8 +23,26 @@ from relay.api_contract import (
     AUDIT_SESSION_PATH,
     AUDIT_SESSIONS_PATH,
     CSRF_HEADER,
+    DEVICE_ALARMS_PATH,
+    DEVICE_DAILY_STATS_PATH,
+    DEVICE_DATA_REQUEST_PATH,
+    DEVICE_DATA_REQUESTS_PATH,
+    DEVICE_EXPORT_PATH,
+    DEVICE_SESSIONS_PATH,
+    DEVICE_SNAPSHOTS_PATH,
     ENROLLMENTS_PATH,
+    EXPORT_DATASETS,
+    EXPORT_MAX_RECORDS,
+    FEED_ALARMS_DEFAULT,
+    FEED_ALARMS_MAX,
+    FEED_REQUEST_ROLES,
+    FEED_SESSIONS_DEFAULT,
+    FEED_SESSIONS_MAX,
+    FEED_STATS_DEFAULT,
+    FEED_STATS_MAX,
     INFO_PATH,
+    MAX_DATA_REQUEST_BODY_BYTES,
+    MAX_DATA_REQUEST_REASON_CHARS,
     MAX_ENROLLMENT_BODY_BYTES,
     MAX_LOGIN_BODY_BYTES,
     MAX_SESSION_BODY_BYTES,
@@ -33,6 +51,7 @@ from relay.api_contract import (
     SESSION_PATH,
     SESSIONS_PATH,
 )
+from relay.proto.feed import ALARM_STATES, REQUESTED_KINDS, SEVERITIES
 
 __all__ = ["OPENAPI"]
 
@@ -316,6 +335,507 @@ _AUDIT_PATHS: Final[Mapping[str, dict[str, Any]]] = {
 }
 
 _NULLABLE_TIME: Final = {"type": ["string", "null"], "format": "date-time"}
+_DEVICE_ID_PARAMETER: Final[dict[str, Any]] = {
+    "name": "device_id",
+    "in": "path",
+    "required": True,
+    "description": "The instrument's id.",
+    "schema": {"type": "string"},
+}
+_UNKNOWN_DEVICE: Final = (
+    "No such instrument, or one this user may not see (the same answer, so "
+    "that it tells nothing about other organisations' instruments)."
+)
+
+
+def _feed_range(default: int, maximum: int, what: str) -> list[dict[str, Any]]:
+    return [
+        _query(
+            "since",
+            f"Only {what} with the instrument's time at or after this. {_TIME_FILTER}",
+            {"type": "string", "format": "date-time"},
+        ),
+        _query(
+            "until",
+            f"Only {what} with the instrument's time before this (later than "
+            f"`since`). {_TIME_FILTER}",
+            {"type": "string", "format": "date-time"},
+        ),
+        _query(
+            "limit",
+            f"At most this many, the newest (default {default}).",
+            {"type": "integer", "minimum": 1, "maximum": maximum, "default": default},
+        ),
+    ]
+
+
+def _feed_get(
+    operation_id: str,
+    summary: str,
+    description: str,
+    answer: dict[str, Any],
+    *,
+    parameters: list[dict[str, Any]] | None = None,
+    bad_query: str = "A parameter has the wrong form, is given twice or is "
+    "unknown; `error` names it.",
+) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "description": description,
+            "x-roles": sorted(ALL_ROLES),
+            "security": _SESSION_SECURITY,
+            "parameters": parameters or [],
+            "responses": {
+                "200": answer,
+                "400": _answer(bad_query, "Error"),
+                "401": _ERROR_ANSWERS["401"],
+                "404": _answer(_UNKNOWN_DEVICE, "Error"),
+                "503": _ERROR_ANSWERS["503"],
+            },
+        }
+    }
+
+
+_FEED_VISIBILITY: Final = (
+    "Admins and auditors see every instrument, customers those labelled "
+    "`customer=<their organisation>`, engineers those the access policy lets "
+    'them reach (docs/monitoring.md, "Who sees what").'
+)
+
+_FEED_PATHS: Final[Mapping[str, dict[str, Any]]] = {
+    DEVICE_ALARMS_PATH: {
+        "parameters": [_DEVICE_ID_PARAMETER],
+        **_feed_get(
+            "listDeviceAlarms",
+            "The instrument's alarms, newest first.",
+            "Alarms as the instrument raised and cleared them, by its own time. "
+            + _FEED_VISIBILITY,
+            _answer("The alarms.", "AlarmList"),
+            parameters=_feed_range(FEED_ALARMS_DEFAULT, FEED_ALARMS_MAX, "alarms"),
+        ),
+    },
+    DEVICE_DAILY_STATS_PATH: {
+        "parameters": [_DEVICE_ID_PARAMETER],
+        **_feed_get(
+            "listDeviceDailyStats",
+            "The instrument's daily statistics, oldest first.",
+            "One record per day, each with named values and their units. "
+            + _FEED_VISIBILITY,
+            _answer("The daily statistics.", "DailyStatsList"),
+            parameters=_feed_range(FEED_STATS_DEFAULT, FEED_STATS_MAX, "days"),
+        ),
+    },
+    DEVICE_SNAPSHOTS_PATH: {
+        "parameters": [_DEVICE_ID_PARAMETER],
+        **_feed_get(
+            "getDeviceSnapshots",
+            "The last configuration and consumables, and the newest data requests.",
+            "Configuration and consumables are sent only when a user asks "
+            "(POST data-requests); each is the last record that arrived, or "
+            "null. " + _FEED_VISIBILITY,
+            _answer("The snapshots.", "Snapshots"),
+            bad_query="This route takes no query parameters.",
+        ),
+    },
+    DEVICE_DATA_REQUESTS_PATH: {
+        "parameters": [_DEVICE_ID_PARAMETER],
+        "post": {
+            "operationId": "requestDeviceData",
+            "summary": "Ask the instrument for its configuration or consumables now.",
+            "description": (
+                "The request is recorded and audited (`feed.data_requested`) "
+                "and sent to the instrument, whose screen names the user. While "
+                "one of the kind is pending for the instrument, the pending one "
+                "is answered instead of a new one. Poll it with GET "
+                "data-requests/{request_id}. " + _FEED_VISIBILITY
+            ),
+            "x-roles": sorted(FEED_REQUEST_ROLES),
+            "security": _SESSION_SECURITY,
+            "requestBody": {
+                "required": True,
+                "description": f"At most {MAX_DATA_REQUEST_BODY_BYTES} bytes.",
+                "content": _json_content(
+                    {"$ref": "#/components/schemas/DataRequestBody"}
+                ),
+            },
+            "responses": {
+                "202": _answer("Asked; the request, pending.", "DataRequest"),
+                "400": _answer(
+                    "The body is not an object of `kind` (configuration or "
+                    "consumables) and an optional `reason`, or the reason is too "
+                    "long or holds control characters.",
+                    "Error",
+                ),
+                "401": _ERROR_ANSWERS["401"],
+                "403": _answer(
+                    "The session's role may not ask (auditors only read), or a "
+                    f"cross-site request (see `{CSRF_HEADER}`).",
+                    "Error",
+                ),
+                "404": _answer(_UNKNOWN_DEVICE, "Error"),
+                "409": _answer(
+                    "The instrument is not connected, or its agent is too old to "
+                    "answer data requests.",
+                    "Error",
+                ),
+                "413": _answer(
+                    f"The body is larger than {MAX_DATA_REQUEST_BODY_BYTES} bytes.",
+                    "Error",
+                ),
+                "415": _ERROR_ANSWERS["415"],
+                "503": _answer(
+                    "The request cannot be sent now (the store, or the "
+                    "instrument's broker node, did not answer; or this broker "
+                    "takes no data requests); retry after Retry-After seconds.",
+                    "Error",
+                    headers=("Retry-After",),
+                ),
+            },
+        },
+    },
+    DEVICE_DATA_REQUEST_PATH: {
+        "parameters": [
+            _DEVICE_ID_PARAMETER,
+            {
+                "name": "request_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+        ],
+        **_feed_get(
+            "getDeviceDataRequest",
+            "One data request, for polling until it is answered, refused or lapsed.",
+            "With `record`, the record that answered it, while it is the last "
+            "of its kind. " + _FEED_VISIBILITY,
+            _answer("The request.", "DataRequestWithRecord"),
+            bad_query="This route takes no query parameters.",
+        ),
+    },
+    DEVICE_SESSIONS_PATH: {
+        "parameters": [_DEVICE_ID_PARAMETER],
+        **_feed_get(
+            "listDeviceSessions",
+            "The instrument's remote sessions, newest first.",
+            "Who asked, when, why, what the person at the instrument granted "
+            "and how the session ended; customers see this for their own "
+            "instruments. Addresses, certificate fingerprints, byte counts and "
+            "recordings are in the auditors' routes. " + _FEED_VISIBILITY,
+            _answer("The sessions.", "DeviceSessionList"),
+            parameters=_feed_range(
+                FEED_SESSIONS_DEFAULT, FEED_SESSIONS_MAX, "sessions (by request time)"
+            ),
+        ),
+    },
+    DEVICE_EXPORT_PATH: {
+        "parameters": [
+            _DEVICE_ID_PARAMETER,
+            {
+                "name": "dataset",
+                "in": "path",
+                "required": True,
+                "description": "What to export.",
+                "schema": {"enum": list(EXPORT_DATASETS)},
+            },
+        ],
+        "get": {
+            "operationId": "exportDeviceData",
+            "summary": "Alarms or daily statistics over a range, as a CSV or JSON file.",
+            "description": (
+                "For traceability. CSV: a header, then one row per alarm or per "
+                "measurement (RFC 4180 quoting, CRLF); a cell of the "
+                "instrument's text that starts with `=`, `+`, `-` or `@` gets a "
+                "leading `'` so that a spreadsheet does not run it. JSON: the "
+                f"records. At most {EXPORT_MAX_RECORDS} records: a range with "
+                "more is refused, never cut short. Each export is audited "
+                "(`feed.exported`). " + _FEED_VISIBILITY
+            ),
+            "x-roles": sorted(ALL_ROLES),
+            "security": _SESSION_SECURITY,
+            "parameters": [
+                *_feed_range(EXPORT_MAX_RECORDS, EXPORT_MAX_RECORDS, "records")[:2],
+                _query(
+                    "format", "`csv` (default) or `json`.", {"enum": ["csv", "json"]}
+                ),
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file, as an attachment.",
+                    "headers": {
+                        "Content-Disposition": {
+                            "description": (
+                                'attachment; filename="DEVICE-DATASET-TIME.FORMAT"'
+                            ),
+                            "schema": {"type": "string"},
+                        }
+                    },
+                    "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/Export"}
+                        },
+                    },
+                },
+                "400": _answer(
+                    "A parameter has the wrong form, is given twice or is "
+                    "unknown, or the range holds too many records; `error` says "
+                    "which.",
+                    "Error",
+                ),
+                "401": _ERROR_ANSWERS["401"],
+                "404": _answer(
+                    _UNKNOWN_DEVICE + " Or a data set other than alarms and "
+                    "daily-stats.",
+                    "Error",
+                ),
+                "503": _ERROR_ANSWERS["503"],
+            },
+        },
+    },
+}
+
+_RECORD_META: Final[dict[str, Any]] = {
+    "record_id": {"type": "string"},
+    "received_at": {"type": "string", "format": "date-time"},
+    "request_id": {"type": ["string", "null"]},
+}
+_DEVICE_TIME: Final = {
+    "type": "string",
+    "format": "date-time",
+    "description": "The instrument's own time (RFC 3339 with its offset).",
+}
+
+
+def _record_schema(properties: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {**properties, **_RECORD_META},
+        "required": sorted({*properties, *_RECORD_META}),
+        "additionalProperties": False,
+    }
+
+
+def _list_schema(key: str, ref: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "device_id": {"type": "string"},
+            key: {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}},
+        },
+        "required": ["device_id", key],
+        "additionalProperties": False,
+    }
+
+
+_DATA_REQUEST_PROPERTIES: Final[dict[str, Any]] = {
+    "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    "device_id": {"type": "string"},
+    "kind": {"enum": list(REQUESTED_KINDS)},
+    "requested_by": {"type": "string"},
+    "reason": {"type": "string"},
+    "requested_at": {"type": "string", "format": "date-time"},
+    "status": {"enum": ["pending", "answered", "refused", "lapsed"]},
+    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+    "refusal": {"type": ["string", "null"]},
+    "record_id": {"type": ["string", "null"]},
+}
+
+_FEED_SCHEMAS: Final[Mapping[str, dict[str, Any]]] = {
+    "Alarm": _record_schema(
+        {
+            "code": {"type": "string"},
+            "severity": {"enum": list(SEVERITIES)},
+            "text": {"type": "string"},
+            "device_time": _DEVICE_TIME,
+            "state": {"enum": list(ALARM_STATES)},
+        },
+        "An alarm as the instrument raised or cleared it.",
+    ),
+    "AlarmList": _list_schema("alarms", "Alarm"),
+    "DailyStats": _record_schema(
+        {
+            "day": {"type": "string", "format": "date"},
+            "device_time": _DEVICE_TIME,
+            "values": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "value": {"type": "number"},
+                        "unit": {"type": "string"},
+                    },
+                    "required": ["name", "value", "unit"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "The statistics of one day.",
+    ),
+    "DailyStatsList": _list_schema("daily_stats", "DailyStats"),
+    "Configuration": _record_schema(
+        {
+            "device_time": _DEVICE_TIME,
+            "parameters": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "value": {"type": ["string", "number", "boolean"]},
+                        "unit": {"type": "string"},
+                    },
+                    "required": ["name", "value", "unit"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "The instrument's configuration when it was asked.",
+    ),
+    "Consumables": _record_schema(
+        {
+            "device_time": _DEVICE_TIME,
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "part": {"type": "string"},
+                        "remaining_percent": {"type": "number"},
+                        "installed_on": {"type": "string", "format": "date"},
+                        "serial": {"type": "string"},
+                    },
+                    "required": [
+                        "name",
+                        "part",
+                        "remaining_percent",
+                        "installed_on",
+                        "serial",
+                    ],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "The consumables' state when the instrument was asked.",
+    ),
+    "DataRequestBody": {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": list(REQUESTED_KINDS)},
+            "reason": {
+                "type": "string",
+                "maxLength": MAX_DATA_REQUEST_REASON_CHARS,
+                "description": "Why; shown on the instrument's screen. Optional.",
+            },
+        },
+        "required": ["kind"],
+        "additionalProperties": False,
+    },
+    "DataRequest": {
+        "type": "object",
+        "properties": _DATA_REQUEST_PROPERTIES,
+        "required": sorted(_DATA_REQUEST_PROPERTIES),
+        "additionalProperties": False,
+    },
+    "DataRequestWithRecord": {
+        "type": "object",
+        "properties": {
+            **_DATA_REQUEST_PROPERTIES,
+            "record": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"$ref": "#/components/schemas/Configuration"},
+                    {"$ref": "#/components/schemas/Consumables"},
+                ]
+            },
+        },
+        "required": sorted({*_DATA_REQUEST_PROPERTIES, "record"}),
+        "additionalProperties": False,
+    },
+    "Snapshots": {
+        "type": "object",
+        "properties": {
+            "device_id": {"type": "string"},
+            "configuration": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"$ref": "#/components/schemas/Configuration"},
+                ]
+            },
+            "consumables": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"$ref": "#/components/schemas/Consumables"},
+                ]
+            },
+            "data_requests": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/DataRequest"},
+            },
+        },
+        "required": ["device_id", "configuration", "consumables", "data_requests"],
+        "additionalProperties": False,
+    },
+    "DeviceSession": {
+        "type": "object",
+        "properties": {
+            "session_id": {"type": "string"},
+            "engineer": {"type": "string"},
+            "reason": {"type": "string"},
+            "channels": {"type": "array", "items": {"type": "string"}},
+            "granted_channels": {
+                "type": ["array", "null"],
+                "items": {"type": "string"},
+            },
+            "requested_at": {"type": "string", "format": "date-time"},
+            "granted_at": _NULLABLE_TIME,
+            "decided_by": {"type": ["string", "null"]},
+            "ended_at": _NULLABLE_TIME,
+            "end_reason": {"type": ["string", "null"]},
+            "duration_s": {"type": ["number", "null"]},
+        },
+        "required": [
+            "session_id",
+            "engineer",
+            "reason",
+            "channels",
+            "granted_channels",
+            "requested_at",
+            "granted_at",
+            "decided_by",
+            "ended_at",
+            "end_reason",
+            "duration_s",
+        ],
+        "additionalProperties": False,
+    },
+    "DeviceSessionList": _list_schema("sessions", "DeviceSession"),
+    "Export": {
+        "type": "object",
+        "properties": {
+            "device_id": {"type": "string"},
+            "data_set": {"enum": list(EXPORT_DATASETS)},
+            "since": _NULLABLE_TIME,
+            "until": _NULLABLE_TIME,
+            "records": {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/Alarm"},
+                        {"$ref": "#/components/schemas/DailyStats"},
+                    ]
+                },
+            },
+        },
+        "required": ["device_id", "data_set", "since", "until", "records"],
+        "additionalProperties": False,
+    },
+}
+
 _SHA256: Final = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
 _AUDIT_SCHEMAS: Final[Mapping[str, dict[str, Any]]] = {
@@ -581,8 +1101,9 @@ OPENAPI: Final[Mapping[str, Any]] = {
         "/api/v1/devices": {
             "get": {
                 "operationId": "listDevices",
-                "summary": "Every enrolled device with its presence.",
-                "x-roles": ["admin", "engineer"],
+                "summary": "The enrolled devices this user may see, with presence.",
+                "description": _FEED_VISIBILITY,
+                "x-roles": sorted(ALL_ROLES),
                 "security": _SESSION_SECURITY,
                 "responses": {
                     "200": {
@@ -594,7 +1115,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
                             }
                         ),
                     },
-                    **_errors("401", "403", "503"),
+                    **_errors("401", "503"),
                 },
             }
         },
@@ -720,6 +1241,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
             },
         },
         **_AUDIT_PATHS,
+        **_FEED_PATHS,
         INFO_PATH: {
             "get": {
                 "operationId": "info",
@@ -975,6 +1497,7 @@ OPENAPI: Final[Mapping[str, Any]] = {
                 "additionalProperties": False,
             },
             **_AUDIT_SCHEMAS,
+            **_FEED_SCHEMAS,
             "Info": {
                 "type": "object",
                 "properties": {

@@ -1,10 +1,16 @@
-"""Engineer accounts: creating them and resetting their second factor.
+"""User accounts: creating them and resetting their second factor.
 
 The sync glue between the pure credential code (``auth``) and the store, shared by
 ``relay user ...`` and the engineer API. Passwords are hashed with argon2id, TOTP
 secrets are sealed with the data dir's sealing key before they reach the store,
 and the plain secret leaves this module only inside the ``otpauth://`` URI that
 the new user scans once.
+
+Customers (role ``customer``) are accounts of an instrument owner's staff: they
+belong to one organisation and see only the instruments labelled
+``customer=<organisation>`` (docs/monitoring.md, "Who sees what"). The
+organisation has the form of a device label value, so that it can be compared
+with one; every other role has none.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 import auth
+from policies.model import LABEL_VALUE
 from relay.store import USER_ROLES
 
 if TYPE_CHECKING:
@@ -47,11 +54,37 @@ def validate_role(text: str) -> str:
     """Return *text* if it is a known role.
 
     Raises:
-        ValueError: Not one of engineer, auditor, admin.
+        ValueError: Not one of engineer, auditor, admin, customer.
     """
     if text not in USER_ROLES:
         raise ValueError(f"role must be one of {', '.join(sorted(USER_ROLES))}")
     return text
+
+
+def validate_organisation(role: str, organisation: str | None) -> str | None:
+    """Return *organisation* if *role* may (and must) have it.
+
+    A customer needs one, of the form of a device label value (what
+    ``customer=<organisation>`` on an instrument is compared with: ``ACME``,
+    ``Lab 4 GmbH``); every other role has none, so that an organisation never
+    widens what an engineer or auditor sees.
+
+    Raises:
+        ValueError: A customer without an organisation, one of the wrong form,
+            or an organisation for another role.
+    """
+    if role != "customer":
+        if organisation is not None:
+            raise ValueError("only customers belong to an organisation")
+        return None
+    if organisation is None:
+        raise ValueError("a customer needs an organisation (--organisation)")
+    if not LABEL_VALUE.fullmatch(organisation):
+        raise ValueError(
+            "an organisation is 1-128 characters: letters, digits, spaces inside, "
+            "and _ . : / @ + -"
+        )
+    return organisation
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +121,7 @@ def create_user(
     now: datetime,
     can_enroll: bool = False,
     policy: auth.TotpPolicy = _DEFAULT_TOTP_POLICY,
+    organisation: str | None = None,
 ) -> NewUser:
     """Create an account with a new TOTP secret.
 
@@ -95,14 +129,19 @@ def create_user(
         can_enroll: Give the account the enroll permission (engineers; admins
             may enroll anyway; refused for auditors).
         policy: Step length and digits, stated in the provisioning URI.
+        organisation: A customer's organisation (required for customers,
+            refused for every other role).
 
     Raises:
-        ValueError: Invalid name, role or password (too short or too long), or
-            *can_enroll* for an auditor.
+        ValueError: Invalid name, role, organisation or password (too short or
+            too long), or *can_enroll* for an auditor or a customer.
         relay.store.UserExists: The name is taken.
     """
     validate_username(username)
     validate_role(role)
+    validate_organisation(role, organisation)
+    if can_enroll and role == "customer":
+        raise ValueError("customers never enroll devices")
     auth.validate_new_password(password)
     secret = auth.generate_secret()
     store.add_user(
@@ -112,6 +151,7 @@ def create_user(
         totp_secret_sealed=sealer.seal(secret, context=totp_context(username)),
         at=now,
         can_enroll=can_enroll,
+        organisation=organisation,
     )
     return NewUser(
         username, role, auth.provisioning_uri(secret, username=username, policy=policy)

@@ -47,6 +47,14 @@ stops: after ``login_free_failures`` (5) failures in a row for one account from
 one address each further try waits (1 s, doubling, up to 15 min), and an account
 takes at most 100 failures an hour from all addresses together.
 
+Who sees which instrument (:class:`relay._trio.feed_api.DeviceVisibility`):
+``GET /api/v1/devices`` and the live feed on ``/api/v1/events`` list only the
+instruments the user may see, and the monitoring routes
+(:mod:`relay._trio.feed_api`, mounted when the listener is given the store)
+answer 404 for any other. A listener built without the store (tests of the
+login alone) lists every instrument to engineers, admins and auditors, and
+none to customers.
+
 Authenticated routes take ``Authorization: Bearer TOKEN`` or the session cookie
 (the header wins when both are sent); a token in the query string is ignored.
 :func:`guarded_route` is that check, shared by every authenticated route;
@@ -68,8 +76,16 @@ from relay._trio.audit_api import AuditRoutes
 from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_middleware import CONSOLE_CSP
 from relay._trio.engineer_sockets import EngineerSockets, SocketEnd
-from relay._trio.engineer_ws import events_handler, socket_route
+from relay._trio.engineer_ws import SocketHandler, events_handler, socket_route
 from relay._trio.enrollment_api import Enroller
+from relay._trio.feed_api import (
+    DataRequests,
+    DeviceVisibility,
+    FeedRoutes,
+    FeedStore,
+    PolicySource,
+    visible_events_handler,
+)
 from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
 from relay._trio.session_api import SessionRoutes
@@ -80,6 +96,13 @@ from relay.api_contract import (
     CONSOLE_ASSETS_PATH,
     CONSOLE_PAGE_PATH,
     CSRF_HEADER,
+    DEVICE_ALARMS_PATH,
+    DEVICE_DAILY_STATS_PATH,
+    DEVICE_DATA_REQUEST_PATH,
+    DEVICE_DATA_REQUESTS_PATH,
+    DEVICE_EXPORT_PATH,
+    DEVICE_SESSIONS_PATH,
+    DEVICE_SNAPSHOTS_PATH,
     ENROLLMENTS_PATH,
     EVENTS_PATH,
     INFO_PATH,
@@ -95,7 +118,13 @@ from relay.api_contract import (
 from relay.console import ConsoleFiles
 from relay.openapi import OPENAPI
 
-__all__ = ["api_routes", "audit_routes", "device_list", "guarded_route"]
+__all__ = [
+    "api_routes",
+    "audit_routes",
+    "device_list",
+    "feed_routes",
+    "guarded_route",
+]
 
 _UNAUTHORIZED_BODY: Final = {"error": "invalid username, password or code"}
 _SESSION_UNAUTHORIZED_BODY: Final = {"error": "unauthorized"}
@@ -253,6 +282,41 @@ def audit_routes(
     ]
 
 
+def feed_routes(
+    service: LoginService,
+    feed: FeedRoutes,
+    *,
+    origins: Callable[[], auth.OriginAllowList],
+) -> list[BaseRoute]:
+    """The monitoring routes (:mod:`relay._trio.feed_api`), guarded like the rest."""
+    return [
+        guarded_route(service, origins, "GET", DEVICE_ALARMS_PATH, feed.alarms),
+        guarded_route(
+            service, origins, "GET", DEVICE_DAILY_STATS_PATH, feed.daily_stats
+        ),
+        guarded_route(service, origins, "GET", DEVICE_SNAPSHOTS_PATH, feed.snapshots),
+        guarded_route(
+            service,
+            origins,
+            "POST",
+            DEVICE_DATA_REQUESTS_PATH,
+            feed.create_data_request,
+        ),
+        guarded_route(
+            service, origins, "GET", DEVICE_DATA_REQUEST_PATH, feed.data_request
+        ),
+        guarded_route(service, origins, "GET", DEVICE_SESSIONS_PATH, feed.sessions),
+        guarded_route(service, origins, "GET", DEVICE_EXPORT_PATH, feed.export),
+    ]
+
+
+async def _only_for_staff(
+    principal: Principal, devices: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The device list without a store to decide visibility: customers see none."""
+    return [] if principal.role == "customer" else devices
+
+
 def api_routes(
     service: LoginService,
     *,
@@ -264,9 +328,26 @@ def api_routes(
     websocket_send_timeout_s: float,
     enroller: Enroller,
     sessions: SessionRoutes | None = None,
+    store: FeedStore | None = None,
+    policy: PolicySource | None = None,
+    data_requester: DataRequests | None = None,
 ) -> list[BaseRoute]:
     """The engineer listener's routes, each guarded by :data:`ROUTE_ROLES` or
-    :data:`WEBSOCKET_ROLES`."""
+    :data:`WEBSOCKET_ROLES`.
+
+    Args:
+        store: Users, labels and the monitoring feed; given, the monitoring
+            routes are mounted and the device list is filtered by
+            :class:`~relay._trio.feed_api.DeviceVisibility`.
+        policy: The access policy in force (the broker's ``PolicyGate``), which
+            decides what engineers see; without it engineers see no instrument.
+        data_requester: Sends data requests to instruments (the broker's
+            ``DataRequester``); without it ``POST .../data-requests`` is 503.
+    """
+    visibility = None if store is None else DeviceVisibility(store=store, policy=policy)
+    visible: Callable[[Principal, list[dict[str, Any]]], Awaitable[Any]] = (
+        _only_for_staff if visibility is None else visibility.filter
+    )
 
     def guarded(method: str, path: str, handler: Handler) -> Route:
         return guarded_route(service, origins, method, path, handler)
@@ -335,13 +416,26 @@ def api_routes(
             }
         )
 
-    async def devices(_request: Request, _principal: Principal) -> Response:
-        return JSONResponse(
-            await device_list(
-                service,
-                stale_after=presence_stale_after,
-                in_session=None if sessions is None else sessions.device_in_session,
-            )
+    async def devices(_request: Request, principal: Principal) -> Response:
+        listed = await device_list(
+            service,
+            stale_after=presence_stale_after,
+            in_session=None if sessions is None else sessions.device_in_session,
+        )
+        return JSONResponse(await visible(principal, listed))
+
+    events: SocketHandler
+    if visibility is None:
+        plain = events_handler(device_feed, send_timeout_s=websocket_send_timeout_s)
+
+        async def events(websocket: Any, principal: Principal, hold: Any) -> Any:
+            if principal.role == "customer":
+                return (1008, "no instruments to show")
+            return await plain(websocket, principal, hold)
+
+    else:
+        events = visible_events_handler(
+            device_feed, visibility, send_timeout_s=websocket_send_timeout_s
         )
 
     public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
@@ -363,7 +457,7 @@ def api_routes(
         guarded("POST", ENROLLMENTS_PATH, enroller.enroll),
         socket_route(
             EVENTS_PATH,
-            events_handler(device_feed, send_timeout_s=websocket_send_timeout_s),
+            events,
             service=service,
             sockets=sockets,
             origins=origins,
@@ -383,4 +477,15 @@ def api_routes(
                 admit=sessions.admit,
             ),
         ]
+    if store is not None and visibility is not None:
+        routes += feed_routes(
+            service,
+            FeedRoutes(
+                store=store,
+                visibility=visibility,
+                data_requester=data_requester,
+                log=service.log,
+            ),
+            origins=origins,
+        )
     return routes

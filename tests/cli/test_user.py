@@ -160,7 +160,8 @@ def test_add_json_gives_a_uri_whose_codes_verify_against_the_sealed_secret(
     )
     assert result.returncode == 0, result.stderr
     value = json.loads(result.stdout)
-    assert set(value) == {"username", "role", "otpauth_uri"}
+    assert set(value) == {"username", "role", "otpauth_uri", "organisation"}
+    assert value["organisation"] is None
     assert (value["username"], value["role"]) == ("alice", "engineer")
     secret = uri_secret(value["otpauth_uri"], "alice")
     assert not any(block in result.stdout for block in QR_BLOCKS)
@@ -260,13 +261,14 @@ def test_add_refuses_an_invalid_name(users: Users, name: str) -> None:
 
 @pytest.mark.parametrize("role", ["root", "Engineer", ""])
 def test_add_refuses_an_unknown_role(users: Users, role: str) -> None:
-    """A role other than engineer, auditor or admin exits 2 and names the choices."""
+    """A role other than engineer, auditor, admin or customer exits 2 and names
+    the choices."""
     result = users(
         "add", "alice", "--role", role, "--password-stdin", stdin=PASSWORD + "\n"
     )
     assert result.returncode == 2
     assert "relay: error: invalid role" in result.stderr
-    assert "admin, auditor, engineer" in result.stderr
+    assert "admin, auditor, customer, engineer" in result.stderr
 
 
 def test_add_logs_an_audit_event_without_secrets(users: Users) -> None:
@@ -403,6 +405,7 @@ def test_list_json_shows_only_public_fields(users: Users) -> None:
         "disabled",
         "can_enroll",
         "groups",
+        "organisation",
     }
     assert (row["username"], row["role"], row["disabled"]) == ("alice", "admin", False)
     assert row["can_enroll"] is False
@@ -418,9 +421,17 @@ def test_list_plain_shows_a_header_and_each_user(users: Users) -> None:
     result = users("list")
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.splitlines()
-    assert header.split() == ["USER", "ROLE", "CREATED", "ENROLL", "DISABLED", "GROUPS"]
+    assert header.split() == [
+        "USER",
+        "ROLE",
+        "CREATED",
+        "ENROLL",
+        "DISABLED",
+        "ORGANISATION",
+        "GROUPS",
+    ]
     assert line.split()[:2] == ["alice", "engineer"]
-    assert line.split()[-3:] == ["no", "yes", "-"]
+    assert line.split()[-4:] == ["no", "yes", "-", "-"]
 
 
 def test_list_on_an_empty_data_dir_has_no_users(users: Users) -> None:
@@ -600,7 +611,7 @@ def test_set_on_an_admin_notes_that_admins_always_enroll(users: Users) -> None:
     listed = users("list")
     [line] = listed.stdout.splitlines()[1:]
     assert line.split()[1] == "admin"
-    assert line.split()[-3:] == ["always", "no", "-"]
+    assert line.split()[-4:] == ["always", "no", "-", "-"]
 
 
 @pytest.mark.parametrize(

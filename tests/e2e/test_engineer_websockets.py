@@ -282,17 +282,20 @@ async def test_upgrade_without_a_session_is_401(
     assert broker.sample("relay_auth_token_rejections_total", reason="missing") == 1
 
 
-async def test_auditor_may_not_open_the_feed(
+async def test_auditor_gets_the_feed_of_every_device(
     broker: RunningBroker, pki: PKI, client: httpx.AsyncClient
 ) -> None:
-    """WEBSOCKET_ROLES: the feed is for engineers and admins; an auditor gets 403."""
+    """WEBSOCKET_ROLES: every role opens the feed, which lists what the user may
+    see (relay._trio.feed_api): an auditor sees every device."""
+    _record_device(pki, "dev-1")
+    _record_device(pki, "dev-2")
     token = await login_token(
         client, "audrey", add_engineer(pki, "audrey", role="auditor")
     )
-    refused = await _refused(pki, broker.ports.engineer, _headers(token=token))
-    assert refused.status_code == 403
-    assert json.loads(refused.body or b"{}") == {"error": "forbidden"}
-    assert broker.sample("relay_auth_forbidden_total") == 1
+    async with _events(pki, broker.ports.engineer, _headers(token=token)) as ws:
+        devices = await _devices(ws)
+    assert {d["device_id"] for d in devices} == {"dev-1", "dev-2"}
+    assert broker.sample("relay_auth_forbidden_total") == 0
 
 
 async def test_upgrade_over_8_kib_is_431(

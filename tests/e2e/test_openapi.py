@@ -40,6 +40,13 @@ API_PATHS = {
     "/api/v1/audit/sessions/{session_id}/recordings/{name}",
     "/api/v1/info",
     OPENAPI_PATH,
+    "/api/v1/devices/{device_id}/alarms",
+    "/api/v1/devices/{device_id}/daily-stats",
+    "/api/v1/devices/{device_id}/snapshots",
+    "/api/v1/devices/{device_id}/data-requests",
+    "/api/v1/devices/{device_id}/data-requests/{request_id}",
+    "/api/v1/devices/{device_id}/sessions",
+    "/api/v1/devices/{device_id}/exports/{dataset}",
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 #: Bounds of one schemathesis run: test cases per operation, and wall time.
