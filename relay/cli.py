@@ -464,6 +464,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         parse_broker_url,
         run_agent,
     )
+    from relay._trio.agent_feed import make_agent_feed
     from relay._trio.agent_ui import TerminalPrompt, serve_agent_ui
 
     try:
@@ -480,6 +481,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         deciders = [TerminalPrompt.on_stdio()] if args.prompt else []
         runtime = make_session_runtime(settings, deciders=deciders)
+        feed = make_agent_feed(settings.agent_dir, settings.limits)
         stopping = trio.Event()
 
         async def shutdown() -> None:
@@ -494,12 +496,15 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
                 settings.limits.shutdown_grace_s,
             )
             await nursery.start(runtime.run)
+            await nursery.start(feed.run)
             port = await nursery.start(
-                serve_agent_ui, runtime, settings.limits.ui_listen
+                partial(serve_agent_ui, data_requests=feed.recent_requests),
+                runtime,
+                settings.limits.ui_listen,
             )
             host = settings.limits.ui_listen.host
             print(f"device UI: http://{host}:{port}/", file=sys.stderr)
-            await run_agent(settings, runtime=runtime, stopping=stopping)
+            await run_agent(settings, runtime=runtime, stopping=stopping, feed=feed)
             nursery.cancel_scope.cancel()
         if stopping.is_set():
             get_logger("agent").info("agent.stopped")
@@ -1409,6 +1414,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import random
+
     import trio
 
     from relay._trio.agent import (
@@ -1417,8 +1424,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         make_session_runtime,
         run_agent,
     )
+    from relay._trio.agent_feed import make_agent_feed
     from relay._trio.agent_ui import serve_agent_ui
     from relay._trio.broker import serve_broker
+    from relay.simulated_instrument import run_simulated_instrument
 
     config = _session_config(args, _broker_config(args))
     # The demo's standard output is for a person (addresses, credentials): its
@@ -1464,6 +1473,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 limits=AgentConfig(ui_listen=ListenAddress(host="127.0.0.1", port=0)),
             )
             runtime = make_session_runtime(settings)
+            feed = make_agent_feed(settings.agent_dir, settings.limits)
             agent_scope, ui_scope = trio.CancelScope(), trio.CancelScope()
 
             async def device_ui(
@@ -1471,7 +1481,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ) -> None:
                 with ui_scope:
                     await serve_agent_ui(
-                        runtime, settings.limits.ui_listen, task_status=task_status
+                        runtime,
+                        settings.limits.ui_listen,
+                        data_requests=feed.recent_requests,
+                        task_status=task_status,
                     )
 
             ui_port: int = await nursery.start(device_ui)
@@ -1485,9 +1498,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 with agent_scope:
                     async with trio.open_nursery() as agent_nursery:
                         await agent_nursery.start(runtime.run)
-                        await run_agent(settings, status=status, runtime=runtime)
+                        await agent_nursery.start(feed.run)
+                        agent_nursery.start_soon(
+                            partial(
+                                run_simulated_instrument,
+                                feed.spool.root,
+                                rng=random.Random(),  # noqa: S311 - simulated readings, not secrets
+                            )
+                        )
+                        await run_agent(
+                            settings, status=status, runtime=runtime, feed=feed
+                        )
 
             nursery.start_soon(agent)
+            print(
+                "  instrument feed    a simulated water purifier: 30 days of daily "
+                f"statistics, an alarm now and then (spool {feed.spool.root})",
+                file=out,
+            )
             reported = False
             while not shutdown.is_set():
                 if status.connected and not reported:

@@ -23,6 +23,10 @@ that outlives the attempts: each open channel hands it the session messages
 answers while the channel is up. The per-session tunnel
 (``/v1/device/tunnel/{session}``) is opened by :func:`open_tunnel` with the same
 TLS code as the control channel.
+
+The monitoring feed (:class:`~relay._trio.agent_feed.AgentFeed`, when the
+caller gives one) outlives the attempts too: each open channel hands it
+``feed_ack`` and ``data_request`` and runs its sender while the channel is up.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from cryptography import x509
 
 import auth
 from relay import __version__
+from relay._trio.agent_feed import FEED_EVENTS, AgentFeed
 from relay._trio.agent_renewal import (
     RENEWAL_EVENTS,
     CertificateRenewal,
@@ -250,6 +255,7 @@ async def run_agent(
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rng: random.Random | None = None,
     stopping: trio.Event | None = None,
+    feed: AgentFeed | None = None,
 ) -> None:
     """Keep the control channel up until cancelled, or until *stopping* is set.
 
@@ -264,6 +270,9 @@ async def run_agent(
         stopping: Set when the agent stops (SIGTERM, after the runtime's
             orderly end): the control channel is closed with 1001 "agent
             stopping", no new attempt is made, and this returns.
+        feed: The monitoring feed, its ``run`` already started; without one
+            the agent sends no records and leaves data requests unanswered
+            (the broker lets them lapse).
     """
     if runtime is None:
         own = make_session_runtime(settings)
@@ -276,6 +285,7 @@ async def run_agent(
                 wall_clock=wall_clock,
                 rng=rng,
                 stopping=stopping,
+                feed=feed,
             )
             nursery.cancel_scope.cancel()
         return
@@ -304,7 +314,7 @@ async def run_agent(
         started = trio.current_time()
         try:
             await _attempt(
-                settings, status, runtime, wall_clock, log, renewal, stopping
+                settings, status, runtime, wall_clock, log, renewal, stopping, feed
             )
             outcome, message = (
                 Outcome.LOST,
@@ -360,6 +370,7 @@ async def _attempt(
     log: Any,
     renewal: CertificateRenewal,
     stopping: trio.Event,
+    feed: AgentFeed | None,
 ) -> None:
     """One connection attempt; always ends by raising :class:`_AttemptFailed`."""
     host, port, url = parse_broker_url(settings.broker_url)
@@ -410,7 +421,7 @@ async def _attempt(
                     "agent.connected", device_id=device_id, broker=f"{host}:{port}"
                 )
                 await _run_open_channel(
-                    ws, channel, welcome, status, runtime, renewal, stopping
+                    ws, channel, welcome, status, runtime, renewal, stopping, feed
                 )
         except HandshakeFailed as exc:
             if exc.status == 403:
@@ -515,6 +526,7 @@ async def _run_open_channel(
     runtime: SessionRuntime,
     renewal: CertificateRenewal,
     stopping: trio.Event,
+    feed: AgentFeed | None,
 ) -> None:
     sent_at: dict[int, float] = {}
 
@@ -546,6 +558,8 @@ async def _run_open_channel(
             nursery.start_soon(heartbeats)
             nursery.start_soon(close_when_stopping)
             nursery.start_soon(renewal.run, send_event, partial(close_renewed, ws))
+            if feed is not None:
+                nursery.start_soon(feed.run_channel, send_event, channel.version or 1)
             try:
                 while True:
                     channel.receive_message(await ws.receive_message())
@@ -559,6 +573,8 @@ async def _run_open_channel(
                         runtime.handle_control(event)
                     elif isinstance(event, RENEWAL_EVENTS):
                         renewal.handle(event)
+                    elif isinstance(event, FEED_EVENTS) and feed is not None:
+                        feed.handle(event)
             except (ConnectionClosed, RemoteProtocolError) as exc:
                 # Raised after the nursery, so the caller sees it alone, not in a group.
                 ended = exc

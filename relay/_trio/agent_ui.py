@@ -13,6 +13,11 @@ same routes:
     Answer the pending offer, or end the running session (reason ``onsite``).
     A session id that is not the current offer or session: 409.
 
+With the monitoring feed, ``/api/state`` also has ``"data_requests"``: the last
+requests for the instrument's configuration or consumables (who, what, when,
+answered or refused; :meth:`relay._trio.agent_feed.AgentFeed.recent_requests`),
+which the page lists so the person at the instrument sees who read what.
+
 Who may call it. The API grants remote access to the instrument, so it must be
 reachable only by the person in front of it. It listens on loopback by default
 (``AgentConfig.ui_listen``; another address only with ``ui_allow_remote``), and
@@ -142,8 +147,18 @@ class _LocalOnly:
         await self.app(scope, receive, send_with_headers)
 
 
-def agent_ui_app(runtime: SessionRuntime, binding: _Binding) -> ASGIApp:
+def agent_ui_app(
+    runtime: SessionRuntime,
+    binding: _Binding,
+    data_requests: Callable[[], list[dict[str, Any]]] | None = None,
+) -> ASGIApp:
     """The device UI's routes, behind the Host/Origin checks."""
+
+    def full_state() -> dict[str, Any]:
+        state = runtime.state()
+        if data_requests is not None:
+            state = {**state, "data_requests": data_requests()}
+        return state
 
     files = ConsoleFiles(assets=DEVICE_ASSETS)
 
@@ -154,7 +169,7 @@ def agent_ui_app(runtime: SessionRuntime, binding: _Binding) -> ASGIApp:
         return files.asset(request, str(request.path_params["path"]))
 
     async def state(_request: Request) -> Response:
-        return JSONResponse(runtime.state())
+        return JSONResponse(full_state())
 
     def action(
         act: Callable[[str], None],
@@ -176,7 +191,7 @@ def agent_ui_app(runtime: SessionRuntime, binding: _Binding) -> ASGIApp:
                 act(session_id)
             except StaleSession as exc:
                 return JSONResponse({"error": str(exc)}, status_code=409)
-            return JSONResponse(runtime.state())
+            return JSONResponse(full_state())
 
         return route
 
@@ -197,15 +212,17 @@ async def serve_agent_ui(
     runtime: SessionRuntime,
     listen: ListenAddress,
     *,
+    data_requests: Callable[[], list[dict[str, Any]]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the device UI on *listen* until cancelled; reports the bound port.
 
     *listen* is taken as given: ``AgentConfig`` refuses a non-loopback address
-    unless ``ui_allow_remote`` is set.
+    unless ``ui_allow_remote`` is set. *data_requests* gives the recent data
+    requests the page lists (the feed's ``recent_requests``).
     """
     binding = _Binding(listen.host)
-    app: Any = agent_ui_app(runtime, binding)
+    app: Any = agent_ui_app(runtime, binding, data_requests)
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(serve_http, app, listen)
         binding.port = port

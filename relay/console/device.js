@@ -2,7 +2,8 @@
 // agent's local API (/api/state) every second, shows the offer with Allow and
 // Deny, then the session's countdown, its warnings and the End button, and
 // after an end the reason in words. Same look, countdown and wording as the
-// engineers' console (common.js, end-wording.js).
+// engineers' console (common.js, end-wording.js). Below, the monitoring feed's
+// recent data requests: who read the configuration or consumables, and when.
 
 import { DEVICE_END_WORDING } from "./end-wording.js";
 import { Countdown, byId, endWords, setText, show, span, warningText } from "./common.js";
@@ -92,6 +93,24 @@ function renderIdle(lastEnd) {
   showSection("idle", "idle-title");
 }
 
+const KIND_WORDS = { configuration: "configuration", consumables: "consumables status" };
+
+/** The monitoring feed's data requests: who asked for what, when, and the answer. */
+function renderDataRequests(requests) {
+  const list = byId("data-requests-list");
+  const items = (requests ?? []).map((request) => {
+    const item = document.createElement("li");
+    const when = new Date(request.at).toLocaleString();
+    const who = request.requester_role ? `${request.requested_by} (${request.requester_role})` : request.requested_by || "nobody named";
+    const why = request.reason ? ` for "${request.reason}"` : "";
+    // Text only: the names and the reason come from the network.
+    item.textContent = `${when}: ${who} asked for the ${KIND_WORDS[request.kind] ?? request.kind}${why}; ${request.words}.`;
+    return item;
+  });
+  list.replaceChildren(...items);
+  show("data-requests", items.length > 0);
+}
+
 async function refresh() {
   let state;
   try {
@@ -102,6 +121,7 @@ async function refresh() {
     return;
   }
   setText("error", "");
+  renderDataRequests(state.data_requests);
   if (state.offer) renderOffer(state.offer);
   else if (state.session) renderSession(state.session);
   else renderIdle(state.last_end);
