@@ -68,6 +68,9 @@ __all__ = [
 QUEUE_FULL_CODE: Final = "RC-QUEUE-FULL"
 #: Codes a summary names, at most (the alarm's text is bounded).
 _SUMMARY_CODES: Final = 12
+#: Distinct codes a summary keeps (so a summary stays small, whatever codes
+#: the instrument invents); more are counted only.
+_SUMMARY_CODES_KEPT: Final = 64
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS records (
@@ -354,6 +357,7 @@ class _Summary:
     first: str
     last: str
     worst: str
+    other_codes: int = 0
 
     @classmethod
     def of(cls, row: tuple[int, str, str, str | None]) -> _Summary:
@@ -366,6 +370,7 @@ class _Summary:
                 first=str(data["first"]),
                 last=str(data["last"]),
                 worst=str(data["worst"]),
+                other_codes=int(data.get("other_codes", 0)),
             )
         alarm = json.loads(row[2])
         return cls(
@@ -378,9 +383,14 @@ class _Summary:
 
     def add(self, other: _Summary) -> None:
         self.count += other.count
+        self.other_codes += other.other_codes
         for code in other.codes:
-            if code not in self.codes:
+            if code in self.codes:
+                continue
+            if len(self.codes) < _SUMMARY_CODES_KEPT:
                 self.codes.append(code)
+            else:
+                self.other_codes += 1
         # Device times as the instrument wrote them; compared as times, so an
         # offset change on the instrument does not confuse first and last.
         if _moment(other.first) < _moment(self.first):
@@ -398,18 +408,21 @@ class _Summary:
                 "first": self.first,
                 "last": self.last,
                 "worst": self.worst,
+                "other_codes": self.other_codes,
             }
         )
 
     def body(self) -> str:
         shown = ", ".join(self.codes[:_SUMMARY_CODES])
-        more = len(self.codes) - _SUMMARY_CODES
+        more = max(0, len(self.codes) - _SUMMARY_CODES) + self.other_codes
         if more > 0:
             shown += f" and {more} more"
+        # The codes come last: if long codes make the text too long, the cut
+        # takes some of them, never the count or the time range.
         text = (
-            f"The agent's queue was full: {self.count} alarms were dropped "
-            f"(codes {shown}; worst severity {self.worst}; "
-            f"from {self.first} to {self.last})."
+            f"The agent's queue was full: {self.count} alarms were dropped, "
+            f"from {self.first} to {self.last}, worst severity {self.worst} "
+            f"(codes {shown})."
         )
         alarm = feed.Alarm(
             code=QUEUE_FULL_CODE,

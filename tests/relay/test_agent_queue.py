@@ -188,3 +188,19 @@ def test_only_records_in_flight_lets_the_queue_go_one_over(tmp_path: Path) -> No
     assert intake.record is not None
     assert queue.depth() == 2
     assert queue.dropped == 0
+
+
+def test_a_summary_stays_bounded_whatever_the_codes(tmp_path: Path) -> None:
+    """Hundreds of distinct long codes: the summary is still a valid alarm that
+    keeps the count and the time range."""
+    queue = AgentQueue(tmp_path / "q.sqlite3", max_records=2)
+    for n in range(200):
+        queue.enqueue("alarm", alarm_body(f"VERY-LONG-ALARM-CODE-{n:010d}", n))
+    summary = feed.parse_record("alarm", queue.all_records()[0].body, max_bytes=16384)
+    queue.close()
+    assert isinstance(summary, feed.Alarm)
+    assert summary.text.startswith(
+        "The agent's queue was full: 199 alarms were dropped, "
+        "from 2026-11-27T08:00:00Z to 2026-11-27T11:18:00Z"
+    )
+    assert len(summary.text) <= feed.MAX_TEXT_CHARS
