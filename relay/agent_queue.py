@@ -10,9 +10,15 @@ broker that cannot store, and a restart of the agent; the agent sends it again
 until it is acknowledged (at least once), and the broker drops the copies by
 the record's idempotency key (so: once, in effect).
 
-The key is given here, at intake: 32 lowercase hex from :mod:`secrets`. It
-never changes while the record is queued, so a copy sent after a lost ack
-carries the key of the first one. The one exception is the summary alarm
+The key is given here, at intake, from the record's content: the first 32 hex
+digits of SHA-256 over its kind, the request it answers and its canonical
+JSON (:func:`content_key`). So a copy sent after a lost ack carries the key of
+the first one, and so does the same record taken again from the instrument's
+file after a crash between the queue's commit and the file's deletion: the
+broker drops it as a duplicate instead of storing it twice. Two records with
+the same content (the same alarm code, text, state and device time to the
+microsecond) are one record. A record already queued under its key is not
+queued again. The one exception is the summary alarm
 below: when more alarms are folded into it, its content changes, and it gets a
 new key, so that a broker that already stored the old summary stores the new
 one too instead of dropping it as a duplicate.
@@ -44,6 +50,7 @@ here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -122,8 +129,14 @@ def canonical_body(record: feed.Record) -> str:
 
 
 def new_record_id() -> str:
-    """A fresh idempotency key: 32 lowercase hex."""
+    """A fresh idempotency key: 32 lowercase hex (for the summary alarm)."""
     return secrets.token_hex(16)
+
+
+def content_key(kind: str, body: str, request_id: str = "") -> str:
+    """The idempotency key of a record: 32 lowercase hex from its content."""
+    digest = hashlib.sha256(f"{kind}\0{request_id}\0{body}".encode())
+    return digest.hexdigest()[:32]
 
 
 class AgentQueue:
@@ -225,7 +238,16 @@ class AgentQueue:
             request_id: The data request it answers, or ``""``.
             in_flight: Record ids sent and not yet acknowledged: never dropped.
         """
+        record_id = content_key(kind, body, request_id)
         with self._lock, self._transaction():
+            queued = self._db.execute(
+                "SELECT seq FROM records WHERE record_id = ?", (record_id,)
+            ).fetchone()
+            if queued is not None:  # taken again after a crash: queued once
+                return Intake(
+                    record=QueuedRecord(queued[0], record_id, kind, body, request_id),
+                    dropped_kinds=(),
+                )
             dropped: list[str] = []
             while self._count() >= self.max_records:
                 made = self._make_room(kind, in_flight)
@@ -235,7 +257,6 @@ class AgentQueue:
                     self._add_counter("dropped", 1)
                     return Intake(record=None, dropped_kinds=(*dropped, kind))
                 dropped.extend(made)
-            record_id = new_record_id()
             cursor = self._db.execute(
                 "INSERT INTO records (record_id, kind, body, request_id) "
                 "VALUES (?, ?, ?, ?)",

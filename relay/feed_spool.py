@@ -26,10 +26,10 @@ committed it). A file that fails the check is moved to ``rejected/`` with a
 is refused the same way, with reason ``unsolicited``: request-only data is
 never pushed, whatever the instrument does. Nothing is dropped silently.
 
-A crash between the queue's commit and the file's deletion queues the record
-twice at the next start, under two keys; the broker then stores it twice.
-That window is one ``unlink``; we accept it rather than track file names in
-the queue.
+A crash between the queue's commit and the file's deletion takes the file
+again at the next start; the record's key comes from its content
+(:func:`relay.agent_queue.content_key`), so it is queued once, and if it was
+delivered meanwhile the broker drops it as a duplicate.
 
 Snapshots. :meth:`FeedSpool.read_snapshot` reads one snapshot when a data
 request was accepted, and returns it checked; nothing else reads them.

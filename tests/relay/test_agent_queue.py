@@ -44,7 +44,7 @@ def queue(tmp_path: Path) -> Iterator[AgentQueue]:
     queue.close()
 
 
-def test_records_get_a_fresh_hex_key_and_keep_their_order(queue: AgentQueue) -> None:
+def test_records_get_a_hex_key_and_keep_their_order(queue: AgentQueue) -> None:
     """Each record gets 32 lowercase hex as its key; they come out in arrival order."""
     ids = []
     for minute in range(3):
@@ -82,6 +82,28 @@ def test_remove_forgets_a_record(queue: AgentQueue) -> None:
     assert not queue.remove(record.record_id)
     assert queue.depth() == 0
     assert queue.get(record.record_id) is None
+
+
+def test_the_same_record_taken_again_keeps_its_key(queue: AgentQueue) -> None:
+    """A record taken twice (the agent crashed before it deleted the
+    instrument's file) is queued once, and after its ack it comes back under
+    the same key, which the broker drops as a duplicate."""
+    first = queue.enqueue("alarm", alarm_body("E1", 0)).record
+    again = queue.enqueue("alarm", alarm_body("E1", 0)).record
+    assert first is not None
+    assert again is not None
+    assert again.record_id == first.record_id
+    assert queue.depth() == 1
+    assert queue.remove(first.record_id)
+    later = queue.enqueue("alarm", alarm_body("E1", 0)).record
+    assert later is not None
+    assert later.record_id == first.record_id
+    # Another request's answer with the same body is another record.
+    answer = queue.enqueue(
+        "consumables", alarm_body("E1", 0), request_id="ab" * 16
+    ).record
+    assert answer is not None
+    assert answer.record_id != first.record_id
 
 
 def test_the_queue_survives_reopening_the_file(tmp_path: Path) -> None:
