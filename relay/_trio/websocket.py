@@ -34,6 +34,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections import deque
@@ -434,7 +435,13 @@ class WebSocketConnection:
         self._closing.set()
         self._space.unpark_all()
         self._writer_wakeup.set()
-        with trio.move_on_after(self._limits.close_timeout_s, shield=True):
+        with (
+            trio.move_on_after(self._limits.close_timeout_s, shield=True),
+            # The transport under a TLS stream may be closed already (by
+            # whoever owns the socket); TLS' close_notify then has nowhere to
+            # go, and the stream is closed all the same.
+            contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
+        ):
             await self.stream.aclose()
         # aclose closes the stream even when it was cancelled by the deadline.
 

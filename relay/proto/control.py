@@ -548,8 +548,9 @@ class FeedStatus(Event):
 
     Sent when the channel opens and whenever the queue has drained.
     *queue_depth* counts the records waiting; *dropped* the records the agent
-    had to drop since it started because its queue was full (daily statistics
-    first, never an alarm without a trace: see docs/monitoring.md).
+    ever had to drop or fold because its queue was full, a running total kept
+    in its queue file (daily statistics first, never an alarm without a
+    trace: see docs/instrument-integration.md).
     """
 
     TYPE: ClassVar[str] = "feed_status"

@@ -269,6 +269,51 @@ async def test_silent_peer_is_dropped_by_keepalive(
     assert dead_after - 0.01 <= elapsed <= dead_after + 0.01
 
 
+class _TransportClosedUnder(trio.abc.Stream):
+    """A stream whose transport its owner closed already: closing it raises,
+    as a TLS stream's close_notify does over a socket closed under it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        raise trio.ClosedResourceError("this socket was already closed")
+
+
+async def test_a_transport_closed_under_the_connection_does_not_crash_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The keepalive drops a silent peer and closes the stream; a stream that
+    cannot send its goodbye any more (closed under it) ends the connection
+    all the same, without an exception out of the handler's nursery."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    closed: list[int] = []
+
+    async def handler(ws: WebSocketConnection) -> None:
+        try:
+            await ws.receive_message()
+        except ConnectionClosed as exc:
+            closed.append(exc.code)
+
+    protocol = ClientProtocol(parse_uri("ws://relay.test/echo"))
+    protocol.send_request(protocol.connect())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve_one, _TransportClosedUnder(server_stream), handler)
+        await client_stream.send_all(b"".join(protocol.data_to_send()))
+        await client_stream.receive_some(65536)
+    assert closed == [CloseCode.INTERNAL_ERROR]
+
+
 async def test_answering_peer_stays_connected(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
