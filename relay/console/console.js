@@ -1,6 +1,7 @@
 // The engineers' console: login, the instrument list, session requests, and the
-// terminal of a remote session; for auditors and admins the audit pages
-// (audit.js).
+// terminal of a remote session; an instrument's monitoring page for every role
+// (monitoring.js; customers see only their organisation's instruments and get
+// no session controls); for auditors and admins the audit pages (audit.js).
 //
 // Security rules this file keeps:
 // - The login token is never stored or read: the browser holds it in the
@@ -16,6 +17,7 @@ import { FitAddon } from "./vendor/addon-fit/addon-fit.mjs";
 import { END_WORDING } from "./end-wording.js";
 import { Countdown, byId, endWords, setText, show, warningText } from "./common.js";
 import { AUDIT_ROLES, AuditPages } from "./audit.js";
+import { MonitoringPage } from "./monitoring.js";
 import {
   FrameType,
   INITIAL_WINDOW_BYTES,
@@ -36,7 +38,8 @@ const MAX_PENDING_INPUT = 1024 * 1024;
 const SHELL_CLOSED_GRACE_MS = 1500;
 const SESSION_CLOSED = 4005;
 const LOGIN_ENDED = 4004;
-/** Roles that may list instruments and open sessions (GET /api/v1/devices). */
+/** Roles that may open remote sessions (POST /api/v1/sessions). Every role
+ * lists the instruments it may see. */
 const SESSION_ROLES = new Set(["engineer", "admin"]);
 
 const utf8 = new TextEncoder();
@@ -99,10 +102,10 @@ function say(text) {
 
 // Views ---------------------------------------------------------------------------
 
-const VIEWS = ["login-view", "devices-view", "session-view", "audit-view", "audit-session-view"];
+const VIEWS = ["login-view", "devices-view", "monitor-view", "session-view", "audit-view", "audit-session-view"];
 /** The header's section buttons, and the views that belong to each. */
 const NAV = [
-  ["nav-devices", ["devices-view"]],
+  ["nav-devices", ["devices-view", "monitor-view"]],
   ["nav-audit", ["audit-view", "audit-session-view"]],
 ];
 
@@ -115,7 +118,7 @@ function showView(id, focusId) {
   // never over a remote session's view (leaving it would end the terminal).
   const audits = AUDIT_ROLES.has(app.role);
   show("nav", loggedIn && audits && id !== "session-view");
-  show("nav-devices", SESSION_ROLES.has(app.role));
+  show("nav-devices", true);
   show("nav-audit", audits);
   for (const [button, views] of NAV) {
     if (views.includes(id)) byId(button).setAttribute("aria-current", "page");
@@ -129,6 +132,7 @@ function showView(id, focusId) {
 function showLogin(message = "") {
   stopEvents();
   audit.reset();
+  monitoring.leave();
   app.csrf = null;
   app.username = null;
   app.role = null;
@@ -187,18 +191,21 @@ async function enter() {
   app.role = me.data.role;
   say("");
   setText("who-name", `${app.username} (${app.role})`);
+  // Every role gets the live instrument list (only the instruments it may
+  // see); auditors start on the audit pages.
+  startEvents();
   if (!SESSION_ROLES.has(app.role) && AUDIT_ROLES.has(app.role)) {
     await audit.showList(app.role);
+    await loadDevices();
     return true;
   }
   showDevices();
   await loadDevices();
-  // The device feed is refused to roles without the instrument list.
-  if (SESSION_ROLES.has(app.role)) startEvents();
   return true;
 }
 
 async function logout() {
+  monitoring.leave();
   if (app.session !== null) app.session.dispose();
   app.session = null;
   stopEvents();
@@ -217,6 +224,7 @@ function loginEnded() {
 // Instruments -----------------------------------------------------------------------
 
 function showDevices() {
+  monitoring.leave();
   showView("devices-view", "devices-title");
   renderDevices();
 }
@@ -228,8 +236,6 @@ async function loadDevices() {
     renderDevices();
   } else if (answer.status === 401) {
     loginEnded();
-  } else if (answer.status === 403) {
-    setText("devices-summary", `Your role (${app.role}) cannot open remote sessions.`);
   } else {
     setText("devices-summary", "The instrument list could not be loaded.");
   }
@@ -283,6 +289,15 @@ function deviceItem(device) {
   item.append(device.online ? badge("online", "online") : badge("offline", "offline"));
   if (device.in_session) item.append(badge("in session", "busy"));
   if (device.revoked) item.append(badge("revoked", "revoked"));
+  const monitor = document.createElement("button");
+  monitor.type = "button";
+  monitor.textContent = "Monitoring";
+  monitor.dataset.monitorId = device.device_id;
+  monitor.setAttribute("aria-label", `Alarms, statistics and history of ${device.device_id}`);
+  monitor.addEventListener("click", () => openMonitoring(device.device_id));
+  item.append(monitor);
+  // Customers and auditors never hold sessions: no session button at all.
+  if (!SESSION_ROLES.has(app.role)) return item;
   const button = document.createElement("button");
   button.type = "button";
   button.textContent = "Request session";
@@ -332,6 +347,24 @@ function stopEvents() {
   const socket = app.events;
   app.events = null;
   if (socket !== null) socket.close(1000);
+}
+
+// An instrument's monitoring page (monitoring.js) -------------------------------------
+
+const monitoring = new MonitoringPage({
+  api,
+  say,
+  showView,
+  loginEnded: () => loginEnded(),
+  back: () => openDevicesSection(),
+});
+
+function openMonitoring(deviceId) {
+  audit.leaveSession();
+  if (app.session !== null) app.session.dispose();
+  app.session = null;
+  show("request-panel", false);
+  monitoring.open(deviceId, app.role);
 }
 
 // Requesting a session ---------------------------------------------------------------
@@ -853,6 +886,7 @@ function openDevicesSection() {
 }
 
 function openAuditSection() {
+  monitoring.leave();
   if (app.session !== null) app.session.dispose();
   app.session = null;
   say("");
@@ -873,6 +907,7 @@ async function start() {
   byId("nav-devices").addEventListener("click", openDevicesSection);
   byId("nav-audit").addEventListener("click", openAuditSection);
   audit.install();
+  monitoring.install();
   say("Loading...");
   const resumed = await enter();
   if (!resumed) {

@@ -57,6 +57,10 @@ EXPECTED_ASSETS = {
     "vendor/asciinema-player/asciinema-player.css": "text/css; charset=utf-8",
     "vendor/asciinema-player/LICENSE": "text/plain; charset=utf-8",
     "vendor/asciinema-player/solid-js/LICENSE": "text/plain; charset=utf-8",
+    "monitoring.js": "text/javascript; charset=utf-8",
+    "vendor/uplot/uPlot.esm.js": "text/javascript; charset=utf-8",
+    "vendor/uplot/uPlot.min.css": "text/css; charset=utf-8",
+    "vendor/uplot/LICENSE": "text/plain; charset=utf-8",
 }
 # The player's chunks: the refresh script copies them in a loop, found by
 # following index.js's imports (their names change with each release).
@@ -209,8 +213,14 @@ def test_vendored_terminal_is_pinned() -> None:
     package = json.loads((PROJECT / "scripts/vendor/package.json").read_text())
     lock = json.loads((PROJECT / "scripts/vendor/package-lock.json").read_text())
     pins = package["dependencies"]
-    assert set(pins) == {"@xterm/xterm", "@xterm/addon-fit", "asciinema-player"}
+    assert set(pins) == {
+        "@xterm/xterm",
+        "@xterm/addon-fit",
+        "asciinema-player",
+        "uplot",
+    }
     assert pins["@xterm/xterm"].startswith("6.")
+    assert pins["uplot"].startswith("1.")
     assert pins["asciinema-player"].startswith("3.")
     for name, version in pins.items():
         assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", version), (name, version)
