@@ -567,6 +567,8 @@ async def _serve(
         sessions=SessionRoutes(sessions, metrics),
         audit_data=DataDir(config.data_dir),
         keepalive=config.websocket,
+        policy=policy,
+        data_requester=data_requester,
     )
     bound = False
 

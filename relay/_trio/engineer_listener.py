@@ -34,6 +34,7 @@ from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_api import audit_routes, device_list
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
+from relay._trio.feed_api import DataRequests, PolicySource
 from relay._trio.http import engineer_app, serve_http
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
@@ -60,6 +61,10 @@ class EngineerListener:
             routes (``/api/v1/audit/...``) read; None: no such routes.
         keepalive: The ping interval and missed-ping count the engineers'
             WebSockets are held to (relay._trio.hypercorn_ws); None: no pings.
+        policy: The access policy in force, which decides which instruments
+            engineers see (relay._trio.feed_api.DeviceVisibility).
+        data_requester: Sends users' data requests to instruments; None:
+            ``POST .../data-requests`` answers 503.
 
     Raises:
         ValueError: An entry of ``allowed_origins`` is not a web origin.
@@ -78,6 +83,8 @@ class EngineerListener:
         sessions: SessionRoutes | None = None,
         audit_data: DataDir | None = None,
         keepalive: WebSocketLimits | None = None,
+        policy: PolicySource | None = None,
+        data_requester: DataRequests | None = None,
     ) -> None:
         self.config = config
         self.keepalive = keepalive
@@ -120,6 +127,9 @@ class EngineerListener:
             enroller=enroller,
             sessions=sessions,
             extra_routes=extra_routes,
+            store=store,
+            policy=policy,
+            data_requester=data_requester,
         )
 
     async def serve(

@@ -44,6 +44,7 @@ from relay._trio.engineer_middleware import (
 )
 from relay._trio.engineer_sockets import EngineerSockets
 from relay._trio.enrollment_api import Enroller
+from relay._trio.feed_api import DataRequests, FeedStore, PolicySource
 from relay._trio.login_service import LoginService
 from relay._trio.session_api import SessionRoutes
 from relay.config import EngineerListenerConfig, ListenAddress, WebSocketLimits
@@ -123,6 +124,9 @@ def engineer_app(
     enroller: Enroller,
     sessions: SessionRoutes | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    store: FeedStore | None = None,
+    policy: PolicySource | None = None,
+    data_requester: DataRequests | None = None,
 ) -> Starlette:
     """The engineer listener: the console, the banner, login, the API and the
     WebSockets (relay._trio.engineer_api), plus *extra_routes* (the auditors').
@@ -130,7 +134,9 @@ def engineer_app(
     *sockets* and *device_feed* do their work in tasks the caller runs
     (:meth:`EngineerSockets.watch`, :meth:`DeviceFeed.run`). *origins* is asked
     at every WebSocket upgrade, so that the listener's own origins can be set
-    once its port is known.
+    once its port is known. *store*, *policy* and *data_requester* mount the
+    monitoring routes and filter every device list by what the user may see
+    (see :func:`relay._trio.engineer_api.api_routes`).
     """
 
     def banner() -> dict[str, str]:
@@ -163,6 +169,9 @@ def engineer_app(
             websocket_send_timeout_s=config.websocket_send_timeout_s,
             enroller=enroller,
             sessions=sessions,
+            store=store,
+            policy=policy,
+            data_requester=data_requester,
         )
         + list(extra_routes),
         middleware=[
