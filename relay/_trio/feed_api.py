@@ -102,6 +102,7 @@ from relay.api_contract import (
 from relay.proto.close import CloseCode
 from relay.proto.feed import REQUESTED_KINDS
 from relay.proto.session import DEVICE_ID_FORM
+from relay.store import StoreError
 
 if TYPE_CHECKING:
     from relay._trio.device_feed import DeviceFeed
@@ -331,7 +332,8 @@ def visible_events_handler(
     (at most once per ``device_feed_interval_s``). A version whose filtered
     list is the one this socket sent last is not sent again, so a customer's
     console does not learn from the pushes' timing that another organisation's
-    instrument came online.
+    instrument came online. A store that cannot say who may see what closes
+    the socket with 1013 (try again later); the console reconnects.
     """
 
     async def events(
@@ -350,7 +352,16 @@ def visible_events_handler(
                 sent: list[dict[str, Any]] | None = None
                 while True:
                     version, devices = await feed.newer_than(version)
-                    visible = await visibility.filter(principal, devices)
+                    try:
+                        visible = await visibility.filter(principal, devices)
+                    except StoreError:
+                        # No list without knowing who may see it: the console
+                        # reconnects (with its backoff) and asks again.
+                        outcome.append(
+                            (int(CloseCode.TRY_AGAIN_LATER), "store unavailable")
+                        )
+                        nursery.cancel_scope.cancel()
+                        break
                     if visible == sent:
                         continue
                     text = json.dumps({"type": "devices", "devices": visible})

@@ -289,6 +289,8 @@ function deviceItem(device) {
   item.append(device.online ? badge("online", "online") : badge("offline", "offline"));
   if (device.in_session) item.append(badge("in session", "busy"));
   if (device.revoked) item.append(badge("revoked", "revoked"));
+  // Customers and auditors never hold sessions: no session button at all.
+  if (SESSION_ROLES.has(app.role)) item.append(sessionButton(device));
   const monitor = document.createElement("button");
   monitor.type = "button";
   monitor.textContent = "Monitoring";
@@ -296,8 +298,12 @@ function deviceItem(device) {
   monitor.setAttribute("aria-label", `Alarms, statistics and history of ${device.device_id}`);
   monitor.addEventListener("click", () => openMonitoring(device.device_id));
   item.append(monitor);
-  // Customers and auditors never hold sessions: no session button at all.
-  if (!SESSION_ROLES.has(app.role)) return item;
+  return item;
+}
+
+/** The "Request session" button of an instrument (first in its row, so the
+ * keyboard reaches it first after the filter). */
+function sessionButton(device) {
   const button = document.createElement("button");
   button.type = "button";
   button.textContent = "Request session";
@@ -305,8 +311,7 @@ function deviceItem(device) {
   button.setAttribute("aria-label", `Request a session on ${device.device_id}`);
   button.disabled = !device.online || device.revoked || device.in_session;
   button.addEventListener("click", () => openRequest(device.device_id));
-  item.append(button);
-  return item;
+  return button;
 }
 
 function startEvents() {

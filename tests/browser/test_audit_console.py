@@ -159,14 +159,15 @@ def test_auditor_finds_the_session_and_plays_it_back(browser: Any, demo: Demo) -
 
     page = new_page(browser)
     log_in_as(page, demo, auditor)
-    # An auditor cannot open sessions: the console opens on the audit pages, and
-    # the header offers the Audit section only.
+    # An auditor cannot open sessions: the console opens on the audit pages; the
+    # header offers the Instruments section too (their monitoring pages, no
+    # session buttons: docs/monitoring.md).
     expect(page.get_by_role("heading", name="Audit: remote sessions")).to_be_focused(
         timeout=STEP_MS
     )
     expect(page.locator("#who-name")).to_have_text(f"{AUDITOR} (auditor)")
     sections = page.get_by_role("navigation", name="Console sections")
-    expect(sections.get_by_role("button", name="Instruments")).to_have_count(0)
+    expect(sections.get_by_role("button", name="Instruments")).to_have_count(1)
     sections.get_by_role("button", name="Audit", exact=True).click()
     expect(page.get_by_role("heading", name="Audit: remote sessions")).to_be_focused()
 

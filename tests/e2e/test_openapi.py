@@ -49,9 +49,11 @@ API_PATHS = {
     "/api/v1/devices/{device_id}/exports/{dataset}",
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-#: Bounds of one schemathesis run: test cases per operation, and wall time.
+#: Bounds of one schemathesis run: test cases per operation, and wall time
+#: (the monitoring routes doubled the operations; a loaded CI machine runs
+#: them at a third of the speed of an idle one).
 MAX_EXAMPLES = 30
-RUN_TIMEOUT_S = 40.0
+RUN_TIMEOUT_S = 180.0
 # Runs the schemathesis CLI in this interpreter (the package has no __main__).
 _SCHEMATHESIS = (
     "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())"

@@ -59,7 +59,13 @@ from relay.api_contract import (
 from relay.config import EngineerAuthConfig, EngineerListenerConfig, PKIConfig
 from relay.metrics import RelayMetrics
 from relay.proto import feed
-from relay.store import DataRequestRow, FeedRow, RemoteSessionRecord, Store
+from relay.store import (
+    DataRequestRow,
+    FeedRow,
+    RemoteSessionRecord,
+    Store,
+    StoreError,
+)
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 POLICY = b"""
@@ -545,6 +551,45 @@ async def test_events_feed_sends_each_socket_only_visible_devices(
     assert '"acme-1"' in text
     assert "globex" not in text
     assert "lab-1" not in text
+
+
+async def test_events_feed_closes_when_the_store_cannot_say_who_sees_what(
+    store: Store,
+) -> None:
+    """No list without its filter: a store failure closes the socket with 1013
+    and nothing is sent."""
+    metrics = RelayMetrics()
+
+    async def read() -> list[dict[str, Any]]:
+        return [{"device_id": "acme-1", "labels": {"customer": "ACME"}}]
+
+    class BrokenStore:
+        def get_user(self, username: str) -> None:
+            raise StoreError("database is locked")
+
+    device_feed = DeviceFeed(read=read, interval_s=1.0, metrics=metrics, log=None)
+    visibility = DeviceVisibility(store=cast(Any, BrokenStore()), policy=None)
+    handler = visible_events_handler(device_feed, visibility, send_timeout_s=1.0)
+    sent: list[str] = []
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            sent.append(text)
+
+        async def receive(self) -> dict[str, Any]:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    principal = Principal(
+        username="carla", role="customer", token_hash="0" * 64, created_at=T0
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device_feed.run)
+            close = await handler(cast(Any, Socket()), principal, cast(Any, None))
+            nursery.cancel_scope.cancel()
+    assert close == (1013, "store unavailable")
+    assert sent == []
 
 
 # --- alarms, statistics, snapshots ----------------------------------------------------
