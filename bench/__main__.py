@@ -77,8 +77,14 @@ def _crossing(mode: Mode, profiles: Path) -> ScenarioResult:
     return run_crossing(mode)
 
 
+def _feed(mode: Mode, profiles: Path) -> ScenarioResult:
+    from bench.feed import run_feed
+
+    return run_feed(mode)
+
+
 #: In the order of the BRIEF's performance table; then the cost of a session
-#: across nodes (issue 11).
+#: across nodes (issue 11) and the monitoring feed (issue 12).
 SCENARIOS: Final[dict[str, Scenario]] = {
     "throughput": _throughput,
     "latency": _latency,
@@ -86,6 +92,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "storm": _storm,
     "setup": _setup,
     "crossing": _crossing,
+    "feed": _feed,
 }
 
 

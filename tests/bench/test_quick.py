@@ -137,3 +137,30 @@ def test_crossing_measured_every_session_on_one_node_and_across(
         assert len(counts) == 1, (where, counts)
         assert counts.pop() > 0
         assert all(math.isfinite(s) and s > 0 for v in steps.values() for s in v)
+
+
+def test_feed_stored_every_record_once_and_timed_each_phase(
+    quick_run: dict[str, Any],
+) -> None:
+    """Every record sent was acknowledged as stored and is in the store exactly
+    once; each phase timed its sessions and heartbeats, each feeding phase its acks."""
+    raw = _result(quick_run, "feed")["raw"]
+    check = raw["sqlite_check"]
+    assert check["exact"], check
+    assert check["acks"] == {"stored": check["sent"]}
+    assert check["rows_in_store"] == check["sent"] > 0
+    assert check["devices"] == raw["devices"]
+    phases = {p["name"]: p for p in raw["sqlite"]}
+    assert list(phases) == ["quiet", "end-of-day", "flood"]
+    assert phases["quiet"]["sent"] is None
+    assert sum(p["sent"] for p in phases.values() if p["sent"]) == check["sent"]
+    for name, phase in phases.items():
+        sessions = {len(v) for v in phase["setup_s"].values()}
+        assert len(sessions) == 1, name
+        assert sessions.pop() > 0, name
+        assert all(x > 0 for v in phase["setup_s"].values() for x in v), name
+        assert phase["probe_heartbeat_rtt_s"], name
+        if phase["sent"] is not None:
+            assert len(phase["ack_latency_s"]) == phase["sent"] > 0, name
+            assert phase["stored_per_s"] > 0, name
+            assert all(math.isfinite(x) and x > 0 for x in phase["ack_latency_s"])
