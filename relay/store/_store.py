@@ -165,9 +165,9 @@ _USER_COLUMNS: Final = (
     users.c.organisation,
 )
 
-# The one role that may never hold the enroll permission: auditors watch
-# enrollments, they do not make them.
-_NEVER_ENROLLS: Final = "auditor"
+# The roles that may never hold the enroll permission: auditors watch
+# enrollments, they do not make them; customers only look at their instruments.
+_NEVER_ENROLLS: Final = frozenset({"auditor", "customer"})
 
 
 class Store(RemoteSessions, Labels, Feed):
@@ -1705,10 +1705,10 @@ def _check_can_enroll(role: str, can_enroll: bool) -> None:
     """Refuse the enroll permission for a role that never enrolls.
 
     Raises:
-        ValueError: *can_enroll* is true and *role* is auditor.
+        ValueError: *can_enroll* is true and *role* is auditor or customer.
     """
-    if can_enroll and role == _NEVER_ENROLLS:
-        raise ValueError("auditors never enroll devices; can_enroll stays false")
+    if can_enroll and role in _NEVER_ENROLLS:
+        raise ValueError(f"{role}s never enroll devices; can_enroll stays false")
 
 
 def _check_reason(reason: str) -> None:

@@ -299,3 +299,16 @@ def _json(body: object) -> str:
     import json
 
     return json.dumps(body)
+
+
+def test_a_customer_never_holds_the_enroll_permission(store: Store) -> None:
+    with pytest.raises(ValueError, match="customers never enroll"):
+        store.add_user(
+            username="carol",
+            role="customer",
+            password_hash="h",  # noqa: S106 - a stand-in
+            totp_secret_sealed="s",  # noqa: S106 - a stand-in
+            at=T0,
+            organisation="acme",
+            can_enroll=True,
+        )
