@@ -713,12 +713,16 @@ class FeedConfig:
         request_timeout_s: How long a data request waits for the device's
             answer before it is marked lapsed (an offline device, an agent
             without the feed).
+        intake_queue_records: Records checked and waiting for the node's
+            database writer, at most; one more is answered ``retry`` and the
+            agent sends it again later. 100..1000000.
     """
 
     max_record_bytes: int = 16 * 1024
     retention_days: int = 730
     retention_check_s: float = 3600.0
     request_timeout_s: float = 60.0
+    intake_queue_records: int = 20_000
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_record_bytes <= 48 * 1024:
@@ -729,6 +733,11 @@ class FeedConfig:
         if not 1 <= self.retention_days <= 3650:
             raise ValueError(
                 f"retention_days must be in 1..3650, got {self.retention_days!r}"
+            )
+        if not 100 <= self.intake_queue_records <= 1_000_000:
+            raise ValueError(
+                "intake_queue_records must be in 100..1000000, "
+                f"got {self.intake_queue_records!r}"
             )
         for name in ("retention_check_s", "request_timeout_s"):
             if not getattr(self, name) > 0:

@@ -428,6 +428,12 @@ class RelayMetrics:
             "Monitoring records the store could not take (answered retry).",
             registry=r,
         )
+        self.feed_deferred = Counter(
+            "relay_feed_records_deferred_total",
+            "Monitoring records answered retry because this node's write "
+            "queue was full (the agent sends them again later).",
+            registry=r,
+        )
         self.feed_queue_depth = Gauge(
             "relay_feed_agent_queue_depth",
             "Records waiting in the agents' queues, summed over the devices "

@@ -483,7 +483,7 @@ async def _serve(
         wall_clock=wall_clock,
     )
     feed_log = get_logger("feed", audit=audit)
-    listener.feed = FeedIntake(
+    listener.feed = feed_intake = FeedIntake(
         store=store,
         config=config.feed,
         metrics=metrics,
@@ -589,6 +589,7 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(sessions.run)
             await nursery.start(data_requester.run)
+            await nursery.start(feed_intake.run)
             nursery.start_soon(
                 _audit_watch,
                 audit,

@@ -726,12 +726,16 @@ class DeviceListener:
     async def _feed_event(self, live: _LiveChannel, event: object) -> None:
         """A monitoring feed message (protocol 4): handed to the feed intake."""
         assert self.feed is not None  # noqa: S101 - checked by the caller
+        # Never waits for the store: the intake's writer does (see
+        # relay._trio.feed_intake), so a grant behind a backlog is not held up.
         if isinstance(event, control.FeedRecord):
-            await live.send(await self.feed.record(live.device_id, event))
+            ack = self.feed.record(live.device_id, event, live.send)
+            if ack is not None:
+                await live.send(ack)
         elif isinstance(event, control.FeedStatus):
             self.feed.status(live.device_id, event)
         elif isinstance(event, control.DataRequestRefused):
-            await self.feed.refused(live.device_id, event)
+            self.feed.refused(live.device_id, event)
 
     async def _after_welcome(
         self,

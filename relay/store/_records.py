@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from relay.proto.feed import Record
 
 # The roles a user can have; anything else is refused before it reaches the database.
 USER_ROLES: Final = frozenset({"engineer", "auditor", "admin", "customer"})
@@ -343,3 +346,14 @@ class DataRequestRow:
 
 class UnknownDataRequest(StoreError):
     """A record names a data request this device was not asked (or of another kind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewFeedRecord:
+    """A record as ``Store.add_feed_records`` takes it (already checked)."""
+
+    device_id: str
+    record: Record
+    record_id: str
+    received_at: datetime
+    request_id: str | None = None

@@ -5,13 +5,20 @@ queue depths as gauges, and a device's refusal of a data request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import pytest
 import structlog
 import trio
 
+from relay._trio.broker import BrokerPorts, serve_broker
 from relay._trio.websocket import ConnectionClosed, WebSocketConnection
+from relay.config import FeedConfig
+from relay.metrics import RelayMetrics
 from relay.proto import control
 from relay.proto.control import (
     DataRequestRefused,
@@ -21,7 +28,7 @@ from relay.proto.control import (
     Heartbeat,
     HeartbeatAck,
 )
-from relay.store import Store
+from relay.store import NewFeedRecord, Store
 from tests.e2e.conftest import PKI, RunningBroker, wait_until
 from tests.e2e.test_device_listener import open_device, say_hello
 
@@ -195,3 +202,73 @@ async def _closed(ws: WebSocketConnection) -> int:
             await ws.receive_message()
     except ConnectionClosed as exc:
         return int(exc.code)
+
+
+async def test_a_slow_store_holds_no_channel_and_a_full_queue_says_retry(
+    pki: PKI, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the database takes its time, the channel still answers at once
+    (a grant behind an instrument's backlog is not held up); records are
+    acknowledged only once stored, and past the intake's bound the device
+    hears `retry` (busy) instead of being made to wait."""
+    release = threading.Event()
+    blocked = threading.Event()
+    original = Store.add_feed_records
+
+    def slow(self: Store, records: Sequence[NewFeedRecord]) -> list[bool]:
+        blocked.set()
+        release.wait(20)
+        return original(self, records)
+
+    monkeypatch.setattr(Store, "add_feed_records", slow)
+    config = dataclasses.replace(pki.config, feed=FeedConfig(intake_queue_records=100))
+    shutdown, metrics = trio.Event(), RelayMetrics()
+    ports: BrokerPorts = await nursery.start(
+        lambda task_status: serve_broker(
+            config, shutdown, metrics=metrics, task_status=task_status
+        )
+    )
+    running = RunningBroker(ports, config, metrics, shutdown)
+    device = pki.enroll("dev-backlog")
+    try:
+        with trio.fail_after(30):
+            async with open_device(running, pki, device) as ws:
+                channel = await say_hello(ws, "dev-backlog")
+                await ws.send_message(channel.send(record(1, ALARM)))
+                await trio.to_thread.run_sync(blocked.wait, 10)
+                # The writer holds record 1 in the store; 100 more fill the
+                # intake, the next one is turned back at once.
+                for n in range(2, 103):
+                    body = {**ALARM, "text": f"alarm {n}"}
+                    await ws.send_message(channel.send(record(n, body)))
+                assert await _next_ack(ws, channel) == FeedAck(
+                    record_id=rid(102), result="retry", reason="busy"
+                )
+                # The channel answers while the records wait for the store.
+                assert await exchange(ws, channel, Heartbeat(seq=5)) == HeartbeatAck(
+                    seq=5
+                )
+                release.set()
+                acks: dict[str, str] = {}
+                while len(acks) < 101:
+                    ack = await _next_ack(ws, channel)
+                    acks[ack.record_id] = ack.result
+                assert set(acks) == {rid(n) for n in range(1, 102)}
+                assert set(acks.values()) == {"stored"}
+                await ws.aclose()
+    finally:
+        release.set()
+        shutdown.set()
+    assert metrics.registry.get_sample_value("relay_feed_records_deferred_total") == 1
+    with pki.store() as store:
+        assert len(store.list_feed_records("dev-backlog", kinds=["alarm"])) == 101
+
+
+async def _next_ack(
+    ws: WebSocketConnection, channel: control.ControlChannel
+) -> FeedAck:
+    while True:
+        channel.receive_message(await ws.receive_message())
+        event = channel.next_event()
+        if isinstance(event, FeedAck):
+            return event

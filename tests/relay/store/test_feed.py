@@ -12,8 +12,7 @@ from alembic import command
 from sqlalchemy import create_engine, inspect
 
 from relay.proto import feed
-from relay.store import Store, UnknownDataRequest
-from relay.store import PolicySubjectKind
+from relay.store import NewFeedRecord, PolicySubjectKind, Store, UnknownDataRequest
 from tests.relay.store.test_labels import (
     _alembic,
     _sql,
@@ -311,4 +310,34 @@ def test_a_customer_never_holds_the_enroll_permission(store: Store) -> None:
             at=T0,
             organisation="acme",
             can_enroll=True,
+        )
+
+
+def test_pushed_records_are_stored_in_one_transaction_each_once(store: Store) -> None:
+    store.add_feed_record(
+        "dev-1", alarm(1), record_id=rid(1), request_id=None, received_at=T0
+    )
+    batch = [
+        NewFeedRecord(
+            device_id="dev-1", record=alarm(n), record_id=rid(n), received_at=T0
+        )
+        for n in (1, 2, 3)
+    ] + [
+        NewFeedRecord(
+            device_id="dev-2", record=alarm(1), record_id=rid(1), received_at=T0
+        )
+    ]
+    assert store.add_feed_records(batch) == [False, True, True, True]
+    assert len(store.list_feed_records("dev-1", kinds=["alarm"])) == 3
+    with pytest.raises(ValueError, match="one by one"):
+        store.add_feed_records(
+            [
+                NewFeedRecord(
+                    device_id="dev-1",
+                    record=consumables(),
+                    record_id=rid(9),
+                    received_at=T0,
+                    request_id=rid(7),
+                )
+            ]
         )
