@@ -84,7 +84,6 @@ from relay._trio.feed_api import (
     FeedRoutes,
     FeedStore,
     PolicySource,
-    visible_events_handler,
 )
 from relay._trio.login_service import LoginService, LoginThrottled, Principal
 from relay._trio.request_body import BadBody, read_json_body
@@ -434,8 +433,10 @@ def api_routes(
             return await plain(websocket, principal, hold)
 
     else:
-        events = visible_events_handler(
-            device_feed, visibility, send_timeout_s=websocket_send_timeout_s
+        events = events_handler(
+            device_feed,
+            send_timeout_s=websocket_send_timeout_s,
+            select=visibility.filter,
         )
 
     public: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {

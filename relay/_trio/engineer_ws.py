@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 from starlette.responses import JSONResponse
@@ -57,6 +57,7 @@ from relay._trio.engineer_sockets import EngineerSockets, SocketHold
 from relay._trio.login_service import LoginService, Principal
 from relay.api_contract import WEBSOCKET_ROLES
 from relay.proto.close import CloseCode, close_code_label
+from relay.store import StoreError
 
 __all__ = [
     "SocketAdmission",
@@ -165,11 +166,29 @@ def socket_route(
     return WebSocketRoute(path, endpoint)
 
 
-def events_handler(feed: DeviceFeed, *, send_timeout_s: float) -> SocketHandler:
-    """The ``/api/v1/events`` handler: the device list, pushed as it changes."""
+#: Narrows the device list to what one user may see (relay._trio.feed_api).
+DeviceSelection = Callable[
+    [Principal, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]
+]
+
+
+def events_handler(
+    feed: DeviceFeed, *, send_timeout_s: float, select: DeviceSelection | None = None
+) -> SocketHandler:
+    """The ``/api/v1/events`` handler: the device list, pushed as it changes.
+
+    With *select*, each socket gets only the instruments its user may see:
+    the feed is shared by every socket, so the selection runs per socket and
+    per version (at most once per ``device_feed_interval_s``). A list equal
+    to the one this socket sent last is not sent again, so a customer's
+    console does not learn from the pushes' timing that another
+    organisation's instrument came online. A store that cannot say who may
+    see what closes the socket with 1013 (try again later); the console
+    reconnects.
+    """
 
     async def events(
-        websocket: WebSocket, _principal: Principal, _hold: SocketHold
+        websocket: WebSocket, principal: Principal, _hold: SocketHold
     ) -> SocketClose | None:
         outcome: list[SocketClose | None] = []
         with feed.listening():
@@ -181,8 +200,20 @@ def events_handler(feed: DeviceFeed, *, send_timeout_s: float) -> SocketHandler:
 
                 nursery.start_soon(refuse_input)
                 version = 0
+                sent: list[dict[str, Any]] | None = None
                 while True:
                     version, devices = await feed.newer_than(version)
+                    if select is not None:
+                        try:
+                            devices = await select(principal, devices)
+                        except StoreError:
+                            outcome.append(
+                                (int(CloseCode.TRY_AGAIN_LATER), "store unavailable")
+                            )
+                            nursery.cancel_scope.cancel()
+                            break
+                    if devices == sent:
+                        continue
                     text = json.dumps({"type": "devices", "devices": devices})
                     with trio.move_on_after(send_timeout_s) as sending:
                         await websocket.send_text(text)
@@ -192,6 +223,7 @@ def events_handler(feed: DeviceFeed, *, send_timeout_s: float) -> SocketHandler:
                         )
                         nursery.cancel_scope.cancel()
                         break
+                    sent = devices
         return outcome[0] if outcome else None
 
     return events

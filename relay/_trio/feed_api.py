@@ -80,7 +80,6 @@ import trio
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.websockets import WebSocket
 
 from policies import Device, Effect, Engineer, Policy
 from relay._trio.feed_requests import DataRequestUnavailable
@@ -99,15 +98,10 @@ from relay.api_contract import (
     MAX_DATA_REQUEST_BODY_BYTES,
     MAX_DATA_REQUEST_REASON_CHARS,
 )
-from relay.proto.close import CloseCode
 from relay.proto.feed import REQUESTED_KINDS
 from relay.proto.session import DEVICE_ID_FORM
-from relay.store import StoreError
 
 if TYPE_CHECKING:
-    from relay._trio.device_feed import DeviceFeed
-    from relay._trio.engineer_sockets import SocketHold
-    from relay._trio.engineer_ws import SocketClose, SocketHandler
     from relay.store import (
         DataRequestRow,
         FeedRow,
@@ -123,7 +117,6 @@ __all__ = [
     "PolicySource",
     "csv_cell",
     "policy_reaches",
-    "visible_events_handler",
 ]
 
 #: Roles that see every enrolled instrument.
@@ -319,71 +312,6 @@ class DeviceVisibility:
     ) -> list[dict[str, Any]]:
         """:meth:`visible_devices` in a worker thread."""
         return await trio.to_thread.run_sync(self.visible_devices, principal, devices)
-
-
-def visible_events_handler(
-    feed: DeviceFeed, visibility: DeviceVisibility, *, send_timeout_s: float
-) -> SocketHandler:
-    """The ``/api/v1/events`` handler: the device list as it changes, each socket
-    getting only the instruments its user may see.
-
-    :func:`relay._trio.engineer_ws.events_handler` with the filter: the feed
-    is shared by every socket, so the filter runs per socket and per version
-    (at most once per ``device_feed_interval_s``). A version whose filtered
-    list is the one this socket sent last is not sent again, so a customer's
-    console does not learn from the pushes' timing that another organisation's
-    instrument came online. A store that cannot say who may see what closes
-    the socket with 1013 (try again later); the console reconnects.
-    """
-
-    async def events(
-        websocket: WebSocket, principal: Principal, _hold: SocketHold
-    ) -> SocketClose | None:
-        outcome: list[SocketClose | None] = []
-        with feed.listening():
-            async with trio.open_nursery() as nursery:
-
-                async def refuse_input() -> None:
-                    outcome.append(await _no_input(websocket))
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(refuse_input)
-                version = 0
-                sent: list[dict[str, Any]] | None = None
-                while True:
-                    version, devices = await feed.newer_than(version)
-                    try:
-                        visible = await visibility.filter(principal, devices)
-                    except StoreError:
-                        # No list without knowing who may see it: the console
-                        # reconnects (with its backoff) and asks again.
-                        outcome.append(
-                            (int(CloseCode.TRY_AGAIN_LATER), "store unavailable")
-                        )
-                        nursery.cancel_scope.cancel()
-                        break
-                    if visible == sent:
-                        continue
-                    text = json.dumps({"type": "devices", "devices": visible})
-                    with trio.move_on_after(send_timeout_s) as sending:
-                        await websocket.send_text(text)
-                    if sending.cancelled_caught:
-                        outcome.append(
-                            (int(CloseCode.POLICY_VIOLATION), "client too slow")
-                        )
-                        nursery.cancel_scope.cancel()
-                        break
-                    sent = visible
-        return outcome[0] if outcome else None
-
-    return events
-
-
-async def _no_input(websocket: WebSocket) -> SocketClose | None:
-    message = await websocket.receive()
-    if message["type"] == "websocket.disconnect":
-        return None
-    return (int(CloseCode.UNSUPPORTED_DATA), "this socket takes no messages")
 
 
 # --- query parameters -------------------------------------------------------------

@@ -37,13 +37,13 @@ from relay import simulated_instrument as instrument
 from relay._trio.device_feed import DeviceFeed
 from relay._trio.engineer_api import api_routes, guarded_route
 from relay._trio.engineer_sockets import EngineerSockets
+from relay._trio.engineer_ws import events_handler
 from relay._trio.enrollment_api import Enroller
 from relay._trio.feed_api import (
     DeviceVisibility,
     csv_cell,
     export_csv,
     policy_reaches,
-    visible_events_handler,
 )
 from relay._trio.feed_requests import DataRequestUnavailable
 from relay._trio.login_service import LoginService, Principal
@@ -522,7 +522,7 @@ async def test_events_feed_sends_each_socket_only_visible_devices(
     visibility = DeviceVisibility(
         store=store, policy=FixedPolicy(load_policy_files({"p.toml": POLICY}))
     )
-    handler = visible_events_handler(device_feed, visibility, send_timeout_s=1.0)
+    handler = events_handler(device_feed, send_timeout_s=1.0, select=visibility.filter)
 
     class Socket:
         def __init__(self) -> None:
@@ -569,7 +569,7 @@ async def test_events_feed_closes_when_the_store_cannot_say_who_sees_what(
 
     device_feed = DeviceFeed(read=read, interval_s=1.0, metrics=metrics, log=None)
     visibility = DeviceVisibility(store=cast(Any, BrokenStore()), policy=None)
-    handler = visible_events_handler(device_feed, visibility, send_timeout_s=1.0)
+    handler = events_handler(device_feed, send_timeout_s=1.0, select=visibility.filter)
     sent: list[str] = []
 
     class Socket:
