@@ -43,7 +43,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from relay._trio.login_service import Principal
+from relay._trio.query_params import BadParameter, single, time_param
 from relay.api_contract import AUDIT_END_REASONS, AUDIT_LIST_DEFAULT, AUDIT_LIST_MAX
 from relay.audit_reader import RECORDING_NAME, read_receipts, session_timeline
 from relay.proto.session import DEVICE_ID_FORM, USERNAME_FORM, is_session_id
@@ -67,19 +68,8 @@ __all__ = [
 
 #: asciicast v2 has no registered type; this is what asciinema's server answers.
 CAST_MEDIA_TYPE: Final = "application/x-asciicast"
-#: Longest ``since``/``until`` value looked at (an ISO 8601 time with microseconds
-#: and an offset is 32 characters).
-_MAX_TIME_CHARS: Final = 40
 _LIMIT_FORM: Final = re.compile(r"[0-9]{1,4}")
 _FILTERS: Final = ("device_id", "engineer", "since", "until", "end_reason", "limit")
-
-
-class _BadParameter(Exception):
-    """A query parameter has the wrong form; the message names it."""
-
-    def __init__(self, name: str, expected: str) -> None:
-        self.message = f"bad {name}: {expected}"
-        super().__init__(self.message)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,48 +82,27 @@ class _Filters:
     limit: int = AUDIT_LIST_DEFAULT
 
 
-def _single(params: QueryParams, name: str) -> str | None:
-    values = params.getlist(name)
-    if len(values) > 1:
-        raise _BadParameter(name, "give it at most once")
-    return values[0] if values else None
-
-
-def _time(name: str, text: str | None) -> datetime | None:
-    """An ISO 8601 time with a timezone, in UTC (``2026-05-04T13:02:00Z``)."""
-    if text is None:
-        return None
-    expected = "an ISO 8601 time with a timezone, e.g. 2026-05-04T13:02:00Z"
-    if len(text) > _MAX_TIME_CHARS or not text.isascii():
-        raise _BadParameter(name, expected)
-    try:
-        value = datetime.fromisoformat(text)
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise _BadParameter(name, expected)
-        # Year 1 with a positive offset is before the first UTC instant.
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise _BadParameter(name, expected) from None
-
-
 def _filters(params: QueryParams) -> _Filters:
     """The listing's filters from the query string.
 
     Raises:
-        _BadParameter: A value has the wrong form, or a filter is given twice.
+        BadParameter: A value has the wrong form, or a filter is given twice.
     """
-    text = {name: _single(params, name) for name in _FILTERS}
+    text = {name: single(params, name) for name in _FILTERS}
     device_id, engineer = text["device_id"], text["engineer"]
     if device_id is not None and not DEVICE_ID_FORM.fullmatch(device_id):
-        raise _BadParameter("device_id", "not a device id")
+        raise BadParameter("device_id", "not a device id")
     if engineer is not None and not USERNAME_FORM.fullmatch(engineer):
-        raise _BadParameter("engineer", "not a user name")
-    since, until = _time("since", text["since"]), _time("until", text["until"])
+        raise BadParameter("engineer", "not a user name")
+    since, until = (
+        time_param("since", text["since"]),
+        time_param("until", text["until"]),
+    )
     if since is not None and until is not None and since >= until:
-        raise _BadParameter("until", "must be later than since")
+        raise BadParameter("until", "must be later than since")
     end_reason = text["end_reason"]
     if end_reason is not None and end_reason not in AUDIT_END_REASONS:
-        raise _BadParameter(
+        raise BadParameter(
             "end_reason", "one of " + ", ".join(sorted(AUDIT_END_REASONS))
         )
     limit = AUDIT_LIST_DEFAULT
@@ -142,7 +111,7 @@ def _filters(params: QueryParams) -> _Filters:
         if not _LIMIT_FORM.fullmatch(limit_text) or not (
             1 <= int(limit_text) <= AUDIT_LIST_MAX
         ):
-            raise _BadParameter("limit", f"an integer from 1 to {AUDIT_LIST_MAX}")
+            raise BadParameter("limit", f"an integer from 1 to {AUDIT_LIST_MAX}")
         limit = int(limit_text)
     return _Filters(
         device_id=device_id,
@@ -189,7 +158,7 @@ class AuditRoutes:
         """``GET /api/v1/audit/sessions``."""
         try:
             filters = _filters(request.query_params)
-        except _BadParameter as bad:
+        except BadParameter as bad:
             return _error(400, bad.message)
         rows = await trio.to_thread.run_sync(
             partial(
@@ -251,8 +220,8 @@ class AuditRoutes:
     async def recording(self, request: Request, principal: Principal) -> Response:
         """``GET /api/v1/audit/sessions/{session_id}/recordings/{name}``."""
         try:
-            download = _single(request.query_params, "download")
-        except _BadParameter as bad:
+            download = single(request.query_params, "download")
+        except BadParameter as bad:
             return _error(400, bad.message)
         if download not in (None, "0", "1"):
             return _error(400, "bad download: 0 or 1")

@@ -84,6 +84,7 @@ from starlette.responses import JSONResponse, Response
 from policies import Device, Effect, Engineer, Policy
 from relay._trio.feed_requests import DataRequestUnavailable
 from relay._trio.login_service import Principal
+from relay._trio.query_params import BadParameter, single, time_param
 from relay._trio.request_body import BadBody, read_json_body
 from relay.api_contract import (
     EXPORT_DATASETS,
@@ -123,9 +124,6 @@ __all__ = [
 _SEE_ALL_ROLES: Final = frozenset({"admin", "auditor"})
 #: The label that names an instrument's customer organisation.
 CUSTOMER_LABEL: Final = "customer"
-#: Longest ``since``/``until`` value looked at (an ISO 8601 time with
-#: microseconds and an offset is 32 characters).
-_MAX_TIME_CHARS: Final = 40
 _LIMIT_FORM: Final = re.compile(r"[0-9]{1,5}")
 _REQUEST_ID_FORM: Final = re.compile(r"[0-9a-f]{32}")
 #: Characters that make a spreadsheet read a cell as a formula (Rule 3).
@@ -317,14 +315,6 @@ class DeviceVisibility:
 # --- query parameters -------------------------------------------------------------
 
 
-class _BadParameter(Exception):
-    """A query parameter has the wrong form; the message names it."""
-
-    def __init__(self, name: str, expected: str) -> None:
-        self.message = f"bad {name}: {expected}"
-        super().__init__(self.message)
-
-
 @dataclass(frozen=True, slots=True)
 class _Range:
     since: datetime | None
@@ -332,29 +322,8 @@ class _Range:
     limit: int
 
 
-def _single(params: QueryParams, name: str) -> str | None:
-    values = params.getlist(name)
-    if len(values) > 1:
-        raise _BadParameter(name, "give it at most once")
-    return values[0] if values else None
-
-
 def _time(params: QueryParams, name: str) -> datetime | None:
-    """An ISO 8601 time with a timezone, in UTC (``2026-05-04T13:02:00Z``)."""
-    text = _single(params, name)
-    if text is None:
-        return None
-    expected = "an ISO 8601 time with a timezone, e.g. 2026-05-04T13:02:00Z"
-    if len(text) > _MAX_TIME_CHARS or not text.isascii():
-        raise _BadParameter(name, expected)
-    try:
-        value = datetime.fromisoformat(text)
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise _BadParameter(name, expected)
-        # Year 1 with a positive offset is before the first UTC instant.
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise _BadParameter(name, expected) from None
+    return time_param(name, single(params, name))
 
 
 def _range(
@@ -367,20 +336,20 @@ def _range(
     """``since``, ``until`` and ``limit`` from the query string.
 
     Raises:
-        _BadParameter: A value has the wrong form, a parameter is given twice,
+        BadParameter: A value has the wrong form, a parameter is given twice,
             or the query names a parameter the route does not take.
     """
     unknown = sorted(set(params.keys()) - allowed)
     if unknown:
-        raise _BadParameter(unknown[0][:40], "not a parameter of this route")
+        raise BadParameter(unknown[0][:40], "not a parameter of this route")
     since, until = _time(params, "since"), _time(params, "until")
     if since is not None and until is not None and since >= until:
-        raise _BadParameter("until", "must be later than since")
+        raise BadParameter("until", "must be later than since")
     limit = default
-    text = _single(params, "limit")
+    text = single(params, "limit")
     if text is not None:
         if not _LIMIT_FORM.fullmatch(text) or not 1 <= int(text) <= maximum:
-            raise _BadParameter("limit", f"an integer from 1 to {maximum}")
+            raise BadParameter("limit", f"an integer from 1 to {maximum}")
         limit = int(text)
     return _Range(since=since, until=until, limit=limit)
 
@@ -643,7 +612,7 @@ class FeedRoutes:
                 default=FEED_ALARMS_DEFAULT,
                 maximum=FEED_ALARMS_MAX,
             )
-        except _BadParameter as bad:
+        except BadParameter as bad:
             return _error(400, bad.message)
         rows = await self._records(device_id, "alarm", window, window.limit)
         return JSONResponse(
@@ -663,7 +632,7 @@ class FeedRoutes:
                 default=FEED_STATS_DEFAULT,
                 maximum=FEED_STATS_MAX,
             )
-        except _BadParameter as bad:
+        except BadParameter as bad:
             return _error(400, bad.message)
         rows = await self._records(device_id, "daily_stats", window, window.limit)
         return JSONResponse(
@@ -776,7 +745,7 @@ class FeedRoutes:
                 default=FEED_SESSIONS_DEFAULT,
                 maximum=FEED_SESSIONS_MAX,
             )
-        except _BadParameter as bad:
+        except BadParameter as bad:
             return _error(400, bad.message)
         rows = await trio.to_thread.run_sync(
             partial(
@@ -805,10 +774,10 @@ class FeedRoutes:
                 default=EXPORT_MAX_RECORDS,
                 maximum=EXPORT_MAX_RECORDS,
             )
-            form = _single(params, "format") or "csv"
+            form = single(params, "format") or "csv"
             if form not in EXPORT_FORMATS:
-                raise _BadParameter("format", " or ".join(EXPORT_FORMATS))
-        except _BadParameter as bad:
+                raise BadParameter("format", " or ".join(EXPORT_FORMATS))
+        except BadParameter as bad:
             return _error(400, bad.message)
         kind = "alarm" if dataset == "alarms" else "daily_stats"
         rows = await self._records(device_id, kind, window, EXPORT_MAX_RECORDS + 1)
