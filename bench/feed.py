@@ -651,9 +651,7 @@ def _plan(mode: Mode) -> _Plan:
         return _Plan(
             devices=200, probes=4, sessions=200, min_phase_s=30.0, session_budget_s=90.0
         )
-    return _Plan(
-        devices=5, probes=2, sessions=5, min_phase_s=1.0, session_budget_s=20.0
-    )
+    return _Plan(devices=5, probes=2, sessions=5, min_phase_s=1.0, session_budget_s=3.0)
 
 
 PHASES: Final[tuple[tuple[str, float | None], ...]] = (
