@@ -83,7 +83,7 @@ from bench.world import (
 from relay import __version__
 from relay._trio.agent import parse_broker_url
 from relay._trio.websocket import WebSocketConnection, connect_websocket
-from relay.config import WebSocketLimits
+from relay.config import AgentConfig, WebSocketLimits
 from relay.pki_files import AgentDir
 from relay.proto import control, feed
 from relay.store import Store
@@ -108,6 +108,9 @@ REPO: Final = Path(__file__).resolve().parents[1]
 #: Ack p99 goal: an alarm is in the store, and on the console, well within a
 #: second; at 250 ms a device's window of 16 still drains at 64 records/s.
 ACK_P99_GOAL_S: Final = 0.250
+#: How long a device pauses its feed when the broker answers "retry, busy"
+#: (the agent's default feed_retry_s; it waits a jittered half to all of it).
+BUSY_PAUSE_S: Final = AgentConfig().feed_retry_s
 #: Session set-up may be this much slower (p99) while the feed runs.
 SETUP_TOLERANCE: Final = 0.20
 
@@ -242,6 +245,9 @@ class _Device:
     unacked: dict[str, float] = field(default_factory=dict)
     window: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(WINDOW))
     next_seq: int = 0
+    #: Until when the broker said it is busy (trio time): the device sends no
+    #: record before, as the agent pauses its feed on "retry, busy".
+    paused_until: float = 0.0
 
 
 async def _connect(
@@ -311,6 +317,11 @@ async def _feed(
                     with trio.move_on_at(next_at):
                         await phase.stopped.wait()
                     next_at += interval
+                    if phase.stopped.is_set():
+                        break
+                if device.paused_until > trio.current_time():
+                    with trio.move_on_at(device.paused_until):
+                        await phase.stopped.wait()
                     if phase.stopped.is_set():
                         break
                 await device.window.acquire()
@@ -403,6 +414,12 @@ async def _run_device(
                     state.unacked -= 1
                     device.window.release()
                     phase.results[event.result] += 1
+                    if event.reason == "busy":
+                        # The agent's pause (relay._trio.agent_feed): a
+                        # jittered half to whole feed_retry_s.
+                        device.paused_until = trio.current_time() + BUSY_PAUSE_S * (
+                            0.5 + 0.5 * rng.random()
+                        )
                     if event.result != "stored":
                         state.not_stored.append(
                             (event.record_id, event.result, event.reason)

@@ -716,6 +716,13 @@ class FeedConfig:
         intake_queue_records: Records checked and waiting for the node's
             database writer, at most; one more is answered ``retry`` and the
             agent sends it again later. 100..1000000.
+        max_records_per_s: Records this node takes per second, on average
+            (bursts of twice that); beyond it a record is answered ``retry``
+            (``busy``) before it is parsed, and the agent pauses its feed for
+            ``feed_retry_s``. It keeps a flood of backlogs (every instrument
+            back after an outage) from taking the event loop that sessions
+            and on-site kills need (bench/analysis.md); answers to data
+            requests are not counted. 1..100000.
     """
 
     max_record_bytes: int = 16 * 1024
@@ -723,6 +730,7 @@ class FeedConfig:
     retention_check_s: float = 3600.0
     request_timeout_s: float = 60.0
     intake_queue_records: int = 20_000
+    max_records_per_s: float = 100.0
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_record_bytes <= 48 * 1024:
@@ -738,6 +746,11 @@ class FeedConfig:
             raise ValueError(
                 "intake_queue_records must be in 100..1000000, "
                 f"got {self.intake_queue_records!r}"
+            )
+        if not 1 <= self.max_records_per_s <= 100_000:
+            raise ValueError(
+                "max_records_per_s must be in 1..100000, "
+                f"got {self.max_records_per_s!r}"
             )
         for name in ("retention_check_s", "request_timeout_s"):
             if not getattr(self, name) > 0:

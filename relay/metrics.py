@@ -430,8 +430,9 @@ class RelayMetrics:
         )
         self.feed_deferred = Counter(
             "relay_feed_records_deferred_total",
-            "Monitoring records answered retry because this node's write "
-            "queue was full (the agent sends them again later).",
+            "Monitoring records answered retry (busy): beyond the node's "
+            "max_records_per_s, or its write queue full (the agent sends them "
+            "again later).",
             registry=r,
         )
         self.feed_queue_depth = Gauge(

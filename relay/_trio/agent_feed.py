@@ -56,6 +56,7 @@ follow trio's clock.
 from __future__ import annotations
 
 import collections
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ class AgentFeed:
         # record_id -> when to send it again (sent, no final ack yet). Reset
         # for each channel: what the last one had in flight is sent again.
         self._in_flight: dict[str, float] = {}
+        # Until when the broker said it is busy: no pushed record goes before.
+        self._busy_until = 0.0
         self.records_sent = 0
 
     # Lifetime task: the spool ------------------------------------------------------
@@ -301,6 +304,8 @@ class AgentFeed:
                 )
             reported_empty = depth == 0
             deadline = min(self._in_flight.values(), default=float("inf"))
+            if self._busy_until > trio.current_time():
+                deadline = min(deadline, self._busy_until)
             with trio.move_on_at(deadline):
                 await wake.wait()
 
@@ -341,9 +346,22 @@ class AgentFeed:
         while self._acks:
             ack = self._acks.popleft()
             if ack.result == "retry":
+                if ack.reason == "busy":
+                    # The broker is at its rate: the whole feed pauses (a
+                    # jittered share of feed_retry_s), not just this record,
+                    # so that a fleet back from an outage does not keep the
+                    # broker busy with records it can only turn back.
+                    self._busy_until = (
+                        trio.current_time()
+                        + self.config.feed_retry_s
+                        * (
+                            0.5 + 0.5 * random.random()  # noqa: S311 - jitter, not a secret
+                        )
+                    )
                 if ack.record_id in self._in_flight:
-                    self._in_flight[ack.record_id] = (
-                        trio.current_time() + self.config.feed_retry_s
+                    self._in_flight[ack.record_id] = max(
+                        trio.current_time() + self.config.feed_retry_s,
+                        self._busy_until,
                     )
                     self._log.info(
                         "feed.record_retry", record_id=ack.record_id, reason=ack.reason
@@ -361,9 +379,10 @@ class AgentFeed:
 
     async def _send_due(self, send: ControlSender) -> None:
         now = trio.current_time()
+        busy = now < self._busy_until
         # Records whose ack did not come (or said retry) in time go again.
         for record_id, due in list(self._in_flight.items()):
-            if due <= now:
+            if due <= now and not busy:
                 await self._resend(send, record_id)
         room = self.config.feed_window - len(self._in_flight)
         if room <= 0:
@@ -376,7 +395,10 @@ class AgentFeed:
             )
             depth = await trio.to_thread.run_sync(self.queue.depth)
         for record in records:
-            await self._send_record(send, record, depth)
+            # While the broker is busy only answers to requests go (a user
+            # waits for them; the broker does not count them).
+            if not busy or record.request_id:
+                await self._send_record(send, record, depth)
 
     async def _resend(self, send: ControlSender, record_id: str) -> None:
         async with self._db_lock:

@@ -12,7 +12,15 @@ grant, a deny, a session's end, heartbeats), whatever an instrument's backlog.
 :meth:`FeedIntake.record` checks a record at once
 (:func:`relay.proto.feed.parse_record`: nothing from a device is trusted). A
 bad one is answered there and then, ``rejected`` with its reason, counted, and
-logged as an audit event; the channel stays up. A good one joins the intake's
+logged as an audit event; the channel stays up. Before any of that, the
+node's rate (``[feed] max_records_per_s``, a token bucket) is checked: a
+record beyond it is answered ``retry`` (``busy``) unparsed, and the agent
+pauses its feed for a while. Receiving, checking and storing a record costs
+the broker milliseconds of CPU and the event loop's time; without the cap, a
+node whose instruments all come back with a day's backlog would spend the
+loop on records while a session's grant or an on-site End waits (measured in
+bench/analysis.md). Answers to data requests are not counted: they are
+rare, and a user waits for each. A good one joins the intake's
 bounded queue, together with the function that sends on its channel; when the
 queue is full the record is answered ``retry`` (``busy``) and the agent sends
 it again later.
@@ -49,6 +57,7 @@ from typing import Any, Final
 
 import trio
 
+from auth.limits import RateLimit, TokenBucket
 from relay._trio.websocket import ConnectionClosed
 from relay.config import FeedConfig
 from relay.metrics import RelayMetrics
@@ -114,6 +123,12 @@ class FeedIntake:
             config.intake_queue_records
         )
         self._limiter = trio.CapacityLimiter(1)
+        self._bucket = TokenBucket(
+            limit=RateLimit(
+                per_minute=60 * config.max_records_per_s,
+                burst=max(1, int(2 * config.max_records_per_s)),
+            )
+        )
         # device id -> (queue depth, dropped) as last reported, connected only.
         self._queues: dict[str, tuple[int, int]] = {}
         metrics.feed_queue_depth.set_function(
@@ -139,6 +154,11 @@ class FeedIntake:
             the commit.
         """
         self._report(device_id, event.queue_depth, None)
+        if not event.request_id and self._bucket.check(now=trio.current_time()) > 0:
+            self.metrics.feed_deferred.inc()
+            return control.FeedAck(
+                record_id=event.record_id, result="retry", reason="busy"
+            )
         try:
             parsed = feed.parse_record(
                 event.kind, event.body, max_bytes=self.config.max_record_bytes

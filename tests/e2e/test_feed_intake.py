@@ -272,3 +272,48 @@ async def _next_ack(
         event = channel.next_event()
         if isinstance(event, FeedAck):
             return event
+
+
+async def test_beyond_the_nodes_record_rate_the_device_hears_busy(
+    pki: PKI, nursery: trio.Nursery
+) -> None:
+    """[feed] max_records_per_s: a burst of twice the rate is taken, the next
+    record is turned back unparsed (retry, busy); an answer to a user's data
+    request is not counted against it."""
+    config = dataclasses.replace(pki.config, feed=FeedConfig(max_records_per_s=1.0))
+    shutdown, metrics = trio.Event(), RelayMetrics()
+    ports: BrokerPorts = await nursery.start(
+        lambda task_status: serve_broker(
+            config, shutdown, metrics=metrics, task_status=task_status
+        )
+    )
+    running = RunningBroker(ports, config, metrics, shutdown)
+    device = pki.enroll("dev-rate")
+    with pki.store() as store:
+        store.create_data_request(
+            request_id=rid(60),
+            device_id="dev-rate",
+            kind="consumables",
+            requested_by="alice",
+            reason="",
+            at=datetime.now(UTC),
+        )
+    try:
+        with trio.fail_after(20):
+            async with open_device(running, pki, device) as ws:
+                channel = await say_hello(ws, "dev-rate")
+                results = []
+                for n in (1, 2, 3):
+                    body = {**ALARM, "text": f"alarm {n}"}
+                    ack = await exchange(ws, channel, record(n, body))
+                    assert isinstance(ack, FeedAck)
+                    results.append((ack.result, ack.reason))
+                assert results == [("stored", ""), ("stored", ""), ("retry", "busy")]
+                answer = record(4, CONSUMABLES, kind="consumables", request_id=rid(60))
+                assert await exchange(ws, channel, answer) == FeedAck(
+                    record_id=rid(4), result="stored", reason=""
+                )
+                await ws.aclose()
+    finally:
+        shutdown.set()
+    assert metrics.registry.get_sample_value("relay_feed_records_deferred_total") == 1

@@ -249,6 +249,31 @@ async def test_retry_is_honoured(make_harness: Callable[..., Harness]) -> None:
     assert h.queue.depth() == 0
 
 
+async def test_a_busy_broker_pauses_the_whole_feed(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """'retry' with reason busy (the node is at its record rate) stops every
+    pushed record, not only that one, for at least half of feed_retry_s."""
+    h = make_harness(feed_retry_s=0.6, feed_window=2)
+    first, second, third = h.enqueue_alarms(3)
+    async with h.channel() as broker:
+        await broker.next()
+        sent = await broker.records(2)
+        assert [r.record_id for r in sent] == [first, second]
+        broker.ack(first, "retry", "busy")
+        broker.ack(second)  # room in the window, but the broker is busy
+        started = trio.current_time()
+        assert not [
+            e for e in await broker.quiet(0.25) if isinstance(e, control.FeedRecord)
+        ]
+        resumed = await broker.records(2)
+        assert trio.current_time() - started >= 0.29
+        assert {r.record_id for r in resumed} == {first, third}
+        broker.ack(first)
+        broker.ack(third)
+        assert await broker.next() == control.FeedStatus(queue_depth=0, dropped=0)
+
+
 async def test_a_rejected_record_is_forgotten(
     make_harness: Callable[..., Harness],
 ) -> None:
