@@ -49,6 +49,7 @@ METRIC_NAMES = frozenset(
         "relay_feed_alarms_received_total",
         "relay_feed_records_rejected_total",
         "relay_feed_store_failures_total",
+        "relay_feed_records_deferred_total",
         "relay_feed_agent_queue_depth",
         "relay_feed_agent_queue_depth_max",
         "relay_feed_agent_dropped_records",
