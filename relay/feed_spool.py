@@ -117,9 +117,22 @@ class FeedSpool:
         return self.root / "snapshots"
 
     def create(self) -> None:
-        """Make the directories (0750: the instrument's group may write them)."""
-        for path in (self.outbox, self.outbox / "tmp", self.rejected, self.snapshots):
-            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        """Make the directories: the instrument's software (in the agent's
+        group) may write the outbox and the snapshots (0770) and read what
+        was rejected (0750). Set with chmod, so a umask (the systemd unit's
+        0077) does not take the group's rights away; a directory someone else
+        made (an installer) is left as it is."""
+        modes = {
+            self.outbox: 0o770,
+            self.outbox / "tmp": 0o770,
+            self.snapshots: 0o770,
+            self.rejected: 0o750,
+        }
+        for path, mode in modes.items():
+            path.mkdir(parents=True, exist_ok=True, mode=mode)
+            with contextlib.suppress(PermissionError):
+                if path.stat().st_uid == os.getuid():
+                    path.chmod(mode | (path.stat().st_mode & 0o2000))
 
     def snapshot_path(self, kind: str) -> Path:
         """Where the instrument keeps the snapshot of *kind*."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -170,3 +171,30 @@ def test_snapshots_are_read_checked(spool: FeedSpool) -> None:
     assert bad.value.reason == "bad_snapshot"
     with pytest.raises(ValueError, match="no snapshot"):
         spool.snapshot_path("alarm")
+
+
+def test_the_instruments_group_may_write_whatever_the_umask(tmp_path: Path) -> None:
+    """The outbox and the snapshots are 0770 even under the systemd unit's
+    umask 0077 (the instrument's software writes them as a group member);
+    rejected/ is 0750 (it reads the reasons)."""
+    old = os.umask(0o077)
+    try:
+        spool = FeedSpool(tmp_path / "feed", max_record_bytes=2048)
+        spool.create()
+    finally:
+        os.umask(old)
+    modes = {
+        path.relative_to(spool.root).as_posix(): stat.S_IMODE(path.stat().st_mode)
+        for path in (
+            spool.outbox,
+            spool.outbox / "tmp",
+            spool.snapshots,
+            spool.rejected,
+        )
+    }
+    assert modes == {
+        "outbox": 0o770,
+        "outbox/tmp": 0o770,
+        "snapshots": 0o770,
+        "rejected": 0o750,
+    }
