@@ -283,7 +283,7 @@ class _TransportClosedUnder(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(max_bytes)
+        return bytes(await self.inner.receive_some(max_bytes))
 
     async def aclose(self) -> None:
         await self.inner.aclose()
