@@ -142,13 +142,17 @@ def test_crossing_measured_every_session_on_one_node_and_across(
 def test_feed_stored_every_record_once_and_timed_each_phase(
     quick_run: dict[str, Any],
 ) -> None:
-    """Every record sent was acknowledged as stored and is in the store exactly
-    once; each phase timed its sessions and heartbeats, each feeding phase its acks."""
+    """Every record sent was acknowledged, as stored (and is in the store
+    exactly once) or as retry/busy (the node's record rate: the agent's to
+    send again); each phase timed its sessions and heartbeats, each feeding
+    phase its acks."""
     raw = _result(quick_run, "feed")["raw"]
     check = raw["sqlite_check"]
     assert check["exact"], check
-    assert check["acks"] == {"stored": check["sent"]}
-    assert check["rows_in_store"] == check["sent"] > 0
+    assert set(check["acks"]) <= {"stored", "retry"}, check
+    assert sum(check["acks"].values()) == check["sent"]
+    assert check["rows_in_store"] == check["acks"]["stored"] > 0
+    assert set(check["not_stored_reasons"]) <= {"retry/busy"}, check
     assert check["devices"] == raw["devices"]
     phases = {p["name"]: p for p in raw["sqlite"]}
     assert list(phases) == ["quiet", "end-of-day", "flood"]
