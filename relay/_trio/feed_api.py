@@ -605,38 +605,46 @@ class FeedRoutes:
     async def _alarms(
         self, request: Request, _principal: Principal, device_id: str
     ) -> Response:
-        try:
-            window = _range(
-                request.query_params,
-                allowed=frozenset({"since", "until", "limit"}),
-                default=FEED_ALARMS_DEFAULT,
-                maximum=FEED_ALARMS_MAX,
-            )
-        except BadParameter as bad:
-            return _error(400, bad.message)
-        rows = await self._records(device_id, "alarm", window, window.limit)
-        return JSONResponse(
-            {
-                "device_id": device_id,
-                "alarms": [_record_json(row) for row in reversed(rows)],
-            }
+        return await self._listing(
+            request, device_id, "alarm", "alarms", FEED_ALARMS_DEFAULT, FEED_ALARMS_MAX
         )
 
     async def _daily_stats(
         self, request: Request, _principal: Principal, device_id: str
     ) -> Response:
+        return await self._listing(
+            request,
+            device_id,
+            "daily_stats",
+            "daily_stats",
+            FEED_STATS_DEFAULT,
+            FEED_STATS_MAX,
+        )
+
+    async def _listing(
+        self,
+        request: Request,
+        device_id: str,
+        kind: str,
+        key: str,
+        default: int,
+        maximum: int,
+    ) -> Response:
+        """One kind's records in a time range: alarms newest first (a
+        timeline), statistics oldest first (a chart's x axis)."""
         try:
             window = _range(
                 request.query_params,
                 allowed=frozenset({"since", "until", "limit"}),
-                default=FEED_STATS_DEFAULT,
-                maximum=FEED_STATS_MAX,
+                default=default,
+                maximum=maximum,
             )
         except BadParameter as bad:
             return _error(400, bad.message)
-        rows = await self._records(device_id, "daily_stats", window, window.limit)
+        rows = await self._records(device_id, kind, window, window.limit)
+        ordered = reversed(rows) if kind == "alarm" else rows
         return JSONResponse(
-            {"device_id": device_id, "daily_stats": [_record_json(r) for r in rows]}
+            {"device_id": device_id, key: [_record_json(row) for row in ordered]}
         )
 
     def _read_snapshots(self, device_id: str) -> dict[str, Any]:
