@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from relay import __version__
+from relay.proto import feed
 
 LISTENERS = ("device", "engineer")
 #: Every outcome of POST /api/v1/enrollments that reached the route (auditors are
@@ -36,17 +37,10 @@ ENROLLMENT_OUTCOMES = (
     "store_error",
 )
 
-#: The monitoring feed's bounded label values (relay.proto.feed keeps the lists).
-FEED_KINDS = ("alarm", "daily_stats", "configuration", "consumables")
-FEED_SEVERITIES = ("info", "warning", "alarm", "critical")
-FEED_REJECT_REASONS = (
-    "too_large",
-    "malformed",
-    "unknown_kind",
-    "bad_field",
-    "unsolicited",
-    "unknown_request",
-)
+#: The monitoring feed's bounded label values: relay.proto.feed's closed sets.
+FEED_KINDS = feed.KINDS
+FEED_SEVERITIES = feed.SEVERITIES
+FEED_REJECT_REASONS = feed.REJECT_REASONS
 #: How a data request ends, as relay_feed_data_requests_total counts it.
 DATA_REQUEST_OUTCOMES = (
     "sent",
