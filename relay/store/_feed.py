@@ -110,13 +110,12 @@ class Feed:
             For each record in order, ``True`` if stored now, ``False`` if its
             device's key was stored already.
 
+        Answers to data requests are not taken here: :meth:`add_feed_record`
+        checks each one's request.
+
         Raises:
-            ValueError: A record carries a request id (use
-                :meth:`add_feed_record`, which checks the request).
             StoreError: The database failed; nothing is stored.
         """
-        if any(item.request_id is not None for item in records):
-            raise ValueError("answers to data requests are stored one by one")
         stored: list[bool] = []
         with self._transaction(write=True) as connection:
             for item in records:

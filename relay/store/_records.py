@@ -356,4 +356,3 @@ class NewFeedRecord:
     record: Record
     record_id: str
     received_at: datetime
-    request_id: str | None = None

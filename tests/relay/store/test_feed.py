@@ -329,15 +329,3 @@ def test_pushed_records_are_stored_in_one_transaction_each_once(store: Store) ->
     ]
     assert store.add_feed_records(batch) == [False, True, True, True]
     assert len(store.list_feed_records("dev-1", kinds=["alarm"])) == 3
-    with pytest.raises(ValueError, match="one by one"):
-        store.add_feed_records(
-            [
-                NewFeedRecord(
-                    device_id="dev-1",
-                    record=consumables(),
-                    record_id=rid(9),
-                    received_at=T0,
-                    request_id=rid(7),
-                )
-            ]
-        )
