@@ -121,7 +121,7 @@ async def test_records_written_while_the_broker_is_down_arrive_once_when_it_retu
     sample = metrics2.registry.get_sample_value
     assert sample("relay_feed_records_stored_total", {"kind": "daily_stats"}) == 10
     assert sample("relay_feed_records_stored_total", {"kind": "alarm"}) == 10
-    # Nothing comes again later (a third broker start sees no resend).
+    # Nothing comes again later: the agent resends nothing once acknowledged.
     await trio.sleep(1.0)
     assert len(stored()) == 1 + len(written)
     assert not list((spool / "rejected").glob("*"))

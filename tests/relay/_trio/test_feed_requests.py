@@ -100,11 +100,12 @@ def requester(
     *,
     fleet: FakeFleet | None = None,
     metrics: RelayMetrics | None = None,
+    timeout_s: float = 60.0,
 ) -> DataRequester:
     return DataRequester(
         store=store,
         channels=channels,
-        config=FeedConfig(request_timeout_s=60.0, retention_days=30),
+        config=FeedConfig(request_timeout_s=timeout_s, retention_days=30),
         metrics=metrics or RelayMetrics(),
         log=structlog.get_logger("feed"),
         wall_clock=clock,
@@ -177,16 +178,15 @@ async def test_nothing_asks_on_its_own_and_unanswered_requests_lapse(
     store: Store,
 ) -> None:
     channels, clock = FakeChannels({"dev-1": 4}), Clock()
-    req = requester(store, channels, clock)
+    # A short answer timeout: the runner looks every timeout / 4 (0.1 s).
+    req = requester(store, channels, clock, timeout_s=0.4)
     row = await ask(req)
     async with trio.open_nursery() as nursery:
         await nursery.start(req.run)
-        clock.now = T0 + timedelta(seconds=59)
-        await trio.sleep(0.1)
-        got = store.get_data_request(row.request_id)
-        assert got is not None
-        assert got.status == "pending"
-        clock.now = T0 + timedelta(seconds=61)
+        clock.now = T0 + timedelta(seconds=0.3)
+        await trio.sleep(0.3)  # the runner has looked, and left it pending
+        assert _status(store, row.request_id) == "pending"
+        clock.now = T0 + timedelta(seconds=0.5)
         with structlog.testing.capture_logs() as events:
             await wait_until(lambda: _status(store, row.request_id) != "pending")
         nursery.cancel_scope.cancel()
